@@ -1,0 +1,1 @@
+"""Prefect flows, the stage registry, DVC bookkeeping and the `ms2rgb` command line."""

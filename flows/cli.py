@@ -1,0 +1,93 @@
+"""`ms2rgb`: the command line for everything a user does by hand."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from tasks.errors import Ms2rgbError
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.pipeline import pipeline
+    root = Path(args.root).resolve()
+    reports = pipeline(root=str(root), until=args.until, force=args.force)
+    ran = [name for name, report in reports.items() if report is not None]
+    print(f"\nstages run: {ran or 'none (all fresh per dvc.lock)'}")
+    print("where to look:")
+    print(f"  reports:     {root / 'reports'}/<stage>.json")
+    print(f"  data docs:   {root / 'reports' / 'validate' / 'data_docs'} (open index.html)")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+    print(f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {uri} (then http://127.0.0.1:5000)")
+
+
+def _cmd_stage(args: argparse.Namespace) -> None:
+    from flows.stages import run_stage
+    run_stage(args.name, Path(args.root).resolve())
+
+
+def _cmd_synth(args: argparse.Namespace) -> None:
+    from tasks.config import load_params, section
+    from tasks.synth import SynthConfig, generate
+    params = load_params(Path(args.root))
+    cfg = section(params, "synth", SynthConfig, seed=params.get("seed", 0))
+    print(f"manifest: {generate(Path(args.out), cfg)}")
+
+
+def _cmd_eurosat(args: argparse.Namespace) -> None:
+    from tasks.eurosat import ingest_eurosat
+    frame = ingest_eurosat(Path(args.ms), Path(args.out), rgb_dir=Path(args.rgb) if args.rgb else None,
+                           seed=args.seed)
+    print(f"{len(frame)} tiles; manifest: {Path(args.out) / 'manifest.parquet'}")
+
+
+def _cmd_ingest(args: argparse.Namespace) -> None:
+    from tasks.config import load_params
+    from tasks.ingest import ingest_scene
+    scenes_dir = Path(args.root) / load_params(Path(args.root))["data"]["scenes_dir"]
+    frame = ingest_scene([Path(p) for p in args.scene], scenes_dir, scene_id=args.scene_id)
+    print(f"{len(frame)} tiles added to the MS pool under {scenes_dir}; the next run re-prepares the data")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ms2rgb", description=__doc__)
+    parser.add_argument("--root", default=".", help="project root holding params.yaml (default: .)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the Prefect pipeline flow (stale stages only)")
+    run.add_argument("--until", help="last stage to run")
+    run.add_argument("--force", action="store_true", help="run stages even when DVC says they are fresh")
+    run.set_defaults(func=_cmd_run)
+    stage = sub.add_parser("stage", help="run one stage without Prefect (what dvc.yaml calls)")
+    stage.add_argument("name")
+    stage.set_defaults(func=_cmd_stage)
+    data = sub.add_parser("data", help="make or ingest data").add_subparsers(dest="source", required=True)
+    synth = data.add_parser("synth", help="generate the embedded synthetic data set")
+    synth.add_argument("--out", default="data/synth")
+    synth.set_defaults(func=_cmd_synth)
+    eurosat = data.add_parser("eurosat", help="ingest the real EuroSAT_MS (and RGB) layout")
+    eurosat.add_argument("--ms", required=True, help="EuroSAT_MS root: <Class>/<Class>_<n>.tif")
+    eurosat.add_argument("--rgb", help="EuroSAT RGB root: <Class>/<Class>_<n>.jpg")
+    eurosat.add_argument("--out", default="data/eurosat")
+    eurosat.add_argument("--seed", type=int, default=0)
+    eurosat.set_defaults(func=_cmd_eurosat)
+    ingest = data.add_parser("ingest", help="add a Sentinel-2 scene (GeoTIFF or per-band JP2/TIF) to the MS pool")
+    ingest.add_argument("scene", nargs="+", help="one 13-band GeoTIFF, or the per-band files of one scene")
+    ingest.add_argument("--scene-id", help="name of the scene folder (default: derived from the file names)")
+    ingest.set_defaults(func=_cmd_ingest)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except Ms2rgbError as exc:
+        print(f"ms2rgb: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

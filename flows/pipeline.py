@@ -1,0 +1,46 @@
+"""The Prefect `pipeline` flow: the DVC stages in DAG order, under one MLflow parent run."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows import dvc_state
+from flows.stages import STAGE_MODULES, run_stage
+from tasks import tracking
+
+
+@task(cache_policy=NO_CACHE)
+def stage_task(name: str, root: str, parent_run_id: str, force: bool) -> dict[str, Any] | None:
+    logger = get_run_logger()
+    path = Path(root)
+    if not force and not dvc_state.is_stale(path, name):
+        logger.info("stage %s is fresh according to dvc.lock: skipped", name)
+        return None
+    logger.info("stage %s: running", name)
+    report = run_stage(name, path, parent_run_id)
+    dvc_state.record(path, name)
+    logger.info("stage %s: done, recorded in dvc.lock", name)
+    return report
+
+
+def stages_until(until: str | None) -> list[str]:
+    names = list(STAGE_MODULES)
+    if until is None:
+        return names
+    if until not in names:
+        raise ValueError(f"unknown stage {until!r}; stages are {names}")
+    return names[: names.index(until) + 1]
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline(root: str = ".", until: str | None = None, force: bool = False) -> dict[str, Any]:
+    """Run every stale stage (all with force=True) up to `until`; return the stage reports."""
+    root = str(Path(root).resolve())
+    reports: dict[str, Any] = {}
+    with tracking.pipeline_run(Path(root), "pipeline", tags={"ms2rgb.trigger": "prefect"}) as parent:
+        for name in stages_until(until):
+            reports[name] = stage_task.with_options(task_run_name=name)(name, root, parent, force)
+    return reports

@@ -1,0 +1,62 @@
+"""The stage registry: one function per stage, called alike by `dvc repro` and the Prefect flow."""
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tasks import tracking
+from tasks.config import load_params
+from tasks.errors import Ms2rgbError
+
+StageFn = Callable[[Path, dict[str, Any], tracking.StageTracker], dict[str, Any]]
+
+# DAG order. Each entry names the tasks module whose `run(root, params, tracker)` is the stage.
+STAGE_MODULES: dict[str, str] = {
+    "prepare": "tasks.prepare",
+    "validate": "tasks.validate",
+}
+REPORTS_DIR = "reports"
+
+
+def stage_function(name: str) -> StageFn:
+    if name not in STAGE_MODULES:
+        raise Ms2rgbError(f"unknown stage {name!r}; stages are {list(STAGE_MODULES)}")
+    return importlib.import_module(STAGE_MODULES[name]).run
+
+
+def write_report(root: Path, name: str, report: dict[str, Any]) -> Path:
+    """reports/<stage>.json, written atomically (it is a DVC metrics file)."""
+    path = root / REPORTS_DIR / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _numeric(report: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def run_stage(name: str, root: Path, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Run one stage in its own MLflow run and write reports/<name>.json.
+
+    A stage that fails with a report attached (e.g. a failed validation) still writes it,
+    so the user can read what went wrong; then the error propagates and stops the pipeline.
+    """
+    fn = stage_function(name)
+    params = load_params(root)
+    with tracking.stage_run(root, name, parent_run_id) as tracker:
+        try:
+            report = fn(root, params, tracker)
+        except Ms2rgbError as exc:
+            if getattr(exc, "report", None) is not None:
+                tracker.log_artifact(write_report(root, name, exc.report))
+            raise
+        path = write_report(root, name, report)
+        tracker.log_metrics(_numeric(report))
+        tracker.log_artifact(path)
+    return report

@@ -1,0 +1,1 @@
+"""Pure PyTorch modules and losses. Never imports prefect, mlflow or dvc."""

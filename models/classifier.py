@@ -1,0 +1,114 @@
+"""Scene classifiers for method A: the 13-band MS teacher and the 3-band RGB student.
+
+Both are the same ``SceneCNN`` built from a different band list; only the input layer
+differs, so ``encode`` yields feature maps of one shape and the distillation loss can
+compare them directly (METHODS.md A.4: "same data structure").
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models.bands import BandNormalize, check_bands
+
+# Spatial side of the feature map handed to the distiller; fixed so that tiles of any
+# size (multiple of 8) give teacher and student maps that line up.
+FEATURE_SIDE = 8
+
+
+@dataclass(frozen=True)
+class SceneCNNConfig:
+    """Architecture of a ``SceneCNN``."""
+
+    bands: tuple[str, ...]  # input bands in channel order; sizes the first conv
+    n_classes: int = 10  # scene classes (EuroSAT has 10)
+    width: int = 32  # channels of the first stage; the feature map has 4*width
+    from_8bit: bool = False  # inputs are 0..255 RGB renders rather than reflectance
+    dropout: float = 0.1  # dropout before the linear head
+
+
+def _stage(c_in: int, c_out: int) -> nn.Sequential:
+    """conv3x3-BN-ReLU; bias is dropped because BN's shift replaces it."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class SceneCNN(nn.Module):
+    """Three conv stages (64 -> 32 -> 16 -> 8 on EuroSAT tiles) and a linear head.
+
+    ``encode`` returns a (B, 4*width, 8, 8) map whatever the band count, so a teacher
+    and a student built with the same ``width`` are directly comparable.
+    """
+
+    def __init__(self, cfg: SceneCNNConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.bands = check_bands(cfg.bands)
+        w = cfg.width
+        self.normalize = BandNormalize(self.bands, from_8bit=cfg.from_8bit)
+        self.features = nn.Sequential(
+            _stage(len(self.bands), w),
+            nn.MaxPool2d(2),
+            _stage(w, 2 * w),
+            nn.MaxPool2d(2),
+            _stage(2 * w, 4 * w),
+            # Adaptive rather than a third MaxPool so 32x32 or 128x128 tiles also give 8x8.
+            nn.AdaptiveAvgPool2d(FEATURE_SIDE),
+        )
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(4 * w, cfg.n_classes),
+        )
+
+    @property
+    def feature_channels(self) -> int:
+        """Channels of the map returned by ``encode``."""
+        return 4 * self.cfg.width
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, len(bands), H, W) tiles -> (B, 4*width, 8, 8) feature map."""
+        if x.ndim == 4 and (x.shape[-1] % FEATURE_SIDE or x.shape[-2] % FEATURE_SIDE):
+            raise ValueError(
+                f"tile size {tuple(x.shape[-2:])} is not a multiple of {FEATURE_SIDE}; "
+                "crop or resize tiles to e.g. 64x64"
+            )
+        return self.features(self.normalize(x))
+
+    def classify(self, feat: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) feature map -> (B, n_classes) logits."""
+        return self.head(feat)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.encode(x))
+
+
+_CLASSIFIERS: dict[str, Callable[[SceneCNNConfig], nn.Module]] = {"scene_cnn": SceneCNN}
+
+
+def register_classifier(name: str, builder: Callable[[SceneCNNConfig], nn.Module]) -> None:
+    """Add a classifier architecture under ``name`` (like open_clip's ``add_model_config``)."""
+    if name in _CLASSIFIERS:
+        raise ValueError(f"classifier {name!r} is already registered")
+    _CLASSIFIERS[name] = builder
+
+
+def list_classifiers() -> list[str]:
+    """Names accepted by ``build_classifier``."""
+    return sorted(_CLASSIFIERS)
+
+
+def build_classifier(name: str, cfg: SceneCNNConfig) -> nn.Module:
+    """Build the classifier registered as ``name`` from ``cfg``."""
+    if name not in _CLASSIFIERS:
+        raise ValueError(
+            f"unknown classifier {name!r}; valid names are {list_classifiers()}"
+        )
+    return _CLASSIFIERS[name](cfg)

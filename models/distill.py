@@ -1,0 +1,222 @@
+"""Losses for method A steps 5-6: MS teacher -> RGB student distillation and re-matching.
+
+The teacher is frozen; every teacher tensor entering a loss here is detached, so a
+caller that forgot ``torch.no_grad`` still cannot leak gradients into it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CrossModalAttention(nn.Module):
+    """Student tokens attend over the paired teacher's tokens (METHODS.md A.5).
+
+    Returns two maps shaped like the student's (B, C, h, w):
+    1. ``first``: the student features through a learned 1x1 projection (student side);
+    2. ``second``: teacher information re-expressed at student positions, i.e. for each
+       student position a convex combination of teacher tokens chosen by attention.
+
+    Queries and keys are projected per head; values are the raw teacher tokens. Why no
+    value/output projection: with learned maps on both sides the cheapest way to drive
+    the domain-shift loss to zero is to shrink both to zero. Keeping the second map a
+    mixture of actual (frozen) teacher features anchors it, so only the student side
+    can move towards the teacher, never the target towards the student.
+    """
+
+    def __init__(self, channels: int, heads: int = 4) -> None:
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"channels ({channels}) must be divisible by heads ({heads})")
+        self.channels, self.heads = channels, heads
+        self.q_proj = nn.Linear(channels, channels)
+        self.k_proj = nn.Linear(channels, channels)
+        self.student_proj = nn.Linear(channels, channels)
+
+    def _split(self, tokens: torch.Tensor) -> torch.Tensor:
+        B, T, C = tokens.shape
+        hs = C // self.heads
+        return tokens.view(B, T, self.heads, hs).transpose(1, 2)  # (B, nh, T, hs)
+
+    def forward(
+        self, student: torch.Tensor, teacher: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """student (B, C, h, w), teacher (B, C, h', w') -> two (B, C, h, w) maps."""
+        if student.ndim != 4 or teacher.ndim != 4 or student.shape[:2] != teacher.shape[:2]:
+            raise ValueError(
+                f"student and teacher maps must be (B, C, h, w) with equal B and C="
+                f"{self.channels}; got {tuple(student.shape)} and {tuple(teacher.shape)}"
+            )
+        B, C, h, w = student.shape
+        s_tok = student.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        t_tok = teacher.detach().flatten(2).transpose(1, 2)  # (B, h'*w', C)
+        q = self._split(self.q_proj(s_tok))  # (B, nh, h*w, hs)
+        k = self._split(self.k_proj(t_tok))  # (B, nh, h'*w', hs)
+        v = self._split(t_tok)  # (B, nh, h'*w', hs)
+        att = F.scaled_dot_product_attention(q, k, v)  # (B, nh, h*w, hs)
+        second = att.transpose(1, 2).reshape(B, h * w, C)  # (B, h*w, C)
+        second = second.transpose(1, 2).reshape(B, C, h, w)  # (B, C, h, w)
+        first = self.student_proj(s_tok).transpose(1, 2).reshape(B, C, h, w)  # (B, C, h, w)
+        return first, second
+
+
+def _rbf_mmd2(x: torch.Tensor, y: torch.Tensor, scales: tuple[float, ...]) -> torch.Tensor:
+    """Biased MMD^2 per sample between token sets x (B, n, C) and y (B, m, C) -> (B,)."""
+    z = torch.cat([x, y], dim=1)  # (B, n+m, C)
+    # The non-matmul path is exact, so identical inputs give exactly zero.
+    d2 = torch.cdist(z, z, compute_mode="donot_use_mm_for_euclid_dist").pow(2)  # (B, n+m, n+m)
+    # Median heuristic per sample, detached: the bandwidth is a yardstick, not a target.
+    base = d2.detach().flatten(1).median(dim=1).values.clamp_min(1e-6).view(-1, 1, 1)
+    k = sum(torch.exp(-d2 / (s * base)) for s in scales)  # (B, n+m, n+m)
+    n = x.shape[1]
+    kxx, kyy, kxy = k[:, :n, :n], k[:, n:, n:], k[:, :n, n:]
+    return kxx.mean(dim=(1, 2)) + kyy.mean(dim=(1, 2)) - 2 * kxy.mean(dim=(1, 2))
+
+
+def domain_shift_loss(
+    a: torch.Tensor, b: torch.Tensor, scales: tuple[float, ...] = (0.25, 1.0, 4.0)
+) -> torch.Tensor:
+    """Multi-bandwidth RBF MMD^2 between two (B, C, h, w) maps, averaged over the batch.
+
+    Why MMD rather than CORAL or normalised MSE: pairs in this method share a scene
+    class, not a location, so position-by-position agreement (MSE) would ask the
+    student to reproduce a layout its RGB tile does not have. The closest public work
+    (SemBridge) aligns the modalities as distributions (optimal transport); MMD is the
+    distribution-level loss of the three, and unlike CORAL it sees more than second
+    moments. It is computed per pair over its h*w tokens, so each student tile is held
+    to its own teacher tile. Several bandwidths around the median distance keep the
+    loss informative whether the maps are far apart (early) or close (late).
+    """
+    if a.shape != b.shape or a.ndim != 4:
+        raise ValueError(
+            f"maps must share a (B, C, h, w) shape; got {tuple(a.shape)}, {tuple(b.shape)}"
+        )
+    x = a.flatten(2).transpose(1, 2)  # (B, h*w, C)
+    y = b.flatten(2).transpose(1, 2)  # (B, h*w, C)
+    # Clamp: the biased estimator is >= 0 in exact arithmetic, rounding can dip below.
+    return _rbf_mmd2(x, y, scales).clamp_min(0).mean()
+
+
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Hinton KD: KL(teacher_T || student_T) * T^2, batch mean; the teacher is detached.
+
+    The T^2 factor keeps the gradient magnitude comparable across temperatures.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.detach() / temperature, dim=-1)
+    kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+    return kl * temperature**2
+
+
+@dataclass
+class LossTerms:
+    """Weighted total and the unweighted terms, for logging."""
+
+    total: torch.Tensor
+    feat: torch.Tensor
+    kd: torch.Tensor
+    ce: torch.Tensor
+
+
+class DistillLoss(nn.Module):
+    """Student loss of METHODS.md A.5: feature (attention + domain shift) + KD + CE."""
+
+    def __init__(
+        self,
+        channels: int,
+        w_feat: float = 1.0,
+        w_kd: float = 1.0,
+        w_ce: float = 1.0,
+        temperature: float = 4.0,
+        heads: int = 4,
+    ) -> None:
+        super().__init__()
+        if min(w_feat, w_kd, w_ce) < 0:
+            raise ValueError(f"loss weights must be >= 0; got {w_feat=}, {w_kd=}, {w_ce=}")
+        self.attention = CrossModalAttention(channels, heads)
+        self.w_feat, self.w_kd, self.w_ce = w_feat, w_kd, w_ce
+        self.temperature = temperature
+
+    def forward(
+        self,
+        student_feat: torch.Tensor,
+        teacher_feat: torch.Tensor,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ) -> LossTerms:
+        """A weight of 0 skips its term (reported as 0); ``labels`` are needed only if w_ce > 0."""
+        zero = student_logits.new_zeros(())
+        feat = kd = ce = zero
+        if self.w_feat > 0:
+            first, second = self.attention(student_feat, teacher_feat.detach())
+            feat = domain_shift_loss(first, second)
+        if self.w_kd > 0:
+            kd = kd_loss(student_logits, teacher_logits.detach(), self.temperature)
+        if self.w_ce > 0:
+            if labels is None:
+                raise ValueError("labels are required when w_ce > 0; pass them or set w_ce=0")
+            ce = F.cross_entropy(student_logits, labels)
+        total = self.w_feat * feat + self.w_kd * kd + self.w_ce * ce
+        return LossTerms(total=total, feat=feat, kd=kd, ce=ce)
+
+
+def _js_to_pool(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence (nats) between every row of p (n, C) and q (M, C) -> (n, M)."""
+    m = 0.5 * (p.unsqueeze(1) + q.unsqueeze(0))  # (n, M, C)
+    # JS = H(m) - (H(p) + H(q)) / 2; xlogy gives 0*log0 = 0 for one-hot teachers.
+    h_m = -torch.special.xlogy(m, m).sum(-1)  # (n, M)
+    h_p = -torch.special.xlogy(p, p).sum(-1)  # (n,)
+    h_q = -torch.special.xlogy(q, q).sum(-1)  # (M,)
+    return h_m - 0.5 * (h_p.unsqueeze(1) + h_q.unsqueeze(0))
+
+
+_METRICS = {"js": _js_to_pool}
+
+
+@torch.no_grad()
+def rematch(
+    student_probs: torch.Tensor,
+    pool_teacher_probs: torch.Tensor,
+    metric: str = "js",
+    max_chunk_elems: int = 1 << 22,
+) -> torch.Tensor:
+    """Index of the MS pool tile whose teacher distribution is closest to each RGB tile's.
+
+    student_probs (N, C) and pool_teacher_probs (M, C) are class probabilities (rows
+    sum to 1). Rows of the student side are processed in chunks of about
+    ``max_chunk_elems`` / (M*C) so that N, M of several thousand stay within ~100 MB.
+    Returns a LongTensor (N,) of indices into the pool.
+    """
+    if metric not in _METRICS:
+        raise ValueError(f"unknown metric {metric!r}; valid metrics are {sorted(_METRICS)}")
+    if pool_teacher_probs.ndim != 2 or pool_teacher_probs.shape[0] == 0:
+        raise ValueError(
+            f"the MS pool is empty or not (M, C): shape {tuple(pool_teacher_probs.shape)}; "
+            "re-matching needs at least one teacher-classified MS tile"
+        )
+    if student_probs.ndim != 2 or student_probs.shape[1] != pool_teacher_probs.shape[1]:
+        raise ValueError(
+            f"class counts differ: student_probs {tuple(student_probs.shape)} vs pool "
+            f"{tuple(pool_teacher_probs.shape)}; both must be (·, C) over the same classes"
+        )
+    for name, t in (("student_probs", student_probs), ("pool_teacher_probs", pool_teacher_probs)):
+        if t.numel() and (t.min() < 0 or (t.sum(dim=1) - 1).abs().max() > 1e-3):
+            raise ValueError(f"{name} rows must be probabilities; apply softmax to logits first")
+    M, C = pool_teacher_probs.shape
+    rows = max(1, max_chunk_elems // (M * C))
+    q = pool_teacher_probs.float()
+    out = [
+        _METRICS[metric](chunk.float(), q).argmin(dim=1)
+        for chunk in student_probs.split(rows, dim=0)
+    ]
+    if not out:  # N == 0
+        return torch.empty(0, dtype=torch.long, device=student_probs.device)
+    return torch.cat(out)

@@ -1,0 +1,92 @@
+"""The prepared cache: one contiguous .npy per split and modality, opened memory-mapped.
+
+Training reads batches from these arrays instead of opening thousands of GeoTIFFs per epoch.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from numpy.lib.format import open_memmap
+
+from tasks.classes import MASK_NODATA, SCENE_NAMES
+from tasks.errors import Ms2rgbError, RasterError
+from tasks.geotiff import TILE_SIZE, read_tile
+
+BANDS = {"ms": (13, "uint16"), "rgb": (3, "uint8")}
+
+
+def cache_name(split: str, modality: str, kind: str = "image") -> str:
+    return f"{split}-{modality}.npy" if kind == "image" else f"{split}-{modality}-{kind}.npy"
+
+
+def _fill(arrays: np.ndarray, masks: np.ndarray | None, group: pd.DataFrame, root: Path,
+          modality: str) -> list[str]:
+    """Copy tiles into the cache; return ids of tiles that could not be read (validate reports them)."""
+    bands, dtype = BANDS[modality]
+    bad: list[str] = []
+    for i, row in enumerate(group.itertuples(index=False)):
+        try:
+            arrays[i] = read_tile(root / row.path, expect_bands=bands, expect_dtype=dtype)[:, :TILE_SIZE, :TILE_SIZE]
+            if masks is not None:
+                masks[i] = MASK_NODATA if pd.isna(row.mask_path) else read_tile(root / row.mask_path)[0]
+        except (RasterError, ValueError):
+            bad.append(row.id)
+    return bad
+
+
+def build_cache(manifest: pd.DataFrame, root: Path, out_dir: Path,
+                progress: Callable[[str], None] = print) -> tuple[pd.DataFrame, list[str]]:
+    """Write the cache; return the manifest with cache_file/cache_row columns and unreadable ids."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = manifest.sort_values(["split", "modality", "id"]).reset_index(drop=True)
+    manifest["cache_file"] = ""
+    manifest["cache_row"] = -1
+    bad: list[str] = []
+    for (split, modality), group in manifest.groupby(["split", "modality"], sort=True):
+        bands, dtype = BANDS[modality]
+        arrays = open_memmap(out_dir / cache_name(split, modality), mode="w+", dtype=dtype,
+                             shape=(len(group), bands, TILE_SIZE, TILE_SIZE))
+        masks = None
+        if group["mask_path"].notna().any():
+            masks = open_memmap(out_dir / cache_name(split, modality, "mask"), mode="w+", dtype="uint8",
+                                shape=(len(group), TILE_SIZE, TILE_SIZE))
+        bad += _fill(arrays, masks, group, root, modality)
+        arrays.flush()
+        manifest.loc[group.index, "cache_file"] = cache_name(split, modality)
+        manifest.loc[group.index, "cache_row"] = np.arange(len(group))
+        progress(f"cache: {split}/{modality}: {len(group)} tiles")
+    return manifest, bad
+
+
+@dataclass
+class CachedSplit:
+    """Memory-mapped tiles of one split and modality, with labels aligned row by row."""
+
+    images: np.ndarray          # (N, C, 64, 64) memmap
+    labels: np.ndarray          # (N,) int64 scene-class index, -1 where unlabelled
+    ids: list[str]
+    location_ids: list[str]
+    masks: np.ndarray | None    # (N, 64, 64) uint8 surface ids, or None
+
+
+def open_split(prepared_dir: Path, split: str, modality: str) -> CachedSplit:
+    """Open one cached split; raises with the fix when the cache is missing."""
+    index = pd.read_parquet(prepared_dir / "manifest.parquet")
+    rows = index[(index["split"] == split) & (index["modality"] == modality)].sort_values("cache_row")
+    path = prepared_dir / cache_name(split, modality)
+    if rows.empty or not path.exists():
+        raise Ms2rgbError(f"{path}: no cached {modality} tiles for split {split!r}; run the prepare stage "
+                          "(`ms2rgb stage prepare` or `dvc repro prepare`) with data that has this split")
+    mask_path = prepared_dir / cache_name(split, modality, "mask")
+    labels = rows["class"].map(lambda c: SCENE_NAMES.index(c) if isinstance(c, str) else -1)
+    return CachedSplit(
+        images=np.load(path, mmap_mode="r"),
+        labels=labels.to_numpy(dtype=np.int64),
+        ids=rows["id"].tolist(),
+        location_ids=rows["location_id"].tolist(),
+        masks=np.load(mask_path, mmap_mode="r") if mask_path.exists() else None,
+    )

@@ -1,0 +1,46 @@
+"""Exceptions a user can cause. Each message names the file or key, the value, and the fix."""
+from __future__ import annotations
+
+
+class Ms2rgbError(Exception):
+    """Base class: anything the user can fix by changing input or params."""
+
+
+class ParamsError(Ms2rgbError):
+    """A params.yaml key is missing or has a bad value."""
+
+    def __init__(self, key: str, value: object, fix: str) -> None:
+        super().__init__(f"params.yaml: {key}={value!r} is invalid: {fix}")
+        self.key, self.value = key, value
+
+
+class RasterError(Ms2rgbError):
+    """A GeoTIFF/JP2 cannot be read or has the wrong bands, dtype, values or CRS."""
+
+    def __init__(self, path: object, problem: str, fix: str) -> None:
+        super().__init__(f"{path}: {problem}. Fix: {fix}")
+        self.path, self.problem = path, problem
+
+
+class DatasetLayoutError(Ms2rgbError):
+    """A dataset folder does not have the expected layout."""
+
+
+class UnknownClassError(Ms2rgbError):
+    """A class name is not one of the configured scene or land-cover classes."""
+
+    def __init__(self, name: str, valid: list[str], where: str) -> None:
+        super().__init__(f"{where}: unknown class {name!r}; valid classes are {valid}")
+        self.name = name
+
+
+class ValidationFailed(Ms2rgbError):
+    """The validate stage found failed expectations; training must not start."""
+
+    def __init__(self, failures: list[str], report: str) -> None:
+        lines = "\n  - ".join(failures)
+        super().__init__(
+            f"data validation failed ({len(failures)} expectation(s)); details in {report}:\n  - {lines}\n"
+            "Fix the listed tiles/files (or re-run `ms2rgb data ...`) and run the pipeline again."
+        )
+        self.failures = failures

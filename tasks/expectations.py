@@ -1,0 +1,164 @@
+"""What a valid data set looks like, as Great Expectations suites over five small frames.
+
+GX column expectations look at one column (or a pair) of one frame, so the dataset-level rules are
+turned into frames first: per-tile facts with the expected bands/dtype beside them, class shares
+per split, row counts of required splits, and one row per location. Each frame names its rows in
+an `id` column because a checkpoint applies one result_format (and so one
+`unexpected_index_column_names`) to every batch.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+os.environ["GX_ANALYTICS_ENABLED"] = "false"  # before the import: the pipeline never reaches the network
+import great_expectations.expectations as gxe  # noqa: E402
+
+from models.bands import RGB_BANDS, S2_BANDS  # noqa: E402
+from tasks.classes import MASK_NODATA, SCENE_NAMES, SURFACE_NAMES  # noqa: E402
+from tasks.geotiff import TILE_SIZE  # noqa: E402
+from tasks.manifest import MODALITIES, SPLITS  # noqa: E402
+
+if TYPE_CHECKING:
+    from tasks.validate import ValidateConfig
+
+ID_COLUMN = "id"  # every frame's row name; the failure report lists these
+# "EPSG:<code>" or a WKT1/WKT2 definition: what rasterio's CRS.to_string() gives back.
+CRS_PATTERN = r"^(?:EPSG:\d+$|(?:PROJCS|GEOGCS|COMPD_CS|PROJCRS|GEOGCRS|COMPOUNDCRS|BOUNDCRS)\[)"
+EXPECTED_BANDS = {"ms": len(S2_BANDS), "rgb": len(RGB_BANDS)}
+EXPECTED_DTYPE = {"ms": "uint16", "rgb": "uint8"}
+UINT8_MAX = 255
+
+
+@dataclass(frozen=True)
+class Check:
+    """One GX batch: a named frame and the expectations its rows must meet."""
+
+    name: str                          # data asset and suite name, e.g. "tiles"
+    frame: pd.DataFrame                # has an ID_COLUMN
+    expectations: list[gxe.Expectation]
+    tile_rows: bool = False            # rows are manifest tiles, so failures can name their files
+
+
+def _in_set(column: str, values: list, why: str) -> gxe.Expectation:
+    """Values of `column` lie in `values`; nulls are allowed (GX skips them)."""
+    return gxe.ExpectColumnValuesToBeInSet(column=column, value_set=values, notes=why)
+
+
+def _all_true(column: str, why: str) -> gxe.Expectation:
+    return _in_set(column, [True], why)
+
+
+def _pair_equal(column: str, expected: str, why: str) -> gxe.Expectation:
+    # Rows with a missing side are unreadable or have an unknown modality; other expectations
+    # report those, so this one stays about the value itself.
+    return gxe.ExpectColumnPairValuesToBeEqual(column_A=column, column_B=expected,
+                                               ignore_row_if="either_value_is_missing", notes=why)
+
+
+def manifest_check(manifest: pd.DataFrame) -> Check:
+    """Schema-level rules on the manifest rows themselves."""
+    expectations = [
+        gxe.ExpectTableRowCountToBeBetween(min_value=1, notes="an empty manifest trains nothing"),
+        gxe.ExpectColumnValuesToBeUnique(column="id", notes="ids key every cache and report"),
+        *[gxe.ExpectColumnValuesToNotBeNull(column=c, notes="every tile needs it")
+          for c in ("id", "modality", "path", "split", "location_id", "crs")],
+        _in_set("modality", list(MODALITIES), "tasks.manifest.MODALITIES"),
+        _in_set("split", list(SPLITS), "tasks.manifest.SPLITS"),
+        _in_set("class", list(SCENE_NAMES), "tasks.classes.SCENE_NAMES; <NA> marks an unlabelled tile"),
+        gxe.ExpectColumnValuesToMatchRegex(column="crs", regex=CRS_PATTERN, notes="EPSG:<code> or WKT"),
+    ]
+    return Check("manifest", manifest.reset_index(drop=True), expectations, tile_rows=True)
+
+
+def tiles_frame(manifest: pd.DataFrame, stats: pd.DataFrame, cfg: ValidateConfig) -> pd.DataFrame:
+    """Tile stats with the per-modality expectations beside them, so GX can compare pairs of columns."""
+    frame = stats.reset_index(drop=True).copy()
+    modality = manifest["modality"].reset_index(drop=True)  # stats rows follow manifest rows
+    frame["modality"] = modality
+    frame["expected_bands"] = modality.map(EXPECTED_BANDS).astype("Int64")
+    frame["expected_dtype"] = modality.map(EXPECTED_DTYPE).astype("string")
+    frame["value_limit"] = modality.map({"ms": cfg.ms_value_max, "rgb": UINT8_MAX}).astype("float64")
+    return frame
+
+
+def tiles_check(frame: pd.DataFrame, cfg: ValidateConfig) -> Check:
+    """Each file exists, decodes, matches its checksum and holds sane pixels."""
+    expectations = [
+        _all_true("file_exists", "the manifest points at a missing file"),
+        _all_true("readable", "the file is corrupt or truncated"),
+        _all_true("sha_matches", "the file changed since the manifest was written"),
+        _pair_equal("band_count", "expected_bands", "MS: 13 Sentinel-2 bands; RGB: B04/B03/B02"),
+        _pair_equal("dtype", "expected_dtype", "MS: uint16 reflectance x10000; RGB: uint8"),
+        _in_set("height", [TILE_SIZE], "tiles are TILE_SIZE pixels square"),
+        _in_set("width", [TILE_SIZE], "tiles are TILE_SIZE pixels square"),
+        gxe.ExpectColumnValuesToBeBetween(column="nan_share", min_value=0.0, max_value=0.0,
+                                          notes="NaN pixels poison normalisation statistics"),
+        gxe.ExpectColumnValuesToBeBetween(column="nodata_share", min_value=0.0,
+                                          max_value=cfg.max_nodata_share, notes="tile mostly outside a scene"),
+        gxe.ExpectColumnPairValuesAToBeGreaterThanB(
+            column_A="value_limit", column_B="max_value", or_equal=True,
+            ignore_row_if="either_value_is_missing", notes="reflectance above ms_value_max is not L1C"),
+        gxe.ExpectColumnValuesToBeBetween(column="max_value", min_value=1, notes="an all-zero tile is empty"),
+        _all_true("has_crs", "tiles must be georeferenced"),
+        _all_true("mask_ok", f"masks: one uint8 band of values < {len(SURFACE_NAMES)} or {MASK_NODATA}"),
+    ]
+    return Check("tiles", frame, expectations, tile_rows=True)
+
+
+def class_balance_frame(manifest: pd.DataFrame, cfg: ValidateConfig) -> pd.DataFrame:
+    """Share of each class among the labelled rows of each split (0 where a known class is absent)."""
+    labelled = manifest[manifest["class"].notna() & manifest["split"].isin(list(cfg.balance_splits))]
+    counts = pd.crosstab(labelled["split"].astype(str), labelled["class"].astype(str))  # (splits, classes)
+    shares = counts.div(counts.sum(axis=1), axis=0)
+    long = shares.stack().rename("share").reset_index()
+    long.columns = ["split", "class", "share"]
+    long["n"] = counts.stack().to_numpy()
+    long.insert(0, ID_COLUMN, long["split"] + "/" + long["class"])
+    return long.astype({ID_COLUMN: "string", "split": "string", "class": "string"})
+
+
+def splits_frame(manifest: pd.DataFrame, cfg: ValidateConfig) -> pd.DataFrame:
+    """Row count of each required split."""
+    counts = manifest["split"].value_counts()
+    return pd.DataFrame({ID_COLUMN: pd.array(cfg.required_splits, dtype="string"),
+                         "n_rows": [int(counts.get(s, 0)) for s in cfg.required_splits]})
+
+
+def locations_frame(manifest: pd.DataFrame, cfg: ValidateConfig) -> pd.DataFrame:
+    """One row per location: how many splits it is in, and whether a paired split has both modalities."""
+    rows = manifest[manifest["location_id"].notna()]
+    flags = pd.DataFrame({
+        ID_COLUMN: rows["location_id"].astype(str),
+        "split": rows["split"].astype(str),
+        "is_ms": (rows["modality"] == "ms").fillna(False).astype(bool),
+        "is_rgb": (rows["modality"] == "rgb").fillna(False).astype(bool),
+        "paired": rows["split"].isin(list(cfg.paired_splits)).astype(bool),
+    })
+    per = flags.groupby(ID_COLUMN, sort=True).agg(
+        n_splits=("split", "nunique"), has_ms=("is_ms", "any"), has_rgb=("is_rgb", "any"),
+        paired=("paired", "any")).reset_index()
+    per["pair_ok"] = ~per["paired"] | (per["has_ms"] & per["has_rgb"])
+    return per.astype({ID_COLUMN: "string"})
+
+
+def dataset_checks(manifest: pd.DataFrame, stats: pd.DataFrame, cfg: ValidateConfig) -> list[Check]:
+    """All batches and their expectations, in report order."""
+    balance = class_balance_frame(manifest, cfg)
+    return [
+        manifest_check(manifest),
+        tiles_check(tiles_frame(manifest, stats, cfg), cfg),
+        Check("class_balance", balance, [gxe.ExpectColumnValuesToBeBetween(
+            column="share", min_value=cfg.min_class_share, max_value=cfg.max_class_share,
+            notes="share of each class among a split's labelled rows")]),
+        Check("splits", splits_frame(manifest, cfg), [gxe.ExpectColumnValuesToBeBetween(
+            column="n_rows", min_value=1, notes="the stages need every required split")]),
+        Check("locations", locations_frame(manifest, cfg), [
+            gxe.ExpectColumnValuesToBeBetween(column="n_splits", min_value=1, max_value=1,
+                                              notes="a location in two splits leaks test data into training"),
+            _all_true("pair_ok", "pair_train/pair_test/test locations need an ms and an rgb tile"),
+        ]),
+    ]

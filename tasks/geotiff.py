@@ -1,0 +1,76 @@
+"""Reading and writing single tiles as GeoTIFFs, with checks that name the file and the fix."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.crs import CRS
+from rasterio.errors import RasterioIOError
+from rasterio.transform import Affine
+
+from models.bands import RGB_BANDS, RGB_REFLECTANCE_MAX, S2_BANDS
+from tasks.errors import RasterError
+
+TILE_SIZE = 64  # pixels
+PIXEL_SIZE = 10.0  # metres
+
+
+def write_tile(path: Path, array: np.ndarray, crs: CRS, transform: Affine,
+               band_names: tuple[str, ...] | None = None) -> None:
+    """Write a (C, H, W) array as a deflate-compressed GeoTIFF, naming its bands."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count, height, width = array.shape
+    profile = dict(driver="GTiff", width=width, height=height, count=count, dtype=array.dtype.name,
+                   crs=crs, transform=transform, compress="deflate")
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(array)
+        for i, name in enumerate(band_names or (), start=1):
+            dst.set_band_description(i, name)
+
+
+def read_tile(path: Path, expect_bands: int | None = None, expect_dtype: str | None = None) -> np.ndarray:
+    """Read a whole tile as (C, H, W), raising RasterError for unreadable or unexpected files."""
+    if not path.exists():
+        raise RasterError(path, "file does not exist", "re-create the data with `ms2rgb data ...` "
+                          "or remove its row from the manifest")
+    try:
+        with rasterio.open(path) as src:
+            array = src.read()
+    except RasterioIOError as exc:
+        raise RasterError(path, f"cannot be read as a raster ({exc})",
+                          "the file is corrupt or truncated; regenerate or re-download it") from exc
+    if expect_bands is not None and array.shape[0] != expect_bands:
+        raise RasterError(path, f"has {array.shape[0]} bands, expected {expect_bands}",
+                          "MS tiles need the 13 Sentinel-2 bands, RGB tiles B04/B03/B02")
+    if expect_dtype is not None and array.dtype.name != expect_dtype:
+        raise RasterError(path, f"has dtype {array.dtype.name}, expected {expect_dtype}",
+                          "store MS as uint16 reflectance x10000 and RGB as uint8")
+    return array
+
+
+def render_rgb(ms: np.ndarray, bands: tuple[str, ...] = S2_BANDS) -> np.ndarray:
+    """8-bit true colour from reflectance: B04/B03/B02, linear 0..RGB_REFLECTANCE_MAX -> 0..255.
+
+    This fixed linear stretch with clipping imitates the look of EuroSAT's RGB jpgs; a fixed
+    (not per-tile) stretch keeps brightness comparable between tiles, as in EuroSAT.
+    """
+    idx = [bands.index(b) for b in RGB_BANDS]
+    rgb = ms[idx].astype(np.float32) / RGB_REFLECTANCE_MAX
+    return (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def sha256_of(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tile_bounds(transform: Affine, size: int = TILE_SIZE) -> tuple[float, float, float, float]:
+    """(left, bottom, right, top) of a north-up square tile."""
+    left, top = transform.c, transform.f
+    return left, top + transform.e * size, left + transform.a * size, top

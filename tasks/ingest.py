@@ -1,0 +1,352 @@
+"""Ingest one Sentinel-2 scene: resample all 13 bands onto one 10 m grid and cut 64x64 MS tiles.
+
+A scene is either one 13-band GeoTIFF or one file per band (JP2 or GeoTIFF at 10/20/60 m, the band
+named in the filename, e.g. ``T33UUP_20200101T100031_B8A.jp2`` or ``B02.tif``). Tiles go to
+``<out_root>/<scene_id>/tiles/`` with a manifest beside them; a failed run leaves a previously
+stored scene folder untouched.
+"""
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import rasterio
+from rasterio.crs import CRS
+from rasterio.errors import RasterioError
+from rasterio.transform import Affine
+from rasterio.warp import Resampling, reproject
+from rasterio.windows import Window, from_bounds
+
+from models.bands import S2_BANDS
+from tasks.errors import Ms2rgbError, RasterError
+from tasks.geotiff import PIXEL_SIZE, TILE_SIZE, sha256_of, tile_bounds, write_tile
+from tasks.manifest import MANIFEST_NAME, make_manifest, write_manifest
+
+Progress = Callable[[str], None] | None
+Datasets = dict[Path, rasterio.DatasetReader]
+RASTER_SUFFIXES = (".jp2", ".tif", ".tiff")
+# A band token standing alone in a name: "B8A", "B02", "b2" (not the "B" inside "T33UUB").
+_BAND_TOKEN = re.compile(r"(?<![A-Za-z0-9])B(8A|\d{1,2})(?![A-Za-z0-9])", re.IGNORECASE)
+_SCENE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_RES_TOL = 1e-6  # metres; pixel sizes are compared with this tolerance
+
+
+@dataclass(frozen=True)
+class BandSource:
+    """Where one Sentinel-2 band lives: a file and the 1-based band index inside it."""
+
+    band: str
+    path: Path
+    index: int
+    crs: CRS | None
+    transform: Affine
+    width: int
+    height: int
+    nodata: float | None
+
+    @property
+    def res(self) -> float:
+        """Pixel size in CRS units (metres for UTM)."""
+        return abs(self.transform.a)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The 10 m target grid every band is resampled onto."""
+
+    crs: CRS
+    transform: Affine
+    width: int
+    height: int
+
+
+def band_name(token: str) -> str | None:
+    """Canonical S2 name for "B2", "b02", "B8a", ... or None if it is not a Sentinel-2 band."""
+    match = _BAND_TOKEN.fullmatch(token.strip())
+    if match is None:
+        return None
+    num = match.group(1).upper()
+    name = "B8A" if num == "8A" else f"B{int(num):02d}"
+    return name if name in S2_BANDS else None
+
+
+def band_from_filename(path: Path) -> str | None:
+    """The band a per-band file holds, from the last band token in its name (None if there is none)."""
+    tokens = _BAND_TOKEN.findall(Path(path).stem)
+    return band_name(f"B{tokens[-1]}") if tokens else None
+
+
+def default_scene_id(inputs: list[Path]) -> str:
+    """The filenames' common prefix with band tokens removed, e.g. "s2" for s2_B01.jp2 ... s2_B12.jp2."""
+    stems = [_BAND_TOKEN.sub("", Path(p).stem) for p in inputs]
+    prefix = stems[0]
+    for stem in stems[1:]:
+        while not stem.startswith(prefix):
+            prefix = prefix[:-1]
+    scene_id = re.sub(r"[^A-Za-z0-9_.-]", "_", prefix.strip("_-. "))
+    return scene_id.lstrip("_.-") or "scene"
+
+
+def _open(path: Path, stack: ExitStack) -> rasterio.DatasetReader:
+    """Open a raster, raising RasterError that names the file for missing or unreadable ones."""
+    if not path.exists():
+        raise RasterError(path, "file does not exist", "check the path; pass the scene's band files "
+                          "(e.g. *_B01.jp2 ... *_B12.jp2) or one 13-band GeoTIFF")
+    try:
+        return stack.enter_context(rasterio.open(path))
+    except RasterioError as exc:
+        raise RasterError(path, f"cannot be opened as a raster ({exc})",
+                          "the file is corrupt or truncated; re-download or re-export it") from exc
+
+
+def _source(band: str, path: Path, index: int, src: rasterio.DatasetReader) -> BandSource:
+    return BandSource(band, path, index, src.crs, src.transform, src.width, src.height, src.nodata)
+
+
+def _multiband_sources(path: Path, src: rasterio.DatasetReader) -> list[BandSource]:
+    """The 13 bands of one file: named by band descriptions if all carry a band name, else S2 order."""
+    if src.count != len(S2_BANDS):
+        raise RasterError(path, f"has {src.count} bands, expected {len(S2_BANDS)} ({', '.join(S2_BANDS)})",
+                          "pass a 13-band Sentinel-2 GeoTIFF, or the per-band files instead")
+    names = [band_name(d) if d else None for d in src.descriptions]
+    if None in names:  # no (or not all) band descriptions: the file must be in S2_BANDS order
+        names = list(S2_BANDS)
+    return [_source(name, path, i, src) for i, name in enumerate(names, start=1)]
+
+
+def _expand(inputs: list[Path]) -> list[Path]:
+    """Replace folders by the band files inside them (other files, e.g. preview.jp2, are skipped)."""
+    files: list[Path] = []
+    for path in map(Path, inputs):
+        if not path.is_dir():
+            files.append(path)
+            continue
+        found = sorted(p for p in path.iterdir()
+                       if p.suffix.lower() in RASTER_SUFFIXES and band_from_filename(p))
+        if not found:
+            raise RasterError(path, "folder holds no band files", "name band files like *_B02.jp2")
+        files.extend(found)
+    return files
+
+
+def _collect(inputs: list[Path], stack: ExitStack) -> tuple[dict[str, BandSource], Datasets]:
+    """Open the inputs and map each of the 13 bands to its source, checking for gaps and duplicates."""
+    files = _expand(inputs)
+    if not files:
+        raise Ms2rgbError("ingest_scene: no input files given; pass band files or one 13-band GeoTIFF")
+    datasets = {path: _open(path, stack) for path in files}
+    if len(datasets) == 1 and datasets[files[0]].count != 1:
+        return _unique(_multiband_sources(files[0], datasets[files[0]])), datasets
+    sources = []
+    for path, src in datasets.items():
+        band = band_from_filename(path)
+        if src.count != 1 or band is None:
+            problem = (f"has {src.count} bands among several inputs" if src.count != 1
+                       else "has no band name in its filename")
+            raise RasterError(path, problem, "pass one file per band, named like *_B8A.jp2, "
+                              "or a single 13-band GeoTIFF on its own")
+        sources.append(_source(band, path, 1, src))
+    return _unique(sources), datasets
+
+
+def _unique(sources: list[BandSource]) -> dict[str, BandSource]:
+    """Band -> source, raising on a duplicate band or on any of the 13 bands missing."""
+    by_band: dict[str, BandSource] = {}
+    for s in sources:
+        if s.band in by_band:
+            first = by_band[s.band]
+            raise RasterError(s.path, f"duplicate band {s.band}: also in {first.path} (band {first.index})",
+                              "pass each band exactly once")
+        by_band[s.band] = s
+    missing = [b for b in S2_BANDS if b not in by_band]
+    if missing:
+        where = sorted({str(s.path) for s in sources})
+        raise RasterError(", ".join(where), f"scene lacks bands {missing} of the 13 Sentinel-2 bands",
+                          "add the files of the missing bands (names ending in _<band>.jp2/.tif)")
+    return {b: by_band[b] for b in S2_BANDS}
+
+
+def _target_grid(sources: dict[str, BandSource]) -> Grid:
+    """The grid of the first 10 m band; if no band is at 10 m, a 10 m grid over the first band."""
+    missing_crs = [s for s in sources.values() if s.crs is None]
+    if missing_crs:
+        raise RasterError(missing_crs[0].path, "has no CRS", "ingest georeferenced files (L1C JP2s have one)")
+    first = next(iter(sources.values()))
+    for s in sources.values():
+        if s.crs != first.crs:
+            raise RasterError(s.path, f"CRS {s.crs} differs from {first.crs} of {first.path}",
+                              "all bands of a scene must share one CRS; reproject them or pick "
+                              "the files of one tile")
+    ten = [s for s in sources.values() if abs(s.res - PIXEL_SIZE) < _RES_TOL]
+    if ten:
+        s = ten[0]
+        return Grid(s.crs, s.transform, s.width, s.height)
+    width = int(round(first.width * first.res / PIXEL_SIZE))
+    height = int(round(first.height * abs(first.transform.e) / PIXEL_SIZE))
+    transform = Affine(PIXEL_SIZE, 0.0, first.transform.c, 0.0, -PIXEL_SIZE, first.transform.f)
+    return Grid(first.crs, transform, width, height)
+
+
+def window_transform(window: Window, transform: Affine) -> Affine:
+    """Georeference of a window; `@` because rasterio.windows.transform warns about Affine `*`."""
+    return transform @ Affine.translation(window.col_off, window.row_off)
+
+
+def _source_window(source: BandSource, bounds: tuple[float, float, float, float]) -> Window | None:
+    """Whole-pixel source window covering bounds, clipped to the file; None if they do not overlap."""
+    win = from_bounds(*bounds, transform=source.transform)
+    # Two source pixels of margin so the bilinear kernel at the strip's edge has its neighbours.
+    col0 = max(math.floor(win.col_off) - 2, 0)
+    row0 = max(math.floor(win.row_off) - 2, 0)
+    col1 = min(math.ceil(win.col_off + win.width) + 2, source.width)
+    row1 = min(math.ceil(win.row_off + win.height) + 2, source.height)
+    if col1 <= col0 or row1 <= row0:
+        return None
+    return Window(col0, row0, col1 - col0, row1 - row0)
+
+
+def _read_strip(source: BandSource, src: rasterio.DatasetReader, grid: Grid, row0: int) -> np.ndarray:
+    """One band over grid rows row0..row0+TILE_SIZE as float32 reflectance, NaN where not covered.
+
+    Reads the source window explicitly: GDAL's warper, handed a band, skips unreadable blocks of a
+    truncated file silently, while an explicit read raises.
+    """
+    dst_transform = window_transform(Window(0, row0, grid.width, TILE_SIZE), grid.transform)
+    left, top = dst_transform.c, dst_transform.f
+    bounds = (left, top - TILE_SIZE * PIXEL_SIZE, left + grid.width * PIXEL_SIZE, top)
+    out = np.full((TILE_SIZE, grid.width), np.nan, dtype=np.float32)
+    win = _source_window(source, bounds)
+    if win is None:  # the band does not reach this strip: it stays NaN (invalid)
+        return out
+    try:
+        data = src.read(source.index, window=win, out_dtype="float32")
+    except RasterioError as exc:
+        # rasterio's own message only says "see previous exception": show GDAL's reason instead.
+        raise RasterError(source.path, f"band {source.band} cannot be read ({exc.__cause__ or exc})",
+                          "the file is corrupt or truncated; re-download or re-export it") from exc
+    # Coarser 20/60 m bands are upsampled bilinearly: nearest would keep 2x2/6x6 blocks with hard
+    # steps (edges no real 10 m image has), and cubic overshoots near bright/dark edges, inventing
+    # reflectances. 10 m bands use nearest so they are copied bit-exactly on the shared grid.
+    coarse = source.res > PIXEL_SIZE + _RES_TOL
+    reproject(data, out, src_transform=window_transform(win, source.transform), src_crs=source.crs,
+              src_nodata=source.nodata, dst_transform=dst_transform, dst_crs=grid.crs,
+              dst_nodata=np.nan, resampling=Resampling.bilinear if coarse else Resampling.nearest)
+    return out
+
+
+def _tile_rows(scene_id: str, grid: Grid, strips: list[np.ndarray], row: int, tiles_dir: Path,
+               min_valid: float) -> tuple[list[dict], int]:
+    """Write the valid tiles of one strip; return their manifest rows and the number skipped."""
+    stack = np.stack(strips)  # (13, TILE_SIZE, W)
+    valid = np.all(np.isfinite(stack) & (stack != 0), axis=0)  # (TILE_SIZE, W)
+    ms = np.clip(np.rint(np.nan_to_num(stack, nan=0.0)), 0, np.iinfo(np.uint16).max).astype(np.uint16)
+    rows, skipped = [], 0
+    for col in range(grid.width // TILE_SIZE):
+        cols = slice(col * TILE_SIZE, (col + 1) * TILE_SIZE)
+        if valid[:, cols].mean() < min_valid:
+            skipped += 1
+            continue
+        location = f"{scene_id}_r{row}_c{col}"
+        path = tiles_dir / f"{location}.tif"
+        transform = window_transform(Window(col * TILE_SIZE, row * TILE_SIZE, TILE_SIZE, TILE_SIZE),
+                                     grid.transform)
+        write_tile(path, ms[:, :, cols], grid.crs, transform, band_names=S2_BANDS)
+        left, bottom, right, top = tile_bounds(transform)
+        rows.append({"id": f"{location}-ms", "modality": "ms", "path": f"{scene_id}/tiles/{path.name}",
+                     "mask_path": None, "class": None, "split": "ms_pool", "source": f"scene:{scene_id}",
+                     "location_id": location, "crs": grid.crs.to_string(), "bounds_left": left,
+                     "bounds_bottom": bottom, "bounds_right": right, "bounds_top": top,
+                     "sha256": sha256_of(path)})
+    return rows, skipped
+
+
+def _write_tiles(scene_id: str, sources: dict[str, BandSource], datasets: Datasets,
+                 grid: Grid, work_dir: Path, min_valid: float, progress: Progress) -> pd.DataFrame:
+    """Resample strip by strip (memory stays ~13 x 64 rows even for a full 10980 px tile) and tile."""
+    n_rows, n_cols = grid.height // TILE_SIZE, grid.width // TILE_SIZE
+    if n_rows == 0 or n_cols == 0:
+        raise RasterError(next(iter(sources.values())).path,
+                          f"scene is {grid.width}x{grid.height} px at 10 m, smaller than one "
+                          f"{TILE_SIZE}x{TILE_SIZE} tile", "ingest a larger scene or crop")
+    rows: list[dict] = []
+    skipped = 0
+    for row in range(n_rows):
+        strips = [_read_strip(s, datasets[s.path], grid, row * TILE_SIZE) for s in sources.values()]
+        new_rows, new_skipped = _tile_rows(scene_id, grid, strips, row, work_dir / "tiles", min_valid)
+        rows += new_rows
+        skipped += new_skipped
+        if progress and ((row + 1) % 5 == 0 or row + 1 == n_rows):
+            progress(f"{scene_id}: tile row {row + 1}/{n_rows}: {len(rows)} written, {skipped} skipped")
+    if not rows:
+        raise Ms2rgbError(f"{scene_id}: all {skipped} tiles have a valid share below min_valid={min_valid} "
+                          "(valid = non-zero and not NaN in all 13 bands); lower min_valid or check "
+                          "that the files cover the same area")
+    if progress:
+        progress(f"{scene_id}: {len(rows)} tiles written, {skipped} skipped (valid share < {min_valid})")
+    return make_manifest(rows)
+
+
+def _commit(work_dir: Path, scene_dir: Path) -> None:
+    """Swap the finished work folder in for the stored scene folder, keeping the old one until then."""
+    old = None
+    if scene_dir.exists():
+        old = scene_dir.with_name(f".{scene_dir.name}.old-{work_dir.name}")
+        scene_dir.rename(old)
+    try:
+        work_dir.rename(scene_dir)
+    except OSError:
+        if old is not None:  # put the stored scene back before reporting the failure
+            old.rename(scene_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def ingest_scene(inputs: list[Path], out_root: Path, scene_id: str | None = None, min_valid: float = 1.0,
+                 progress: Progress = print) -> pd.DataFrame:
+    """Cut one Sentinel-2 scene into 13-band 64x64 MS tiles at 10 m and write its manifest.
+
+    Args:
+        inputs: one 13-band GeoTIFF, or one file per band (JP2/GeoTIFF, band named in the filename),
+            or a folder holding such band files.
+        out_root: data root; tiles go to ``<out_root>/<scene_id>/tiles/`` and the manifest to
+            ``<out_root>/<scene_id>/manifest.parquet`` (paths in it relative to out_root).
+        scene_id: folder and id prefix; by default derived from the filenames (see default_scene_id).
+        min_valid: tiles with a smaller share of valid pixels (non-zero, non-NaN in all bands) are skipped.
+        progress: called with progress lines; None for silence.
+
+    Returns:
+        The manifest (tasks.manifest.COLUMNS), split "ms_pool", unlabelled.
+    """
+    inputs = [Path(p) for p in inputs]
+    if not 0.0 <= min_valid <= 1.0:
+        raise Ms2rgbError(f"ingest_scene: min_valid={min_valid!r} must lie in [0, 1]")
+    scene_id = scene_id or default_scene_id(_expand(inputs) or inputs or [Path("scene")])
+    if not _SCENE_ID.match(scene_id):
+        raise Ms2rgbError(f"ingest_scene: scene_id={scene_id!r} is not a safe folder name; "
+                          "use letters, digits, '_', '-' and '.'")
+    out_root = Path(out_root)
+    with ExitStack() as stack:
+        sources, datasets = _collect(inputs, stack)
+        grid = _target_grid(sources)
+        if progress:
+            for s in sources.values():
+                progress(f"{scene_id}: {s.band} <- {s.path.name} band {s.index} ({s.res:g} m, "
+                         f"{s.width}x{s.height} px)")
+        out_root.mkdir(parents=True, exist_ok=True)
+        work_dir = Path(tempfile.mkdtemp(prefix=f".{scene_id}.partial-", dir=out_root))
+        try:
+            frame = _write_tiles(scene_id, sources, datasets, grid, work_dir, min_valid, progress)
+            write_manifest(frame, work_dir / MANIFEST_NAME)
+            _commit(work_dir, out_root / scene_id)
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)  # no-op after a successful commit
+    return frame

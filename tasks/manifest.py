@@ -1,0 +1,67 @@
+"""The manifest: one row per tile file. The contract between data sources and every stage."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from tasks.errors import Ms2rgbError
+
+# column -> pandas dtype. Paths are relative to the manifest's data root.
+COLUMNS: dict[str, str] = {
+    "id": "string",           # unique tile id, e.g. "synth-Forest-00042-ms"
+    "modality": "string",     # "ms" (13 bands, uint16) or "rgb" (B04/B03/B02, uint8)
+    "path": "string",         # GeoTIFF relative to the data root
+    "mask_path": "string",    # land-cover mask GeoTIFF (uint8, tasks.classes.SURFACE_NAMES) or <NA>
+    "class": "string",        # scene class (tasks.classes.SCENE_NAMES) or <NA> for unlabelled tiles
+    "split": "string",        # one of SPLITS
+    "source": "string",       # "synth", "eurosat", or "scene:<scene id>"
+    "location_id": "string",  # same location = a true RGB/MS pair
+    "crs": "string",          # e.g. "EPSG:32633"
+    "bounds_left": "float64",
+    "bounds_bottom": "float64",
+    "bounds_right": "float64",
+    "bounds_top": "float64",
+    "sha256": "string",       # of the file at `path`
+}
+
+# The sets the methods need. A location belongs to exactly one split.
+SPLITS: dict[str, str] = {
+    "ms_train": "labelled MS tiles that train the teacher",
+    "pair_train": "true RGB/MS pairs (same location) that train the matcher",
+    "pair_test": "held-out true pairs to measure matcher retrieval",
+    "rgb_train": "labelled RGB tiles the student learns from (no MS at these locations)",
+    "ms_pool": "MS tiles the matcher pairs RGB tiles with (different locations; may be unlabelled)",
+    "test": "labelled test locations, in both modalities",
+    "fewshot": "RGB tiles with masks for few-shot detector tuning",
+    "seg_test": "RGB tiles with masks to test the detector",
+    "captions": "RGB tiles with masks whose captions pretrain the fallback CLIP backbone",
+}
+MODALITIES = ("ms", "rgb")
+MANIFEST_NAME = "manifest.parquet"
+
+
+def make_manifest(rows: list[dict]) -> pd.DataFrame:
+    """Build a manifest with exactly COLUMNS, in order and with their dtypes."""
+    frame = pd.DataFrame(rows, columns=list(COLUMNS))
+    return frame.astype(COLUMNS)
+
+
+def write_manifest(frame: pd.DataFrame, path: Path) -> None:
+    """Write atomically, so a failed run never leaves a half-written manifest behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.parquet")
+    frame.to_parquet(tmp, index=False)
+    tmp.replace(path)
+
+
+def read_manifest(path: Path) -> pd.DataFrame:
+    """Read a manifest and check it has the schema's columns."""
+    if not path.exists():
+        raise Ms2rgbError(f"{path}: manifest not found; create data first with `ms2rgb data synth`, "
+                          "`ms2rgb data eurosat --ms DIR` or `ms2rgb data ingest SCENE`")
+    frame = pd.read_parquet(path)
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise Ms2rgbError(f"{path}: manifest lacks columns {missing}; regenerate it with ms2rgb data")
+    return frame[list(COLUMNS)].astype(COLUMNS)

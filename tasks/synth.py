@@ -1,0 +1,115 @@
+"""`ms2rgb data synth`: the embedded default data set, generated from a seed.
+
+Writes georeferenced GeoTIFFs in EuroSAT's folder layout (one folder per class) for each
+modality, per-pixel land-cover masks, and a manifest. See README "Data model".
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rasterio.crs import CRS
+from rasterio.transform import from_origin
+
+from models.bands import RGB_BANDS, S2_BANDS
+from tasks.classes import SCENE_NAMES
+from tasks.geotiff import PIXEL_SIZE, TILE_SIZE, render_rgb, sha256_of, tile_bounds, write_tile
+from tasks.config import require_range
+from tasks.errors import ParamsError
+from tasks.manifest import MANIFEST_NAME, SPLITS, make_manifest, write_manifest
+from tasks.spectra import surface_spectra
+from tasks.synth_layouts import LAYOUTS
+
+MS_ONLY_SPLITS = ("ms_train", "ms_pool")
+RGB_ONLY_SPLITS = ("rgb_train", "fewshot", "seg_test", "captions")
+PAIRED_SPLITS = ("pair_train", "pair_test", "test")
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    seed: int = 0                      # everything below is drawn from this seed
+    rgb_ambiguity: float = 0.9         # 0: RGB separates all surfaces; 1: confusable groups identical in RGB
+    per_class: dict[str, int] = field(default_factory=lambda: {"ms_train": 60, "test": 30})  # locations
+    illumination: float = 0.15         # per-tile brightness factor drawn from 1 +- this
+    spectral_jitter: float = 0.05      # per-tile, per-surface, per-band relative spectrum change
+    texture: float = 0.08              # amplitude of smooth within-surface texture
+    noise: float = 0.02                # relative per-pixel sensor noise
+    crs: str = "EPSG:32633"            # UTM zone 33N, as for much of EuroSAT
+
+    def check(self, section: str) -> None:
+        """Raise ParamsError for values that cannot make a data set."""
+        require_range(f"{section}.rgb_ambiguity", self.rgb_ambiguity, 0.0, 1.0)
+        for key in ("illumination", "spectral_jitter", "texture", "noise"):
+            require_range(f"{section}.{key}", getattr(self, key), 0.0, 0.5)
+        for split, count in self.per_class.items():
+            if split not in SPLITS:
+                raise ParamsError(f"{section}.per_class.{split}", count, f"valid splits are {list(SPLITS)}")
+            if not isinstance(count, int) or count < 0:
+                raise ParamsError(f"{section}.per_class.{split}", count, "use a whole number >= 0")
+
+
+def render_location(rng: np.random.Generator, scene_class: str, spectra: np.ndarray,
+                    cfg: SynthConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one location: (13, 64, 64) uint16 MS reflectance and its (64, 64) surface mask."""
+    mask = LAYOUTS[scene_class](rng, TILE_SIZE)
+    jitter = rng.normal(1.0, cfg.spectral_jitter, spectra.shape).astype(np.float32)
+    image = (spectra * jitter)[mask].transpose(2, 0, 1)  # (13, H, W)
+    coarse = torch.from_numpy(rng.normal(0, 1, (1, 1, 8, 8)).astype(np.float32))
+    smooth = F.interpolate(coarse, size=(TILE_SIZE, TILE_SIZE), mode="bilinear", align_corners=False)
+    image = image * (1 + cfg.texture * smooth[0].numpy())
+    image = image * rng.uniform(1 - cfg.illumination, 1 + cfg.illumination)
+    image[:2] += rng.uniform(0, 150)  # haze lifts the blue/aerosol bands
+    image = image + rng.normal(0, 1, image.shape) * cfg.noise * image
+    return np.clip(image, 1, 20000).astype(np.uint16), mask
+
+
+def _location_transform(index: int, origin: tuple[float, float] = (400000.0, 5200000.0)):
+    # Locations sit on a sparse grid, one tile apart, so no two tiles overlap.
+    col, row = index % 200, index // 200
+    step = 2 * TILE_SIZE * PIXEL_SIZE
+    return from_origin(origin[0] + col * step, origin[1] - row * step, PIXEL_SIZE, PIXEL_SIZE)
+
+
+def _rows_for(out: Path, loc_id: str, scene_class: str, split: str, transform, crs: CRS,
+              ms: np.ndarray, mask: np.ndarray) -> list[dict]:
+    modalities = ("ms",) if split in MS_ONLY_SPLITS else ("rgb",) if split in RGB_ONLY_SPLITS else ("ms", "rgb")
+    mask_rel = Path("tiles/mask") / scene_class / f"{loc_id}.tif"
+    write_tile(out / mask_rel, mask[None], crs, transform, ("surface",))
+    rows = []
+    for modality in modalities:
+        rel = Path("tiles") / modality / scene_class / f"{loc_id}.tif"
+        array, names = (ms, S2_BANDS) if modality == "ms" else (render_rgb(ms), RGB_BANDS)
+        write_tile(out / rel, array, crs, transform, names)
+        left, bottom, right, top = tile_bounds(transform)
+        rows.append(dict(id=f"{loc_id}-{modality}", modality=modality, path=rel.as_posix(),
+                         mask_path=mask_rel.as_posix(), **{"class": scene_class}, split=split,
+                         source="synth", location_id=loc_id, crs=crs.to_string(),
+                         bounds_left=left, bounds_bottom=bottom, bounds_right=right, bounds_top=top,
+                         sha256=sha256_of(out / rel)))
+    return rows
+
+
+def generate(out: Path, cfg: SynthConfig, progress: Callable[[str], None] = print) -> Path:
+    """Write the synthetic data set under `out` and return its manifest path."""
+    spectra = surface_spectra(cfg.rgb_ambiguity)
+    crs = CRS.from_string(cfg.crs)
+    total = len(SCENE_NAMES) * sum(cfg.per_class.values())
+    rows: list[dict] = []
+    index = 0
+    for split_no, (split, count) in enumerate(cfg.per_class.items()):
+        for class_no, scene_class in enumerate(SCENE_NAMES):
+            for k in range(count):
+                rng = np.random.default_rng([cfg.seed, split_no, class_no, k])
+                ms, mask = render_location(rng, scene_class, spectra, cfg)
+                loc_id = f"synth-{split}-{scene_class}-{k:04d}"
+                rows += _rows_for(out, loc_id, scene_class, split, _location_transform(index), crs, ms, mask)
+                index += 1
+                if index % 500 == 0 or index == total:
+                    progress(f"synth: {index}/{total} locations written")
+    manifest_path = out / MANIFEST_NAME
+    write_manifest(make_manifest(rows), manifest_path)
+    return manifest_path

@@ -1,0 +1,114 @@
+"""The one module that talks to MLflow.
+
+Embedded default: a SQLite tracking store at <root>/mlflow.db and artifacts under
+<root>/mlartifacts. MLFLOW_TRACKING_URI overrides both (any server or store MLflow supports).
+One parent run per pipeline run; one nested run per stage.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+EXPERIMENT = "ms2rgb"
+
+
+def configure(root: Path) -> str:
+    """Point MLflow at the store for this project and make sure the experiment exists."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+        # Only the embedded store gets a local artifact folder; a server chooses its own.
+        location = None if "MLFLOW_TRACKING_URI" in os.environ else (root / "mlartifacts").resolve().as_uri()
+        mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+    mlflow.set_experiment(EXPERIMENT)
+    return uri
+
+
+def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:500]
+    return flat
+
+
+@contextmanager
+def pipeline_run(root: Path, name: str, tags: dict[str, str] | None = None) -> Iterator[str]:
+    """A parent run for one pipeline run; yields its id. Ends FAILED if the body raises."""
+    configure(root)
+    client = MlflowClient()
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    run = client.create_run(experiment.experiment_id, run_name=name, tags=tags or {})
+    status = "FAILED"
+    try:
+        yield run.info.run_id
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run.info.run_id, status)
+
+
+class StageTracker:
+    """What a stage may log: params, metrics, files, figures, tables and dataset inputs."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        mlflow.log_params(_flatten(params))
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=folder)
+        else:
+            mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def log_figure(self, figure: Any, name: str) -> None:
+        mlflow.log_figure(figure, name)
+
+    def log_table(self, frame: pd.DataFrame, name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            csv, md = Path(tmp) / f"{name}.csv", Path(tmp) / f"{name}.md"
+            frame.to_csv(csv, index=False)
+            md.write_text(frame.to_markdown(index=False) if _has_tabulate() else frame.to_string())
+            mlflow.log_artifact(str(csv), artifact_path="tables")
+            mlflow.log_artifact(str(md), artifact_path="tables")
+
+    def log_dataset(self, frame: pd.DataFrame, name: str, source: Path, context: str) -> None:
+        dataset = mlflow.data.from_pandas(frame, source=str(source), name=name)
+        mlflow.log_input(dataset, context=context)
+
+    def log_json(self, payload: dict[str, Any], name: str) -> None:
+        mlflow.log_text(json.dumps(payload, indent=2, default=str), name)
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@contextmanager
+def stage_run(root: Path, stage: str, parent_run_id: str | None = None,
+              tags: dict[str, str] | None = None) -> Iterator[StageTracker]:
+    """A run for one stage, nested under `parent_run_id` when the stage is part of a pipeline run."""
+    configure(root)
+    with mlflow.start_run(run_name=stage, parent_run_id=parent_run_id, nested=parent_run_id is not None,
+                          tags={"ms2rgb.stage": stage, **(tags or {})}) as run:
+        yield StageTracker(run.info.run_id)

@@ -1,0 +1,48 @@
+"""Shared fixtures: a real project copy (git + DVC repo) on the tiny profile, under tmp dirs."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DVC = Path(sys.executable).parent / "dvc"  # the venv's dvc, whether or not the venv is activated
+PROJECT_FILES = ("dvc.yaml", ".dvcignore", "data/scenes/README.md")
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No tracking server, Prefect profile or telemetry from the developer's shell leaks in."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    monkeypatch.setenv("GX_ANALYTICS_ENABLED", "false")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    # `dvc repro` runs stage commands (`ms2rgb stage ...`) through the shell: put the venv first.
+    monkeypatch.setenv("PATH", f"{DVC.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def make_project(dest: Path, profile: str = "tiny") -> Path:
+    """Copy what a pipeline run needs into `dest` and make it a git + DVC repo."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for rel in PROJECT_FILES:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / rel, dest / rel)
+    # DVC hashes the stage code named in dvc.yaml, so the copy carries the sources too.
+    for package in ("tasks", "models", "flows"):
+        shutil.copytree(REPO / package, dest / package, ignore=shutil.ignore_patterns("__pycache__"))
+    params = (REPO / "params.yaml").read_text().replace("profile: default", f"profile: {profile}", 1)
+    (dest / "params.yaml").write_text(params)
+    dvc = str(DVC)
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run([dvc, "init", "-q"], cwd=dest, check=True)
+    subprocess.run([dvc, "config", "core.analytics", "false"], cwd=dest, check=True)
+    return dest
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return make_project(tmp_path / "project")

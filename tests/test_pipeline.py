@@ -1,0 +1,79 @@
+"""The spine: Prefect flow and `dvc repro` run the same stages and agree on what is stale."""
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from conftest import DVC
+from flows.pipeline import pipeline
+from tasks.errors import ValidationFailed
+from tasks.manifest import make_manifest, write_manifest
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_server() -> Iterator[None]:
+    """A real, temporary Prefect API server (SQLite) for the flows in this module."""
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def dvc_status(root: Path) -> str:
+    return subprocess.run([str(DVC), "status"], cwd=root, capture_output=True, text=True, check=True).stdout
+
+
+def test_prefect_run_leaves_dvc_clean_and_skips_when_fresh(project: Path) -> None:
+    reports = pipeline(root=str(project))
+    assert reports["prepare"]["tiles"] > 0 and reports["validate"]["passed"] is True
+    assert json.loads((project / "reports" / "validate.json").read_text())["expectations"] >= 20
+    assert (project / "reports" / "validate" / "data_docs" / "index.html").exists()
+    assert "up to date" in dvc_status(project)
+    again = pipeline(root=str(project))
+    assert again == {"prepare": None, "validate": None}
+
+
+def test_mlflow_has_parent_and_nested_stage_runs(project: Path) -> None:
+    pipeline(root=str(project))
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["ms2rgb"])
+    parent = runs[runs["tags.mlflow.runName"] == "pipeline"].iloc[0]
+    children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]]
+    assert set(children["tags.ms2rgb.stage"]) == {"prepare", "validate"}
+    prepare = children[children["tags.ms2rgb.stage"] == "prepare"].iloc[0]
+    assert prepare["metrics.tiles"] > 0 and prepare["params.synth.rgb_ambiguity"] == "0.9"
+    inputs = mlflow.get_run(prepare["run_id"]).inputs.dataset_inputs
+    assert [d.dataset.name for d in inputs] == ["manifest"]
+
+
+def test_dvc_repro_then_prefect_skips_everything(project: Path) -> None:
+    subprocess.run([str(DVC), "repro"], cwd=project, check=True, capture_output=True)
+    assert json.loads((project / "reports" / "validate.json").read_text())["passed"] is True
+    assert pipeline(root=str(project)) == {"prepare": None, "validate": None}
+
+
+def test_new_scene_makes_prepare_stale(project: Path) -> None:
+    pipeline(root=str(project))
+    (project / "data" / "scenes" / "s1").mkdir()
+    write_manifest(make_manifest([]), project / "data" / "scenes" / "s1" / "manifest.parquet")
+    assert "prepare" in dvc_status(project)
+
+
+def test_bad_scene_fails_validation_before_training(project: Path) -> None:
+    scene = project / "data" / "scenes" / "broken"
+    scene.mkdir(parents=True)
+    row = dict(id="broken_r0_c0", modality="ms", path="tiles/missing.tif", mask_path=None, split="ms_pool",
+               source="scene:broken", location_id="broken_r0_c0", crs="EPSG:32633", bounds_left=0.0,
+               bounds_bottom=0.0, bounds_right=640.0, bounds_top=640.0, sha256="0" * 64, **{"class": None})
+    write_manifest(make_manifest([row]), scene / "manifest.parquet")
+    with pytest.raises(ValidationFailed, match="broken_r0_c0"):
+        pipeline(root=str(project))
+    report = json.loads((project / "reports" / "validate.json").read_text())
+    assert report["passed"] is False and report["failed_count"] >= 1
+    assert "validate" in dvc_status(project)  # a failed stage is never recorded as fresh
+    assert pd.read_parquet(project / "data" / "prepared" / "manifest.parquet")["id"].str.contains("broken").any()

@@ -1,0 +1,147 @@
+"""The validate stage on real (tiny) GeoTIFFs: a valid set passes, each kind of damage is named."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers_data import first_id, make_dataset, replace_tile, tile_path, update_rows
+from tasks.errors import Ms2rgbError, ValidationFailed
+from tasks.manifest import MANIFEST_NAME, read_manifest
+from tasks.tile_stats import compute_tile_stats
+from tasks.validate import ValidateConfig, ValidationOutcome, raise_if_failed, validate_dataset
+
+
+@pytest.fixture(scope="module")
+def valid_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One valid data set per module; tests damage private copies of it."""
+    root = tmp_path_factory.mktemp("valid") / "data"
+    make_dataset(root)
+    return root
+
+
+@pytest.fixture
+def manifest(valid_source: Path, tmp_path: Path) -> Path:
+    """Manifest path of a fresh copy of the valid data set (data root = its folder)."""
+    root = tmp_path / "data"
+    shutil.copytree(valid_source, root)
+    return root / MANIFEST_NAME
+
+
+def run(manifest_path: Path) -> ValidationOutcome:
+    return validate_dataset(manifest_path, manifest_path.parent, manifest_path.parent.parent / "report",
+                            ValidateConfig(), progress=lambda _: None)
+
+
+def failed_columns(outcome: ValidationOutcome) -> set[str]:
+    return {f["column"] for f in outcome.failed}
+
+
+def assert_named(outcome: ValidationOutcome, column: str, ident: str) -> dict:
+    """The failure on `column` lists `ident` among its offenders; return that failure."""
+    assert not outcome.passed
+    matches = [f for f in outcome.failed if f["column"] == column and ident in f["offending"]]
+    assert matches, f"{ident} not named under {column}: {outcome.failed}"
+    summary = json.loads(outcome.summary_json.read_text())
+    assert summary["passed"] is False and ident in json.dumps(summary["failed"])
+    return matches[0]
+
+
+def test_valid_dataset_passes(manifest: Path) -> None:
+    outcome = run(manifest)
+    assert outcome.passed, outcome.failed
+    assert outcome.expectations > 10 and outcome.failed == []
+    assert outcome.docs_index.name == "index.html" and outcome.docs_index.is_file()
+    assert outcome.docs_index.is_relative_to(manifest.parent.parent / "report" / "data_docs")
+    result = json.loads(outcome.result_json.read_text())
+    assert result["success"] is True
+    summary = json.loads(outcome.summary_json.read_text())
+    assert summary["passed"] is True and summary["expectations"] == outcome.expectations
+    raise_if_failed(outcome)  # a passed outcome raises nothing
+
+
+def test_tile_stats_record_bad_files_without_raising(manifest: Path) -> None:
+    ms_id, rgb_id = first_id(manifest, "ms"), first_id(manifest, "rgb")
+    tile_path(manifest, rgb_id).unlink()
+    path = tile_path(manifest, ms_id)
+    path.write_bytes(path.read_bytes()[:600])
+    lines: list[str] = []
+    stats = compute_tile_stats(read_manifest(manifest), manifest.parent, progress=lines.append).set_index("id")
+    assert len(stats) == len(read_manifest(manifest)) and lines
+    assert not stats.loc[ms_id, "readable"] and stats.loc[ms_id, "file_exists"]
+    assert not stats.loc[rgb_id, "file_exists"] and not stats.loc[rgb_id, "sha_matches"]
+    good = stats.drop(index=[ms_id, rgb_id])
+    assert good["readable"].all() and good["sha_matches"].all() and good["mask_ok"].all()
+    assert (good["nan_share"] == 0).all() and (good["max_value"] > 0).all()
+
+
+def test_truncated_tile_fails(manifest: Path) -> None:
+    tile_id = first_id(manifest, "ms", "test")
+    path = tile_path(manifest, tile_id)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    failure = assert_named(run(manifest), "readable", tile_id)
+    assert failure["files"] == [path.relative_to(manifest.parent).as_posix()]
+
+
+def test_wrong_band_count_fails_only_the_band_check(manifest: Path) -> None:
+    tile_id = first_id(manifest, "ms")
+    replace_tile(manifest, tile_id, np.full((12, 64, 64), 1000, dtype=np.uint16))
+    outcome = run(manifest)
+    assert_named(outcome, "band_count/expected_bands", tile_id)
+    assert failed_columns(outcome) == {"band_count/expected_bands"}
+
+
+def test_nan_tile_fails(manifest: Path) -> None:
+    tile_id = first_id(manifest, "ms")
+    array = np.full((13, 64, 64), 1500.0, dtype=np.float32)
+    array[0, :8, :8] = np.nan  # 64 of 4096 pixels: below the nodata bound, so NaN is what fails
+    replace_tile(manifest, tile_id, array)
+    outcome = run(manifest)
+    assert_named(outcome, "nan_share", tile_id)
+    assert_named(outcome, "dtype/expected_dtype", tile_id)
+
+
+def test_missing_file_fails(manifest: Path) -> None:
+    tile_id = first_id(manifest, "rgb")
+    path = tile_path(manifest, tile_id)
+    path.unlink()
+    failure = assert_named(run(manifest), "file_exists", tile_id)
+    assert failure["files"] == [path.relative_to(manifest.parent).as_posix()]
+
+
+def test_unknown_class_fails(manifest: Path) -> None:
+    tile_id = first_id(manifest, "ms", "ms_train")
+    update_rows(manifest, tile_id, **{"class": "Volcano"})
+    assert_named(run(manifest), "class", tile_id)
+
+
+def test_location_leakage_fails(manifest: Path) -> None:
+    frame = read_manifest(manifest)
+    test_location = str(frame.loc[frame["split"] == "test", "location_id"].iloc[0])
+    update_rows(manifest, first_id(manifest, "ms", "ms_train"), location_id=test_location)
+    outcome = run(manifest)
+    assert_named(outcome, "n_splits", test_location)
+    assert failed_columns(outcome) == {"n_splits"}
+
+
+def test_raise_if_failed_names_offending_tile(manifest: Path) -> None:
+    tile_id = first_id(manifest, "ms", "test")
+    path = tile_path(manifest, tile_id)
+    path.unlink()
+    outcome = run(manifest)
+    with pytest.raises(ValidationFailed) as caught:
+        raise_if_failed(outcome)
+    message = str(caught.value)
+    assert tile_id in message and path.name in message and str(outcome.summary_json) in message
+
+
+def test_refuses_output_links_outside_out_dir(manifest: Path, tmp_path: Path) -> None:
+    out_dir = tmp_path / "report"
+    out_dir.mkdir()
+    (out_dir / "data_docs").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(Ms2rgbError, match="outside"):
+        validate_dataset(manifest, manifest.parent, out_dir, ValidateConfig(), progress=lambda _: None)
