@@ -69,9 +69,9 @@ def make_source(root: Path, data: DataConfig, params: dict[str, Any]) -> Path:
 def merged_manifest(root: Path, data: DataConfig) -> pd.DataFrame:
     """Source manifest plus every ingested scene, with paths relative to the project root."""
     parts = []
+    # A scene manifest's paths are relative to the scenes folder (they start with the scene id).
     for base, manifest_path in [(data.raw_dir, root / data.raw_dir / MANIFEST_NAME)] + [
-            (f"{data.scenes_dir}/{p.parent.name}", p)
-            for p in sorted((root / data.scenes_dir).glob(f"*/{MANIFEST_NAME}"))]:
+            (data.scenes_dir, p) for p in sorted((root / data.scenes_dir).glob(f"*/{MANIFEST_NAME}"))]:
         frame = read_manifest(manifest_path)
         for column in ("path", "mask_path"):
             frame[column] = frame[column].map(lambda p, b=base: f"{b}/{p}" if isinstance(p, str) else p)
@@ -96,7 +96,7 @@ def run(root: Path, params: dict[str, Any], tracker: StageTracker) -> dict[str, 
     counts = manifest.groupby(["split", "modality"]).size()
     return {
         "tiles": int(len(manifest)),
-        "scenes": int(manifest["source"].str.startswith("scene:").sum()),
+        "scene_tiles": int(manifest["source"].str.startswith("scene:").sum()),
         "unreadable": unreadable[:50],
         "unreadable_count": len(unreadable),
         "counts": {f"{s}/{m}": int(n) for (s, m), n in counts.items()},

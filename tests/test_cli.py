@@ -1,0 +1,43 @@
+"""The `ms2rgb` command line on a real project: scene ingestion end to end, and user errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from flows.cli import main
+from flows.stages import run_stage
+from test_ingest import S2_DIR
+
+
+def test_ingested_real_scene_joins_the_pool_and_validates(project: Path) -> None:
+    bands = sorted(str(p) for p in S2_DIR.glob("s2_B*.jp2"))
+    assert main(["--root", str(project), "data", "ingest", *bands, "--scene-id", "s2crop"]) == 0
+    run_stage("prepare", project)
+    report = run_stage("validate", project)
+    assert report["passed"] is True
+    manifest = pd.read_parquet(project / "data" / "prepared" / "manifest.parquet")
+    scene = manifest[manifest["source"] == "scene:s2crop"]
+    assert len(scene) == 900 and (scene["split"] == "ms_pool").all() and scene["class"].isna().all()
+    assert set(scene["crs"]) == {"EPSG:32618"}  # the scene keeps its own UTM zone
+
+
+def test_missing_scene_file_is_a_clear_error(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["--root", str(project), "data", "ingest", str(project / "nope_B02.jp2")])
+    err = capsys.readouterr().err
+    assert code == 2 and "nope_B02.jp2" in err
+
+
+def test_synth_command_writes_a_manifest(project: Path, tmp_path: Path) -> None:
+    assert main(["--root", str(project), "data", "synth", "--out", str(tmp_path / "s")]) == 0
+    frame = pd.read_parquet(tmp_path / "s" / "manifest.parquet")
+    assert set(frame["source"]) == {"synth"} and frame["sha256"].str.len().eq(64).all()
+
+
+def test_bad_params_value_stops_with_the_key(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    params = project / "params.yaml"
+    params.write_text(params.read_text().replace("source: synth ", "source: landsat ", 1))
+    assert main(["--root", str(project), "stage", "prepare"]) == 2
+    assert "data.source" in capsys.readouterr().err
+    assert not (project / "data" / "raw").exists()  # nothing was written by the failed run
