@@ -17,7 +17,7 @@ from models.classifier import SceneCNN, SceneCNNConfig
 from tasks.cache import open_split
 from tasks.classes import SCENE_NAMES
 from tasks.config import load_params
-from tasks.geotiff import render_rgb
+from tasks.render import render_rgb
 from tasks.training import FitConfig, accuracy_report, fit_classifier, predict_logits
 
 

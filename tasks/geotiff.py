@@ -10,8 +10,8 @@ from rasterio.crs import CRS
 from rasterio.errors import RasterioIOError
 from rasterio.transform import Affine
 
-from models.bands import RGB_BANDS, RGB_REFLECTANCE_MAX, S2_BANDS
 from tasks.errors import RasterError
+from tasks.render import render_rgb  # noqa: F401  (part of the tile API; pure-numpy home in render.py)
 
 TILE_SIZE = 64  # pixels
 PIXEL_SIZE = 10.0  # metres
@@ -48,17 +48,6 @@ def read_tile(path: Path, expect_bands: int | None = None, expect_dtype: str | N
         raise RasterError(path, f"has dtype {array.dtype.name}, expected {expect_dtype}",
                           "store MS as uint16 reflectance x10000 and RGB as uint8")
     return array
-
-
-def render_rgb(ms: np.ndarray, bands: tuple[str, ...] = S2_BANDS) -> np.ndarray:
-    """8-bit true colour from reflectance: B04/B03/B02, linear 0..RGB_REFLECTANCE_MAX -> 0..255.
-
-    This fixed linear stretch with clipping imitates the look of EuroSAT's RGB jpgs; a fixed
-    (not per-tile) stretch keeps brightness comparable between tiles, as in EuroSAT.
-    """
-    idx = [bands.index(b) for b in RGB_BANDS]
-    rgb = ms[idx].astype(np.float32) / RGB_REFLECTANCE_MAX
-    return (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
 def sha256_of(path: Path) -> str:

@@ -14,17 +14,17 @@ from tasks.synth import SynthConfig
 def test_tiny_profile_overrides_only_what_it_names(project: Path) -> None:
     params = load_params(project)
     assert params["synth"]["per_class"]["ms_train"] == 4
-    assert params["synth"]["rgb_ambiguity"] == 0.9  # untouched by the profile
+    assert params["synth"]["rgb_ambiguity"] == 0.3  # untouched by the profile
     assert "profiles" not in params
 
 
 @pytest.mark.parametrize("edit, key", [
-    ("rgb_ambiguity: 0.9", "synth.rgb_ambiguity"),
+    ("rgb_ambiguity: 0.3", "synth.rgb_ambiguity"),
     ("source: synth ", "data.source"),
     ("profile: tiny", "profile"),
 ])
 def test_bad_values_name_the_key(project: Path, edit: str, key: str) -> None:
-    bad = {"rgb_ambiguity: 0.9": "rgb_ambiguity: 1.7", "source: synth ": "source: sentinel ",
+    bad = {"rgb_ambiguity: 0.3": "rgb_ambiguity: 1.7", "source: synth ": "source: sentinel ",
            "profile: tiny": "profile: huge"}[edit]
     text = (project / "params.yaml").read_text()
     (project / "params.yaml").write_text(text.replace(edit, bad, 1))

@@ -48,7 +48,7 @@ def test_mlflow_has_parent_and_nested_stage_runs(project: Path) -> None:
     children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]]
     assert {"prepare", "validate"} <= set(children["tags.ms2rgb.stage"])
     prepare = children[children["tags.ms2rgb.stage"] == "prepare"].iloc[0]
-    assert prepare["metrics.tiles"] > 0 and prepare["params.synth.rgb_ambiguity"] == "0.9"
+    assert prepare["metrics.tiles"] > 0 and prepare["params.synth.rgb_ambiguity"] == "0.3"
     inputs = mlflow.get_run(prepare["run_id"]).inputs.dataset_inputs
     assert [d.dataset.name for d in inputs] == ["manifest"]
 
