@@ -41,3 +41,21 @@ def test_bad_params_value_stops_with_the_key(project: Path, capsys: pytest.Captu
     assert main(["--root", str(project), "stage", "prepare"]) == 2
     assert "data.source" in capsys.readouterr().err
     assert not (project / "data" / "raw").exists()  # nothing was written by the failed run
+
+
+def test_eurosat_source_runs_through_prepare_and_validate(project: Path, tmp_path: Path) -> None:
+    from test_eurosat import write_fake_eurosat
+    ms_dir, rgb_dir = write_fake_eurosat(tmp_path / "eurosat")
+    assert main(["--root", str(project), "data", "eurosat", "--ms", str(ms_dir), "--out",
+                 str(tmp_path / "converted")]) == 0
+    assert (tmp_path / "converted" / "manifest.parquet").exists()
+    params = project / "params.yaml"
+    params.write_text(params.read_text()
+                      .replace("source: synth ", "source: eurosat ", 1)
+                      .replace("eurosat_ms_dir: null", f"eurosat_ms_dir: {ms_dir}", 1)
+                      .replace("eurosat_rgb_dir: null", f"eurosat_rgb_dir: {rgb_dir}", 1))
+    prepared = run_stage("prepare", project)
+    assert prepared["tiles"] > 0
+    assert run_stage("validate", project)["passed"] is True
+    manifest = pd.read_parquet(project / "data" / "prepared" / "manifest.parquet")
+    assert set(manifest["source"]) == {"eurosat"}

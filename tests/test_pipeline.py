@@ -51,6 +51,9 @@ def test_mlflow_has_parent_and_nested_stage_runs(project: Path) -> None:
     assert prepare["metrics.tiles"] > 0 and prepare["params.synth.rgb_ambiguity"] == "0.3"
     inputs = mlflow.get_run(prepare["run_id"]).inputs.dataset_inputs
     assert [d.dataset.name for d in inputs] == ["manifest"]
+    validate = children[children["tags.ms2rgb.stage"] == "validate"].iloc[0]
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(validate["run_id"])}
+    assert {"data_docs", "validation", "validate.json"} <= logged
 
 
 def test_dvc_repro_then_prefect_skips_everything(project: Path) -> None:
