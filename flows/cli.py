@@ -51,6 +51,16 @@ def _cmd_ingest(args: argparse.Namespace) -> None:
     print(f"{len(frame)} tiles added to the MS pool under {scenes_dir}; the next run re-prepares the data")
 
 
+def _cmd_detect(args: argparse.Namespace) -> None:
+    from tasks.detect import detect
+    result = detect(Path(args.image), args.classes, Path(args.out), root=Path(args.root), model_uri=args.model,
+                    stride=args.stride)
+    print(f"model: {result['model']}")
+    print("class shares: " + ", ".join(f"{name} {share:.1%}" for name, share in result["shares"].items()))
+    for kind, path in result["outputs"].items():
+        print(f"{kind:16s} {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ms2rgb", description=__doc__)
     parser.add_argument("--root", default=".", help="project root holding params.yaml (default: .)")
@@ -76,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("scene", nargs="+", help="one 13-band GeoTIFF, or the per-band files of one scene")
     ingest.add_argument("--scene-id", help="name of the scene folder (default: derived from the file names)")
     ingest.set_defaults(func=_cmd_ingest)
+    det = sub.add_parser("detect", help="land-cover class map of an RGB (or 13-band MS) GeoTIFF with the tuned detector")
+    det.add_argument("image", help="GeoTIFF: 3-band uint8 RGB or 13-band uint16 Sentinel-2, any size, with a CRS")
+    det.add_argument("--classes", required=True,
+                     help='comma-separated surface/scene names or free descriptions, e.g. "water,forest,red tiled roofs"')
+    det.add_argument("--out", default="detections", help="output folder (default: detections)")
+    det.add_argument("--model", help="MLflow model URI, e.g. models:/ms2rgb-detector/1 (default: artifacts/detector/)")
+    det.add_argument("--stride", type=int, default=32, help="window step in px; < 64 overlaps and averages (default 32)")
+    det.set_defaults(func=_cmd_detect)
     return parser
 
 

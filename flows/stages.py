@@ -17,6 +17,11 @@ StageFn = Callable[[Path, dict[str, Any], tracking.StageTracker], dict[str, Any]
 STAGE_MODULES: dict[str, str] = {
     "prepare": "tasks.prepare",
     "validate": "tasks.validate",
+    "teacher": "tasks.teacher",
+    "matcher": "tasks.matcher",
+    "pairs": "tasks.pairs",
+    "student": "tasks.student",
+    "detector": "tasks.detector",
 }
 REPORTS_DIR = "reports"
 

@@ -28,19 +28,21 @@ class SceneCNNConfig:
     width: int = 32  # channels of the first stage; the feature map has 4*width
     from_8bit: bool = False  # inputs are 0..255 RGB renders rather than reflectance
     dropout: float = 0.1  # dropout before the linear head
+    stem_stride: int = 1  # stride of the first conv; 2 quarters the cost of the full-resolution stage
 
 
-def _stage(c_in: int, c_out: int) -> nn.Sequential:
+def _stage(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
     """conv3x3-BN-ReLU; bias is dropped because BN's shift replaces it."""
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False),
+        nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=1, bias=False),
         nn.BatchNorm2d(c_out),
         nn.ReLU(inplace=True),
     )
 
 
 class SceneCNN(nn.Module):
-    """Three conv stages (64 -> 32 -> 16 -> 8 on EuroSAT tiles) and a linear head.
+    """Three conv stages and a linear head. On 64 px tiles the stages run at 64, 32, 16 px
+    (then pooled to 8), or at 32, 16, 8 px with a stride-2 stem.
 
     ``encode`` returns a (B, 4*width, 8, 8) map whatever the band count, so a teacher
     and a student built with the same ``width`` are directly comparable.
@@ -50,10 +52,12 @@ class SceneCNN(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.bands = check_bands(cfg.bands)
+        if cfg.stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride={cfg.stem_stride} is not supported; use 1 or 2")
         w = cfg.width
         self.normalize = BandNormalize(self.bands, from_8bit=cfg.from_8bit)
         self.features = nn.Sequential(
-            _stage(len(self.bands), w),
+            _stage(len(self.bands), w, cfg.stem_stride),
             nn.MaxPool2d(2),
             _stage(w, 2 * w),
             nn.MaxPool2d(2),

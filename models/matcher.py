@@ -25,17 +25,19 @@ class MatcherConfig:
     embed_dim: int = 64  # size of the shared embedding space
     width: int = 16  # channels of each tower's first stage
     temperature: float = 0.1  # InfoNCE temperature; CLIP-style contrastive default range
+    stem_stride: int = 1  # stride of each tower's first conv; 2 quarters the full-resolution cost
 
 
 class _Tower(nn.Module):
     """BandNormalize -> three conv stages -> global pool -> linear -> unit vector."""
 
-    def __init__(self, bands: Sequence[str], from_8bit: bool, width: int, embed_dim: int) -> None:
+    def __init__(self, bands: Sequence[str], from_8bit: bool, width: int, embed_dim: int,
+                 stem_stride: int = 1) -> None:
         super().__init__()
         w = width
         self.normalize = BandNormalize(check_bands(bands), from_8bit=from_8bit)
         self.body = nn.Sequential(
-            nn.Conv2d(len(bands), w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
+            nn.Conv2d(len(bands), w, 3, stride=stem_stride, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),
             nn.MaxPool2d(2),
@@ -58,8 +60,10 @@ class CrossModalMatcher(nn.Module):
         self.cfg = cfg or MatcherConfig()
         c = self.cfg
         # RGB tiles are stored as uint8 renders, so that tower undoes the 8-bit stretch.
-        self.rgb_tower = _Tower(c.rgb_bands, True, c.width, c.embed_dim)
-        self.ms_tower = _Tower(c.ms_bands, False, c.width, c.embed_dim)
+        if c.stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride={c.stem_stride} is not supported; use 1 or 2")
+        self.rgb_tower = _Tower(c.rgb_bands, True, c.width, c.embed_dim, c.stem_stride)
+        self.ms_tower = _Tower(c.ms_bands, False, c.width, c.embed_dim, c.stem_stride)
 
     def embed_rgb(self, x: torch.Tensor) -> torch.Tensor:
         """(B, len(rgb_bands), H, W) uint8-range tiles -> (B, embed_dim) unit vectors."""
@@ -77,6 +81,24 @@ class CrossModalMatcher(nn.Module):
     def match(self, rgb_emb: torch.Tensor, ms_emb: torch.Tensor) -> torch.Tensor:
         """For each RGB embedding, the index of the best-matching MS embedding: (N,)."""
         return self.score(rgb_emb, ms_emb).argmax(dim=1)
+
+
+class PairScorer(nn.Module):
+    """Serving form of a matcher: RGB and MS tiles of a pair stacked on channels -> cosine score.
+
+    A model registry signature describes one input tensor, so a pair travels as one
+    (B, n_rgb + n_ms, H, W) tensor: the RGB bands first (8-bit range), then the MS bands.
+    """
+
+    def __init__(self, matcher: CrossModalMatcher) -> None:
+        super().__init__()
+        self.matcher = matcher
+        self.n_rgb = len(matcher.cfg.rgb_bands)
+
+    def forward(self, pairs: torch.Tensor) -> torch.Tensor:
+        """(B, n_rgb + n_ms, H, W) -> (B,) cosine similarity of each pair's embeddings."""
+        rgb, ms = pairs[:, : self.n_rgb], pairs[:, self.n_rgb :]  # (B, n_rgb, H, W), (B, n_ms, H, W)
+        return (self.matcher.embed_rgb(rgb) * self.matcher.embed_ms(ms)).sum(dim=-1)
 
 
 def group_contrastive_loss(

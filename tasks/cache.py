@@ -90,3 +90,18 @@ def open_split(prepared_dir: Path, split: str, modality: str) -> CachedSplit:
         location_ids=rows["location_id"].tolist(),
         masks=np.load(mask_path, mmap_mode="r") if mask_path.exists() else None,
     )
+
+
+def require_bands(split: CachedSplit, bands: tuple[str, ...], where: str) -> CachedSplit:
+    """Return `split` if its tiles carry exactly len(bands) channels, else raise BandCountError.
+
+    Catches e.g. RGB tiles (3 bands) handed to the 13-band MS teacher before any training starts.
+    """
+    from tasks.errors import BandCountError
+
+    if split.images.ndim != 4 or split.images.shape[1] != len(bands):
+        raise BandCountError(where, f"tiles of shape {tuple(split.images.shape)} have "
+                             f"{split.images.shape[1] if split.images.ndim == 4 else '?'} band(s), the model "
+                             f"expects {len(bands)} ({', '.join(bands)})",
+                             "point the stage at the split of the right modality, or re-run the prepare stage")
+    return split

@@ -44,3 +44,23 @@ class ValidationFailed(Ms2rgbError):
             "Fix the listed tiles/files (or re-run `ms2rgb data ...`) and run the pipeline again."
         )
         self.failures = failures
+
+
+class DataError(Ms2rgbError):
+    """Stage inputs (cached tiles, upstream artifacts) are missing or do not fit together."""
+
+    def __init__(self, where: object, problem: str, fix: str) -> None:
+        super().__init__(f"{where}: {problem}. Fix: {fix}")
+        self.where, self.problem = where, problem
+
+
+class BandCountError(DataError):
+    """Tiles carry a different number of bands than the model was built for."""
+
+
+class EmptyPoolError(DataError):
+    """A scene class has no MS pool tile, so its RGB tiles cannot be paired."""
+
+
+class PairsTableError(DataError):
+    """The pairs table has the wrong columns or points at tiles that do not exist."""

@@ -22,13 +22,28 @@ EXPERIMENT = "ms2rgb"
 _MODELS_DIR = Path(__file__).resolve().parents[1] / "models"  # shipped beside logged models
 
 
+_embedded_uri: str | None = None  # the last embedded store configure() chose
+
+
+def _user_uri() -> str | None:
+    """MLFLOW_TRACKING_URI as the user set it. mlflow.set_tracking_uri copies every URI into that
+    variable, so a value equal to our own last embedded choice is ours, not the user's: without
+    this, a second project in the same process would log into the first project's store."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    return env if env and env != _embedded_uri else None
+
+
 def configure(root: Path) -> str:
     """Point MLflow at the store for this project and make sure the experiment exists."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    global _embedded_uri
+    user = _user_uri()
+    uri = user or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    if user is None:
+        _embedded_uri = uri
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(EXPERIMENT) is None:
         # Only the embedded store gets a local artifact folder; a server chooses its own.
-        location = None if "MLFLOW_TRACKING_URI" in os.environ else (root / "mlartifacts").resolve().as_uri()
+        location = None if user else (root / "mlartifacts").resolve().as_uri()
         mlflow.create_experiment(EXPERIMENT, artifact_location=location)
     mlflow.set_experiment(EXPERIMENT)
     return uri
@@ -72,6 +87,17 @@ class StageTracker:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
+    def log_metric_series(self, key: str, values: list[float], first_step: int = 1) -> None:
+        """One metric at consecutive steps in a single request (per-step calls cost ~20 ms each on SQLite)."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(v), now, first_step + i) for i, v in enumerate(values)]
+        for start in range(0, len(metrics), 1000):  # MLflow's cap on metrics per batch
+            MlflowClient().log_batch(self.run_id, metrics=metrics[start:start + 1000])
+
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         if path.is_dir():
             mlflow.log_artifacts(str(path), artifact_path=folder)
@@ -96,12 +122,22 @@ class StageTracker:
     def log_json(self, payload: dict[str, Any], name: str) -> None:
         mlflow.log_text(json.dumps(payload, indent=2, default=str), name)
 
+    @contextmanager
+    def child(self, name: str, tags: dict[str, str] | None = None) -> Iterator[StageTracker]:
+        """A run nested under this one (a baseline or an ablation); ends FAILED if the body raises."""
+        with mlflow.start_run(run_name=name, nested=True, tags=tags or {}) as run:
+            yield StageTracker(run.info.run_id)
+
     def log_torch_model(self, model: Any, input_example: Any, registered_name: str,
-                        name: str = "model") -> int | None:
+                        name: str = "model", serialization_format: str | None = None,
+                        extra_requirements: tuple[str, ...] = ()) -> int | None:
         """Log a PyTorch model with signature and input example, register it, return its version.
 
         The model runs on CPU for the example so the signature holds for any serving host;
         `models/` travels as code so the pickled classes import wherever the model is loaded.
+        `serialization_format="pickle"` keeps the Python object (methods and attributes) for
+        models that must run more than their traced forward; `extra_requirements` adds pip
+        packages the pickled classes import.
         """
         import mlflow.pytorch
         import numpy as np
@@ -115,17 +151,10 @@ class StageTracker:
             model, name=name, input_example=np.asarray(input_example),
             signature=infer_signature(np.asarray(input_example), output),
             registered_model_name=registered_name, code_paths=[str(_MODELS_DIR)],
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", *extra_requirements],
+            serialization_format=serialization_format,
         )
         return info.registered_model_version
-
-    @contextmanager
-    def child(self, name: str, tags: dict[str, str] | None = None) -> Iterator[StageTracker]:
-        """A run nested under this one (a variant or sub-step of the stage); logging inside goes to it."""
-        with mlflow.start_run(run_name=name, nested=True, parent_run_id=self.run_id,
-                              tags={"ms2rgb.variant": name, **(tags or {})}) as run:
-            yield StageTracker(run.info.run_id)
-
 
 def load_torch_model(root: Path, uri: str) -> Any:
     """Load a logged PyTorch model, e.g. ``models:/ms2rgb-detector/3``, from this project's store."""

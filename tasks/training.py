@@ -1,10 +1,12 @@
-"""Shared training plumbing: device choice, seeding, batched fitting and evaluation of classifiers."""
+"""Shared training plumbing: device, seeding, the optimisation loop, checkpoints, augmentation, evaluation."""
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,60 +35,182 @@ def autocast(device: torch.device):
 class FitConfig:
     epochs: int = 10          # passes over the training set
     batch_size: int = 64      # tiles per step
-    lr: float = 2e-3          # AdamW learning rate
+    lr: float = 2e-3          # AdamW peak learning rate (one-cycle schedule)
     weight_decay: float = 1e-4
 
 
-def batches(images: np.ndarray, order: np.ndarray, batch_size: int):
+@dataclass(frozen=True)
+class EpochStats:
+    """What one epoch of training did; `accuracy` is on the training batches as they were seen."""
+
+    epoch: int
+    loss: float
+    accuracy: float
+    seconds: float
+
+
+# Batch indices -> (loss to minimise, number of correct predictions in the batch).
+StepFn = Callable[[np.ndarray], tuple[torch.Tensor, int]]
+
+
+def batch_bounds(n_items: int, batch_size: int, min_batch: int = 1) -> list[tuple[int, int]]:
+    """(begin, end) of each batch; a trailing batch under `min_batch` items joins the one before.
+
+    In-batch negatives (the matcher) need a batch that spans several classes, which a
+    runt batch of one or two tiles may not.
+    """
+    bounds = [(b, min(b + batch_size, n_items)) for b in range(0, n_items, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min_batch:
+        bounds[-2:] = [(bounds[-2][0], n_items)]
+    return bounds
+
+
+class Trainer:
+    """AdamW with a one-cycle schedule over `module`'s parameters, in a seeded batch order.
+
+    The step function owns the forward pass; the trainer owns order, optimisation, timing and
+    what a checkpoint holds. A checkpoint is complete (weights, optimizer, scheduler, data-order
+    generator, history, caller state) so that a killed run can be resumed from it exactly.
+    """
+
+    def __init__(self, module: nn.Module, n_items: int, cfg: FitConfig, seed: int, epochs: int | None = None,
+                 checkpoint_dir: Path | None = None, min_batch: int = 1) -> None:
+        if n_items < 1:
+            raise ValueError(f"n_items={n_items}: there is nothing to train on")
+        self.module, self.n_items, self.cfg = module, n_items, cfg
+        self.epochs = epochs or cfg.epochs
+        self.checkpoint_dir = checkpoint_dir
+        self.bounds = batch_bounds(n_items, cfg.batch_size, min_batch)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, max_lr=cfg.lr, total_steps=self.epochs * len(self.bounds))
+        self.history: list[EpochStats] = []
+
+    def run_epoch(self, step: StepFn) -> EpochStats:
+        """One pass over the items in a fresh seeded order."""
+        device = next(self.module.parameters()).device
+        self.module.train()
+        start, total, correct = time.perf_counter(), 0.0, 0
+        order = torch.randperm(self.n_items, generator=self.generator).numpy()
+        for begin, end in self.bounds:
+            idx = order[begin:end]
+            with autocast(device):
+                loss, hits = step(idx)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            total += float(loss.detach()) * len(idx)
+            correct += hits
+        stats = EpochStats(len(self.history), total / self.n_items, correct / self.n_items,
+                           time.perf_counter() - start)
+        self.history.append(stats)
+        return stats
+
+    def save_checkpoint(self, extra: dict[str, Any] | None = None) -> Path | None:
+        """checkpoints/epoch_XXX.pt for the last finished epoch; None without a checkpoint_dir."""
+        if self.checkpoint_dir is None or not self.history:
+            return None
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        path = self.checkpoint_dir / f"epoch_{self.history[-1].epoch:03d}.pt"
+        torch.save({"epoch": self.history[-1].epoch, "epochs": self.epochs, "module": self.module.state_dict(),
+                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                    "history": [asdict(h) for h in self.history], "extra": extra or {}}, path)
+        return path
+
+    def describe(self, name: str, stats: EpochStats) -> str:
+        """One progress line: which run, epoch, loss, accuracy and seconds."""
+        return (f"{name}: epoch {stats.epoch + 1}/{self.epochs} loss {stats.loss:.4f} "
+                f"train acc {stats.accuracy:.3f} ({stats.seconds:.1f} s)")
+
+
+def to_tensor(images: np.ndarray, idx: np.ndarray | None = None) -> torch.Tensor:
+    """Rows `idx` (all when None) of a uint8/uint16 tile array as a float32 tensor."""
+    rows = images if idx is None else images[idx]
+    return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+
+
+def random_dihedral(tensors: tuple[torch.Tensor, ...], generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Apply one random flip/rotation per sample, the same one to every tensor of the tuple.
+
+    Overhead views have no up or left, so the 8 symmetries of the square are free extra
+    data; sharing the draw keeps true pairs aligned (the matcher) or leaves order alone.
+    """
+    n = tensors[0].shape[0]
+    draw = torch.randint(0, 8, (n,), generator=generator)
+    out = [t.clone() for t in tensors]
+    for k in range(1, 8):
+        rows = torch.nonzero(draw == k).flatten()
+        if len(rows) == 0:
+            continue
+        for src, dst in zip(tensors, out):
+            moved = torch.rot90(src[rows], k % 4, dims=(-2, -1))  # (b, C, H, W)
+            dst[rows] = moved.flip(-1) if k >= 4 else moved
+    return tuple(out)
+
+
+def batches(images: np.ndarray, order: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Yield (index, float tensor) batches from a (memory-mapped) array in the given order."""
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
+        # Sorted reads are sequential on a memmap; the second argsort restores the asked order.
         yield idx, torch.from_numpy(np.ascontiguousarray(images[np.sort(idx)][np.argsort(np.argsort(idx))])).float()
 
 
 def fit_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: FitConfig, seed: int,
-                   on_epoch: Callable[[int, float, float], None] | None = None) -> list[float]:
-    """Train with cross-entropy; returns per-epoch mean loss. `on_epoch(epoch, loss, seconds)`."""
+                   on_epoch: Callable[[Trainer, EpochStats], None] | None = None, augment: bool = False,
+                   checkpoint_dir: Path | None = None) -> list[EpochStats]:
+    """Train with cross-entropy on tiles held in memory; `on_epoch(trainer, stats)` after each epoch."""
     device = pick_device()
-    gen = seed_everything(seed)
-    model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=cfg.epochs * -(-len(labels) // cfg.batch_size))
-    y_all = torch.as_tensor(np.array(labels), dtype=torch.long)
-    history = []
-    for epoch in range(cfg.epochs):
-        start, total = time.perf_counter(), 0.0
-        order = torch.randperm(len(labels), generator=gen).numpy()
-        for idx, x in batches(images, order, cfg.batch_size):
-            with autocast(device):
-                loss = nn.functional.cross_entropy(model(x.to(device)), y_all[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-        history.append(total / len(labels))
+    seed_everything(seed)
+    model.to(device)
+    trainer = Trainer(model, len(labels), cfg, seed, checkpoint_dir=checkpoint_dir)
+    flips = torch.Generator().manual_seed(seed + 1)
+    y_all = torch.as_tensor(np.array(labels), dtype=torch.long)  # a copy: memmap labels are read-only
+
+    def step(idx: np.ndarray) -> tuple[torch.Tensor, int]:
+        x = to_tensor(images, idx)
+        if augment:
+            (x,) = random_dihedral((x,), flips)
+        y = y_all[idx].to(device)
+        logits = model(x.to(device))
+        return nn.functional.cross_entropy(logits, y), int((logits.argmax(1) == y).sum())
+
+    for _ in range(trainer.epochs):
+        stats = trainer.run_epoch(step)
+        trainer.save_checkpoint({"augment_rng": flips.get_state()})
         if on_epoch:
-            on_epoch(epoch, history[-1], time.perf_counter() - start)
-    return history
+            on_epoch(trainer, stats)
+    return trainer.history
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
-    """Logits for every tile, in order, on CPU."""
-    device = pick_device()
-    model.to(device).eval()
+def predict(fn: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, device: torch.device,
+            batch_size: int = 256) -> torch.Tensor:
+    """fn(batch on `device`) for every tile, in order, concatenated as float32 on CPU.
+
+    The caller puts the modules behind `fn` in eval mode (BatchNorm running stats, no dropout).
+    """
     out = []
     for _, x in batches(images, np.arange(len(images)), batch_size):
         with autocast(device):
-            out.append(model(x.to(device)).float().cpu())
+            out.append(fn(x.to(device)).float().cpu())
     return torch.cat(out)
 
 
+def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+    """Logits for every tile, in order, on CPU."""
+    device = pick_device()
+    return predict(model.to(device).eval(), images, device, batch_size)
+
+
 def accuracy_report(logits: torch.Tensor, labels: np.ndarray, class_names: list[str]) -> dict:
-    """Overall and per-class accuracy."""
+    """Overall and per-class accuracy, and the confusion matrix (rows: true, columns: predicted)."""
     pred = logits.argmax(1).numpy()
     per_class = {name: float((pred[labels == i] == i).mean()) for i, name in enumerate(class_names)
                  if (labels == i).any()}
-    return {"accuracy": float((pred == labels).mean()), "per_class": per_class}
+    confusion = np.zeros((len(class_names), len(class_names)), dtype=np.int64)
+    np.add.at(confusion, (labels, pred), 1)
+    return {"accuracy": float((pred == labels).mean()), "per_class": per_class, "confusion": confusion.tolist()}

@@ -93,3 +93,12 @@ def test_one_training_step_lowers_loss_on_fixed_batch() -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_stride_two_stem_keeps_the_feature_shape() -> None:
+    cfg = SceneCNNConfig(bands=S2_BANDS, width=WIDTH, stem_stride=2)
+    fast = build_classifier("scene_cnn", cfg).eval()
+    assert fast.encode(torch.rand(2, 13, 64, 64) * 3000).shape == (2, 4 * WIDTH, 8, 8)
+    assert fast.features[0][0].stride == (2, 2) and _teacher().features[0][0].stride == (1, 1)
+    with pytest.raises(ValueError, match="stem_stride=3"):
+        SceneCNN(SceneCNNConfig(bands=S2_BANDS, stem_stride=3))

@@ -157,3 +157,14 @@ def test_rematch_rejects_bad_input() -> None:
         rematch(torch.randn(2, 3), s)
     with pytest.raises(ValueError, match="js"):
         rematch(s, s, metric="cosine")
+
+
+def test_distill_without_teacher_needs_zero_teacher_weights() -> None:
+    s_feat, s_log = torch.randn(2, 8, 4, 4), torch.randn(2, 5)
+    labels = torch.tensor([0, 1])
+    ce_only = DistillLoss(channels=8, heads=2, w_feat=0.0, w_kd=0.0, w_ce=1.0)(s_feat, None, s_log, None, labels)
+    torch.testing.assert_close(ce_only.total, F.cross_entropy(s_log, labels))
+    with pytest.raises(ValueError, match="teacher_feat is required"):
+        DistillLoss(channels=8, heads=2, w_kd=0.0)(s_feat, None, s_log, None, labels)
+    with pytest.raises(ValueError, match="teacher_logits are required"):
+        DistillLoss(channels=8, heads=2, w_feat=0.0)(s_feat, None, s_log, None, labels)

@@ -1,0 +1,89 @@
+"""Serving wrappers around a (prompted) open_clip CLIP that take 8-bit RGB tiles as they are stored.
+
+The prepared cache and GeoTIFFs hold RGB as 0..255; CLIPs expect [0, 1] pixels z-scored with
+the statistics their weights were trained with. ``ClipPixels`` does that scaling in the model,
+so a registered model's input is plain RGB and no caller can forget the normalisation.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.clip_prompt import PromptedCLIP
+
+
+class ClipPixels(nn.Module):
+    """(B, 3, H, W) RGB in 0..255 -> the CLIP's normalised float input at its image size.
+
+    Tiles are resized (bilinear) to the size the CLIP was trained at, e.g. 64 px tiles to 224
+    for ViT-B-32 so its 32-px patches still give a 7x7 grid; for the tiny config it is a no-op.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], size: tuple[int, int]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1))
+        self.size = (int(size[0]), int(size[1]))
+
+    @classmethod
+    def for_clip(cls, clip: nn.Module) -> ClipPixels:
+        """Use the mean/std open_clip attached to the model (they follow the pretrained tag)."""
+        cfg = getattr(clip.visual, "preprocess_cfg", None) or {}
+        return cls(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN), cfg.get("std", open_clip.OPENAI_DATASET_STD),
+                   clip.visual.image_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected RGB images (B, 3, H, W) in 0..255, got shape {tuple(images.shape)}")
+        x = (images.float() / 255.0 - self.mean) / self.std
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        return x
+
+
+class ClassMapDetector(nn.Module):
+    """A tuned PromptedCLIP with its class descriptions baked in: RGB 0..255 -> logits (B, K, H, W).
+
+    ``class_names`` / ``texts`` / ``clip_model`` travel with the pickled model so a loaded
+    registry version can say what it detects and re-tokenise other descriptions
+    (``open_clip.get_tokenizer(clip_model)``) for :meth:`logits_for`.
+    """
+
+    def __init__(self, prompted: PromptedCLIP, text_tokens: torch.Tensor, class_names: Sequence[str],
+                 texts: Sequence[str], clip_model: str) -> None:
+        super().__init__()
+        if len(class_names) != text_tokens.shape[0] or len(texts) != len(class_names):
+            raise ValueError(
+                f"{len(class_names)} class names and {len(texts)} texts for {text_tokens.shape[0]} token rows; "
+                f"give one name and one description per tokenised class"
+            )
+        self.prompted = prompted
+        self.pixels = ClipPixels.for_clip(prompted.clip)
+        self.register_buffer("text_tokens", text_tokens.long())
+        self.class_names, self.texts, self.clip_model = list(class_names), list(texts), clip_model
+
+    def logits_for(self, images: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
+        """Fused class logits (B, K', H, W) at the input's size for other tokenised class descriptions."""
+        logits = self.prompted(self.pixels(images), text_tokens)  # (B, K', S, S) at the CLIP's size
+        if logits.shape[-2:] != images.shape[-2:]:
+            logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return logits
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits_for(images, self.text_tokens)
+
+
+class ImageEmbedder(nn.Module):
+    """A CLIP's image tower for the registry: RGB 0..255 (B, 3, H, W) -> L2-normalised (B, D)."""
+
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        self.clip = clip
+        self.pixels = ClipPixels.for_clip(clip)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.clip.encode_image(self.pixels(images)), dim=-1)

@@ -1,0 +1,254 @@
+"""detector stage (method B): few-shot multimodal prompt tuning of a frozen CLIP into a class-map predictor.
+
+Steps: get the backbone (configured weights, or the fallback pretrained on the captions
+split; ``tasks/detector_pretrain.py``); then, each as a nested MLflow run with the same
+seeds and budget, evaluate on ``seg_test``: zero-shot (hand-written template, no training),
+the full method (coupled text + image prompts) at every K in ``shots``, and at the largest K
+the ablations text-only (CoOp-like), visual-only (VPT-like) and independent prompts, each
+over ``seeds`` seeds (mean and std reported; ``tasks/detector_report.py``). The full method
+at the largest K and the params seed is saved to ``artifacts/detector/detector.pt`` (what
+``ms2rgb detect`` loads) and registered as ``ms2rgb-detector``.
+
+Classes are the land-cover surfaces (mask values); their descriptions (``SURFACE_CLASSES``)
+are the class texts. Tuned variants read the bare description after their learned prompts
+(CoOp's "[V]...[V] description"); zero-shot reads ``zero_shot_template`` filled with it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.clip_detector import ClassMapDetector
+from models.clip_prompt import PromptConfig, PromptedCLIP
+from tasks.cache import CachedSplit, open_split
+from tasks.classes import SURFACE_CLASSES, SURFACE_NAMES
+from tasks.config import section
+from tasks.detect_model import DETECTOR_FILE, OUT_DIR, resolve_pretrained
+from tasks.detector_data import first_k_per_class, load_tiles
+from tasks.detector_pretrain import SERVING, ClipConfig, PretrainConfig, prepare_backbone
+from tasks.detector_report import BASELINES, FULL_MODE, aggregate, log_figures, summarise
+from tasks.detector_tune import TuneConfig, evaluate, tune
+from tasks.errors import ParamsError
+from tasks.prepare import DataConfig
+from tasks.tracking import StageTracker
+from tasks.training import pick_device, seed_everything
+
+DETECTOR_MODEL = "ms2rgb-detector"
+
+
+@dataclass(frozen=True)
+class PromptParams:
+    """detector.prompt: where and how many prompts (see models.clip_prompt.PromptConfig)."""
+
+    n_ctx: int = 2                                      # prompt vectors per prompted layer
+    depth: int = 3                                      # prompted leading layers of both towers
+    similarity_layers: tuple[int, ...] = (-3, -2, -1)   # vision layers scored against the class texts
+    logit_scale: float | None = 1 / 0.07                # patch-text temperature; null = the CLIP's own
+
+    def check(self, name: str) -> None:
+        if self.logit_scale is not None and self.logit_scale <= 0:
+            raise ParamsError(f"{name}.logit_scale", self.logit_scale, "use a positive temperature or null")
+        try:  # PromptConfig owns the rules; re-raise them as a params error naming the section
+            PromptConfig(n_ctx=self.n_ctx, depth=self.depth, similarity_layers=self.similarity_layers)
+        except ValueError as err:
+            raise ParamsError(name, dataclasses.asdict(self), str(err)) from err
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """The detector section of params.yaml; its sub-sections are parsed by load_settings."""
+
+    clip: dict[str, Any] = field(default_factory=dict)      # -> ClipConfig
+    pretrain: dict[str, Any] = field(default_factory=dict)  # -> PretrainConfig (fallback weights only)
+    prompt: dict[str, Any] = field(default_factory=dict)    # -> PromptParams
+    tune: dict[str, Any] = field(default_factory=dict)      # -> TuneConfig
+    shots: tuple[int, ...] = (1, 4, 16)                     # K per scene class; the largest is the headline
+    zero_shot_template: str = "a satellite image with mostly {}"  # hand-written zero-shot prompt
+    eval_batch_size: int = 100                              # tiles per inference batch
+    examples: int = 4                                       # example tiles in the logged figure
+    seeds: int = 3                                          # tuning seeds per variant at the largest K
+
+    def check(self, name: str) -> None:
+        if self.seeds < 1:
+            raise ParamsError(f"{name}.seeds", self.seeds, "run at least one seed")
+        if not self.shots or min(self.shots) < 1:
+            raise ParamsError(f"{name}.shots", list(self.shots), "list one or more K >= 1, e.g. [1, 4, 16]")
+        if "{}" not in self.zero_shot_template:
+            raise ParamsError(f"{name}.zero_shot_template", self.zero_shot_template,
+                              "put {} where the class description goes")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The detector section parsed into its typed parts."""
+
+    main: DetectorConfig
+    clip: ClipConfig
+    pretrain: PretrainConfig
+    prompt: PromptParams
+    tune: TuneConfig
+
+
+def load_settings(params: dict[str, Any]) -> Settings:
+    """Parse params['detector']; a bad key raises ParamsError naming e.g. detector.tune.lr."""
+    main = section(params, "detector", DetectorConfig)
+    parts = {name: section({f"detector.{name}": getattr(main, name)}, f"detector.{name}", cls)
+             for name, cls in (("clip", ClipConfig), ("pretrain", PretrainConfig),
+                               ("prompt", PromptParams), ("tune", TuneConfig))}
+    return Settings(main=main, **parts)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compared setting: a prompt mode at K shots over some seeds."""
+
+    name: str                # nested run and report key
+    mode: str                # PromptConfig.mode
+    shots: int               # K per scene class (0: no training)
+    seeds: tuple[int, ...]   # tuning seeds (prompt init, batch order); the first is the params seed
+
+
+def plan(shots: tuple[int, ...], seed: int, n_seeds: int) -> list[Variant]:
+    """Zero-shot, the full method at every K, the ablations at the largest K.
+
+    Only the comparison at the largest K gets ``n_seeds`` seeds (the 4-minute budget); zero-shot
+    has nothing random to repeat and the smaller K of the full method get one.
+    """
+    k, many = max(shots), tuple(range(seed, seed + n_seeds))
+    return ([Variant("zero_shot", "zero_shot", 0, (seed,))]
+            + [Variant(f"full_k{s}", FULL_MODE, s, many if s == k else (seed,)) for s in sorted(set(shots))]
+            + [Variant(name, mode, k, many) for name, mode in BASELINES.items()])
+
+
+@dataclass
+class Context:
+    """What every variant shares: data, frozen backbone, settings, output folder."""
+
+    settings: Settings
+    clip: torch.nn.Module
+    tokenizer: Any
+    fewshot: CachedSplit
+    test_images: torch.Tensor
+    test_masks: torch.Tensor
+    out_dir: Path
+    device: torch.device
+
+
+def build_detector(ctx: Context, mode: str, seed: int) -> ClassMapDetector:
+    """A fresh, seeded PromptedCLIP around the shared frozen CLIP, with the surface texts baked in."""
+    seed_everything(seed)  # same prompt init for every variant of a mode at this seed
+    prompt = ctx.settings.prompt
+    cfg = PromptConfig(n_ctx=prompt.n_ctx, depth=prompt.depth, similarity_layers=prompt.similarity_layers,
+                       mode=mode, logit_scale=prompt.logit_scale)
+    descriptions = list(SURFACE_CLASSES.values())
+    texts = ([ctx.settings.main.zero_shot_template.format(d) for d in descriptions]
+             if mode == "zero_shot" else descriptions)
+    try:
+        prompted = PromptedCLIP(ctx.clip, cfg)
+    except ValueError as err:  # e.g. depth or a similarity layer beyond this CLIP's layers
+        raise ParamsError("detector.prompt", dataclasses.asdict(prompt), str(err)) from err
+    return ClassMapDetector(prompted, ctx.tokenizer(texts), SURFACE_NAMES, texts, ctx.settings.clip.model)
+
+
+def _step_printer(label: str, max_steps: int) -> Callable[[int, float], None]:
+    def on_step(step: int, loss: float) -> None:
+        if step % 20 == 0 or step == 1:
+            print(f"detector: {label} step {step}/{max_steps} loss {loss:.3f}", flush=True)
+    return on_step
+
+
+def score_seed(ctx: Context, variant: Variant, seed: int, child: StageTracker
+               ) -> tuple[dict[str, Any], ClassMapDetector]:
+    """Tune one seed of a variant (unless zero-shot) and score it on seg_test."""
+    detector = build_detector(ctx, variant.mode, seed)
+    run: dict[str, Any] = {"seed": seed}
+    if variant.mode != "zero_shot":
+        label = f"{variant.name} seed {seed}"
+        images, masks = load_tiles(ctx.fewshot, first_k_per_class(ctx.fewshot, variant.shots))
+        result = tune(detector, images, masks, ctx.settings.tune, seed, ctx.device,
+                      checkpoint_dir=ctx.out_dir / "checkpoints" / variant.name / f"seed{seed}",
+                      on_step=_step_printer(label, ctx.settings.tune.max_steps))
+        child.log_metric_series(f"train_loss_seed{seed}", result.losses)
+        run.update(losses=result.losses, stopped_by=result.stopped_by, steps=len(result.losses),
+                   train_seconds=result.seconds)
+        print(f"detector: {label} stopped by {result.stopped_by} after {len(result.losses)} steps "
+              f"({result.seconds:.1f}s)", flush=True)
+    scores, preds = evaluate(detector, ctx.test_images, ctx.test_masks, ctx.device, ctx.settings.main.eval_batch_size)
+    run.update(scores, preds=preds)
+    return run, detector
+
+
+def run_variant(ctx: Context, variant: Variant, tracker: StageTracker) -> tuple[dict[str, Any], ClassMapDetector]:
+    """Every seed of one variant in its own nested run; returns the aggregate and the first seed's model."""
+    with tracker.child(variant.name, tags={"ms2rgb.variant": variant.name}) as child:
+        child.log_params({"mode": variant.mode, "shots": variant.shots, "seeds": list(variant.seeds)})
+        runs, models = [], []
+        for i, seed in enumerate(variant.seeds):
+            run, model = score_seed(ctx, variant, seed, child)
+            runs.append(run)
+            models.append(model if i == 0 else None)  # only the params seed's prompts are kept
+            child.log_metrics({"miou_by_seed": run["miou"]}, step=seed)
+        result = aggregate(variant.mode, variant.shots, runs, models[0].prompted.num_trainable)
+        child.log_params({"texts": "; ".join(models[0].texts)})
+        child.log_metrics({k: result[k] for k in ("miou", "miou_std", "pixel_accuracy", "tiles_per_second",
+                                                  "trainable_params")})
+        child.log_json({k: v for k, v in result.items() if k not in ("preds", "losses")}, "variant.json")
+    print(f"detector: {variant.name}: mIoU {result['miou']:.3f} ± {result['miou_std']:.3f} over "
+          f"{len(runs)} seed(s), pixel accuracy {result['pixel_accuracy']:.3f}", flush=True)
+    return result, models[0]
+
+
+def save_detector(ctx: Context, detector: ClassMapDetector, info: dict[str, Any]) -> Path:
+    """artifacts/detector/detector.pt: what `ms2rgb detect` needs besides the backbone weights."""
+    path = ctx.out_dir / DETECTOR_FILE
+    torch.save({
+        "clip_model": ctx.settings.clip.model,
+        # The fallback's weights live beside this file; other weights are found where params said.
+        "clip_pretrained": info.get("backbone_file", ctx.settings.clip.pretrained),
+        "pretrained_in_artifacts": "backbone_file" in info,
+        "weights": info["weights"],
+        "prompt_config": dataclasses.asdict(detector.prompted.cfg),
+        "prompt_state": detector.prompted.prompt_state_dict(),
+        "class_names": detector.class_names,
+        "texts": detector.texts,
+    }, path)
+    return path
+
+
+def run(root: Path, params: dict[str, Any], tracker: StageTracker) -> dict[str, Any]:
+    """Stage entry point (DVC and Prefect call this alike)."""
+    start = time.perf_counter()
+    settings, seed, device = load_settings(params), int(params.get("seed", 0)), pick_device()
+    prepared = root / section(params, "data", DataConfig).prepared_dir
+    tracker.log_params({"detector": params.get("detector", {}), "seed": seed, "device": str(device)})
+    out_dir = root / OUT_DIR
+    shutil.rmtree(out_dir, ignore_errors=True)  # a stage output: always written whole
+    out_dir.mkdir(parents=True)
+    clip_cfg = dataclasses.replace(settings.clip, pretrained=resolve_pretrained(root, settings.clip.pretrained))
+    clip, tokenizer, info = prepare_backbone(clip_cfg, settings.pretrain,
+                                             lambda: open_split(prepared, "captions", "rgb"),
+                                             out_dir, seed, device, tracker)
+    test_images, test_masks = load_tiles(open_split(prepared, "seg_test", "rgb"))
+    ctx = Context(settings, clip, tokenizer, open_split(prepared, "fewshot", "rgb"), test_images, test_masks,
+                  out_dir, device)
+    shots = settings.main.shots
+    results, models = {}, {}
+    for variant in plan(shots, seed, settings.main.seeds):
+        results[variant.name], models[variant.name] = run_variant(ctx, variant, tracker)
+    head = models[f"full_k{max(shots)}"]
+    save_detector(ctx, head, info)
+    log_figures(results, shots, settings.tune.loss_threshold, (test_images, test_masks), settings.main.examples,
+                tracker)
+    report = summarise(results, shots, info)
+    example = test_images[:1].numpy().astype(np.float32)  # serving input: RGB 0..255, any multiple of 8
+    version = tracker.log_torch_model(head, example, DETECTOR_MODEL, **SERVING)
+    report.update(registered_model=f"{DETECTOR_MODEL}/{version}", stage_seconds=round(time.perf_counter() - start, 1))
+    return report

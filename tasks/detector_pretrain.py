@@ -1,0 +1,157 @@
+"""The detector's backbone: given weights, or the fallback — contrastive pretraining on captions.
+
+Offline there are no published CLIP weights, and prompt tuning a random CLIP would be
+meaningless, so with ``clip.pretrained: null`` the project's tiny CLIP is first trained
+CLIP-style on the ``captions`` split (image + caption from class description and mask
+composition, ``tasks/captions.py``), saved to ``artifacts/detector/backbone.pt`` (a plain
+state dict that ``clip.pretrained`` accepts), registered as ``ms2rgb-clip-backbone``, frozen.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.clip_backbone import freeze, load_clip
+from models.clip_detector import ClipPixels, ImageEmbedder
+from tasks.cache import CachedSplit
+from tasks.captions import captions
+from tasks.detector_data import augment, load_tiles, sample_batch
+from tasks.errors import ParamsError
+from tasks.tracking import StageTracker
+from tasks.training import autocast
+
+BACKBONE_FILE = "backbone.pt"
+BACKBONE_MODEL = "ms2rgb-clip-backbone"
+# Registered CLIP models are pickled, not exported as pt2 graphs: an open-vocabulary detector must
+# re-run its text tower on new class descriptions, which a traced forward with baked tokens cannot.
+SERVING = {"serialization_format": "pickle",
+           "extra_requirements": (f"open_clip_torch=={open_clip.__version__}",)}
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """detector.clip: which CLIP and which weights."""
+
+    model: str = "ms2rgb-tiny-vit"  # open_clip config name with a native ViT tower
+    pretrained: str | None = None   # open_clip tag, local checkpoint path, or null = fallback pretraining
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """detector.pretrain: the fallback's contrastive pretraining."""
+
+    steps: int = 150            # contrastive steps of the fallback (used only when clip.pretrained is null)
+    batch_size: int = 64        # image-caption pairs per step
+    lr: float = 1e-3            # AdamW peak learning rate; linear warm-up then cosine decay
+    weight_decay: float = 0.1   # CLIP's value, on matrices only
+    warmup_steps: int = 10
+
+    def check(self, name: str) -> None:
+        if self.steps < 0 or self.batch_size < 2 or self.lr <= 0 or self.warmup_steps < 0:
+            raise ParamsError(name, self, "steps >= 0, batch_size >= 2, lr > 0 and warmup_steps >= 0")
+
+
+def multi_positive_clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
+                             caption_of: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over B images and U distinct captions; every tile of a caption is its positive.
+
+    Captions built from coarse share words repeat across tiles, and plain CLIP loss would push
+    an image away from its own caption's duplicate (UniCL's multi-positive target fixes that).
+    image (B, D), text (U, D) L2-normalised; caption_of (B,) indexes text.
+    """
+    logits = scale * image @ text.T  # (B, U)
+    same = F.one_hot(caption_of, text.shape[0]).float().T  # (U, B)
+    to_text = F.cross_entropy(logits, caption_of)
+    to_image = F.cross_entropy(logits.T, same / same.sum(dim=1, keepdim=True))
+    return 0.5 * (to_text + to_image)
+
+
+def _optimiser(clip: nn.Module, cfg: PretrainConfig) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW without decay on gains/biases/embeddings' scale (CLIP), warm-up + cosine schedule."""
+    params = [p for p in clip.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def pretrain_clip(clip: nn.Module, tokenizer: Callable[..., torch.Tensor], split: CachedSplit,
+                  cfg: PretrainConfig, seed: int, device: torch.device,
+                  progress: Callable[[str], None] = print) -> list[float]:
+    """Train every CLIP parameter contrastively on the split's tiles and captions; return step losses."""
+    images, _ = load_tiles(split)
+    texts, caption_ids = np.unique(captions(split.labels, np.asarray(split.masks)), return_inverse=True)
+    tokens = tokenizer(list(texts))  # (U, L)
+    pixels = ClipPixels.for_clip(clip).to(device)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    clip.to(device).train()
+    opt, sched = _optimiser(clip, cfg)
+    losses: list[float] = []
+    for step in range(cfg.steps):
+        idx = sample_batch(len(images), cfg.batch_size, rng)
+        x, _ = augment(images[idx], None, rng)
+        used, caption_of = np.unique(caption_ids[idx], return_inverse=True)
+        with autocast(device):
+            image = clip.encode_image(pixels(x.to(device)), normalize=True)
+            text = clip.encode_text(tokens[used].to(device), normalize=True)
+            loss = multi_positive_clip_loss(image.float(), text.float(), clip.logit_scale.exp(),
+                                            torch.as_tensor(caption_of, device=device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            clip.logit_scale.clamp_(0, math.log(100))  # CLIP's cap on the temperature
+        losses.append(float(loss.detach()))
+        if step % 25 == 0 or step == cfg.steps - 1:
+            progress(f"detector: pretrain step {step + 1}/{cfg.steps} loss {losses[-1]:.3f}")
+    return losses
+
+
+def prepare_backbone(clip_cfg: ClipConfig, pretrain_cfg: PretrainConfig, captions_split: Callable[[], CachedSplit],
+                     out_dir: Path, seed: int, device: torch.device, tracker: StageTracker
+                     ) -> tuple[nn.Module, Callable[..., torch.Tensor], dict[str, Any]]:
+    """Load the configured weights or pretrain the fallback; return (frozen CLIP, tokenizer, info).
+
+    info["weights"] says which weights the detector was tuned on; it is logged and reported.
+    """
+    torch.manual_seed(seed)  # the random init the fallback starts from
+    clip, tokenizer, desc = load_clip(clip_cfg.model, clip_cfg.pretrained)
+    info: dict[str, Any] = {"weights": desc, "clip_model": clip_cfg.model}
+    if clip_cfg.pretrained is None:
+        if pretrain_cfg.steps == 0:
+            raise ParamsError("detector.pretrain.steps", 0, "with clip.pretrained: null the fallback must "
+                              "pretrain (steps >= 1), or name weights in detector.clip.pretrained")
+        with tracker.child("pretrain", tags={"ms2rgb.variant": "pretrain"}) as child:
+            child.log_params({"pretrain": vars(pretrain_cfg), "clip_model": clip_cfg.model})
+            start = time.perf_counter()
+            losses = pretrain_clip(clip, tokenizer, captions_split(), pretrain_cfg, seed, device)
+            seconds = time.perf_counter() - start
+            child.log_metric_series("pretrain_loss", losses)
+            torch.save(clip.state_dict(), out_dir / BACKBONE_FILE)
+            version = child.log_torch_model(ImageEmbedder(clip), np.zeros((1, 3, 64, 64), np.float32),
+                                            BACKBONE_MODEL, **SERVING)
+            clip.to(device)  # log_torch_model moved it to the CPU
+        info.update(weights=f"fallback:{BACKBONE_MODEL} v{version} ({pretrain_cfg.steps} contrastive steps "
+                            f"on the captions split)", pretrain_seconds=round(seconds, 2),
+                    pretrain_final_loss=losses[-1], backbone_file=BACKBONE_FILE, backbone_version=version)
+    tracker.log_params({"clip.weights": info["weights"]})
+    return freeze(clip.to(device)), tokenizer, info

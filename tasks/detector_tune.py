@@ -1,0 +1,139 @@
+"""Few-shot prompt tuning of a ClassMapDetector (only prompts/projections move) and its evaluation.
+
+Training ends when the loss stays under ``loss_threshold`` for ``patience`` consecutive
+steps (method B's stop rule; one noisy batch under the line is not enough) or at
+``max_steps``; the result says which. Checkpoints hold the prompts, the optimiser and the
+batch generator's state, so :func:`tune` can resume one and reproduce the uninterrupted run.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.clip_detector import ClassMapDetector
+from models.seg_losses import segmentation_loss
+from tasks.detector_data import augment, sample_batch
+from tasks.errors import Ms2rgbError, ParamsError
+from tasks.seg_metrics import confusion, iou_report
+from tasks.training import autocast
+
+STOP_THRESHOLD, STOP_MAX_STEPS = "loss_threshold", "max_steps"
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """detector.tune: the prompt-tuning budget and stop rule."""
+
+    max_steps: int = 120           # hard cap on optimisation steps
+    batch_size: int = 32           # tiles per step (the whole set when K-shot gives fewer)
+    lr: float = 5e-3               # AdamW learning rate of prompts and projections (constant)
+    weight_decay: float = 0.0      # MaPLe trains prompts without decay
+    loss_threshold: float = 0.5    # stop once focal + dice stays under this ...
+    patience: int = 5              # ... for this many consecutive steps
+    focal_gamma: float = 2.0       # focal loss exponent (AnomalyCLIP)
+    checkpoint_every: int = 40     # steps between resumable checkpoints (a final one is always written)
+
+    def check(self, name: str) -> None:
+        if self.max_steps < 1 or self.batch_size < 1 or self.patience < 1 or self.checkpoint_every < 1:
+            raise ParamsError(name, self, "max_steps, batch_size, patience and checkpoint_every must be >= 1")
+        if self.lr <= 0:
+            raise ParamsError(f"{name}.lr", self.lr, "use a positive learning rate, e.g. 0.01")
+        if self.loss_threshold < 0:
+            raise ParamsError(f"{name}.loss_threshold", self.loss_threshold, "use 0 (never stop early) or more")
+
+
+@dataclass
+class TuneResult:
+    """What one tune() call did."""
+
+    losses: list[float]   # one per step, including steps before a resume
+    stopped_by: str       # STOP_THRESHOLD or STOP_MAX_STEPS
+    seconds: float        # wall time of this call's steps
+
+
+def stop_reason(losses: list[float], cfg: TuneConfig) -> str | None:
+    """Why training should end now, or None to go on."""
+    if len(losses) >= cfg.patience and max(losses[-cfg.patience:]) < cfg.loss_threshold:
+        return STOP_THRESHOLD
+    return STOP_MAX_STEPS if len(losses) >= cfg.max_steps else None
+
+
+def save_checkpoint(path: Path, detector: ClassMapDetector, opt: torch.optim.Optimizer,
+                    rng: np.random.Generator, losses: list[float]) -> None:
+    """Everything :func:`tune` needs to continue exactly where it stopped."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"step": len(losses), "losses": list(losses), "prompt_state": detector.prompted.prompt_state_dict(),
+                "optimizer": opt.state_dict(), "rng": rng.bit_generator.state}, path)
+
+
+def _resume(path: Path, detector: ClassMapDetector, opt: torch.optim.Optimizer
+            ) -> tuple[np.random.Generator, list[float]]:
+    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds the numpy rng state
+    missing = set(detector.prompted.prompt_state_dict()) - set(state["prompt_state"])
+    if missing:
+        raise Ms2rgbError(f"checkpoint {path} lacks {sorted(missing)}: it was written for another prompt mode")
+    detector.prompted.load_state_dict(state["prompt_state"], strict=False)
+    opt.load_state_dict(state["optimizer"])
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state["rng"]
+    return rng, list(state["losses"])
+
+
+def tune(detector: ClassMapDetector, images: torch.Tensor, masks: torch.Tensor, cfg: TuneConfig, seed: int,
+         device: torch.device, checkpoint_dir: Path | None = None, resume_from: Path | None = None,
+         on_step: Callable[[int, float], None] | None = None) -> TuneResult:
+    """Train the detector's prompts on (images uint8 (N,3,H,W), masks (N,H,W)) with focal + dice."""
+    if detector.prompted.num_trainable == 0:
+        raise Ms2rgbError(f"mode {detector.prompted.cfg.mode!r} has nothing to train; evaluate it directly")
+    detector.to(device).train()
+    opt = torch.optim.AdamW(detector.prompted.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng, losses = np.random.default_rng(seed), []
+    if resume_from is not None:
+        rng, losses = _resume(resume_from, detector, opt)
+    start = time.perf_counter()
+    while (reason := stop_reason(losses, cfg)) is None:
+        idx = sample_batch(len(images), cfg.batch_size, rng)
+        x, y = augment(images[idx], masks[idx], rng)
+        with autocast(device):
+            loss = segmentation_loss(detector(x.to(device)), y.to(device), gamma=cfg.focal_gamma)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(len(losses), losses[-1])
+        if checkpoint_dir is not None and len(losses) % cfg.checkpoint_every == 0:
+            save_checkpoint(checkpoint_dir / f"step{len(losses):05d}.pt", detector, opt, rng, losses)
+    if checkpoint_dir is not None:
+        save_checkpoint(checkpoint_dir / "last.pt", detector, opt, rng, losses)
+    return TuneResult(losses, reason, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def predict(detector: ClassMapDetector, images: torch.Tensor, device: torch.device,
+            batch_size: int = 100) -> tuple[np.ndarray, float]:
+    """Class maps (N, H, W) uint8 for uint8 tiles, and the tiles per second it took."""
+    detector.to(device).eval()
+    out = []
+    start = time.perf_counter()
+    for i in range(0, len(images), batch_size):
+        with autocast(device):
+            out.append(detector(images[i:i + batch_size].to(device)).argmax(dim=1).to(torch.uint8).cpu())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return torch.cat(out).numpy(), len(images) / max(time.perf_counter() - start, 1e-9)
+
+
+def evaluate(detector: ClassMapDetector, images: torch.Tensor, masks: torch.Tensor, device: torch.device,
+             batch_size: int = 100) -> tuple[dict[str, Any], np.ndarray]:
+    """IoU report (plus tiles_per_second) on held-out tiles, and the predicted class maps."""
+    pred, tiles_per_second = predict(detector, images, device, batch_size)
+    report = iou_report(confusion(pred, masks.numpy(), len(detector.class_names)), detector.class_names)
+    report["tiles_per_second"] = round(tiles_per_second, 1)
+    return report, pred

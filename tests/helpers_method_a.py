@@ -1,0 +1,37 @@
+"""A tiny project with method A's upstream stages run once per test session, handed out as copies.
+
+Preparing and training the tiny upstream stages takes tens of seconds; every test that needs
+them gets its own copy (without the MLflow store, so each test tracks into a fresh one).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import make_project
+from flows.stages import run_stage
+
+ORDER = ("prepare", "validate", "teacher", "matcher", "pairs", "student")
+_BUILT: dict[str, Path] = {}  # last stage run -> project built in this session
+_SKIP = shutil.ignore_patterns("mlflow.db", "mlartifacts", ".git", ".dvc")
+
+
+def _built(factory: pytest.TempPathFactory, until: str) -> Path:
+    """The session's project on which `until` (and every stage before it) has run."""
+    if until not in _BUILT:
+        index = ORDER.index(until)
+        base = factory.mktemp(f"built-{until}") / "project"
+        if index == 0:
+            make_project(base)
+        else:
+            shutil.copytree(_built(factory, ORDER[index - 1]), base, ignore=_SKIP)
+        run_stage(until, base)
+        _BUILT[until] = base
+    return _BUILT[until]
+
+
+def staged_project(factory: pytest.TempPathFactory, until: str, dest: Path) -> Path:
+    """Copy to `dest` a tiny project on which every stage up to `until` has run."""
+    return shutil.copytree(_built(factory, until), dest, ignore=_SKIP)

@@ -1,0 +1,73 @@
+"""Shared training plumbing: batch bounds, augmentation, the Trainer and its checkpoints."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.training import FitConfig, Trainer, accuracy_report, batch_bounds, random_dihedral
+
+
+def test_batch_bounds_cover_every_item_once_and_merge_runts() -> None:
+    assert batch_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert batch_bounds(9, 4, min_batch=2) == [(0, 4), (4, 9)]  # a 1-tile tail joins its neighbour
+    assert batch_bounds(3, 4, min_batch=2) == [(0, 3)]  # a single batch is never merged away
+    for n, size, low in ((81, 32, 16), (80, 64, 32), (7, 7, 3)):
+        bounds = batch_bounds(n, size, low)
+        covered = np.concatenate([np.arange(b, e) for b, e in bounds])
+        assert np.array_equal(covered, np.arange(n)) and min(e - b for b, e in bounds) >= min(low, n)
+
+
+def test_random_dihedral_applies_one_symmetry_per_sample_to_all_tensors() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a = torch.arange(64 * 2 * 4 * 4, dtype=torch.float32).view(64, 2, 4, 4)
+    b = a * 10 + 1  # a partner tile that must move exactly like `a`
+    out_a, out_b = random_dihedral((a, b), gen)
+    torch.testing.assert_close(out_b, out_a * 10 + 1)
+    symmetries = [torch.rot90(a, k, dims=(-2, -1)) for k in range(4)]
+    symmetries += [s.flip(-1) for s in symmetries]
+    used = set()
+    for i in range(64):
+        matches = [k for k, s in enumerate(symmetries) if torch.equal(out_a[i], s[i])]
+        assert len(matches) == 1  # each output is exactly one of the 8 symmetries of its input
+        used.add(matches[0])
+    assert len(used) == 8 and torch.equal(a, torch.arange(a.numel(), dtype=torch.float32).view(a.shape))
+
+
+def _toy_trainer(tmp_path: Path, seed: int) -> tuple[Trainer, nn.Module]:
+    torch.manual_seed(seed)
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(20, 4, generator=torch.Generator().manual_seed(1)), torch.arange(20) % 3
+    trainer = Trainer(model, 20, FitConfig(epochs=3, batch_size=8, lr=0.05), seed, checkpoint_dir=tmp_path)
+
+    def step(idx: np.ndarray) -> tuple[torch.Tensor, int]:
+        logits = model(x[idx])
+        return nn.functional.cross_entropy(logits, y[idx]), int((logits.argmax(1) == y[idx]).sum())
+
+    for _ in range(3):
+        trainer.run_epoch(step)
+        trainer.save_checkpoint({"note": "caller state"})
+    return trainer, model
+
+
+def test_trainer_is_seeded_and_checkpoints_are_complete(tmp_path: Path) -> None:
+    first, model = _toy_trainer(tmp_path / "a", seed=3)
+    again, _ = _toy_trainer(tmp_path / "b", seed=3)
+    assert [h.loss for h in first.history] == [h.loss for h in again.history]
+    assert first.history[-1].loss < first.history[0].loss
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["epoch_000.pt", "epoch_001.pt", "epoch_002.pt"]
+    state = torch.load(tmp_path / "a" / "epoch_002.pt", weights_only=False)
+    assert {"epoch", "epochs", "module", "optimizer", "scheduler", "generator", "torch_rng", "history",
+            "extra"} <= set(state)
+    assert state["epoch"] == 2 and state["extra"] == {"note": "caller state"} and len(state["history"]) == 3
+    torch.testing.assert_close(state["module"]["weight"], model.weight.detach())
+    assert state["optimizer"]["state"]  # AdamW moments are there, so a resume continues the same run
+
+
+def test_accuracy_report_confusion_rows_are_true_classes() -> None:
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
+    report = accuracy_report(logits, np.array([0, 1, 1]), ["a", "b"])
+    assert report["confusion"] == [[1, 0], [1, 1]]
+    assert report["per_class"] == {"a": 1.0, "b": 0.5} and abs(report["accuracy"] - 2 / 3) < 1e-9
