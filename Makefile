@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/ms2rgb run --profile default
+	$(BIN)/ms2rgb run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
