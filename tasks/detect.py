@@ -2,7 +2,7 @@
 
 Input: a 3-band uint8 RGB GeoTIFF (bands red, green, blue — EuroSAT's / our tiles' B04, B03,
 B02 rendering) or a 13-band uint16 Sentinel-2 L1C GeoTIFF, which is rendered to RGB exactly
-as the training tiles were (``tasks.geotiff.render_rgb``; band descriptions, when they name
+as the training tiles were (``tasks.render.render_rgb``; band descriptions, when they name
 all 13 bands, give the order). It needs a CRS. Classes: land-cover surface names
 (``crop``, ``water``, ...), scene names (``River`` -> its description) or free descriptions
 of two or more words (``"red tiled roofs"``); one unknown word is an error.
@@ -32,7 +32,7 @@ from models.bands import S2_BANDS
 from tasks.classes import MASK_NODATA, SCENE_CLASSES, SURFACE_CLASSES
 from tasks.detect_model import load_detector, tokenizer_for
 from tasks.errors import Ms2rgbError, RasterError, UnknownClassError
-from tasks.geotiff import render_rgb
+from tasks.render import render_rgb
 from tasks.training import autocast, pick_device
 
 WINDOW = 64

@@ -164,7 +164,7 @@ def distill_step(student: SceneCNN, loss_fn: DistillLoss, data: StudentSet, part
                  augment: torch.Generator | None, meter: dict[str, float]) -> StepFn:
     """The Trainer step; reads `partners` at call time, so re-matching in place takes effect."""
     device = next(student.parameters()).device
-    labels = torch.as_tensor(data.labels)
+    labels = torch.as_tensor(np.array(data.labels))  # a copy: cached labels are read-only
 
     def step(idx: np.ndarray) -> tuple[torch.Tensor, int]:
         x = to_tensor(data.rgb, idx)

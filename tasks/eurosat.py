@@ -26,8 +26,9 @@ from rasterio.transform import Affine
 from models.bands import RGB_BANDS, S2_BANDS
 from tasks.classes import SCENE_NAMES
 from tasks.errors import DatasetLayoutError, Ms2rgbError, RasterError, UnknownClassError
-from tasks.geotiff import TILE_SIZE, read_tile, render_rgb, sha256_of, tile_bounds, write_tile
+from tasks.geotiff import TILE_SIZE, read_tile, sha256_of, tile_bounds, write_tile
 from tasks.manifest import MANIFEST_NAME, make_manifest, write_manifest
+from tasks.render import render_rgb
 
 Progress = Callable[[str], None] | None
 

@@ -11,7 +11,6 @@ from rasterio.errors import RasterioIOError
 from rasterio.transform import Affine
 
 from tasks.errors import RasterError
-from tasks.render import render_rgb  # noqa: F401  (part of the tile API; pure-numpy home in render.py)
 
 TILE_SIZE = 64  # pixels
 PIXEL_SIZE = 10.0  # metres

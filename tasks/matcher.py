@@ -25,7 +25,7 @@ from tasks.cache import CachedSplit, open_split, require_bands
 from tasks.config import require_range, section
 from tasks.errors import DataError
 from tasks.model_store import MODEL_FILE, save_model
-from tasks.progress import epoch_reporter, log_curves
+from tasks.progress import epoch_printer, log_curves
 from tasks.tracking import StageTracker
 from tasks.training import (EpochStats, FitConfig, Trainer, pick_device, predict, random_dihedral, seed_everything,
                             to_tensor)
@@ -86,7 +86,7 @@ def contrastive_step(matcher: CrossModalMatcher, pairs: PairSet, cfg: MatcherSta
                      generator: torch.Generator):
     """The Trainer step: group InfoNCE on a batch; a hit is a pair scored above all its negatives."""
     device = next(matcher.parameters()).device
-    labels = torch.as_tensor(pairs.labels)
+    labels = torch.as_tensor(np.array(pairs.labels))  # a copy: cached labels are read-only
 
     def step(idx: np.ndarray) -> tuple[torch.Tensor, int]:
         rgb, ms = to_tensor(pairs.rgb, idx), to_tensor(pairs.ms, idx)
@@ -159,7 +159,7 @@ def run(root: Path, params: dict[str, Any], tracker: StageTracker) -> dict[str, 
     tracker.log_params({"matcher": asdict(cfg), "seed": seed})
     out = root / ARTIFACTS
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    matcher, trainer = train(train_pairs, cfg, seed, out / "checkpoints", epoch_reporter(tracker, "matcher"))
+    matcher, trainer = train(train_pairs, cfg, seed, out / "checkpoints", epoch_printer("matcher"))
     metrics = {**retrieval(matcher, test_pairs), "same_class_rate": same_class_rate(matcher, rgb, pool),
                "train_pair_top1": retrieval(matcher, train_pairs)["pair_top1"]}
     print("matcher: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if v is not None), flush=True)

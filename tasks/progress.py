@@ -10,19 +10,29 @@ from tasks.tracking import StageTracker
 from tasks.training import EpochStats, Trainer
 
 
-def epoch_reporter(tracker: StageTracker, name: str, prefix: str = "") -> Callable[[Trainer, EpochStats], None]:
-    """A `fit_classifier` callback: print one progress line and log loss/accuracy at step=epoch."""
+def epoch_printer(name: str) -> Callable[[Trainer, EpochStats], None]:
+    """A training callback that prints one progress line per epoch."""
 
     def report(trainer: Trainer, stats: EpochStats) -> None:
         print(trainer.describe(name, stats), flush=True)
-        tracker.log_metrics({f"{prefix}train_loss": stats.loss, f"{prefix}train_accuracy": stats.accuracy,
-                             f"{prefix}epoch_seconds": stats.seconds}, step=stats.epoch)
 
     return report
 
 
+def log_history(tracker: StageTracker, history: Sequence[EpochStats], prefix: str = "") -> None:
+    """Loss, training accuracy and seconds per epoch as metric series (step = 1-based epoch).
+
+    Logged once after training, in batches: one SQLite round trip per epoch would cost more
+    than a tiny epoch itself.
+    """
+    for key, values in (("train_loss", [h.loss for h in history]), ("train_accuracy", [h.accuracy for h in history]),
+                        ("epoch_seconds", [h.seconds for h in history])):
+        tracker.log_metric_series(f"{prefix}{key}", values)
+
+
 def log_curves(tracker: StageTracker, history: Sequence[EpochStats], title: str, name: str) -> None:
-    """Training loss and accuracy against epoch, as one figure."""
+    """Training loss and accuracy against epoch, as one figure; also logs them as metric series."""
+    log_history(tracker, history)
     series = {"loss": [h.loss for h in history], "train accuracy": [h.accuracy for h in history]}
     tracker.log_figure(plots.training_curves(series, title), name)
 

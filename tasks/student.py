@@ -30,7 +30,7 @@ from tasks.matcher import load_pairs
 from tasks.model_store import MODEL_FILE, load_model, save_model
 from tasks.pairs import ARTIFACTS as PAIRS_ARTIFACTS
 from tasks.pairs import PAIRS_FILE, read_pairs
-from tasks.progress import epoch_reporter, log_curves, log_evaluation
+from tasks.progress import epoch_printer, log_curves, log_evaluation, log_history
 from tasks.teacher import ARTIFACTS as TEACHER_ARTIFACTS
 from tasks.tracking import StageTracker
 from tasks.training import accuracy_report, predict_logits, to_tensor
@@ -112,10 +112,11 @@ def run_variant(inputs: StudentInputs, variant: Variant, cfg: StudentConfig, see
             epochs = budget_epochs(cfg, len(inputs.rgb.labels), len(data.labels))
             keep = checkpoint_dir if variant.name == FULL_METHOD and seed == seeds[0] else None
             run = train_student(variant, data, cfg, student_arch(inputs.teacher.cfg), seed, epochs, keep,
-                                epoch_reporter(child, f"{variant.name}/seed{seed}", f"seed{seed}."))
+                                epoch_printer(f"{variant.name}/seed{seed}"))
             report = accuracy_report(predict_logits(run.model, inputs.test.images), inputs.test.labels, SCENE_NAMES)
             print(f"student {variant.name} seed {seed}: RGB test accuracy {report['accuracy']:.3f}", flush=True)
             child.log_metrics({f"seed{seed}.test_accuracy": report["accuracy"]})
+            log_history(child, run.history, f"seed{seed}.")
             for r in run.rounds:
                 child.log_metrics({f"seed{seed}.rematch_changed": r.changed,
                                    f"seed{seed}.rematch_same_class_rate": r.same_class_rate}, step=r.epoch)

@@ -21,7 +21,7 @@ from tasks.classes import SCENE_NAMES
 from tasks.config import require_range, section
 from tasks.errors import DataError
 from tasks.model_store import MODEL_FILE, save_model
-from tasks.progress import epoch_reporter, log_curves, log_evaluation
+from tasks.progress import epoch_printer, log_curves, log_evaluation
 from tasks.tracking import StageTracker
 from tasks.training import FitConfig, accuracy_report, fit_classifier, predict_logits, seed_everything, to_tensor
 
@@ -81,7 +81,7 @@ def run(root: Path, params: dict[str, Any], tracker: StageTracker) -> dict[str, 
     seed_everything(seed)  # before building: the initial weights come from the global generator
     model = SceneCNN(cfg.model(S2_BANDS))
     history = fit_classifier(model, np.asarray(train.images), train.labels, cfg.fit(), seed,
-                             on_epoch=epoch_reporter(tracker, "teacher"), augment=cfg.augment,
+                             on_epoch=epoch_printer("teacher"), augment=cfg.augment,
                              checkpoint_dir=out / "checkpoints")
     report = accuracy_report(predict_logits(model, test.images), test.labels, SCENE_NAMES)
     print(f"teacher: MS test accuracy {report['accuracy']:.3f} on {len(test.labels)} tiles", flush=True)

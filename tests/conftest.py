@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DVC = Path(sys.executable).parent / "dvc"  # the venv's dvc, whether or not the venv is activated
 PROJECT_FILES = ("dvc.yaml", ".dvcignore", "data/scenes/README.md")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_tracking_uri_from_earlier_modules() -> Iterator[None]:
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; module fixtures are set up before the
+    function-scoped cleanup below, so without this one an earlier module's store would receive a
+    later module's runs."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield
 
 
 @pytest.fixture(autouse=True)

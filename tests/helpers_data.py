@@ -15,8 +15,9 @@ from rasterio.transform import from_origin
 
 from models.bands import RGB_BANDS, S2_BANDS
 from tasks.classes import MASK_NODATA, SURFACE_NAMES
-from tasks.geotiff import PIXEL_SIZE, TILE_SIZE, render_rgb, sha256_of, tile_bounds, write_tile
+from tasks.geotiff import PIXEL_SIZE, TILE_SIZE, sha256_of, tile_bounds, write_tile
 from tasks.manifest import MANIFEST_NAME, make_manifest, read_manifest, write_manifest
+from tasks.render import render_rgb
 
 CRS_TEXT = "EPSG:32633"
 CLASSES = ("AnnualCrop", "Forest", "SeaLake")

@@ -35,14 +35,10 @@ SEEDS = 2  # the tiny profile's detector.seeds
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict]]:
     """A prepared tiny project with one detector run (fallback pretraining: 2 steps)."""
-    with pytest.MonkeyPatch.context() as patch:
-        # Module fixtures are set up before conftest's function-scoped _hermetic_env: a tracking
-        # URI left by an earlier test module would otherwise receive this project's runs.
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        root = make_project(tmp_path_factory.mktemp("det") / "project")
-        run_stage("prepare", root)
-        run_stage("validate", root)
-        yield root, run_stage("detector", root)
+    root = make_project(tmp_path_factory.mktemp("det") / "project")
+    run_stage("prepare", root)
+    run_stage("validate", root)
+    yield root, run_stage("detector", root)
 
 
 def set_detector_param(params: dict, dotted: str, value: object) -> None:

@@ -12,8 +12,9 @@ from rasterio.transform import Affine
 from models.bands import RGB_BANDS, S2_BANDS
 from tasks.errors import DatasetLayoutError, Ms2rgbError, UnknownClassError
 from tasks.eurosat import EUROSAT_FILE_BAND_ORDER, SPLIT_MODALITIES, ingest_eurosat
-from tasks.geotiff import render_rgb, sha256_of
+from tasks.geotiff import sha256_of
 from tasks.manifest import COLUMNS, MANIFEST_NAME, read_manifest
+from tasks.render import render_rgb
 
 # EuroSAT jpgs have no georeference by design; rasterio warns each time the test writes or reads one.
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
