@@ -14,12 +14,20 @@ class ParamsError(Ms2rgbError):
         self.key, self.value = key, value
 
 
-class RasterError(Ms2rgbError):
+class DataError(Ms2rgbError):
+    """Stage inputs (cached tiles, upstream artifacts) are missing or do not fit together."""
+
+    def __init__(self, where: object, problem: str, fix: str) -> None:
+        super().__init__(f"{where}: {problem}. Fix: {fix}")
+        self.where, self.problem = where, problem
+
+
+class RasterError(DataError):
     """A GeoTIFF/JP2 cannot be read or has the wrong bands, dtype, values or CRS."""
 
     def __init__(self, path: object, problem: str, fix: str) -> None:
-        super().__init__(f"{path}: {problem}. Fix: {fix}")
-        self.path, self.problem = path, problem
+        super().__init__(path, problem, fix)
+        self.path = path
 
 
 class DatasetLayoutError(Ms2rgbError):
@@ -44,14 +52,6 @@ class ValidationFailed(Ms2rgbError):
             "Fix the listed tiles/files (or re-run `ms2rgb data ...`) and run the pipeline again."
         )
         self.failures = failures
-
-
-class DataError(Ms2rgbError):
-    """Stage inputs (cached tiles, upstream artifacts) are missing or do not fit together."""
-
-    def __init__(self, where: object, problem: str, fix: str) -> None:
-        super().__init__(f"{where}: {problem}. Fix: {fix}")
-        self.where, self.problem = where, problem
 
 
 class BandCountError(DataError):
