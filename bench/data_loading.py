@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tasks.cache import open_split
-from tasks.config import load_params
-from tasks.geotiff import read_tile
+from ms2rgb.tasks.data.cache import open_split
+from ms2rgb.tasks.config import load_params
+from ms2rgb.tasks.data.geotiff import read_tile
 
 
 def epoch_from_cache(images: np.ndarray, order: np.ndarray, batch: int) -> float:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from flows.stages import run_stage
+from ms2rgb.flows.stages import run_stage
 
 
 def main() -> None:

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from models.bands import RGB_BANDS, S2_BANDS
-from models.classifier import SceneCNN, SceneCNNConfig
-from tasks.cache import open_split
-from tasks.classes import SCENE_NAMES
-from tasks.config import load_params
-from tasks.render import render_rgb
-from tasks.training import FitConfig, accuracy_report, fit_classifier, predict_logits
+from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
+from ms2rgb.models.classifier import SceneCNN, SceneCNNConfig
+from ms2rgb.tasks.data.cache import open_split
+from ms2rgb.tasks.data.classes import SCENE_NAMES
+from ms2rgb.tasks.config import load_params
+from ms2rgb.tasks.data.render import render_rgb
+from ms2rgb.tasks.training.inference import predict_logits
+from ms2rgb.tasks.training.loop import FitConfig, accuracy_report, fit_classifier
 
 
 def rgb_of(ms: np.ndarray) -> np.ndarray:
@@ -33,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     prepared = Path(args.root) / load_params(Path(args.root))["data"]["prepared_dir"]
     train, test = open_split(prepared, "ms_train", "ms"), open_split(prepared, "test", "ms")
-    fit = FitConfig(epochs=args.epochs)
+    fit = FitConfig(epochs=args.epochs, batch_size=64, lr=2e-3, weight_decay=1e-4)
     results = {}
     for name, bands, to_input, from_8bit in (("MS", S2_BANDS, np.asarray, False), ("RGB", RGB_BANDS, rgb_of, True)):
         start = time.perf_counter()

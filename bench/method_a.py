@@ -19,16 +19,19 @@ from typing import Any
 
 import numpy as np
 
-from models.bands import S2_BANDS
-from models.classifier import SceneCNN
-from tasks.classes import SCENE_NAMES
-from tasks.config import load_params, section
-from tasks.distill_train import FULL_METHOD, VARIANTS, StudentConfig, budget_epochs, train_student
-from tasks.matcher import MatcherStageConfig, load_pairs, retrieval
-from tasks.matcher import train as train_matcher
-from tasks.student import StudentInputs, student_arch
-from tasks.teacher import TeacherConfig, labelled_ms
-from tasks.training import accuracy_report, fit_classifier, predict_logits, seed_everything
+from ms2rgb.models.bands import S2_BANDS
+from ms2rgb.models.classifier import SceneCNN
+from ms2rgb.tasks.data.classes import SCENE_NAMES
+from ms2rgb.tasks.config import load_params
+from ms2rgb.tasks.config import MatcherStageConfig, StudentConfig, TeacherConfig
+from ms2rgb.tasks.training.distill import FULL_METHOD, VARIANTS, budget_epochs, train_student
+from ms2rgb.tasks.data.pairing import load_true_pairs
+from ms2rgb.tasks.matcher import retrieval
+from ms2rgb.tasks.matcher import train as train_matcher
+from ms2rgb.tasks.student import StudentInputs, student_arch
+from ms2rgb.tasks.teacher import fit_config, labelled_ms
+from ms2rgb.tasks.training.inference import predict_logits
+from ms2rgb.tasks.training.loop import accuracy_report, fit_classifier, seed_everything
 
 BUDGET_S = 300.0
 
@@ -46,24 +49,24 @@ def timed(name: str, fn: Callable[[], str], results: dict[str, float]) -> None:
 
 
 def bench_teacher(prepared: Path, params: dict[str, Any], seed: int) -> str:
-    cfg = section(params, "teacher", TeacherConfig)
+    cfg = params.teacher
     train, test = labelled_ms(prepared, "ms_train"), labelled_ms(prepared, "test")
     seed_everything(seed)
     model = SceneCNN(cfg.model(S2_BANDS))
-    fit_classifier(model, np.asarray(train.images), train.labels, cfg.fit(), seed, augment=cfg.augment)
+    fit_classifier(model, np.asarray(train.images), train.labels, fit_config(cfg), seed, augment=cfg.augment)
     report = accuracy_report(predict_logits(model, test.images), test.labels, SCENE_NAMES)
     return f"MS test accuracy {report['accuracy']:.3f} ({cfg.epochs} epochs)"
 
 
 def bench_matcher(prepared: Path, params: dict[str, Any], seed: int) -> str:
-    cfg = section(params, "matcher", MatcherStageConfig)
-    matcher, _ = train_matcher(load_pairs(prepared, "pair_train"), cfg, seed)
-    metrics = retrieval(matcher, load_pairs(prepared, "pair_test"))
+    cfg = params.matcher
+    matcher, _ = train_matcher(load_true_pairs(prepared, "pair_train"), cfg, seed)
+    metrics = retrieval(matcher, load_true_pairs(prepared, "pair_test"))
     return f"pair_top1 {metrics['pair_top1']:.3f}, pair_top5 {metrics['pair_top5']:.3f} ({cfg.epochs} epochs)"
 
 
 def bench_student(root: Path, params: dict[str, Any], seed: int) -> str:
-    cfg = section(params, "student", StudentConfig)
+    cfg = params.student
     inputs = StudentInputs(root, params)
     full = next(v for v in VARIANTS if v.name == FULL_METHOD)
     data = inputs.data_for(full, seed)
@@ -79,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(args.root).resolve()
     params = load_params(root)
-    prepared, seed = root / params["data"]["prepared_dir"], int(params.get("seed", 0))
+    prepared, seed = root / params.data.prepared_dir, params.seed
     results: dict[str, float] = {}
     timed("teacher", lambda: bench_teacher(prepared, params, seed), results)
     timed("matcher", lambda: bench_matcher(prepared, params, seed), results)

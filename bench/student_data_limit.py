@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.cache import open_split
-from tasks.classes import SCENE_NAMES
-from tasks.config import load_params, section
-from tasks.distill_train import VARIANTS, StudentConfig, StudentSet, train_student
-from tasks.render import render_rgb
-from tasks.student import StudentInputs, student_arch
-from tasks.training import accuracy_report, predict_logits
+from ms2rgb.tasks.data.cache import open_split
+from ms2rgb.tasks.data.classes import SCENE_NAMES
+from ms2rgb.tasks.config import load_params
+from ms2rgb.tasks.training.distill import VARIANTS, StudentSet, train_student
+from ms2rgb.tasks.data.render import render_rgb
+from ms2rgb.tasks.student import StudentInputs, student_arch
+from ms2rgb.tasks.training.inference import predict_logits
+from ms2rgb.tasks.training.loop import accuracy_report
 
 EXTRA_SPLITS = ("ms_train", "ms_pool")
 
@@ -33,7 +34,7 @@ def rendered(prepared: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([render_rgb(tile) for tile in np.asarray(ms.images)]), np.asarray(ms.labels)
 
 
-def accuracy(inputs: StudentInputs, data: StudentSet, cfg: StudentConfig, seed: int, epochs: int) -> float:
+def accuracy(inputs: StudentInputs, data: StudentSet, cfg: "StudentConfig", seed: int, epochs: int) -> float:
     rgb_only = next(v for v in VARIANTS if v.name == "rgb_only")
     run = train_student(rgb_only, data, cfg, student_arch(inputs.teacher.cfg), seed, epochs)
     return accuracy_report(predict_logits(run.model, inputs.test.images), inputs.test.labels, SCENE_NAMES)["accuracy"]
@@ -46,9 +47,9 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(args.root).resolve()
     params = load_params(root)
-    cfg, seed = section(params, "student", StudentConfig), int(params.get("seed", 0))
+    cfg, seed = params.student, params.seed
     inputs = StudentInputs(root, params)
-    extra = [rendered(root / params["data"]["prepared_dir"], split) for split in EXTRA_SPLITS]
+    extra = [rendered(root / params.data.prepared_dir, split) for split in EXTRA_SPLITS]
     own = StudentSet(inputs.rgb_images, inputs.rgb.labels, None, None)
     more = StudentSet(np.concatenate([inputs.rgb_images, *(x for x, _ in extra)]),
                       np.concatenate([inputs.rgb.labels, *(y for _, y in extra)]), None, None)

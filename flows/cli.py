@@ -6,12 +6,12 @@ import os
 import sys
 from pathlib import Path
 
-from tasks.errors import Ms2rgbError
+from ms2rgb.tasks.errors import Ms2rgbError
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.pipeline import pipeline
+    from ms2rgb.flows.pipeline import pipeline
     root = Path(args.root).resolve()
     reports = pipeline(root=str(root), until=args.until, force=args.force)
     ran = [name for name, report in reports.items() if report is not None]
@@ -24,35 +24,34 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 
 def _cmd_stage(args: argparse.Namespace) -> None:
-    from flows.stages import run_stage
+    from ms2rgb.flows.stages import run_stage
     run_stage(args.name, Path(args.root).resolve())
 
 
 def _cmd_synth(args: argparse.Namespace) -> None:
-    from tasks.config import load_params, section
-    from tasks.synth import SynthConfig, generate
+    from ms2rgb.tasks.config import load_params
+    from ms2rgb.tasks.data.sources.synth import generate
     params = load_params(Path(args.root))
-    cfg = section(params, "synth", SynthConfig, seed=params.get("seed", 0))
-    print(f"manifest: {generate(Path(args.out), cfg)}")
+    print(f"manifest: {generate(Path(args.out), params.synth, params.seed)}")
 
 
 def _cmd_eurosat(args: argparse.Namespace) -> None:
-    from tasks.eurosat import ingest_eurosat
+    from ms2rgb.tasks.data.sources.eurosat import ingest_eurosat
     frame = ingest_eurosat(Path(args.ms), Path(args.out), rgb_dir=Path(args.rgb) if args.rgb else None,
                            seed=args.seed)
     print(f"{len(frame)} tiles; manifest: {Path(args.out) / 'manifest.parquet'}")
 
 
 def _cmd_ingest(args: argparse.Namespace) -> None:
-    from tasks.config import load_params
-    from tasks.ingest import ingest_scene
-    scenes_dir = Path(args.root) / load_params(Path(args.root))["data"]["scenes_dir"]
+    from ms2rgb.tasks.config import load_params
+    from ms2rgb.tasks.data.sources.scenes import ingest_scene
+    scenes_dir = Path(args.root) / load_params(Path(args.root)).data.scenes_dir
     frame = ingest_scene([Path(p) for p in args.scene], scenes_dir, scene_id=args.scene_id)
     print(f"{len(frame)} tiles added to the MS pool under {scenes_dir}; the next run re-prepares the data")
 
 
 def _cmd_detect(args: argparse.Namespace) -> None:
-    from tasks.detect import detect
+    from ms2rgb.tasks.detection.detect import detect
     result = detect(Path(args.image), args.classes, Path(args.out), root=Path(args.root), model_uri=args.model,
                     stride=args.stride)
     print(f"model: {result['model']}")

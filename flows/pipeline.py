@@ -7,9 +7,9 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows import dvc_state
-from flows.stages import STAGE_MODULES, run_stage
-from tasks import tracking
+from ms2rgb.flows import dvc_state
+from ms2rgb.flows.stages import STAGE_MODULES, run_stage
+from ms2rgb.tasks import tracking
 
 
 @task(cache_policy=NO_CACHE)

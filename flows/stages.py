@@ -7,21 +7,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tasks import tracking
-from tasks.config import load_params
-from tasks.errors import Ms2rgbError
+from ms2rgb.tasks import tracking
+from ms2rgb.tasks.config import load_params
+from ms2rgb.tasks.errors import Ms2rgbError
 
 StageFn = Callable[[Path, dict[str, Any], tracking.StageTracker], dict[str, Any]]
 
 # DAG order. Each entry names the tasks module whose `run(root, params, tracker)` is the stage.
 STAGE_MODULES: dict[str, str] = {
-    "prepare": "tasks.prepare",
-    "validate": "tasks.validate",
-    "teacher": "tasks.teacher",
-    "matcher": "tasks.matcher",
-    "pairs": "tasks.pairs",
-    "student": "tasks.student",
-    "detector": "tasks.detector",
+    "prepare": "ms2rgb.tasks.prepare",
+    "validate": "ms2rgb.tasks.validate",
+    "teacher": "ms2rgb.tasks.teacher",
+    "matcher": "ms2rgb.tasks.matcher",
+    "pairs": "ms2rgb.tasks.pairs",
+    "student": "ms2rgb.tasks.student",
+    "detector": "ms2rgb.tasks.detector",
 }
 REPORTS_DIR = "reports"
 

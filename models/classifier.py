@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.bands import BandNormalize, check_bands
+from ms2rgb.models.bands import BandNormalize, check_bands
 
 # Spatial side of the feature map handed to the distiller; fixed so that tiles of any
 # size (multiple of 8) give teacher and student maps that line up.

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.clip_prompt import PromptedCLIP
+from ms2rgb.models.clip_prompt import PromptedCLIP
 
 
 class ClipPixels(nn.Module):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.clip_backbone import freeze
+from ms2rgb.models.clip_backbone import freeze
 
 MODES = ("zero_shot", "text", "visual", "independent", "coupled")
 TEXT_PROMPT_MODES = ("text", "independent", "coupled")
@@ -33,7 +33,7 @@ class PromptConfig:
     similarity_layers: tuple[int, ...] = (-3, -2, -1)  # 0-based vision layers scored (negative: from the end)
     mode: str = "coupled"  # one of MODES; "coupled" is the method, the others are ablations
     init_std: float = 0.02  # std of the normal init of learned prompt vectors (MaPLe's deep prompts)
-    logit_scale: float | None = 1 / 0.07  # AnomalyCLIP's patch temperature; None uses the CLIP's own
+    logit_scale: float | None = None  # patch-text temperature (params.yaml sets 1/0.07); None: the CLIP's own
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

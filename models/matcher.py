@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.bands import RGB_BANDS, S2_BANDS, BandNormalize, check_bands
+from ms2rgb.models.bands import RGB_BANDS, S2_BANDS, BandNormalize, check_bands
 
 
 @dataclass(frozen=True)

@@ -26,84 +26,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.clip_detector import ClassMapDetector
-from models.clip_prompt import PromptConfig, PromptedCLIP
-from tasks.cache import CachedSplit, open_split
-from tasks.classes import SURFACE_CLASSES, SURFACE_NAMES
-from tasks.config import section
-from tasks.detect_model import DETECTOR_FILE, OUT_DIR, resolve_pretrained
-from tasks.detector_data import first_k_per_class, load_tiles
-from tasks.detector_pretrain import SERVING, ClipConfig, PretrainConfig, prepare_backbone
-from tasks.detector_report import BASELINES, FULL_MODE, aggregate, log_figures, summarise
-from tasks.detector_tune import TuneConfig, evaluate, tune
-from tasks.errors import ParamsError
-from tasks.prepare import DataConfig
-from tasks.tracking import StageTracker
-from tasks.training import pick_device, seed_everything
+from ms2rgb.models.clip_detector import ClassMapDetector
+from ms2rgb.models.clip_prompt import PromptedCLIP
+from ms2rgb.tasks.data.cache import CachedSplit, open_split
+from ms2rgb.tasks.data.classes import SURFACE_CLASSES, SURFACE_NAMES
+from ms2rgb.tasks.config import DetectorConfig, Params
+from ms2rgb.tasks.detection.model import DETECTOR_FILE, OUT_DIR, resolve_pretrained
+from ms2rgb.tasks.detection.data import first_k_per_class, load_tiles
+from ms2rgb.tasks.detection.pretrain import SERVING, prepare_backbone
+from ms2rgb.tasks.detection.report import BASELINES, FULL_MODE, aggregate, log_figures, summarise
+from ms2rgb.tasks.detection.tune import evaluate, tune
+from ms2rgb.tasks.errors import ParamsError
+from ms2rgb.tasks.tracking import StageTracker
+from ms2rgb.tasks.training.loop import pick_device, seed_everything
 
 DETECTOR_MODEL = "ms2rgb-detector"
-
-
-@dataclass(frozen=True)
-class PromptParams:
-    """detector.prompt: where and how many prompts (see models.clip_prompt.PromptConfig)."""
-
-    n_ctx: int = 2                                      # prompt vectors per prompted layer
-    depth: int = 3                                      # prompted leading layers of both towers
-    similarity_layers: tuple[int, ...] = (-3, -2, -1)   # vision layers scored against the class texts
-    logit_scale: float | None = 1 / 0.07                # patch-text temperature; null = the CLIP's own
-
-    def check(self, name: str) -> None:
-        if self.logit_scale is not None and self.logit_scale <= 0:
-            raise ParamsError(f"{name}.logit_scale", self.logit_scale, "use a positive temperature or null")
-        try:  # PromptConfig owns the rules; re-raise them as a params error naming the section
-            PromptConfig(n_ctx=self.n_ctx, depth=self.depth, similarity_layers=self.similarity_layers)
-        except ValueError as err:
-            raise ParamsError(name, dataclasses.asdict(self), str(err)) from err
-
-
-@dataclass(frozen=True)
-class DetectorConfig:
-    """The detector section of params.yaml; its sub-sections are parsed by load_settings."""
-
-    clip: dict[str, Any] = field(default_factory=dict)      # -> ClipConfig
-    pretrain: dict[str, Any] = field(default_factory=dict)  # -> PretrainConfig (fallback weights only)
-    prompt: dict[str, Any] = field(default_factory=dict)    # -> PromptParams
-    tune: dict[str, Any] = field(default_factory=dict)      # -> TuneConfig
-    shots: tuple[int, ...] = (1, 4, 16)                     # K per scene class; the largest is the headline
-    zero_shot_template: str = "a satellite image with mostly {}"  # hand-written zero-shot prompt
-    eval_batch_size: int = 100                              # tiles per inference batch
-    examples: int = 4                                       # example tiles in the logged figure
-    seeds: int = 3                                          # tuning seeds per variant at the largest K
-
-    def check(self, name: str) -> None:
-        if self.seeds < 1:
-            raise ParamsError(f"{name}.seeds", self.seeds, "run at least one seed")
-        if not self.shots or min(self.shots) < 1:
-            raise ParamsError(f"{name}.shots", list(self.shots), "list one or more K >= 1, e.g. [1, 4, 16]")
-        if "{}" not in self.zero_shot_template:
-            raise ParamsError(f"{name}.zero_shot_template", self.zero_shot_template,
-                              "put {} where the class description goes")
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The detector section parsed into its typed parts."""
-
-    main: DetectorConfig
-    clip: ClipConfig
-    pretrain: PretrainConfig
-    prompt: PromptParams
-    tune: TuneConfig
-
-
-def load_settings(params: dict[str, Any]) -> Settings:
-    """Parse params['detector']; a bad key raises ParamsError naming e.g. detector.tune.lr."""
-    main = section(params, "detector", DetectorConfig)
-    parts = {name: section({f"detector.{name}": getattr(main, name)}, f"detector.{name}", cls)
-             for name, cls in (("clip", ClipConfig), ("pretrain", PretrainConfig),
-                               ("prompt", PromptParams), ("tune", TuneConfig))}
-    return Settings(main=main, **parts)
 
 
 @dataclass(frozen=True)
@@ -132,7 +69,7 @@ def plan(shots: tuple[int, ...], seed: int, n_seeds: int) -> list[Variant]:
 class Context:
     """What every variant shares: data, frozen backbone, settings, output folder."""
 
-    settings: Settings
+    settings: DetectorConfig
     clip: torch.nn.Module
     tokenizer: Any
     fewshot: CachedSplit
@@ -146,15 +83,14 @@ def build_detector(ctx: Context, mode: str, seed: int) -> ClassMapDetector:
     """A fresh, seeded PromptedCLIP around the shared frozen CLIP, with the surface texts baked in."""
     seed_everything(seed)  # same prompt init for every variant of a mode at this seed
     prompt = ctx.settings.prompt
-    cfg = PromptConfig(n_ctx=prompt.n_ctx, depth=prompt.depth, similarity_layers=prompt.similarity_layers,
-                       mode=mode, logit_scale=prompt.logit_scale)
+    cfg = prompt.model(mode)
     descriptions = list(SURFACE_CLASSES.values())
-    texts = ([ctx.settings.main.zero_shot_template.format(d) for d in descriptions]
+    texts = ([ctx.settings.zero_shot_template.format(d) for d in descriptions]
              if mode == "zero_shot" else descriptions)
     try:
         prompted = PromptedCLIP(ctx.clip, cfg)
     except ValueError as err:  # e.g. depth or a similarity layer beyond this CLIP's layers
-        raise ParamsError("detector.prompt", dataclasses.asdict(prompt), str(err)) from err
+        raise ParamsError("detector.prompt", prompt.model_dump(), str(err)) from err
     return ClassMapDetector(prompted, ctx.tokenizer(texts), SURFACE_NAMES, texts, ctx.settings.clip.model)
 
 
@@ -181,7 +117,7 @@ def score_seed(ctx: Context, variant: Variant, seed: int, child: StageTracker
                    train_seconds=result.seconds)
         print(f"detector: {label} stopped by {result.stopped_by} after {len(result.losses)} steps "
               f"({result.seconds:.1f}s)", flush=True)
-    scores, preds = evaluate(detector, ctx.test_images, ctx.test_masks, ctx.device, ctx.settings.main.eval_batch_size)
+    scores, preds = evaluate(detector, ctx.test_images, ctx.test_masks, ctx.device, ctx.settings.eval_batch_size)
     run.update(scores, preds=preds)
     return run, detector
 
@@ -223,29 +159,29 @@ def save_detector(ctx: Context, detector: ClassMapDetector, info: dict[str, Any]
     return path
 
 
-def run(root: Path, params: dict[str, Any], tracker: StageTracker) -> dict[str, Any]:
+def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     """Stage entry point (DVC and Prefect call this alike)."""
     start = time.perf_counter()
-    settings, seed, device = load_settings(params), int(params.get("seed", 0)), pick_device()
-    prepared = root / section(params, "data", DataConfig).prepared_dir
-    tracker.log_params({"detector": params.get("detector", {}), "seed": seed, "device": str(device)})
+    settings, seed, device = params.detector, params.seed, pick_device()
+    prepared = root / params.data.prepared_dir
+    tracker.log_params({"detector": settings.model_dump(), "seed": seed, "device": str(device)})
     out_dir = root / OUT_DIR
     shutil.rmtree(out_dir, ignore_errors=True)  # a stage output: always written whole
     out_dir.mkdir(parents=True)
-    clip_cfg = dataclasses.replace(settings.clip, pretrained=resolve_pretrained(root, settings.clip.pretrained))
+    clip_cfg = settings.clip.model_copy(update={"pretrained": resolve_pretrained(root, settings.clip.pretrained)})
     clip, tokenizer, info = prepare_backbone(clip_cfg, settings.pretrain,
                                              lambda: open_split(prepared, "captions", "rgb"),
                                              out_dir, seed, device, tracker)
     test_images, test_masks = load_tiles(open_split(prepared, "seg_test", "rgb"))
     ctx = Context(settings, clip, tokenizer, open_split(prepared, "fewshot", "rgb"), test_images, test_masks,
                   out_dir, device)
-    shots = settings.main.shots
+    shots = settings.shots
     results, models = {}, {}
-    for variant in plan(shots, seed, settings.main.seeds):
+    for variant in plan(shots, seed, settings.seeds):
         results[variant.name], models[variant.name] = run_variant(ctx, variant, tracker)
     head = models[f"full_k{max(shots)}"]
     save_detector(ctx, head, info)
-    log_figures(results, shots, settings.tune.loss_threshold, (test_images, test_masks), settings.main.examples,
+    log_figures(results, shots, settings.tune.loss_threshold, (test_images, test_masks), settings.examples,
                 tracker)
     report = summarise(results, shots, info)
     example = test_images[:1].numpy().astype(np.float32)  # serving input: RGB 0..255, any multiple of 8

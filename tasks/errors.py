@@ -11,7 +11,11 @@ class ParamsError(Ms2rgbError):
 
     def __init__(self, key: str, value: object, fix: str) -> None:
         super().__init__(f"params.yaml: {key}={value!r} is invalid: {fix}")
-        self.key, self.value = key, value
+        self.key, self.value, self.fix = key, value, fix
+
+
+class ParamsFileError(Ms2rgbError):
+    """params.yaml is missing or is not YAML: the message names the file (and line and column)."""
 
 
 class DataError(Ms2rgbError):

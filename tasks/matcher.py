@@ -12,74 +12,25 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from models.bands import RGB_BANDS, S2_BANDS
-from models.matcher import CrossModalMatcher, MatcherConfig, PairScorer, build_groups, group_contrastive_loss
-from tasks.cache import CachedSplit, open_split, require_bands
-from tasks.config import require_range, section
-from tasks.errors import DataError
-from tasks.model_store import MODEL_FILE, save_model
-from tasks.progress import epoch_printer, log_curves
-from tasks.tracking import StageTracker
-from tasks.training import (EpochStats, FitConfig, Trainer, pick_device, predict, random_dihedral, seed_everything,
-                            to_tensor)
+from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
+from ms2rgb.models.matcher import CrossModalMatcher, PairScorer, build_groups, group_contrastive_loss
+from ms2rgb.tasks.data.cache import CachedSplit, open_split, require_bands
+from ms2rgb.tasks.config import MatcherStageConfig, Params
+from ms2rgb.tasks.data.artifacts import model_path
+from ms2rgb.tasks.data.pairing import PairSet, load_true_pairs
+from ms2rgb.tasks.training.store import save_model
+from ms2rgb.tasks.training.progress import epoch_printer, log_curves
+from ms2rgb.tasks.tracking import StageTracker
+from ms2rgb.tasks.training.inference import embed
+from ms2rgb.tasks.training.loop import EpochStats, FitConfig, Trainer, pick_device, random_dihedral, seed_everything, to_tensor
 
-ARTIFACTS = Path("artifacts") / "matcher"
 REGISTERED_NAME = "ms2rgb-matcher"
-
-
-@dataclass(frozen=True)
-class MatcherStageConfig:
-    embed_dim: int = 64        # shared embedding size
-    width: int = 16            # first-stage channels of each tower
-    stem_stride: int = 2       # 2: first conv at half resolution (4x cheaper)
-    temperature: float = 0.1   # InfoNCE temperature
-    n_neg: int = 8             # negatives per group, each of a different class than the pair
-    epochs: int = 40           # passes over pair_train (small: few true pairs exist)
-    batch_size: int = 32       # pairs per step; negatives come from the same batch
-    lr: float = 3e-3           # AdamW peak learning rate (one-cycle)
-    weight_decay: float = 1e-4
-    augment: bool = True       # one random flip/rotation per pair, shared by both tiles
-
-    def check(self, name: str) -> None:
-        for key, low, high in (("embed_dim", 2, 4096), ("width", 4, 256), ("stem_stride", 1, 2),
-                               ("n_neg", 1, 1024), ("epochs", 1, 10000), ("batch_size", 4, 4096)):
-            require_range(f"{name}.{key}", getattr(self, key), low, high)
-        require_range(f"{name}.temperature", self.temperature, 1e-3, 10.0)
-        require_range(f"{name}.lr", self.lr, 1e-6, 1.0)
-        require_range(f"{name}.weight_decay", self.weight_decay, 0.0, 1.0)
-
-    def model(self) -> MatcherConfig:
-        return MatcherConfig(rgb_bands=RGB_BANDS, ms_bands=S2_BANDS, embed_dim=self.embed_dim, width=self.width,
-                             temperature=self.temperature, stem_stride=self.stem_stride)
-
-
-@dataclass
-class PairSet:
-    """True RGB/MS pairs aligned row by row (same location), with their scene class."""
-
-    rgb: np.ndarray      # (N, 3, H, W) uint8
-    ms: np.ndarray       # (N, 13, H, W) uint16
-    labels: np.ndarray   # (N,) int64
-
-
-def load_pairs(prepared: Path, split: str) -> PairSet:
-    """Both modalities of a paired split, joined on location_id; every location needs both tiles."""
-    rgb = require_bands(open_split(prepared, split, "rgb"), RGB_BANDS, f"{split}/rgb")
-    ms = require_bands(open_split(prepared, split, "ms"), S2_BANDS, f"{split}/ms")
-    ms_row = {loc: i for i, loc in enumerate(ms.location_ids)}
-    missing = [loc for loc in rgb.location_ids if loc not in ms_row]
-    if missing or len(ms_row) != len(rgb.location_ids):
-        raise DataError(f"split {split!r}", f"locations without both an RGB and an MS tile: {missing[:10]}",
-                        "a paired split needs one tile of each modality per location; re-run prepare")
-    order = np.array([ms_row[loc] for loc in rgb.location_ids])
-    return PairSet(np.asarray(rgb.images), np.asarray(ms.images)[order], rgb.labels)
 
 
 def contrastive_step(matcher: CrossModalMatcher, pairs: PairSet, cfg: MatcherStageConfig,
@@ -100,13 +51,6 @@ def contrastive_step(matcher: CrossModalMatcher, pairs: PairSet, cfg: MatcherSta
         return loss, int((pos > hardest).sum())
 
     return step
-
-
-def embed(matcher: CrossModalMatcher, images: np.ndarray, modality: str) -> torch.Tensor:
-    """(N, D) unit embeddings of every tile through the tower of `modality` (rgb | ms)."""
-    device = next(matcher.parameters()).device
-    tower = matcher.embed_rgb if modality == "rgb" else matcher.embed_ms
-    return predict(tower, images, device)
 
 
 def retrieval(matcher: CrossModalMatcher, pairs: PairSet) -> dict[str, float]:
@@ -147,23 +91,22 @@ def train(pairs: PairSet, cfg: MatcherStageConfig, seed: int, checkpoint_dir: Pa
     return matcher.eval(), trainer
 
 
-def run(root: Path, params: dict[str, Any], tracker: StageTracker) -> dict[str, Any]:
+def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     """Stage entry point (DVC and Prefect call this alike)."""
     start = time.perf_counter()
-    cfg = section(params, "matcher", MatcherStageConfig)
-    seed = int(params.get("seed", 0))
-    prepared = root / params["data"]["prepared_dir"]
-    train_pairs, test_pairs = load_pairs(prepared, "pair_train"), load_pairs(prepared, "pair_test")
+    cfg, seed = params.matcher, params.seed
+    prepared = root / params.data.prepared_dir
+    train_pairs, test_pairs = load_true_pairs(prepared, "pair_train"), load_true_pairs(prepared, "pair_test")
     rgb = require_bands(open_split(prepared, "rgb_train", "rgb"), RGB_BANDS, "rgb_train/rgb")
     pool = require_bands(open_split(prepared, "ms_pool", "ms"), S2_BANDS, "ms_pool/ms")
-    tracker.log_params({"matcher": asdict(cfg), "seed": seed})
-    out = root / ARTIFACTS
+    tracker.log_params({"matcher": cfg.model_dump(), "seed": seed})
+    out = model_path(root, "matcher").parent
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     matcher, trainer = train(train_pairs, cfg, seed, out / "checkpoints", epoch_printer("matcher"))
     metrics = {**retrieval(matcher, test_pairs), "same_class_rate": same_class_rate(matcher, rgb, pool),
                "train_pair_top1": retrieval(matcher, train_pairs)["pair_top1"]}
     print("matcher: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if v is not None), flush=True)
-    save_model(out / MODEL_FILE, "matcher", matcher, matcher.cfg)
+    save_model(model_path(root, "matcher"), "matcher", matcher, matcher.cfg)
     log_curves(tracker, trainer.history, "matcher (group InfoNCE)", "matcher/training_curves.png")
     example = torch.cat([to_tensor(test_pairs.rgb, np.arange(2)), to_tensor(test_pairs.ms, np.arange(2))], 1)
     version = tracker.log_torch_model(PairScorer(matcher), example.numpy(), REGISTERED_NAME)

@@ -10,7 +10,6 @@ schema and its reader, so the student stage fails loudly on a stale or foreign t
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,47 +17,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-from models.bands import RGB_BANDS, S2_BANDS
-from models.classifier import SceneCNN
-from models.matcher import CrossModalMatcher
-from tasks.cache import CachedSplit, open_split, require_bands
-from tasks.classes import SCENE_NAMES
-from tasks.config import require_range, section
-from tasks.errors import DataError, PairsTableError
-from tasks.matcher import ARTIFACTS as MATCHER_ARTIFACTS
-from tasks.matcher import embed
-from tasks.model_store import MODEL_FILE, load_model
-from tasks.pool import candidates_by_class
-from tasks.teacher import ARTIFACTS as TEACHER_ARTIFACTS
-from tasks.tracking import StageTracker
-from tasks.training import pick_device, predict
-
-ARTIFACTS = Path("artifacts") / "pairs"
-PAIRS_FILE = "pairs.parquet"
-# Column -> what it holds. `teacher_probs` is a list of len(SCENE_NAMES) floats in SCENE_NAMES order.
-PAIRS_SCHEMA: dict[str, str] = {
-    "rgb_id": "id of the RGB training tile (rgb_train)",
-    "ms_id": "id of the paired MS pool tile (ms_pool)",
-    "score": "matcher cosine score of the pair",
-    "class": "scene class: the RGB tile's label and the MS tile's teacher class",
-    "teacher_probs": "teacher class distribution of the MS tile",
-    "ms_true_class": "the MS tile's own label where it has one (null for ingested scenes)",
-}
-
-
-@dataclass(frozen=True)
-class PairsConfig:
-    batch_size: int = 256  # tiles per inference batch (teacher and matcher)
-
-    def check(self, name: str) -> None:
-        require_range(f"{name}.batch_size", self.batch_size, 1, 65536)
-
-
-def teacher_probs(teacher: SceneCNN, images: np.ndarray, batch_size: int) -> torch.Tensor:
-    """(N, n_classes) teacher class distribution of every MS tile (T = 1)."""
-    device = pick_device()
-    return predict(teacher.to(device).eval(), images, device, batch_size).softmax(dim=1)
-
+from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
+from ms2rgb.models.classifier import SceneCNN
+from ms2rgb.models.matcher import CrossModalMatcher
+from ms2rgb.tasks.data.cache import CachedSplit, open_split, require_bands
+from ms2rgb.tasks.data.classes import SCENE_NAMES
+from ms2rgb.tasks.config import Params
+from ms2rgb.tasks.data.artifacts import model_path, stage_dir
+from ms2rgb.tasks.data.pairing import PAIRS_FILE, write_pairs
+from ms2rgb.tasks.errors import DataError
+from ms2rgb.tasks.training.store import load_model
+from ms2rgb.tasks.data.pool import candidates_by_class
+from ms2rgb.tasks.tracking import StageTracker
+from ms2rgb.tasks.training.inference import embed, teacher_probs
+from ms2rgb.tasks.training.loop import pick_device
 
 def match_within_class(scores: torch.Tensor, rgb_labels: np.ndarray, ms_classes: np.ndarray,
                        where: str = "ms_pool") -> tuple[np.ndarray, np.ndarray]:
@@ -82,48 +54,18 @@ def pairs_frame(rgb: CachedSplit, pool: CachedSplit, best: np.ndarray, score: np
         "ms_true_class": pd.Series(true, dtype="string")})
 
 
-def read_pairs(path: Path, rgb_ids: list[str], ms_ids: list[str]) -> np.ndarray:
-    """Row in `ms_ids` of each RGB tile's partner, in `rgb_ids` order; raises on a stale or broken table."""
-    fix = "re-run the pairs stage (`ms2rgb stage pairs` or `dvc repro pairs`) after prepare/teacher/matcher"
-    if not path.exists():
-        raise PairsTableError(path, "the pairs table is missing", fix)
-    table = pd.read_parquet(path)
-    missing_cols = sorted(set(PAIRS_SCHEMA) - set(table.columns))
-    if missing_cols:
-        raise PairsTableError(path, f"columns {missing_cols} are missing", fix)
-    ms_row = {ms_id: i for i, ms_id in enumerate(ms_ids)}
-    for column, known in (("rgb_id", set(rgb_ids)), ("ms_id", ms_row)):
-        unknown = sorted(set(table[column]) - set(known))
-        if unknown:
-            raise PairsTableError(path, f"{len(unknown)} {column}(s) are not in the prepared data, "
-                                  f"e.g. {unknown[:5]}", fix)
-    partner = dict(zip(table["rgb_id"], table["ms_id"]))
-    unpaired = [i for i in rgb_ids if i not in partner]
-    if unpaired:
-        raise PairsTableError(path, f"{len(unpaired)} RGB training tile(s) have no pair, e.g. {unpaired[:5]}", fix)
-    return np.array([ms_row[partner[i]] for i in rgb_ids], dtype=np.int64)
-
-
 def _agreement(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float | None:
     """Share of rows in `where` with a == b; None when no row qualifies (e.g. an unlabelled pool)."""
     return float((a[where] == b[where]).mean()) if where.any() else None
 
 
-def _write_atomic(frame: pd.DataFrame, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    frame.to_parquet(tmp, index=False)
-    tmp.replace(path)
-    return path
-
-
-def run(root: Path, params: dict[str, Any], tracker: StageTracker) -> dict[str, Any]:
+def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     """Stage entry point (DVC and Prefect call this alike)."""
     start = time.perf_counter()
-    cfg = section(params, "pairs", PairsConfig)
-    prepared = root / params["data"]["prepared_dir"]
-    teacher = load_model(root / TEACHER_ARTIFACTS / MODEL_FILE, "scene_cnn", "teacher")
-    matcher: CrossModalMatcher = load_model(root / MATCHER_ARTIFACTS / MODEL_FILE, "matcher", "matcher")
+    cfg = params.pairs
+    prepared = root / params.data.prepared_dir
+    teacher = load_model(model_path(root, "teacher"), "scene_cnn", "teacher")
+    matcher: CrossModalMatcher = load_model(model_path(root, "matcher"), "matcher", "matcher")
     rgb = require_bands(open_split(prepared, "rgb_train", "rgb"), RGB_BANDS, "rgb_train/rgb")
     pool = require_bands(open_split(prepared, "ms_pool", "ms"), S2_BANDS, "ms_pool/ms")
     if (rgb.labels < 0).any():
@@ -136,7 +78,7 @@ def run(root: Path, params: dict[str, Any], tracker: StageTracker) -> dict[str, 
     scores = matcher.score(embed(matcher, rgb.images, "rgb"), embed(matcher, pool.images, "ms"))  # (N, M)
     best, score = match_within_class(scores, rgb.labels, ms_class)
     frame = pairs_frame(rgb, pool, best, score, probs)
-    path = _write_atomic(frame, root / ARTIFACTS / PAIRS_FILE)
+    path = write_pairs(frame, stage_dir(root, "pairs") / PAIRS_FILE)
     tracker.log_artifact(path, "pairs")
     known, labelled = pool.labels[best] >= 0, pool.labels >= 0
     per_class = frame.groupby("class").agg(pairs=("rgb_id", "size"), ms_tiles=("ms_id", "nunique"),

@@ -8,37 +8,17 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from tasks.cache import build_cache
-from tasks.config import section
-from tasks.errors import ParamsError
-from tasks.manifest import MANIFEST_NAME, read_manifest, write_manifest
-from tasks.synth import SynthConfig, generate
-from tasks.tracking import StageTracker
+from ms2rgb.tasks.data.cache import build_cache
+from ms2rgb.tasks.config import DataConfig, Params
+from ms2rgb.tasks.data.manifest import MANIFEST_NAME, read_manifest, write_manifest
+from ms2rgb.tasks.data.sources.synth import generate
+from ms2rgb.tasks.tracking import StageTracker
 
-SOURCES = ("synth", "eurosat")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    source: str = "synth"                # synth | eurosat
-    raw_dir: str = "data/raw"            # tiles + manifest of the source
-    scenes_dir: str = "data/scenes"      # one folder per scene added by `ms2rgb data ingest`
-    prepared_dir: str = "data/prepared"  # merged manifest + cache
-    eurosat_ms_dir: str | None = None    # EuroSAT_MS root when source=eurosat
-    eurosat_rgb_dir: str | None = None   # optional EuroSAT RGB root
-
-    def check(self, name: str) -> None:
-        if self.source not in SOURCES:
-            raise ParamsError(f"{name}.source", self.source, f"choose one of {list(SOURCES)}")
-        if self.source == "eurosat" and not self.eurosat_ms_dir:
-            raise ParamsError(f"{name}.eurosat_ms_dir", self.eurosat_ms_dir,
-                              "set it to the EuroSAT_MS folder (class sub-folders of 13-band tifs)")
 
 
 def _swap_in(tmp: Path, final: Path) -> None:
@@ -51,17 +31,18 @@ def _swap_in(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def make_source(root: Path, data: DataConfig, params: dict[str, Any]) -> Path:
+def make_source(root: Path, params: Params) -> Path:
     """Write the source's tiles into <raw_dir>.tmp, swap it in, return the manifest path."""
+    data = params.data
     final = root / data.raw_dir
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if data.source == "synth":
-        generate(tmp, section(params, "synth", SynthConfig, seed=params.get("seed", 0)))
+        generate(tmp, params.synth, params.seed)
     else:
-        from tasks.eurosat import ingest_eurosat
+        from ms2rgb.tasks.data.sources.eurosat import ingest_eurosat
         rgb = Path(data.eurosat_rgb_dir) if data.eurosat_rgb_dir else None
-        ingest_eurosat(Path(data.eurosat_ms_dir), tmp, rgb_dir=rgb, seed=params.get("seed", 0))
+        ingest_eurosat(Path(data.eurosat_ms_dir), tmp, rgb_dir=rgb, seed=params.seed)
     _swap_in(tmp, final)
     return final / MANIFEST_NAME
 
@@ -79,12 +60,12 @@ def merged_manifest(root: Path, data: DataConfig) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def run(root: Path, params: dict[str, Any], tracker: StageTracker) -> dict[str, Any]:
+def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     """Stage entry point (DVC and Prefect call this alike)."""
     start = time.perf_counter()
-    data = section(params, "data", DataConfig)
-    tracker.log_params({"data": params["data"], "synth": params.get("synth", {}), "seed": params.get("seed")})
-    make_source(root, data, params)
+    data = params.data
+    tracker.log_params({"data": data.model_dump(), "synth": params.synth.model_dump(), "seed": params.seed})
+    make_source(root, params)
     manifest = merged_manifest(root, data)
     final = root / data.prepared_dir
     tmp = final.with_name(final.name + ".tmp")

@@ -17,25 +17,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from models.bands import RGB_BANDS, S2_BANDS
-from models.classifier import SceneCNN, SceneCNNConfig
-from tasks import plots
-from tasks.cache import CachedSplit, open_split, require_bands
-from tasks.classes import SCENE_NAMES
-from tasks.config import section
-from tasks.distill_train import (FULL_METHOD, VARIANTS, StudentConfig, StudentRun, StudentSet, Variant,
+from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
+from ms2rgb.models.classifier import SceneCNN, SceneCNNConfig
+from ms2rgb.tasks.training import plots
+from ms2rgb.tasks.data.cache import CachedSplit, open_split, require_bands
+from ms2rgb.tasks.data.classes import SCENE_NAMES
+from ms2rgb.tasks.config import Params, StudentConfig
+from ms2rgb.tasks.training.distill import (FULL_METHOD, VARIANTS, StudentRun, StudentSet, Variant,
                                  budget_epochs, random_partners, teacher_bank, train_student)
-from tasks.errors import DataError
-from tasks.matcher import load_pairs
-from tasks.model_store import MODEL_FILE, load_model, save_model
-from tasks.pairs import ARTIFACTS as PAIRS_ARTIFACTS
-from tasks.pairs import PAIRS_FILE, read_pairs
-from tasks.progress import epoch_printer, log_curves, log_evaluation, log_history
-from tasks.teacher import ARTIFACTS as TEACHER_ARTIFACTS
-from tasks.tracking import StageTracker
-from tasks.training import accuracy_report, predict_logits, to_tensor
+from ms2rgb.tasks.data.artifacts import model_path, stage_dir
+from ms2rgb.tasks.data.pairing import PAIRS_FILE, load_true_pairs, read_pairs
+from ms2rgb.tasks.errors import DataError
+from ms2rgb.tasks.training.store import load_model, save_model
+from ms2rgb.tasks.training.progress import epoch_printer, log_curves, log_evaluation, log_history
+from ms2rgb.tasks.tracking import StageTracker
+from ms2rgb.tasks.training.inference import predict_logits
+from ms2rgb.tasks.training.loop import accuracy_report, to_tensor
 
-ARTIFACTS = Path("artifacts") / "student"
 REGISTERED_NAME = "ms2rgb-student"
 
 
@@ -47,18 +45,18 @@ def student_arch(teacher: SceneCNNConfig) -> SceneCNNConfig:
 class StudentInputs:
     """Everything the variants train and test on, loaded and teacher-encoded once."""
 
-    def __init__(self, root: Path, params: dict[str, Any]) -> None:
-        prepared = root / params["data"]["prepared_dir"]
-        self.teacher: SceneCNN = load_model(root / TEACHER_ARTIFACTS / MODEL_FILE, "scene_cnn", "teacher")
+    def __init__(self, root: Path, params: Params) -> None:
+        prepared = root / params.data.prepared_dir
+        self.teacher: SceneCNN = load_model(model_path(root, "teacher"), "scene_cnn", "teacher")
         if self.teacher.bands != S2_BANDS:
-            raise DataError(TEACHER_ARTIFACTS / MODEL_FILE, f"the teacher reads bands {self.teacher.bands}",
+            raise DataError(model_path(root, "teacher"), f"the teacher reads bands {self.teacher.bands}",
                             f"the teacher must read the 13 MS bands {S2_BANDS}; re-run the teacher stage")
         self.rgb = self._labelled(open_split(prepared, "rgb_train", "rgb"), "rgb_train")
         self.test = self._labelled(open_split(prepared, "test", "rgb"), "test")
         pool = require_bands(open_split(prepared, "ms_pool", "ms"), S2_BANDS, "ms_pool/ms")
-        self.matched = read_pairs(root / PAIRS_ARTIFACTS / PAIRS_FILE, self.rgb.ids, pool.ids)
+        self.matched = read_pairs(stage_dir(root, "pairs") / PAIRS_FILE, self.rgb.ids, pool.ids)
         self.pool_bank = teacher_bank(self.teacher, np.asarray(pool.images), pool.labels)
-        self.true_pairs = load_pairs(prepared, "pair_train")
+        self.true_pairs = load_true_pairs(prepared, "pair_train")
         self.pair_bank = teacher_bank(self.teacher, self.true_pairs.ms, self.true_pairs.labels)
         self.rgb_images = np.asarray(self.rgb.images)
 
@@ -106,7 +104,7 @@ def run_variant(inputs: StudentInputs, variant: Variant, cfg: StudentConfig, see
     first: tuple[StudentRun, dict[str, Any]] | None = None
     reports = []
     with tracker.child(f"student/{variant.name}", tags={"ms2rgb.variant": variant.name}) as child:
-        child.log_params({"variant": asdict(variant), "student": asdict(cfg), "seeds": seeds})
+        child.log_params({"variant": asdict(variant), "student": cfg.model_dump(), "seeds": seeds})
         for seed in seeds:
             data = inputs.data_for(variant, seed)
             epochs = budget_epochs(cfg, len(inputs.rgb.labels), len(data.labels))
@@ -148,15 +146,14 @@ def log_product(tracker: StageTracker, run: StudentRun, report: dict[str, Any],
                        "student/comparison_per_class.png")
 
 
-def run(root: Path, params: dict[str, Any], tracker: StageTracker) -> dict[str, Any]:
+def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     """Stage entry point (DVC and Prefect call this alike)."""
     start = time.perf_counter()
-    cfg = section(params, "student", StudentConfig)
-    seed = int(params.get("seed", 0))
+    cfg, seed = params.student, params.seed
     seeds = [seed + k for k in range(cfg.seeds)]
     inputs = StudentInputs(root, params)
-    tracker.log_params({"student": asdict(cfg), "seed": seed})
-    out = root / ARTIFACTS
+    tracker.log_params({"student": cfg.model_dump(), "seed": seed})
+    out = model_path(root, "student").parent
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     summaries: dict[str, dict[str, Any]] = {}
     firsts: dict[str, tuple[StudentRun, dict[str, Any]]] = {}
@@ -164,7 +161,7 @@ def run(root: Path, params: dict[str, Any], tracker: StageTracker) -> dict[str, 
         summaries[variant.name], *firsts[variant.name] = run_variant(inputs, variant, cfg, seeds, tracker,
                                                                      out / "checkpoints")
     product, product_report = firsts[FULL_METHOD]
-    save_model(out / MODEL_FILE, "scene_cnn", product.model, product.model.cfg)
+    save_model(model_path(root, "student"), "scene_cnn", product.model, product.model.cfg)
     log_product(tracker, product, product_report, summaries)
     version = tracker.log_torch_model(product.model, to_tensor(inputs.test.images, np.arange(2)).numpy(),
                                       REGISTERED_NAME)

@@ -30,39 +30,13 @@ from great_expectations.data_context.types.base import (  # noqa: E402
     DataContextConfig, InMemoryStoreBackendDefaults, ProgressBarsConfig,
 )
 
-from tasks.config import require_range  # noqa: E402
-from tasks.errors import Ms2rgbError, ParamsError, ValidationFailed  # noqa: E402
-from tasks.expectations import ID_COLUMN, Check, dataset_checks  # noqa: E402
-from tasks.manifest import SPLITS, read_manifest  # noqa: E402
-from tasks.tile_stats import compute_tile_stats  # noqa: E402
+from ms2rgb.tasks.config import Params, ValidateConfig  # noqa: E402
+from ms2rgb.tasks.errors import Ms2rgbError, ParamsError, ValidationFailed  # noqa: E402
+from ms2rgb.tasks.data.expectations import ID_COLUMN, Check, dataset_checks  # noqa: E402
+from ms2rgb.tasks.data.manifest import SPLITS, read_manifest  # noqa: E402
+from ms2rgb.tasks.data.tile_stats import compute_tile_stats  # noqa: E402
 
 DOCS_SITE = "ms2rgb_site"
-
-
-@dataclass(frozen=True)
-class ValidateConfig:
-    """The `validate` section of params.yaml: bounds the data set must meet before training."""
-
-    max_nodata_share: float = 0.05     # per tile, share of pixels that are 0 in every band (or NaN)
-    min_class_share: float = 0.02      # class balance bounds among each split's labelled rows
-    max_class_share: float = 0.5
-    ms_value_max: int = 20000          # uint16 reflectance x10000 never exceeds this on L1C
-    required_splits: tuple[str, ...] = ("ms_train", "test")  # splits that must have rows
-    balance_splits: tuple[str, ...] = tuple(SPLITS)          # splits whose class shares are checked
-    paired_splits: tuple[str, ...] = ("pair_train", "pair_test", "test")  # need ms + rgb per location
-    max_listed: int = 20               # offending ids listed per failed expectation (count is exact)
-
-    def check(self, section: str) -> None:
-        """Raise ParamsError for bounds that cannot be met or splits that do not exist."""
-        require_range(f"{section}.max_nodata_share", self.max_nodata_share, 0.0, 1.0)
-        require_range(f"{section}.min_class_share", self.min_class_share, 0.0, self.max_class_share)
-        require_range(f"{section}.max_class_share", self.max_class_share, self.min_class_share, 1.0)
-        require_range(f"{section}.ms_value_max", self.ms_value_max, 1, 65535)
-        require_range(f"{section}.max_listed", self.max_listed, 1, 10_000)
-        for key in ("required_splits", "balance_splits", "paired_splits"):
-            unknown = [s for s in getattr(self, key) if s not in SPLITS]
-            if unknown:
-                raise ParamsError(f"{section}.{key}", unknown, f"valid splits are {list(SPLITS)}")
 
 
 @dataclass(frozen=True)
@@ -267,12 +241,9 @@ def raise_if_failed(outcome: ValidationOutcome) -> None:
 
 def run(root: Path, params: dict[str, Any], tracker: Any) -> dict[str, Any]:
     """Stage entry point: validate the prepared manifest; a failure stops the pipeline here."""
-    from tasks.config import section
-    from tasks.prepare import DataConfig
 
-    cfg = section(params, "validate", ValidateConfig)
-    data = section(params, "data", DataConfig)
-    tracker.log_params({"validate": params.get("validate", {})})
+    cfg, data = params.validation, params.data
+    tracker.log_params({"validate": cfg.model_dump()})
     out_dir = root / "reports" / "validate"
     outcome = validate_dataset(root / data.prepared_dir / "manifest.parquet", root, out_dir, cfg)
     tracker.log_artifact(outcome.result_json, "validation")

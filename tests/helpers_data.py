@@ -13,11 +13,11 @@ import numpy as np
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
-from models.bands import RGB_BANDS, S2_BANDS
-from tasks.classes import MASK_NODATA, SURFACE_NAMES
-from tasks.geotiff import PIXEL_SIZE, TILE_SIZE, sha256_of, tile_bounds, write_tile
-from tasks.manifest import MANIFEST_NAME, make_manifest, read_manifest, write_manifest
-from tasks.render import render_rgb
+from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
+from ms2rgb.tasks.data.classes import MASK_NODATA, SURFACE_NAMES
+from ms2rgb.tasks.data.geotiff import PIXEL_SIZE, TILE_SIZE, sha256_of, tile_bounds, write_tile
+from ms2rgb.tasks.data.manifest import MANIFEST_NAME, make_manifest, read_manifest, write_manifest
+from ms2rgb.tasks.data.render import render_rgb
 
 CRS_TEXT = "EPSG:32633"
 CLASSES = ("AnnualCrop", "Forest", "SeaLake")

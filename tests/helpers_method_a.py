@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_project
-from flows.stages import run_stage
+from ms2rgb.flows.stages import run_stage
 
 ORDER = ("prepare", "validate", "teacher", "matcher", "pairs", "student")
 _BUILT: dict[str, Path] = {}  # last stage run -> project built in this session

@@ -6,8 +6,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from flows.cli import main
-from flows.stages import run_stage
+from ms2rgb.flows.cli import main
+from ms2rgb.flows.stages import run_stage
 from test_ingest import S2_DIR
 
 

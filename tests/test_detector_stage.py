@@ -17,14 +17,15 @@ from mlflow.tracking import MlflowClient
 from rasterio.transform import from_origin
 
 from conftest import make_project
-from flows.cli import main as cli_main
-from flows.stages import run_stage
-from models.clip_detector import ClassMapDetector
-from tasks.detect import detect
-from tasks.detector import load_settings
-from tasks.detector_pretrain import ClipConfig, PretrainConfig, prepare_backbone
-from tasks.errors import ParamsError, RasterError, UnknownClassError
-from tasks.tracking import load_torch_model
+from ms2rgb.flows.cli import main as cli_main
+from ms2rgb.flows.stages import run_stage
+from ms2rgb.models.clip_detector import ClassMapDetector
+from ms2rgb.tasks.detection.detect import detect
+from helpers_params import config
+from ms2rgb.tasks.config import merged_params, parse_params
+from ms2rgb.tasks.detection.pretrain import prepare_backbone
+from ms2rgb.tasks.errors import ParamsError, RasterError, UnknownClassError
+from ms2rgb.tasks.tracking import load_torch_model
 
 REQUIRED = ("miou", "pixel_accuracy", "per_class_iou", "trainable_params", "train_seconds", "tiles_per_second",
             "baselines", "weights", "stopped_by")
@@ -112,21 +113,21 @@ def test_registered_detector_loads_and_maps_rgb(trained: tuple[Path, dict]) -> N
 
 def test_zero_fallback_steps_refuse_to_tune_random_weights(trained: tuple[Path, dict]) -> None:
     with pytest.raises(ParamsError, match="detector.pretrain.steps=0"):
-        prepare_backbone(ClipConfig(pretrained=None), PretrainConfig(steps=0), lambda: None, trained[0], 0,
+        prepare_backbone(config("detector.clip", pretrained=None), config("detector.pretrain", steps=0), lambda: None, trained[0], 0,
                          torch.device("cpu"), tracker=None)
 
 
 @pytest.mark.parametrize("key, value, match", [
     ("tune.lr", -1.0, "detector.tune.lr"), ("prompt.colour", 3, "detector.prompt.colour"),
     ("prompt.logit_scale", 0, "detector.prompt.logit_scale"), ("seeds", 0, "detector.seeds"),
-    ("prompt.depth", 0, "detector.prompt"), ("shots", [], "detector.shots"),
+    ("prompt.depth", 0, "detector.prompt.depth"), ("shots", [], "detector.shots"),
     ("zero_shot_template", "no slot", "detector.zero_shot_template"),
 ])
 def test_bad_detector_params_name_the_key(trained: tuple[Path, dict], key: str, value: object, match: str) -> None:
     params = yaml.safe_load((trained[0] / "params.yaml").read_text())
     set_detector_param(params, key, value)
     with pytest.raises(ParamsError, match=match):
-        load_settings(params)
+        parse_params(merged_params(params))
 
 
 def test_pretrained_path_loads_a_saved_checkpoint(trained: tuple[Path, dict], tmp_path: Path) -> None:

@@ -7,17 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from models.clip_backbone import TINY_MODEL, load_clip
-from models.clip_detector import ClassMapDetector, ClipPixels
-from models.clip_prompt import PromptConfig, PromptedCLIP
-from tasks.cache import CachedSplit
-from tasks.captions import caption, composition
-from tasks.classes import SURFACE_CLASSES, SURFACE_NAMES
-from tasks.detect import resolve_classes, sliding_logits, window_starts
-from tasks.detector_pretrain import PretrainConfig, multi_positive_clip_loss, pretrain_clip
-from tasks.detector_tune import STOP_MAX_STEPS, STOP_THRESHOLD, TuneConfig, stop_reason, tune
-from tasks.errors import Ms2rgbError, UnknownClassError
-from tasks.seg_metrics import confusion, iou_report
+from ms2rgb.models.clip_backbone import TINY_MODEL, load_clip
+from ms2rgb.models.clip_detector import ClassMapDetector, ClipPixels
+from ms2rgb.models.clip_prompt import PromptConfig, PromptedCLIP
+from ms2rgb.tasks.data.cache import CachedSplit
+from ms2rgb.tasks.detection.captions import caption, composition
+from ms2rgb.tasks.data.classes import SURFACE_CLASSES, SURFACE_NAMES
+from ms2rgb.tasks.detection.detect import resolve_classes, sliding_logits, window_starts
+from helpers_params import config
+from ms2rgb.tasks.detection.pretrain import multi_positive_clip_loss, pretrain_clip
+from ms2rgb.tasks.detection.tune import STOP_MAX_STEPS, STOP_THRESHOLD, stop_reason, tune
+from ms2rgb.tasks.errors import Ms2rgbError, UnknownClassError
+from ms2rgb.tasks.training.seg_metrics import confusion, iou_report
 
 CPU = torch.device("cpu")
 
@@ -50,7 +51,7 @@ def tiles() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_stop_rule_needs_patience_steps_under_threshold() -> None:
-    cfg = TuneConfig(max_steps=10, loss_threshold=1.0, patience=3)
+    cfg = config("detector.tune", max_steps=10, loss_threshold=1.0, patience=3)
     assert stop_reason([0.5, 0.5], cfg) is None
     assert stop_reason([0.5, 2.0, 0.5, 0.5], cfg) is None  # one step above the line resets the count
     assert stop_reason([2.0, 0.5, 0.5, 0.5], cfg) == STOP_THRESHOLD
@@ -58,16 +59,16 @@ def test_stop_rule_needs_patience_steps_under_threshold() -> None:
 
 
 def test_tune_ends_by_threshold_or_max_steps(clip_and_tokenizer: tuple, tiles: tuple) -> None:
-    easy = tune(make_detector(clip_and_tokenizer), *tiles, TuneConfig(max_steps=6, batch_size=2, loss_threshold=1e3,
+    easy = tune(make_detector(clip_and_tokenizer), *tiles, config("detector.tune", max_steps=6, batch_size=2, loss_threshold=1e3,
                                                                       patience=2), 0, CPU)
     assert easy.stopped_by == STOP_THRESHOLD and len(easy.losses) == 2
-    hard = tune(make_detector(clip_and_tokenizer), *tiles, TuneConfig(max_steps=3, batch_size=2, loss_threshold=0.0),
+    hard = tune(make_detector(clip_and_tokenizer), *tiles, config("detector.tune", max_steps=3, batch_size=2, loss_threshold=0.0),
                 0, CPU)
     assert hard.stopped_by == STOP_MAX_STEPS and len(hard.losses) == 3
 
 
 def test_tune_moves_prompts_only_and_is_deterministic(clip_and_tokenizer: tuple, tiles: tuple) -> None:
-    cfg = TuneConfig(max_steps=2, batch_size=3, loss_threshold=0.0)
+    cfg = config("detector.tune", max_steps=2, batch_size=3, loss_threshold=0.0)
     frozen = {k: v.clone() for k, v in clip_and_tokenizer[0].state_dict().items()}
     a, b = make_detector(clip_and_tokenizer), make_detector(clip_and_tokenizer)
     start = {k: v.clone() for k, v in a.prompted.prompt_state_dict().items()}
@@ -82,7 +83,7 @@ def test_tune_moves_prompts_only_and_is_deterministic(clip_and_tokenizer: tuple,
 
 def test_resume_from_checkpoint_reproduces_uninterrupted_run(clip_and_tokenizer: tuple, tiles: tuple,
                                                              tmp_path: Path) -> None:
-    cfg = TuneConfig(max_steps=4, batch_size=2, loss_threshold=0.0, checkpoint_every=2)
+    cfg = config("detector.tune", max_steps=4, batch_size=2, loss_threshold=0.0, checkpoint_every=2)
     straight = make_detector(clip_and_tokenizer)
     full = tune(straight, *tiles, cfg, 1, CPU, checkpoint_dir=tmp_path / "a")
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["last.pt", "step00002.pt", "step00004.pt"]
@@ -94,16 +95,16 @@ def test_resume_from_checkpoint_reproduces_uninterrupted_run(clip_and_tokenizer:
 
 
 def test_checkpoint_of_another_mode_is_refused(clip_and_tokenizer: tuple, tiles: tuple, tmp_path: Path) -> None:
-    tune(make_detector(clip_and_tokenizer, "text"), *tiles, TuneConfig(max_steps=1, batch_size=2), 0, CPU,
+    tune(make_detector(clip_and_tokenizer, "text"), *tiles, config("detector.tune", max_steps=1, batch_size=2), 0, CPU,
          checkpoint_dir=tmp_path)
     with pytest.raises(Ms2rgbError, match="another prompt mode"):
-        tune(make_detector(clip_and_tokenizer, "coupled"), *tiles, TuneConfig(max_steps=2, batch_size=2), 0, CPU,
+        tune(make_detector(clip_and_tokenizer, "coupled"), *tiles, config("detector.tune", max_steps=2, batch_size=2), 0, CPU,
              resume_from=tmp_path / "last.pt")
 
 
 def test_zero_shot_has_nothing_to_tune(clip_and_tokenizer: tuple, tiles: tuple) -> None:
     with pytest.raises(Ms2rgbError, match="nothing to train"):
-        tune(make_detector(clip_and_tokenizer, "zero_shot"), *tiles, TuneConfig(), 0, CPU)
+        tune(make_detector(clip_and_tokenizer, "zero_shot"), *tiles, config("detector.tune"), 0, CPU)
 
 
 # ---------------------------------------------------------------- pixels, pretraining loss
@@ -133,7 +134,7 @@ def test_fallback_pretraining_is_seeded_and_trains_every_clip_tensor(tiles: tupl
     images, masks = tiles
     split = CachedSplit(images=images.numpy(), labels=np.array([0, 1, 2, 8, 9, 9]), ids=[str(i) for i in range(6)],
                         location_ids=[str(i) for i in range(6)], masks=masks.numpy())
-    cfg = PretrainConfig(steps=2, batch_size=4, warmup_steps=1)
+    cfg = config("detector.pretrain", steps=2, batch_size=4, warmup_steps=1)
     states, losses = [], []
     for _ in range(2):
         torch.manual_seed(0)

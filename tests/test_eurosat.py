@@ -9,12 +9,12 @@ import pytest
 import rasterio
 from rasterio.transform import Affine
 
-from models.bands import RGB_BANDS, S2_BANDS
-from tasks.errors import DatasetLayoutError, Ms2rgbError, UnknownClassError
-from tasks.eurosat import EUROSAT_FILE_BAND_ORDER, SPLIT_MODALITIES, ingest_eurosat
-from tasks.geotiff import sha256_of
-from tasks.manifest import COLUMNS, MANIFEST_NAME, read_manifest
-from tasks.render import render_rgb
+from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
+from ms2rgb.tasks.errors import DatasetLayoutError, Ms2rgbError, UnknownClassError
+from ms2rgb.tasks.data.sources.eurosat import EUROSAT_FILE_BAND_ORDER, SPLIT_MODALITIES, ingest_eurosat
+from ms2rgb.tasks.data.geotiff import sha256_of
+from ms2rgb.tasks.data.manifest import COLUMNS, MANIFEST_NAME, read_manifest
+from ms2rgb.tasks.data.render import render_rgb
 
 # EuroSAT jpgs have no georeference by design; rasterio warns each time the test writes or reads one.
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")

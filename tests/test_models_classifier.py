@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.bands import RGB_BANDS, S2_BANDS, BandMismatchError
-from models.classifier import (
+from ms2rgb.models.bands import RGB_BANDS, S2_BANDS, BandMismatchError
+from ms2rgb.models.classifier import (
     SceneCNN,
     SceneCNNConfig,
     build_classifier,

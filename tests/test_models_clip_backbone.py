@@ -8,7 +8,7 @@ import open_clip
 import pytest
 import torch
 
-from models.clip_backbone import (
+from ms2rgb.models.clip_backbone import (
     CONFIG_DIR,
     TINY_MODEL,
     ClipWeightsError,

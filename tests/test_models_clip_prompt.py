@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.clip_backbone import TINY_MODEL, load_clip
-from models.clip_prompt import (
+from ms2rgb.models.clip_backbone import TINY_MODEL, load_clip
+from ms2rgb.models.clip_prompt import (
     MODES,
     PromptConfig,
     PromptedCLIP,
@@ -18,7 +18,7 @@ from models.clip_prompt import (
     fuse_layer_logits,
     insert_text_prompts,
 )
-from models.seg_losses import dice_loss, focal_loss, segmentation_loss
+from ms2rgb.models.seg_losses import dice_loss, focal_loss, segmentation_loss
 
 CLASSES = ["annual crop land", "forest", "river", "sea or lake"]
 N_CTX, DEPTH = 2, 3

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.bands import RGB_BANDS, S2_BANDS
-from models.classifier import SceneCNNConfig, build_classifier
-from models.distill import CrossModalAttention, DistillLoss, domain_shift_loss, kd_loss, rematch
+from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
+from ms2rgb.models.classifier import SceneCNNConfig, build_classifier
+from ms2rgb.models.distill import CrossModalAttention, DistillLoss, domain_shift_loss, kd_loss, rematch
 
 
 def test_attention_returns_two_student_shaped_maps() -> None:

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.bands import BAND_MEAN, BAND_STD, S2_BANDS, BandMismatchError
-from models.matcher import CrossModalMatcher, MatcherConfig, build_groups, group_contrastive_loss
+from ms2rgb.models.bands import BAND_MEAN, BAND_STD, S2_BANDS, BandMismatchError
+from ms2rgb.models.matcher import CrossModalMatcher, MatcherConfig, build_groups, group_contrastive_loss
 
 SMALL = MatcherConfig(embed_dim=32, width=8)
 

@@ -8,12 +8,13 @@ import pandas as pd
 import pytest
 import torch
 
-from flows.stages import run_stage
+from ms2rgb.flows.stages import run_stage
 from helpers_method_a import staged_project
-from tasks.cache import open_split
-from tasks.classes import SCENE_NAMES
-from tasks.errors import EmptyPoolError, PairsTableError
-from tasks.pairs import PAIRS_SCHEMA, match_within_class, read_pairs
+from ms2rgb.tasks.data.cache import open_split
+from ms2rgb.tasks.data.classes import SCENE_NAMES
+from ms2rgb.tasks.errors import EmptyPoolError, PairsTableError
+from ms2rgb.tasks.data.pairing import PAIRS_SCHEMA, read_pairs
+from ms2rgb.tasks.pairs import match_within_class
 
 PAIRS = Path("artifacts") / "pairs" / "pairs.parquet"
 

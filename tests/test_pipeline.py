@@ -13,9 +13,9 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 from conftest import DVC
-from flows.pipeline import pipeline
-from tasks.errors import ValidationFailed
-from tasks.manifest import make_manifest, write_manifest
+from ms2rgb.flows.pipeline import pipeline
+from ms2rgb.tasks.errors import ValidationFailed
+from ms2rgb.tasks.data.manifest import make_manifest, write_manifest
 
 
 @pytest.fixture(scope="module", autouse=True)

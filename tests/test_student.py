@@ -10,15 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from flows.stages import run_stage
+from ms2rgb.flows.stages import run_stage
 from helpers_method_a import staged_project
-from models.bands import RGB_BANDS, S2_BANDS
-from models.classifier import SceneCNN, SceneCNNConfig
-from tasks.cache import open_split
-from tasks.distill_train import (VARIANTS, StudentConfig, StudentSet, TeacherBank, Variant, budget_epochs,
+from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
+from ms2rgb.models.classifier import SceneCNN, SceneCNNConfig
+from ms2rgb.tasks.data.cache import open_split
+from helpers_params import config
+from ms2rgb.tasks.config import StudentConfig
+from ms2rgb.tasks.training.distill import (VARIANTS, StudentSet, TeacherBank, Variant, budget_epochs,
                                  random_partners, rematch_partners, teacher_bank, train_student)
-from tasks.errors import PairsTableError
-from tasks.model_store import load_model
+from ms2rgb.tasks.errors import PairsTableError
+from ms2rgb.tasks.training.store import load_model
 
 BASELINES = {"rgb_only", "kd_random_pairs", "no_feature_loss", "no_rematch", "paired_kd"}
 
@@ -95,7 +97,7 @@ def _toy_setup() -> tuple[SceneCNN, StudentSet, StudentConfig, SceneCNNConfig]:
     bank.classes = np.arange(9) % 3  # an untrained teacher's classes are arbitrary; fix them for pairing
     data = StudentSet(gen.integers(0, 256, (12, 3, 16, 16), dtype=np.uint8), labels, bank,
                       random_partners(labels, bank, seed=0))
-    cfg = StudentConfig(epochs=2, batch_size=4, heads=2, rematch_every=1, seeds=1)
+    cfg = config("student", epochs=2, batch_size=4, heads=2, rematch_every=1, seeds=1)
     return teacher, data, cfg, SceneCNNConfig(bands=RGB_BANDS, width=4, stem_stride=2, from_8bit=True)
 
 
@@ -129,6 +131,6 @@ def test_random_partners_share_the_class_and_follow_the_seed() -> None:
 
 
 def test_budget_epochs_gives_small_sets_equal_optimiser_steps() -> None:
-    cfg = StudentConfig(epochs=30, batch_size=64)
+    cfg = config("student", epochs=30, batch_size=64)
     assert budget_epochs(cfg, 600, 600) == 30
     assert budget_epochs(cfg, 600, 80) == 150  # 30 x 10 steps = 150 x 2 steps

@@ -7,25 +7,26 @@ import numpy as np
 import pandas as pd
 import rasterio
 
-from models.bands import S2_BANDS
-from tasks.classes import SCENE_NAMES, SURFACE_NAMES
-from tasks.spectra import VISIBLE_BAND_INDEX, surface_spectra
-from tasks.synth import SynthConfig, generate
+from ms2rgb.models.bands import S2_BANDS
+from ms2rgb.tasks.data.classes import SCENE_NAMES, SURFACE_NAMES
+from ms2rgb.tasks.data.sources.spectra import VISIBLE_BAND_INDEX, surface_spectra
+from helpers_params import config
+from ms2rgb.tasks.data.sources.synth import generate
 
-SMALL = SynthConfig(per_class={"ms_train": 2, "test": 1, "fewshot": 1})
+SMALL = config("synth", per_class={"ms_train": 2, "test": 1, "fewshot": 1})
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:
-    a = pd.read_parquet(generate(tmp_path / "a", SMALL, progress=lambda _: None))
-    b = pd.read_parquet(generate(tmp_path / "b", SMALL, progress=lambda _: None))
-    c = pd.read_parquet(generate(tmp_path / "c", SynthConfig(seed=1, per_class=SMALL.per_class),
+    a = pd.read_parquet(generate(tmp_path / "a", SMALL, 0, progress=lambda _: None))
+    b = pd.read_parquet(generate(tmp_path / "b", SMALL, 0, progress=lambda _: None))
+    c = pd.read_parquet(generate(tmp_path / "c", SMALL, 1,
                                  progress=lambda _: None))
     assert a["sha256"].tolist() == b["sha256"].tolist()
     assert set(a["sha256"]).isdisjoint(set(c["sha256"]))
 
 
 def test_layout_georeference_and_masks(tmp_path: Path) -> None:
-    frame = pd.read_parquet(generate(tmp_path, SMALL, progress=lambda _: None))
+    frame = pd.read_parquet(generate(tmp_path, SMALL, 0, progress=lambda _: None))
     assert len(frame) == len(SCENE_NAMES) * (2 + 2 * 1 + 1)  # test locations carry both modalities
     ms = frame[frame["modality"] == "ms"].iloc[0]
     assert ms["path"].startswith(f"tiles/ms/{ms['class']}/")  # EuroSAT layout: one folder per class

@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from flows.stages import run_stage
+from ms2rgb.flows.stages import run_stage
 from helpers_method_a import staged_project
-from models.bands import BandMismatchError
-from tasks.classes import SCENE_NAMES
-from tasks.config import section
-from tasks.errors import BandCountError, DataError, ParamsError
-from tasks.model_store import load_model
-from tasks.teacher import TeacherConfig
+from ms2rgb.models.bands import BandMismatchError
+from ms2rgb.tasks.data.classes import SCENE_NAMES
+from helpers_params import config
+from ms2rgb.tasks.errors import BandCountError, DataError, ParamsError
+from ms2rgb.tasks.training.store import load_model
 
 
 @pytest.fixture
@@ -69,6 +68,6 @@ def test_missing_teacher_model_says_which_stage_to_run(tmp_path: Path) -> None:
 
 def test_teacher_params_are_checked() -> None:
     with pytest.raises(ParamsError, match="teacher.stem_stride"):
-        section({"teacher": {"stem_stride": 3}}, "teacher", TeacherConfig)
-    with pytest.raises(ParamsError, match="valid keys"):
-        section({"teacher": {"widht": 8}}, "teacher", TeacherConfig)
+        config("teacher", stem_stride=3)
+    with pytest.raises(ParamsError, match="teacher.widht.*valid keys"):
+        config("teacher", widht=8)

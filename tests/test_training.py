@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.training import FitConfig, Trainer, accuracy_report, batch_bounds, random_dihedral
+from ms2rgb.tasks.training.loop import FitConfig, Trainer, accuracy_report, batch_bounds, random_dihedral
 
 
 def test_batch_bounds_cover_every_item_once_and_merge_runts() -> None:
@@ -40,7 +40,7 @@ def _toy_trainer(tmp_path: Path, seed: int) -> tuple[Trainer, nn.Module]:
     torch.manual_seed(seed)
     model = nn.Linear(4, 3)
     x, y = torch.randn(20, 4, generator=torch.Generator().manual_seed(1)), torch.arange(20) % 3
-    trainer = Trainer(model, 20, FitConfig(epochs=3, batch_size=8, lr=0.05), seed, checkpoint_dir=tmp_path)
+    trainer = Trainer(model, 20, FitConfig(epochs=3, batch_size=8, lr=0.05, weight_decay=1e-4), seed, checkpoint_dir=tmp_path)
 
     def step(idx: np.ndarray) -> tuple[torch.Tensor, int]:
         logits = model(x[idx])

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from helpers_data import first_id, make_dataset, replace_tile, tile_path, update_rows
-from tasks.errors import Ms2rgbError, ValidationFailed
-from tasks.manifest import MANIFEST_NAME, read_manifest
-from tasks.tile_stats import compute_tile_stats
-from tasks.validate import ValidateConfig, ValidationOutcome, raise_if_failed, validate_dataset
+from ms2rgb.tasks.errors import Ms2rgbError, ValidationFailed
+from ms2rgb.tasks.data.manifest import MANIFEST_NAME, read_manifest
+from ms2rgb.tasks.data.tile_stats import compute_tile_stats
+from helpers_params import config
+from ms2rgb.tasks.validate import ValidationOutcome, raise_if_failed, validate_dataset
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def manifest(valid_source: Path, tmp_path: Path) -> Path:
 
 def run(manifest_path: Path) -> ValidationOutcome:
     return validate_dataset(manifest_path, manifest_path.parent, manifest_path.parent.parent / "report",
-                            ValidateConfig(), progress=lambda _: None)
+                            config("validate"), progress=lambda _: None)
 
 
 def failed_columns(outcome: ValidationOutcome) -> set[str]:
@@ -144,4 +145,4 @@ def test_refuses_output_links_outside_out_dir(manifest: Path, tmp_path: Path) ->
     (out_dir / "data_docs").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     (tmp_path / "elsewhere").mkdir()
     with pytest.raises(Ms2rgbError, match="outside"):
-        validate_dataset(manifest, manifest.parent, out_dir, ValidateConfig(), progress=lambda _: None)
+        validate_dataset(manifest, manifest.parent, out_dir, config("validate"), progress=lambda _: None)

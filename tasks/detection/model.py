@@ -7,10 +7,10 @@ from pathlib import Path
 import open_clip
 import torch
 
-from models.clip_backbone import load_clip  # importing it registers the project's CLIP configs
-from models.clip_detector import ClassMapDetector
-from models.clip_prompt import PromptConfig, PromptedCLIP
-from tasks.errors import Ms2rgbError
+from ms2rgb.models.clip_backbone import load_clip  # importing it registers the project's CLIP configs
+from ms2rgb.models.clip_detector import ClassMapDetector
+from ms2rgb.models.clip_prompt import PromptConfig, PromptedCLIP
+from ms2rgb.tasks.errors import Ms2rgbError
 
 OUT_DIR = "artifacts/detector"
 DETECTOR_FILE = "detector.pt"
@@ -48,7 +48,7 @@ def load_detector(root: Path, model_uri: str | None = None) -> tuple[ClassMapDet
     """(detector, where it came from): the stage's artifacts by default, else a registered model URI."""
     if model_uri is None:
         return load_local(root), str(root / OUT_DIR / DETECTOR_FILE)
-    from tasks.tracking import load_torch_model
+    from ms2rgb.tasks.tracking import load_torch_model
 
     try:
         model = load_torch_model(root, model_uri)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.classes import MASK_NODATA, SCENE_CLASSES, SCENE_NAMES, SURFACE_CLASSES, SURFACE_NAMES
+from ms2rgb.tasks.data.classes import MASK_NODATA, SCENE_CLASSES, SCENE_NAMES, SURFACE_CLASSES, SURFACE_NAMES
 
 # (lowest share, word): a share at or above the bound gets the word; smaller shares go unmentioned.
 SHARE_WORDS: tuple[tuple[float, str], ...] = ((0.5, "mostly"), (0.15, "some"), (0.03, "a little"))

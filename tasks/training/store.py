@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.classifier import SceneCNN, SceneCNNConfig
-from models.matcher import CrossModalMatcher, MatcherConfig
-from tasks.errors import DataError
+from ms2rgb.models.classifier import SceneCNN, SceneCNNConfig
+from ms2rgb.models.matcher import CrossModalMatcher, MatcherConfig
+from ms2rgb.tasks.errors import DataError
 
 MODEL_FILE = "model.pt"
 _BUILDERS: dict[str, tuple[type, type]] = {"scene_cnn": (SceneCNN, SceneCNNConfig),

@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tasks.cache import CachedSplit
-from tasks.errors import Ms2rgbError
+from ms2rgb.tasks.data.cache import CachedSplit
+from ms2rgb.tasks.errors import Ms2rgbError
 
 
 def first_k_per_class(split: CachedSplit, k: int) -> np.ndarray:

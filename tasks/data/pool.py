@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.classes import SCENE_NAMES
-from tasks.errors import EmptyPoolError
+from ms2rgb.tasks.data.classes import SCENE_NAMES
+from ms2rgb.tasks.errors import EmptyPoolError
 
 
 def candidates_by_class(ms_classes: np.ndarray, needed: np.ndarray, where: str) -> dict[int, np.ndarray]:

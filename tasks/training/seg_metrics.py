@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tasks.classes import MASK_NODATA
+from ms2rgb.tasks.data.classes import MASK_NODATA
 
 
 def confusion(pred: np.ndarray, target: np.ndarray, n_classes: int, ignore_index: int = MASK_NODATA) -> np.ndarray:

@@ -28,12 +28,12 @@ import rasterio.warp
 import torch
 from rasterio.errors import RasterioIOError
 
-from models.bands import S2_BANDS
-from tasks.classes import MASK_NODATA, SCENE_CLASSES, SURFACE_CLASSES
-from tasks.detect_model import load_detector, tokenizer_for
-from tasks.errors import Ms2rgbError, RasterError, UnknownClassError
-from tasks.render import render_rgb
-from tasks.training import autocast, pick_device
+from ms2rgb.models.bands import S2_BANDS
+from ms2rgb.tasks.data.classes import MASK_NODATA, SCENE_CLASSES, SURFACE_CLASSES
+from ms2rgb.tasks.detection.model import load_detector, tokenizer_for
+from ms2rgb.tasks.errors import Ms2rgbError, RasterError, UnknownClassError
+from ms2rgb.tasks.data.render import render_rgb
+from ms2rgb.tasks.training.loop import autocast, pick_device
 
 WINDOW = 64
 INPUT_FIX = ("give a 3-band uint8 RGB GeoTIFF (red, green, blue) or a 13-band uint16 Sentinel-2 L1C GeoTIFF "
@@ -143,7 +143,7 @@ def write_overlay(path: Path, rgb: np.ndarray, classes: np.ndarray, names: list[
     """The image with class colours at 45 % opacity and a legend."""
     from matplotlib.figure import Figure
 
-    from tasks.detector_plots import legend_handles
+    from ms2rgb.tasks.detection.plots import legend_handles
 
     height, width = classes.shape
     dpi = 100
@@ -163,7 +163,7 @@ def write_overlay(path: Path, rgb: np.ndarray, classes: np.ndarray, names: list[
 def detect(image: Path, classes: str, out_dir: Path, root: Path = Path("."), model_uri: str | None = None,
            stride: int = 32, batch_size: int = 64) -> dict[str, Any]:
     """Annotate `image`; write the class GeoTIFF, overlay PNG and GeoJSON; return paths and class shares."""
-    from tasks.detector_plots import class_colours
+    from ms2rgb.tasks.detection.plots import class_colours
 
     if not 1 <= stride <= WINDOW:
         raise Ms2rgbError(f"--stride {stride} must lie in 1..{WINDOW} so windows overlap or touch")

@@ -17,13 +17,13 @@ import pandas as pd
 os.environ["GX_ANALYTICS_ENABLED"] = "false"  # before the import: the pipeline never reaches the network
 import great_expectations.expectations as gxe  # noqa: E402
 
-from models.bands import RGB_BANDS, S2_BANDS  # noqa: E402
-from tasks.classes import MASK_NODATA, SCENE_NAMES, SURFACE_NAMES  # noqa: E402
-from tasks.geotiff import TILE_SIZE  # noqa: E402
-from tasks.manifest import MODALITIES, SPLITS  # noqa: E402
+from ms2rgb.models.bands import RGB_BANDS, S2_BANDS  # noqa: E402
+from ms2rgb.tasks.data.classes import MASK_NODATA, SCENE_NAMES, SURFACE_NAMES  # noqa: E402
+from ms2rgb.tasks.data.geotiff import TILE_SIZE  # noqa: E402
+from ms2rgb.tasks.data.manifest import MODALITIES, SPLITS  # noqa: E402
 
 if TYPE_CHECKING:
-    from tasks.validate import ValidateConfig
+    from ms2rgb.tasks.config import ValidateConfig
 
 ID_COLUMN = "id"  # every frame's row name; the failure report lists these
 # "EPSG:<code>" or a WKT1/WKT2 definition: what rasterio's CRS.to_string() gives back.

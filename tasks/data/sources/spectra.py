@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.classes import SURFACE_NAMES
+from ms2rgb.tasks.data.classes import SURFACE_NAMES
 
 #           B01   B02   B03   B04   B05   B06   B07   B08   B8A   B09  B10   B11   B12
 _SPECTRA: dict[str, list[float]] = {

@@ -5,42 +5,15 @@ Pure numpy/torch (no raster I/O): `tasks/synth.py` writes the results as GeoTIFF
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks.config import require_range
-from tasks.errors import ParamsError
-from tasks.manifest import SPLITS
-from tasks.spectra import surface_texture
-from tasks.synth_layouts import LAYOUTS
+from ms2rgb.tasks.config import SynthConfig
+from ms2rgb.tasks.data.sources.spectra import surface_texture
+from ms2rgb.tasks.data.sources.synth_layouts import LAYOUTS
 
 TILE = 64  # pixels; equals tasks.geotiff.TILE_SIZE (kept here so this module needs no GDAL)
-
-
-@dataclass(frozen=True)
-class SynthConfig:
-    seed: int = 0                      # everything below is drawn from this seed
-    rgb_ambiguity: float = 0.3         # 0: RGB separates all surfaces; 1: confusable groups identical in RGB
-    per_class: dict[str, int] = field(default_factory=lambda: {"ms_train": 60, "test": 30})  # locations
-    illumination: float = 0.15         # per-tile brightness factor drawn from 1 +- this
-    spectral_jitter: float = 0.05      # per-tile, per-surface, per-band relative spectrum change
-    texture: float = 0.08              # amplitude of smooth within-surface texture
-    noise: float = 0.02                # relative per-pixel sensor noise
-    crs: str = "EPSG:32633"            # UTM zone 33N, as for much of EuroSAT
-
-    def check(self, section: str) -> None:
-        """Raise ParamsError for values that cannot make a data set."""
-        require_range(f"{section}.rgb_ambiguity", self.rgb_ambiguity, 0.0, 1.0)
-        for key in ("illumination", "spectral_jitter", "texture", "noise"):
-            require_range(f"{section}.{key}", getattr(self, key), 0.0, 0.5)
-        for split, count in self.per_class.items():
-            if split not in SPLITS:
-                raise ParamsError(f"{section}.per_class.{split}", count, f"valid splits are {list(SPLITS)}")
-            if not isinstance(count, int) or count < 0:
-                raise ParamsError(f"{section}.per_class.{split}", count, "use a whole number >= 0")
 
 
 def _noise_field(rng: np.random.Generator, cells: int) -> np.ndarray:

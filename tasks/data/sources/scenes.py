@@ -25,10 +25,10 @@ from rasterio.transform import Affine
 from rasterio.warp import Resampling, reproject
 from rasterio.windows import Window, from_bounds
 
-from models.bands import S2_BANDS
-from tasks.errors import Ms2rgbError, RasterError
-from tasks.geotiff import PIXEL_SIZE, TILE_SIZE, sha256_of, tile_bounds, write_tile
-from tasks.manifest import MANIFEST_NAME, make_manifest, write_manifest
+from ms2rgb.models.bands import S2_BANDS
+from ms2rgb.tasks.errors import Ms2rgbError, RasterError
+from ms2rgb.tasks.data.geotiff import PIXEL_SIZE, TILE_SIZE, sha256_of, tile_bounds, write_tile
+from ms2rgb.tasks.data.manifest import MANIFEST_NAME, make_manifest, write_manifest
 
 Progress = Callable[[str], None] | None
 Datasets = dict[Path, rasterio.DatasetReader]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.bands import RGB_BANDS, RGB_REFLECTANCE_MAX, S2_BANDS
+from ms2rgb.models.bands import RGB_BANDS, RGB_REFLECTANCE_MAX, S2_BANDS
 
 
 def render_rgb(ms: np.ndarray, bands: tuple[str, ...] = S2_BANDS) -> np.ndarray:

@@ -14,47 +14,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.classifier import SceneCNN, SceneCNNConfig
-from models.distill import DistillLoss, rematch
-from tasks.config import require_range
-from tasks.errors import ParamsError
-from tasks.pool import candidates_by_class
-from tasks.training import (EpochStats, FitConfig, StepFn, Trainer, batch_bounds, pick_device, predict,
-                            random_dihedral, seed_everything, to_tensor)
+from ms2rgb.models.classifier import SceneCNN, SceneCNNConfig
+from ms2rgb.models.distill import DistillLoss, rematch
+from ms2rgb.tasks.config import StudentConfig
+from ms2rgb.tasks.errors import ParamsError
+from ms2rgb.tasks.data.pool import candidates_by_class
+from ms2rgb.tasks.training.inference import predict
+from ms2rgb.tasks.training.loop import EpochStats, FitConfig, StepFn, Trainer, batch_bounds, pick_device, random_dihedral, seed_everything, to_tensor
 
-REMATCH_SCOPES = ("class", "pool")
-
-
-@dataclass(frozen=True)
-class StudentConfig:
-    epochs: int = 15            # passes over rgb_train (smaller sets get as many optimiser steps)
-    batch_size: int = 64        # tiles per step
-    lr: float = 3e-3            # AdamW peak learning rate (one-cycle), also for the attention module
-    weight_decay: float = 1e-4
-    augment: bool = True        # random flips/rotations of the RGB tiles
-    w_feat: float = 1.0         # weight of the feature loss (cross-modal attention + MMD)
-    w_kd: float = 1.0           # weight of KL(student || teacher pseudo-label) at `temperature`
-    w_ce: float = 1.0           # weight of cross-entropy against the true RGB label
-    temperature: float = 4.0    # KD temperature (Hinton et al. use 2-20)
-    heads: int = 4              # attention heads; must divide the feature channels (4 * teacher width)
-    rematch_every: int = 5      # epochs between re-matching rounds; 0 turns re-matching off
-    rematch_scope: str = "class"  # class: closest MS tile of the RGB tile's class; pool: of the whole pool
-    seeds: int = 3              # seeds per variant: seed, seed+1, ... (the first one is registered)
-
-    def check(self, name: str) -> None:
-        for key, low, high in (("epochs", 1, 10000), ("batch_size", 2, 4096), ("heads", 1, 64),
-                               ("rematch_every", 0, 10000), ("seeds", 1, 100)):
-            require_range(f"{name}.{key}", getattr(self, key), low, high)
-        for key in ("w_feat", "w_kd", "w_ce"):
-            require_range(f"{name}.{key}", getattr(self, key), 0.0, 100.0)
-        require_range(f"{name}.lr", self.lr, 1e-6, 1.0)
-        require_range(f"{name}.weight_decay", self.weight_decay, 0.0, 1.0)
-        require_range(f"{name}.temperature", self.temperature, 0.05, 100.0)
-        if self.rematch_scope not in REMATCH_SCOPES:
-            raise ParamsError(f"{name}.rematch_scope", self.rematch_scope, f"choose one of {list(REMATCH_SCOPES)}")
-
-    def fit(self) -> FitConfig:
-        return FitConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay)
 
 
 @dataclass(frozen=True)
@@ -201,7 +168,8 @@ def train_student(variant: Variant, data: StudentSet, cfg: StudentConfig, arch: 
     loss_fn = DistillLoss(student.feature_channels, w_feat=cfg.w_feat if variant.feature_loss else 0.0,
                           w_kd=cfg.w_kd if variant.kd else 0.0, w_ce=cfg.w_ce, temperature=cfg.temperature,
                           heads=cfg.heads).to(device)
-    trainer = Trainer(nn.ModuleDict({"student": student, "distill": loss_fn}), len(data.labels), cfg.fit(), seed,
+    trainer = Trainer(nn.ModuleDict({"student": student, "distill": loss_fn}), len(data.labels),
+                      FitConfig(cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay), seed,
                       epochs=epochs, checkpoint_dir=checkpoint_dir)
     partners = None if data.partners is None else data.partners.copy()
     meter: dict[str, float] = {}

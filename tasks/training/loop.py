@@ -33,10 +33,12 @@ def autocast(device: torch.device):
 
 @dataclass(frozen=True)
 class FitConfig:
-    epochs: int = 10          # passes over the training set
-    batch_size: int = 64      # tiles per step
-    lr: float = 2e-3          # AdamW peak learning rate (one-cycle schedule)
-    weight_decay: float = 1e-4
+    """The optimisation budget every training stage hands the loop (values from params.yaml)."""
+
+    epochs: int          # passes over the training set
+    batch_size: int      # tiles per step
+    lr: float            # AdamW peak learning rate (one-cycle schedule)
+    weight_decay: float
 
 
 @dataclass(frozen=True)
@@ -184,26 +186,6 @@ def fit_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg
         if on_epoch:
             on_epoch(trainer, stats)
     return trainer.history
-
-
-@torch.no_grad()
-def predict(fn: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, device: torch.device,
-            batch_size: int = 256) -> torch.Tensor:
-    """fn(batch on `device`) for every tile, in order, concatenated as float32 on CPU.
-
-    The caller puts the modules behind `fn` in eval mode (BatchNorm running stats, no dropout).
-    """
-    out = []
-    for _, x in batches(images, np.arange(len(images)), batch_size):
-        with autocast(device):
-            out.append(fn(x.to(device)).float().cpu())
-    return torch.cat(out)
-
-
-def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
-    """Logits for every tile, in order, on CPU."""
-    device = pick_device()
-    return predict(model.to(device).eval(), images, device, batch_size)
 
 
 def accuracy_report(logits: torch.Tensor, labels: np.ndarray, class_names: list[str]) -> dict:

@@ -23,12 +23,12 @@ from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.transform import Affine
 
-from models.bands import RGB_BANDS, S2_BANDS
-from tasks.classes import SCENE_NAMES
-from tasks.errors import DatasetLayoutError, Ms2rgbError, RasterError, UnknownClassError
-from tasks.geotiff import TILE_SIZE, read_tile, sha256_of, tile_bounds, write_tile
-from tasks.manifest import MANIFEST_NAME, make_manifest, write_manifest
-from tasks.render import render_rgb
+from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
+from ms2rgb.tasks.data.classes import SCENE_NAMES
+from ms2rgb.tasks.errors import DatasetLayoutError, Ms2rgbError, RasterError, UnknownClassError
+from ms2rgb.tasks.data.geotiff import TILE_SIZE, read_tile, sha256_of, tile_bounds, write_tile
+from ms2rgb.tasks.data.manifest import MANIFEST_NAME, make_manifest, write_manifest
+from ms2rgb.tasks.data.render import render_rgb
 
 Progress = Callable[[str], None] | None
 

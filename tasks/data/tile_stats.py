@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import rasterio
 
-from tasks.classes import MASK_NODATA, SURFACE_NAMES
-from tasks.geotiff import read_tile, sha256_of
+from ms2rgb.tasks.data.classes import MASK_NODATA, SURFACE_NAMES
+from ms2rgb.tasks.data.geotiff import read_tile, sha256_of
 
 PROGRESS_EVERY = 500  # tiles between progress lines
 

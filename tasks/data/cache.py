@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 from numpy.lib.format import open_memmap
 
-from tasks.classes import MASK_NODATA, SCENE_NAMES
-from tasks.errors import Ms2rgbError, RasterError
-from tasks.geotiff import TILE_SIZE, read_tile
+from ms2rgb.tasks.data.classes import MASK_NODATA, SCENE_NAMES
+from ms2rgb.tasks.errors import Ms2rgbError, RasterError
+from ms2rgb.tasks.data.geotiff import TILE_SIZE, read_tile
 
 BANDS = {"ms": (13, "uint16"), "rgb": (3, "uint8")}
 
@@ -97,7 +97,7 @@ def require_bands(split: CachedSplit, bands: tuple[str, ...], where: str) -> Cac
 
     Catches e.g. RGB tiles (3 bands) handed to the 13-band MS teacher before any training starts.
     """
-    from tasks.errors import BandCountError
+    from ms2rgb.tasks.errors import BandCountError
 
     if split.images.ndim != 4 or split.images.shape[1] != len(bands):
         raise BandCountError(where, f"tiles of shape {tuple(split.images.shape)} have "

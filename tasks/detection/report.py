@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks import detector_plots as plots
-from tasks.classes import SURFACE_NAMES
-from tasks.tracking import StageTracker
+from ms2rgb.tasks.detection import plots
+from ms2rgb.tasks.data.classes import SURFACE_NAMES
+from ms2rgb.tasks.tracking import StageTracker
 
 FULL_MODE = "coupled"
 BASELINES = {"text_prompts": "text", "visual_prompts": "visual", "independent": "independent"}

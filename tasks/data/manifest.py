@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tasks.errors import Ms2rgbError
+from ms2rgb.tasks.errors import Ms2rgbError
 
 # column -> pandas dtype. Paths are relative to the manifest's data root.
 COLUMNS: dict[str, str] = {

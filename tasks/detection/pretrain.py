@@ -21,14 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.clip_backbone import freeze, load_clip
-from models.clip_detector import ClipPixels, ImageEmbedder
-from tasks.cache import CachedSplit
-from tasks.captions import captions
-from tasks.detector_data import augment, load_tiles, sample_batch
-from tasks.errors import ParamsError
-from tasks.tracking import StageTracker
-from tasks.training import autocast
+from ms2rgb.models.clip_backbone import freeze, load_clip
+from ms2rgb.models.clip_detector import ClipPixels, ImageEmbedder
+from ms2rgb.tasks.data.cache import CachedSplit
+from ms2rgb.tasks.detection.captions import captions
+from ms2rgb.tasks.detection.data import augment, load_tiles, sample_batch
+from ms2rgb.tasks.config import ClipConfig, PretrainConfig
+from ms2rgb.tasks.errors import ParamsError
+from ms2rgb.tasks.tracking import StageTracker
+from ms2rgb.tasks.training.loop import autocast
 
 BACKBONE_FILE = "backbone.pt"
 BACKBONE_MODEL = "ms2rgb-clip-backbone"
@@ -36,29 +37,6 @@ BACKBONE_MODEL = "ms2rgb-clip-backbone"
 # re-run its text tower on new class descriptions, which a traced forward with baked tokens cannot.
 SERVING = {"serialization_format": "pickle",
            "extra_requirements": (f"open_clip_torch=={open_clip.__version__}",)}
-
-
-@dataclass(frozen=True)
-class ClipConfig:
-    """detector.clip: which CLIP and which weights."""
-
-    model: str = "ms2rgb-tiny-vit"  # open_clip config name with a native ViT tower
-    pretrained: str | None = None   # open_clip tag, local checkpoint path, or null = fallback pretraining
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    """detector.pretrain: the fallback's contrastive pretraining."""
-
-    steps: int = 150            # contrastive steps of the fallback (used only when clip.pretrained is null)
-    batch_size: int = 64        # image-caption pairs per step
-    lr: float = 1e-3            # AdamW peak learning rate; linear warm-up then cosine decay
-    weight_decay: float = 0.1   # CLIP's value, on matrices only
-    warmup_steps: int = 10
-
-    def check(self, name: str) -> None:
-        if self.steps < 0 or self.batch_size < 2 or self.lr <= 0 or self.warmup_steps < 0:
-            raise ParamsError(name, self, "steps >= 0, batch_size >= 2, lr > 0 and warmup_steps >= 0")
 
 
 def multi_positive_clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,

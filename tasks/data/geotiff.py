@@ -10,7 +10,7 @@ from rasterio.crs import CRS
 from rasterio.errors import RasterioIOError
 from rasterio.transform import Affine
 
-from tasks.errors import RasterError
+from ms2rgb.tasks.errors import RasterError
 
 TILE_SIZE = 64  # pixels
 PIXEL_SIZE = 10.0  # metres

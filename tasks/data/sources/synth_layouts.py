@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tasks.classes import SURFACE_NAMES
+from ms2rgb.tasks.data.classes import SURFACE_NAMES
 
 S = {name: i for i, name in enumerate(SURFACE_NAMES)}
 Layout = Callable[[np.random.Generator, int], np.ndarray]

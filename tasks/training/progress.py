@@ -4,10 +4,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tasks import plots
-from tasks.classes import SCENE_NAMES
-from tasks.tracking import StageTracker
-from tasks.training import EpochStats, Trainer
+from ms2rgb.tasks.training import plots
+from ms2rgb.tasks.data.classes import SCENE_NAMES
+from ms2rgb.tasks.tracking import StageTracker
+from ms2rgb.tasks.training.loop import EpochStats, Trainer
 
 
 def epoch_printer(name: str) -> Callable[[Trainer, EpochStats], None]:

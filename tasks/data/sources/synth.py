@@ -12,14 +12,15 @@ import numpy as np
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
-from models.bands import RGB_BANDS, S2_BANDS
-from tasks.classes import SCENE_NAMES
-from tasks.geotiff import PIXEL_SIZE, TILE_SIZE, sha256_of, tile_bounds, write_tile
-from tasks.render import render_rgb
-from tasks.manifest import MANIFEST_NAME, make_manifest, write_manifest
-from tasks.spectra import surface_spectra
-from tasks.synth_scene import SynthConfig, render_location
-from tasks.synth_layouts import LAYOUTS
+from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
+from ms2rgb.tasks.data.classes import SCENE_NAMES
+from ms2rgb.tasks.data.geotiff import PIXEL_SIZE, TILE_SIZE, sha256_of, tile_bounds, write_tile
+from ms2rgb.tasks.data.render import render_rgb
+from ms2rgb.tasks.data.manifest import MANIFEST_NAME, make_manifest, write_manifest
+from ms2rgb.tasks.data.sources.spectra import surface_spectra
+from ms2rgb.tasks.config import SynthConfig
+from ms2rgb.tasks.data.sources.synth_scene import render_location
+from ms2rgb.tasks.data.sources.synth_layouts import LAYOUTS
 
 MS_ONLY_SPLITS = ("ms_train", "ms_pool")
 RGB_ONLY_SPLITS = ("rgb_train", "fewshot", "seg_test", "captions")
@@ -52,7 +53,7 @@ def _rows_for(out: Path, loc_id: str, scene_class: str, split: str, transform, c
     return rows
 
 
-def generate(out: Path, cfg: SynthConfig, progress: Callable[[str], None] = print) -> Path:
+def generate(out: Path, cfg: SynthConfig, seed: int, progress: Callable[[str], None] = print) -> Path:
     """Write the synthetic data set under `out` and return its manifest path."""
     spectra = surface_spectra(cfg.rgb_ambiguity)
     crs = CRS.from_string(cfg.crs)
@@ -62,7 +63,7 @@ def generate(out: Path, cfg: SynthConfig, progress: Callable[[str], None] = prin
     for split_no, (split, count) in enumerate(cfg.per_class.items()):
         for class_no, scene_class in enumerate(SCENE_NAMES):
             for k in range(count):
-                rng = np.random.default_rng([cfg.seed, split_no, class_no, k])
+                rng = np.random.default_rng([seed, split_no, class_no, k])
                 ms, mask = render_location(rng, scene_class, spectra, cfg)
                 loc_id = f"synth-{split}-{scene_class}-{k:04d}"
                 rows += _rows_for(out, loc_id, scene_class, split, _location_transform(index), crs, ms, mask)

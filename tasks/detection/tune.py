@@ -16,36 +16,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.clip_detector import ClassMapDetector
-from models.seg_losses import segmentation_loss
-from tasks.detector_data import augment, sample_batch
-from tasks.errors import Ms2rgbError, ParamsError
-from tasks.seg_metrics import confusion, iou_report
-from tasks.training import autocast
+from ms2rgb.models.clip_detector import ClassMapDetector
+from ms2rgb.models.seg_losses import segmentation_loss
+from ms2rgb.tasks.detection.data import augment, sample_batch
+from ms2rgb.tasks.config import TuneConfig
+from ms2rgb.tasks.errors import Ms2rgbError, ParamsError
+from ms2rgb.tasks.training.seg_metrics import confusion, iou_report
+from ms2rgb.tasks.training.loop import autocast
 
 STOP_THRESHOLD, STOP_MAX_STEPS = "loss_threshold", "max_steps"
-
-
-@dataclass(frozen=True)
-class TuneConfig:
-    """detector.tune: the prompt-tuning budget and stop rule."""
-
-    max_steps: int = 120           # hard cap on optimisation steps
-    batch_size: int = 32           # tiles per step (the whole set when K-shot gives fewer)
-    lr: float = 5e-3               # AdamW learning rate of prompts and projections (constant)
-    weight_decay: float = 0.0      # MaPLe trains prompts without decay
-    loss_threshold: float = 0.5    # stop once focal + dice stays under this ...
-    patience: int = 5              # ... for this many consecutive steps
-    focal_gamma: float = 2.0       # focal loss exponent (AnomalyCLIP)
-    checkpoint_every: int = 40     # steps between resumable checkpoints (a final one is always written)
-
-    def check(self, name: str) -> None:
-        if self.max_steps < 1 or self.batch_size < 1 or self.patience < 1 or self.checkpoint_every < 1:
-            raise ParamsError(name, self, "max_steps, batch_size, patience and checkpoint_every must be >= 1")
-        if self.lr <= 0:
-            raise ParamsError(f"{name}.lr", self.lr, "use a positive learning rate, e.g. 0.01")
-        if self.loss_threshold < 0:
-            raise ParamsError(f"{name}.loss_threshold", self.loss_threshold, "use 0 (never stop early) or more")
 
 
 @dataclass

@@ -1,0 +1,82 @@
+"""Pair tables: the pairs table the pairs stage writes, and the true RGB/MS pairs of paired splits.
+
+Both are read by more than one stage (pairs, student; matcher, student), so they live here,
+below the stages. The pairs table's schema and its reader sit together so that a stale or
+foreign table fails loudly where it is read.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
+from ms2rgb.tasks.data.cache import open_split, require_bands
+from ms2rgb.tasks.errors import DataError, PairsTableError
+
+PAIRS_FILE = "pairs.parquet"
+# Column -> what it holds. `teacher_probs` is a list of len(SCENE_NAMES) floats in SCENE_NAMES order.
+PAIRS_SCHEMA: dict[str, str] = {
+    "rgb_id": "id of the RGB training tile (rgb_train)",
+    "ms_id": "id of the paired MS pool tile (ms_pool)",
+    "score": "matcher cosine score of the pair",
+    "class": "scene class: the RGB tile's label and the MS tile's teacher class",
+    "teacher_probs": "teacher class distribution of the MS tile",
+    "ms_true_class": "the MS tile's own label where it has one (null for ingested scenes)",
+}
+
+
+def read_pairs(path: Path, rgb_ids: list[str], ms_ids: list[str]) -> np.ndarray:
+    """Row in `ms_ids` of each RGB tile's partner, in `rgb_ids` order; raises on a stale or broken table."""
+    fix = "re-run the pairs stage (`ms2rgb stage pairs` or `dvc repro pairs`) after prepare/teacher/matcher"
+    if not path.exists():
+        raise PairsTableError(path, "the pairs table is missing", fix)
+    table = pd.read_parquet(path)
+    missing_cols = sorted(set(PAIRS_SCHEMA) - set(table.columns))
+    if missing_cols:
+        raise PairsTableError(path, f"columns {missing_cols} are missing", fix)
+    ms_row = {ms_id: i for i, ms_id in enumerate(ms_ids)}
+    for column, known in (("rgb_id", set(rgb_ids)), ("ms_id", ms_row)):
+        unknown = sorted(set(table[column]) - set(known))
+        if unknown:
+            raise PairsTableError(path, f"{len(unknown)} {column}(s) are not in the prepared data, "
+                                  f"e.g. {unknown[:5]}", fix)
+    partner = dict(zip(table["rgb_id"], table["ms_id"]))
+    unpaired = [i for i in rgb_ids if i not in partner]
+    if unpaired:
+        raise PairsTableError(path, f"{len(unpaired)} RGB training tile(s) have no pair, e.g. {unpaired[:5]}", fix)
+    return np.array([ms_row[partner[i]] for i in rgb_ids], dtype=np.int64)
+
+
+
+def write_pairs(frame: pd.DataFrame, path: Path) -> Path:
+    """Write the pairs table whole or not at all (it is a DVC output)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    frame.to_parquet(tmp, index=False)
+    tmp.replace(path)
+    return path
+
+
+@dataclass
+class PairSet:
+    """True RGB/MS pairs aligned row by row (same location), with their scene class."""
+
+    rgb: np.ndarray      # (N, 3, H, W) uint8
+    ms: np.ndarray       # (N, 13, H, W) uint16
+    labels: np.ndarray   # (N,) int64
+
+
+def load_true_pairs(prepared: Path, split: str) -> PairSet:
+    """Both modalities of a paired split, joined on location_id; every location needs both tiles."""
+    rgb = require_bands(open_split(prepared, split, "rgb"), RGB_BANDS, f"{split}/rgb")
+    ms = require_bands(open_split(prepared, split, "ms"), S2_BANDS, f"{split}/ms")
+    ms_row = {loc: i for i, loc in enumerate(ms.location_ids)}
+    missing = [loc for loc in rgb.location_ids if loc not in ms_row]
+    if missing or len(ms_row) != len(rgb.location_ids):
+        raise DataError(f"split {split!r}", f"locations without both an RGB and an MS tile: {missing[:10]}",
+                        "a paired split needs one tile of each modality per location; re-run prepare")
+    order = np.array([ms_row[loc] for loc in rgb.location_ids])
+    return PairSet(np.asarray(rgb.images), np.asarray(ms.images)[order], rgb.labels)
