@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export MPLBACKEND := Agg
 
-.PHONY: run test install bench clean
+.PHONY: run test quick lint format typecheck install bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,8 +22,27 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/ms2rgb run
 
-test: $(STAMP)
+# Everything CI checks: lint, format, types, then every test (slow ones included).
+test: lint typecheck
 	$(BIN)/python -m pytest -q
+
+# The inner loop: no pipeline, server or multi-minute tests (about a minute).
+quick: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# The folders install as ms2rgb.*; link them under that name so mypy sees the imported module names.
+typecheck: $(STAMP)
+	mkdir -p .typecheck/ms2rgb
+	for d in tasks models flows; do ln -sfn ../../$$d .typecheck/ms2rgb/$$d; done
+	$(BIN)/mypy -p ms2rgb
 
 bench: $(STAMP)
 	$(BIN)/python bench/data_loading.py

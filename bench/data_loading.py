@@ -4,6 +4,7 @@ Same tiles both ways (the MS training split), same batch size, same random order
 Usage: python bench/data_loading.py [--root .] [--split ms_train] [--epochs 3]
 Needs a prepared project (`ms2rgb stage prepare` or `make run`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,15 +15,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ms2rgb.tasks.data.cache import open_split
 from ms2rgb.tasks.config import load_params
+from ms2rgb.tasks.data.cache import open_split
 from ms2rgb.tasks.data.geotiff import read_tile
 
 
 def epoch_from_cache(images: np.ndarray, order: np.ndarray, batch: int) -> float:
     total = 0.0
     for start in range(0, len(order), batch):
-        idx = np.sort(order[start:start + batch])  # sorted fancy index = sequential reads in the memmap
+        idx = np.sort(order[start : start + batch])  # sorted fancy index = sequential reads in the memmap
         total += float(torch.from_numpy(images[idx].astype(np.float32)).mean())
     return total
 
@@ -30,7 +31,7 @@ def epoch_from_cache(images: np.ndarray, order: np.ndarray, batch: int) -> float
 def epoch_from_files(paths: list[Path], order: np.ndarray, batch: int) -> float:
     total = 0.0
     for start in range(0, len(order), batch):
-        arrays = [read_tile(paths[i]) for i in order[start:start + batch]]
+        arrays = [read_tile(paths[i]) for i in order[start : start + batch]]
         total += float(torch.from_numpy(np.stack(arrays).astype(np.float32)).mean())
     return total
 

@@ -4,6 +4,7 @@ Usage: python bench/information_gap.py [--root .] [--epochs 15]
 Trains SceneCNN on ms_train (13 bands) and on the RGB render of exactly those tiles, tests on
 the `test` split of each modality, prints both accuracies and the gap in points.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,12 +15,13 @@ import numpy as np
 
 from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
 from ms2rgb.models.classifier import SceneCNN, SceneCNNConfig
+from ms2rgb.tasks.config import load_params
 from ms2rgb.tasks.data.cache import open_split
 from ms2rgb.tasks.data.classes import SCENE_NAMES
-from ms2rgb.tasks.config import load_params
 from ms2rgb.tasks.data.render import render_rgb
 from ms2rgb.tasks.training.inference import predict_logits
-from ms2rgb.tasks.training.loop import FitConfig, accuracy_report, fit_classifier
+from ms2rgb.tasks.training.loop import FitConfig, fit_classifier
+from ms2rgb.tasks.training.metrics import accuracy_report
 
 
 def rgb_of(ms: np.ndarray) -> np.ndarray:
@@ -43,10 +45,14 @@ def main() -> None:
         report = accuracy_report(predict_logits(model, to_input(test.images)), test.labels, SCENE_NAMES)
         results[name] = report["accuracy"]
         worst = sorted(report["per_class"].items(), key=lambda kv: kv[1])[:3]
-        print(f"{name:3s}: test accuracy {report['accuracy']:.3f} ({time.perf_counter() - start:.0f} s); "
-              f"weakest classes {[(k, round(v, 2)) for k, v in worst]}")
-    print(f"gap: {100 * (results['MS'] - results['RGB']):.1f} points "
-          f"(train {len(train.labels)} tiles, test {len(test.labels)} tiles, seed {args.seed})")
+        print(
+            f"{name:3s}: test accuracy {report['accuracy']:.3f} ({time.perf_counter() - start:.0f} s); "
+            f"weakest classes {[(k, round(v, 2)) for k, v in worst]}"
+        )
+    print(
+        f"gap: {100 * (results['MS'] - results['RGB']):.1f} points "
+        f"(train {len(train.labels)} tiles, test {len(test.labels)} tiles, seed {args.seed})"
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ seconds per stage, their total against the 5-minute budget, and the peak residen
 The baselines and ablations of the student stage (5 variants x seeds, plus 2 more seeds of the
 full method) come on top; each costs about as much as the full method's run or less.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,17 +22,17 @@ import numpy as np
 
 from ms2rgb.models.bands import S2_BANDS
 from ms2rgb.models.classifier import SceneCNN
-from ms2rgb.tasks.data.classes import SCENE_NAMES
 from ms2rgb.tasks.config import load_params
-from ms2rgb.tasks.config import MatcherStageConfig, StudentConfig, TeacherConfig
-from ms2rgb.tasks.training.distill import FULL_METHOD, VARIANTS, budget_epochs, train_student
+from ms2rgb.tasks.data.classes import SCENE_NAMES
 from ms2rgb.tasks.data.pairing import load_true_pairs
 from ms2rgb.tasks.matcher import retrieval
 from ms2rgb.tasks.matcher import train as train_matcher
 from ms2rgb.tasks.student import StudentInputs, student_arch
 from ms2rgb.tasks.teacher import fit_config, labelled_ms
+from ms2rgb.tasks.training.distill import FULL_METHOD, VARIANTS, budget_epochs, train_student
 from ms2rgb.tasks.training.inference import predict_logits
-from ms2rgb.tasks.training.loop import accuracy_report, fit_classifier, seed_everything
+from ms2rgb.tasks.training.loop import fit_classifier, seed_everything
+from ms2rgb.tasks.training.metrics import accuracy_report
 
 BUDGET_S = 300.0
 
@@ -70,8 +71,14 @@ def bench_student(root: Path, params: dict[str, Any], seed: int) -> str:
     inputs = StudentInputs(root, params)
     full = next(v for v in VARIANTS if v.name == FULL_METHOD)
     data = inputs.data_for(full, seed)
-    run = train_student(full, data, cfg, student_arch(inputs.teacher.cfg), seed,
-                        budget_epochs(cfg, len(inputs.rgb.labels), len(data.labels)))
+    run = train_student(
+        full,
+        data,
+        cfg,
+        student_arch(inputs.teacher.cfg),
+        seed,
+        budget_epochs(cfg, len(inputs.rgb.labels), len(data.labels)),
+    )
     report = accuracy_report(predict_logits(run.model, inputs.test.images), inputs.test.labels, SCENE_NAMES)
     return f"RGB test accuracy {report['accuracy']:.3f} ({cfg.epochs} epochs, {len(run.rounds)} re-matching rounds)"
 
@@ -89,8 +96,10 @@ def main() -> None:
     timed("student", lambda: bench_student(root, params, seed), results)
     total = sum(results.values())
     verdict = "within" if total <= BUDGET_S else "OVER"
-    print(f"total    {total:7.1f} s  ({verdict} the {BUDGET_S:.0f} s budget; profile {params.get('profile')}, "
-          f"peak RSS {peak_rss_mib():.0f} MiB)")
+    print(
+        f"total    {total:7.1f} s  ({verdict} the {BUDGET_S:.0f} s budget; profile {params.get('profile')}, "
+        f"peak RSS {peak_rss_mib():.0f} MiB)"
+    )
 
 
 if __name__ == "__main__":

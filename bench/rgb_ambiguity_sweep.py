@@ -4,6 +4,7 @@ Renders locations in memory (no files, no GDAL: runs on bare GPU hosts too), tra
 on the 13 bands and on the RGB render of the same tiles, and prints test accuracy per setting.
 Usage: python bench/rgb_ambiguity_sweep.py --ambiguity 0,0.3,0.6,0.9 --epochs 20
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,13 +15,14 @@ import numpy as np
 
 from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
 from ms2rgb.models.classifier import SceneCNN, SceneCNNConfig
+from ms2rgb.tasks.config import SynthConfig, load_params
 from ms2rgb.tasks.data.classes import SCENE_NAMES
 from ms2rgb.tasks.data.render import render_rgb
 from ms2rgb.tasks.data.sources.spectra import surface_spectra
-from ms2rgb.tasks.config import SynthConfig, load_params
 from ms2rgb.tasks.data.sources.synth_scene import render_location
 from ms2rgb.tasks.training.inference import predict_logits
-from ms2rgb.tasks.training.loop import FitConfig, accuracy_report, fit_classifier
+from ms2rgb.tasks.training.loop import FitConfig, fit_classifier
+from ms2rgb.tasks.training.metrics import accuracy_report
 
 
 def draw(cfg: SynthConfig, split_no: int, per_class: int) -> tuple[np.ndarray, np.ndarray]:
@@ -35,8 +37,15 @@ def draw(cfg: SynthConfig, split_no: int, per_class: int) -> tuple[np.ndarray, n
     return np.stack(tiles), np.array(labels)
 
 
-def accuracy(bands: tuple[str, ...], train: np.ndarray, y_train: np.ndarray, test: np.ndarray,
-             y_test: np.ndarray, epochs: int, width: int) -> float:
+def accuracy(
+    bands: tuple[str, ...],
+    train: np.ndarray,
+    y_train: np.ndarray,
+    test: np.ndarray,
+    y_test: np.ndarray,
+    epochs: int,
+    width: int,
+) -> float:
     model = SceneCNN(SceneCNNConfig(bands=bands, from_8bit=bands == RGB_BANDS, width=width))
     fit_classifier(model, train, y_train, FitConfig(epochs=epochs, batch_size=64, lr=2e-3, weight_decay=1e-4), seed=0)
     return accuracy_report(predict_logits(model, test), y_test, SCENE_NAMES)["accuracy"]
@@ -59,7 +68,7 @@ def main() -> None:
         train, y_train = draw(cfg, 0, args.train_per_class)
         test, y_test = draw(cfg, 1, args.test_per_class)
         ms = accuracy(S2_BANDS, train, y_train, test, y_test, args.epochs, args.width)
-        rgb_of = lambda tiles: np.stack([render_rgb(t) for t in tiles])  # noqa: E731
+        rgb_of = lambda tiles: np.stack([render_rgb(t) for t in tiles])
         rgb = accuracy(RGB_BANDS, rgb_of(train), y_train, rgb_of(test), y_test, args.epochs, args.width)
         print(f"{value:9.2f}  {ms:6.3f}  {rgb:7.3f}  {100 * (ms - rgb):10.1f}  {time.perf_counter() - start:7.0f}")
 

@@ -9,6 +9,7 @@ the larger set got, which separates "more tiles" from "more steps". A large gain
 student, which is headroom that distillation from unpaired MS tiles can only partly reach:
 those tiles never show the student their RGB look.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ms2rgb.tasks.config import StudentConfig, load_params
 from ms2rgb.tasks.data.cache import open_split
 from ms2rgb.tasks.data.classes import SCENE_NAMES
-from ms2rgb.tasks.config import load_params
-from ms2rgb.tasks.training.distill import VARIANTS, StudentSet, train_student
 from ms2rgb.tasks.data.render import render_rgb
 from ms2rgb.tasks.student import StudentInputs, student_arch
+from ms2rgb.tasks.training.distill import VARIANTS, StudentSet, train_student
 from ms2rgb.tasks.training.inference import predict_logits
-from ms2rgb.tasks.training.loop import accuracy_report
+from ms2rgb.tasks.training.metrics import accuracy_report
 
 EXTRA_SPLITS = ("ms_train", "ms_pool")
 
@@ -34,7 +35,7 @@ def rendered(prepared: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([render_rgb(tile) for tile in np.asarray(ms.images)]), np.asarray(ms.labels)
 
 
-def accuracy(inputs: StudentInputs, data: StudentSet, cfg: "StudentConfig", seed: int, epochs: int) -> float:
+def accuracy(inputs: StudentInputs, data: StudentSet, cfg: StudentConfig, seed: int, epochs: int) -> float:
     rgb_only = next(v for v in VARIANTS if v.name == "rgb_only")
     run = train_student(rgb_only, data, cfg, student_arch(inputs.teacher.cfg), seed, epochs)
     return accuracy_report(predict_logits(run.model, inputs.test.images), inputs.test.labels, SCENE_NAMES)["accuracy"]
@@ -51,15 +52,25 @@ def main() -> None:
     inputs = StudentInputs(root, params)
     extra = [rendered(root / params.data.prepared_dir, split) for split in EXTRA_SPLITS]
     own = StudentSet(inputs.rgb_images, inputs.rgb.labels, None, None)
-    more = StudentSet(np.concatenate([inputs.rgb_images, *(x for x, _ in extra)]),
-                      np.concatenate([inputs.rgb.labels, *(y for _, y in extra)]), None, None)
+    more = StudentSet(
+        np.concatenate([inputs.rgb_images, *(x for x, _ in extra)]),
+        np.concatenate([inputs.rgb.labels, *(y for _, y in extra)]),
+        None,
+        None,
+    )
     same_steps = round(cfg.epochs * len(more.labels) / len(own.labels))
-    for name, data, epochs in (("rgb_train", own, cfg.epochs), ("rgb_train + rendered MS tiles", more, cfg.epochs),
-                               ("rgb_train, the larger set's steps", own, same_steps)):
+    for name, data, epochs in (
+        ("rgb_train", own, cfg.epochs),
+        ("rgb_train + rendered MS tiles", more, cfg.epochs),
+        ("rgb_train, the larger set's steps", own, same_steps),
+    ):
         accs = np.array([accuracy(inputs, data, cfg, seed + k, epochs) for k in range(args.seeds)])
-        print(f"rgb_only on {name:34s} ({len(data.labels):5d} tiles, {epochs:3d} epochs): RGB test accuracy "
-              f"{accs.mean():.3f} +- {accs.std(ddof=1) if len(accs) > 1 else 0.0:.3f}  per seed "
-              f"{' '.join(f'{a:.3f}' for a in accs)}", flush=True)
+        print(
+            f"rgb_only on {name:34s} ({len(data.labels):5d} tiles, {epochs:3d} epochs): RGB test accuracy "
+            f"{accs.mean():.3f} +- {accs.std(ddof=1) if len(accs) > 1 else 0.0:.3f}  per seed "
+            f"{' '.join(f'{a:.3f}' for a in accs)}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 stage and records a finished stage with `dvc commit`, so after a Prefect run `dvc status`
 is clean and after `dvc repro` the flow skips the fresh stages.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,6 +23,7 @@ def _repo(root: Path):
     # DVC resolves stage names and paths against the working directory, not the Repo root,
     # so work from inside the project for the duration of the call.
     from dvc.repo import Repo
+
     with contextlib.chdir(root), Repo(".") as repo:
         yield repo
 

@@ -1,4 +1,5 @@
 """The Prefect `pipeline` flow: the DVC stages in DAG order, under one MLflow parent run."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,8 +40,12 @@ def stages_until(until: str | None) -> list[str]:
 def pipeline(root: str = ".", until: str | None = None, force: bool = False) -> dict[str, Any]:
     """Run every stale stage (all with force=True) up to `until`; return the stage reports."""
     root = str(Path(root).resolve())
+    names = stages_until(until)
+    if not force and not any(dvc_state.is_stale(Path(root), name) for name in names):
+        get_run_logger().info("every stage is fresh according to dvc.lock: nothing to run, no MLflow run made")
+        return dict.fromkeys(names)
     reports: dict[str, Any] = {}
     with tracking.pipeline_run(Path(root), "pipeline", tags={"ms2rgb.trigger": "prefect"}) as parent:
-        for name in stages_until(until):
+        for name in names:
             reports[name] = stage_task.with_options(task_run_name=name)(name, root, parent, force)
     return reports

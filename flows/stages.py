@@ -1,15 +1,17 @@
 """The stage registry: one function per stage, called alike by `dvc repro` and the Prefect flow."""
+
 from __future__ import annotations
 
 import importlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ms2rgb.tasks import tracking
 from ms2rgb.tasks.config import load_params
+from ms2rgb.tasks.data.atomic import write_json_atomic
 from ms2rgb.tasks.errors import Ms2rgbError
+from ms2rgb.tasks.training.loop import make_deterministic
 
 StageFn = Callable[[Path, dict[str, Any], tracking.StageTracker], dict[str, Any]]
 
@@ -35,10 +37,7 @@ def stage_function(name: str) -> StageFn:
 def write_report(root: Path, name: str, report: dict[str, Any]) -> Path:
     """reports/<stage>.json, written atomically (it is a DVC metrics file)."""
     path = root / REPORTS_DIR / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, report, default=str)
     return path
 
 
@@ -54,6 +53,7 @@ def run_stage(name: str, root: Path, parent_run_id: str | None = None) -> dict[s
     """
     fn = stage_function(name)
     params = load_params(root)
+    make_deterministic(params.threads)
     with tracking.stage_run(root, name, parent_run_id) as tracker:
         try:
             report = fn(root, params, tracker)

@@ -1,8 +1,9 @@
-"""Sentinel-2 band names and band-keyed normalisation, shared by every model.
+"""Sentinel-2 band names and band-keyed normalisation, shared by every model (docs/design.md, data model).
 
 Statistics are keyed by band name so the MS teacher (13 bands) and the RGB student
 (B04/B03/B02) pick their rows from one table and never disagree on scaling.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -12,21 +13,53 @@ from torch import nn
 
 # Sentinel-2 L1C order used everywhere in ms2rgb (note: EuroSAT's own tif order puts B8A last).
 S2_BANDS: tuple[str, ...] = (
-    "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12",
+    "B01",
+    "B02",
+    "B03",
+    "B04",
+    "B05",
+    "B06",
+    "B07",
+    "B08",
+    "B8A",
+    "B09",
+    "B10",
+    "B11",
+    "B12",
 )
 RGB_BANDS: tuple[str, ...] = ("B04", "B03", "B02")
 
 # Mean/std of real EuroSAT MS tiles (uint16 reflectance x10000), as published in torchgeo's
 # EuroSAT datamodule, re-keyed by band name.
 BAND_MEAN: dict[str, float] = {
-    "B01": 1354.41, "B02": 1118.24, "B03": 1042.93, "B04": 947.63, "B05": 1199.47,
-    "B06": 1999.79, "B07": 2369.22, "B08": 2296.83, "B8A": 2594.14, "B09": 732.08,
-    "B10": 12.11, "B11": 1819.01, "B12": 1118.92,
+    "B01": 1354.41,
+    "B02": 1118.24,
+    "B03": 1042.93,
+    "B04": 947.63,
+    "B05": 1199.47,
+    "B06": 1999.79,
+    "B07": 2369.22,
+    "B08": 2296.83,
+    "B8A": 2594.14,
+    "B09": 732.08,
+    "B10": 12.11,
+    "B11": 1819.01,
+    "B12": 1118.92,
 }
 BAND_STD: dict[str, float] = {
-    "B01": 245.72, "B02": 333.01, "B03": 395.09, "B04": 593.75, "B05": 566.42,
-    "B06": 861.18, "B07": 1086.63, "B08": 1117.98, "B8A": 1231.59, "B09": 404.92,
-    "B10": 4.78, "B11": 1002.59, "B12": 761.30,
+    "B01": 245.72,
+    "B02": 333.01,
+    "B03": 395.09,
+    "B04": 593.75,
+    "B05": 566.42,
+    "B06": 861.18,
+    "B07": 1086.63,
+    "B08": 1117.98,
+    "B8A": 1231.59,
+    "B09": 404.92,
+    "B10": 4.78,
+    "B11": 1002.59,
+    "B12": 761.30,
 }
 
 # 8-bit RGB tiles are rendered as clip(reflectance / RGB_REFLECTANCE_MAX, 0, 1) * 255
@@ -42,9 +75,7 @@ def check_bands(bands: Sequence[str]) -> tuple[str, ...]:
     """Return bands as a tuple, raising on names outside the Sentinel-2 table."""
     unknown = [b for b in bands if b not in BAND_MEAN]
     if unknown:
-        raise BandMismatchError(
-            f"unknown band name(s) {unknown}; valid names are {list(S2_BANDS)}"
-        )
+        raise BandMismatchError(f"unknown band name(s) {unknown}; valid names are {list(S2_BANDS)}")
     return tuple(bands)
 
 

@@ -2,11 +2,11 @@
 
 Both are the same ``SceneCNN`` built from a different band list; only the input layer
 differs, so ``encode`` yields feature maps of one shape and the distillation loss can
-compare them directly (METHODS.md A.4: "same data structure").
+compare them directly (docs/methods.md §A.4: "same data structure").
 """
+
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -92,27 +92,3 @@ class SceneCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classify(self.encode(x))
-
-
-_CLASSIFIERS: dict[str, Callable[[SceneCNNConfig], nn.Module]] = {"scene_cnn": SceneCNN}
-
-
-def register_classifier(name: str, builder: Callable[[SceneCNNConfig], nn.Module]) -> None:
-    """Add a classifier architecture under ``name`` (like open_clip's ``add_model_config``)."""
-    if name in _CLASSIFIERS:
-        raise ValueError(f"classifier {name!r} is already registered")
-    _CLASSIFIERS[name] = builder
-
-
-def list_classifiers() -> list[str]:
-    """Names accepted by ``build_classifier``."""
-    return sorted(_CLASSIFIERS)
-
-
-def build_classifier(name: str, cfg: SceneCNNConfig) -> nn.Module:
-    """Build the classifier registered as ``name`` from ``cfg``."""
-    if name not in _CLASSIFIERS:
-        raise ValueError(
-            f"unknown classifier {name!r}; valid names are {list_classifiers()}"
-        )
-    return _CLASSIFIERS[name](cfg)

@@ -1,4 +1,4 @@
-"""Build a frozen open_clip CLIP whose visual tower yields patch tokens.
+"""Build a frozen open_clip CLIP whose visual tower yields patch tokens (docs/methods.md §B.1).
 
 Method B needs per-patch tokens from a plain ViT and a text tower with token
 embeddings it can splice prompts into, so only native open_clip ViT + text
@@ -16,10 +16,12 @@ patch's projected token carry its own surface, which is what per-patch prompting
 (on the default synthetic data, 150 pretraining steps then 120 coupled-prompt tuning steps
 at K=16 gave mIoU 0.15 with a class token and 0.38 with mean pooling, seed 0).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import open_clip
 import torch
@@ -27,7 +29,6 @@ from torch import nn
 
 CONFIG_DIR = Path(__file__).parent / "clip_configs"
 TINY_MODEL = "ms2rgb-tiny-vit"
-
 
 
 class UnknownClipModelError(ValueError):
@@ -77,10 +78,7 @@ def unsupported_reason(model_cfg: dict[str, Any]) -> str | None:
 
 def supported_models() -> list[str]:
     """open_clip config names usable by PromptedCLIP (native ViT + transformer text)."""
-    return [
-        name for name in open_clip.list_models()
-        if unsupported_reason(open_clip.get_model_config(name)) is None
-    ]
+    return [name for name in open_clip.list_models() if unsupported_reason(open_clip.get_model_config(name)) is None]
 
 
 def _check_model_name(model_name: str) -> None:

@@ -1,9 +1,10 @@
-"""Serving wrappers around a (prompted) open_clip CLIP that take 8-bit RGB tiles as they are stored.
+"""Serving wrappers around a (prompted) open_clip CLIP, fed 8-bit RGB tiles as stored (docs/methods.md §B.4).
 
 The prepared cache and GeoTIFFs hold RGB as 0..255; CLIPs expect [0, 1] pixels z-scored with
 the statistics their weights were trained with. ``ClipPixels`` does that scaling in the model,
 so a registered model's input is plain RGB and no caller can forget the normalisation.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -33,8 +34,11 @@ class ClipPixels(nn.Module):
     def for_clip(cls, clip: nn.Module) -> ClipPixels:
         """Use the mean/std open_clip attached to the model (they follow the pretrained tag)."""
         cfg = getattr(clip.visual, "preprocess_cfg", None) or {}
-        return cls(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN), cfg.get("std", open_clip.OPENAI_DATASET_STD),
-                   clip.visual.image_size)
+        return cls(
+            cfg.get("mean", open_clip.OPENAI_DATASET_MEAN),
+            cfg.get("std", open_clip.OPENAI_DATASET_STD),
+            clip.visual.image_size,
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -53,8 +57,14 @@ class ClassMapDetector(nn.Module):
     (``open_clip.get_tokenizer(clip_model)``) for :meth:`logits_for`.
     """
 
-    def __init__(self, prompted: PromptedCLIP, text_tokens: torch.Tensor, class_names: Sequence[str],
-                 texts: Sequence[str], clip_model: str) -> None:
+    def __init__(
+        self,
+        prompted: PromptedCLIP,
+        text_tokens: torch.Tensor,
+        class_names: Sequence[str],
+        texts: Sequence[str],
+        clip_model: str,
+    ) -> None:
         super().__init__()
         if len(class_names) != text_tokens.shape[0] or len(texts) != len(class_names):
             raise ValueError(

@@ -1,12 +1,13 @@
 """Few-shot multimodal prompt tuning of a frozen open_clip CLIP into a per-pixel class map.
 
-Method B (see METHODS.md): only prompt vectors and one projection per prompted layer
+Method B (docs/methods.md §B.2–§B.4): only prompt vectors and one projection per prompted layer
 train; the CLIP stays frozen. Text prompts are spliced in right after the start token
 of each class description (MaPLe), image prompts are appended to the patch sequence
 and, in the "coupled" mode, are a per-layer linear projection of the text prompts of
 the twin language layer. Patch tokens of selected vision layers are scored against the
 class text features; the per-layer maps are fused into one class-logit map.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -21,7 +22,6 @@ from ms2rgb.models.clip_backbone import freeze
 
 MODES = ("zero_shot", "text", "visual", "independent", "coupled")
 TEXT_PROMPT_MODES = ("text", "independent", "coupled")
-VISUAL_PROMPT_MODES = ("visual", "independent", "coupled")
 
 
 @dataclass
@@ -70,9 +70,7 @@ def class_map(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=1)
 
 
-def insert_text_prompts(
-    x: torch.Tensor, ctx: torch.Tensor, eot: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def insert_text_prompts(x: torch.Tensor, ctx: torch.Tensor, eot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Insert prompts right after the start token, keeping the sequence length.
 
     Args:
@@ -130,9 +128,7 @@ class PromptedCLIP(nn.Module):
 
     def __init__(self, clip: nn.Module, cfg: PromptConfig) -> None:
         super().__init__()
-        if not isinstance(clip, open_clip.CLIP) or not isinstance(
-            clip.visual, open_clip.transformer.VisionTransformer
-        ):
+        if not isinstance(clip, open_clip.CLIP) or not isinstance(clip.visual, open_clip.transformer.VisionTransformer):
             raise TypeError(
                 f"PromptedCLIP needs an open_clip.CLIP with a VisionTransformer visual tower, got "
                 f"{type(clip).__name__}; build it with models.clip_backbone.load_clip"
@@ -148,7 +144,8 @@ class PromptedCLIP(nn.Module):
         # MaPLe's coupling function: one linear map per prompted layer, no meta-network.
         self.couplers = (
             nn.ModuleList(nn.Linear(text_width, vision_width) for _ in range(cfg.depth))
-            if cfg.mode == "coupled" else None
+            if cfg.mode == "coupled"
+            else None
         )
 
     def _resolve_layers(self, cfg: PromptConfig) -> tuple[int, ...]:
@@ -157,8 +154,7 @@ class PromptedCLIP(nn.Module):
         n_vision = len(self.clip.visual.transformer.resblocks)
         if cfg.mode != "zero_shot" and cfg.depth > min(n_text, n_vision):
             raise ValueError(
-                f"PromptConfig.depth={cfg.depth} exceeds the CLIP's layers "
-                f"(text {n_text}, vision {n_vision}); lower it"
+                f"PromptConfig.depth={cfg.depth} exceeds the CLIP's layers (text {n_text}, vision {n_vision}); lower it"
             )
         resolved = []
         for i in cfg.similarity_layers:

@@ -3,6 +3,7 @@
 The teacher is frozen; every teacher tensor entering a loss here is detached, so a
 caller that forgot ``torch.no_grad`` still cannot leak gradients into it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from torch import nn
 
 
 class CrossModalAttention(nn.Module):
-    """Student tokens attend over the paired teacher's tokens (METHODS.md A.5).
+    """Student tokens attend over the paired teacher's tokens (docs/methods.md §A.4).
 
     Returns two maps shaped like the student's (B, C, h, w):
     1. ``first``: the student features through a learned 1x1 projection (student side);
@@ -41,9 +42,7 @@ class CrossModalAttention(nn.Module):
         hs = C // self.heads
         return tokens.view(B, T, self.heads, hs).transpose(1, 2)  # (B, nh, T, hs)
 
-    def forward(
-        self, student: torch.Tensor, teacher: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """student (B, C, h, w), teacher (B, C, h', w') -> two (B, C, h, w) maps."""
         if student.ndim != 4 or teacher.ndim != 4 or student.shape[:2] != teacher.shape[:2]:
             raise ValueError(
@@ -88,9 +87,7 @@ def _rbf_mmd2(x: torch.Tensor, y: torch.Tensor, scales: tuple[float, ...]) -> to
     return kernel_mean(dxx) + kernel_mean(dyy) - 2 * kernel_mean(dxy)
 
 
-def domain_shift_loss(
-    a: torch.Tensor, b: torch.Tensor, scales: tuple[float, ...] = (0.25, 1.0, 4.0)
-) -> torch.Tensor:
+def domain_shift_loss(a: torch.Tensor, b: torch.Tensor, scales: tuple[float, ...] = (0.25, 1.0, 4.0)) -> torch.Tensor:
     """Multi-bandwidth RBF MMD^2 between two (B, C, h, w) maps, averaged over the batch.
 
     Why MMD rather than CORAL or normalised MSE: pairs in this method share a scene
@@ -103,18 +100,14 @@ def domain_shift_loss(
     loss informative whether the maps are far apart (early) or close (late).
     """
     if a.shape != b.shape or a.ndim != 4:
-        raise ValueError(
-            f"maps must share a (B, C, h, w) shape; got {tuple(a.shape)}, {tuple(b.shape)}"
-        )
+        raise ValueError(f"maps must share a (B, C, h, w) shape; got {tuple(a.shape)}, {tuple(b.shape)}")
     x = a.flatten(2).transpose(1, 2)  # (B, h*w, C)
     y = b.flatten(2).transpose(1, 2)  # (B, h*w, C)
     # Clamp: the biased estimator is >= 0 in exact arithmetic, rounding can dip below.
     return _rbf_mmd2(x, y, scales).clamp_min(0).mean()
 
 
-def kd_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
-) -> torch.Tensor:
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton KD: KL(teacher_T || student_T) * T^2, batch mean; the teacher is detached.
 
     The T^2 factor keeps the gradient magnitude comparable across temperatures.
@@ -138,7 +131,7 @@ class LossTerms:
 
 
 class DistillLoss(nn.Module):
-    """Student loss of METHODS.md A.5: feature (attention + domain shift) + KD + CE."""
+    """Student loss of docs/methods.md §A.5: feature (attention + domain shift) + KD + CE."""
 
     def __init__(
         self,
@@ -230,10 +223,7 @@ def rematch(
     M, C = pool_teacher_probs.shape
     rows = max(1, max_chunk_elems // (M * C))
     q = pool_teacher_probs.float()
-    out = [
-        _METRICS[metric](chunk.float(), q).argmin(dim=1)
-        for chunk in student_probs.split(rows, dim=0)
-    ]
+    out = [_METRICS[metric](chunk.float(), q).argmin(dim=1) for chunk in student_probs.split(rows, dim=0)]
     if not out:  # N == 0
         return torch.empty(0, dtype=torch.long, device=student_probs.device)
     return torch.cat(out)

@@ -2,8 +2,9 @@
 
 Two small towers (RGB, MS) map tiles into one L2-normalised embedding space. Training
 groups hold one true pair (same location) and K negatives of a *different* scene class
-(METHODS.md A.2); the loss is InfoNCE over the 1+K candidates of each group.
+(docs/methods.md §A.2); the loss is InfoNCE over the 1+K candidates of each group.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -31,17 +32,22 @@ class MatcherConfig:
 class _Tower(nn.Module):
     """BandNormalize -> three conv stages -> global pool -> linear -> unit vector."""
 
-    def __init__(self, bands: Sequence[str], from_8bit: bool, width: int, embed_dim: int,
-                 stem_stride: int = 1) -> None:
+    def __init__(self, bands: Sequence[str], from_8bit: bool, width: int, embed_dim: int, stem_stride: int = 1) -> None:
         super().__init__()
         w = width
         self.normalize = BandNormalize(check_bands(bands), from_8bit=from_8bit)
         self.body = nn.Sequential(
-            nn.Conv2d(len(bands), w, 3, stride=stem_stride, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
+            nn.Conv2d(len(bands), w, 3, stride=stem_stride, padding=1, bias=False),
+            nn.BatchNorm2d(w),
+            nn.ReLU(),
             nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * w),
+            nn.ReLU(),
             nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, 4 * w, 3, padding=1, bias=False), nn.BatchNorm2d(4 * w), nn.ReLU(),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1, bias=False),
+            nn.BatchNorm2d(4 * w),
+            nn.ReLU(),
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),  # (B, 4w)
         )

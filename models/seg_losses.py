@@ -1,8 +1,9 @@
-"""Dense classification losses for the class-map predictor (AnomalyCLIP: focal + dice).
+"""Dense classification losses for the class-map predictor (docs/methods.md §B.5: focal + dice).
 
 All losses take logits (B, K, H, W) and an integer target (B, H, W); pixels equal to
 ``ignore_index`` count nowhere.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,15 +21,11 @@ def _check(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> tor
         raise ValueError(f"target must hold integer class ids, got dtype {target.dtype}")
     valid = target != ignore_index
     if valid.any() and (target[valid].min() < 0 or target[valid].max() >= logits.shape[1]):
-        raise ValueError(
-            f"target holds class ids outside 0..{logits.shape[1] - 1} (ignore_index={ignore_index})"
-        )
+        raise ValueError(f"target holds class ids outside 0..{logits.shape[1] - 1} (ignore_index={ignore_index})")
     return valid
 
 
-def focal_loss(
-    logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, ignore_index: int = 255
-) -> torch.Tensor:
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, ignore_index: int = 255) -> torch.Tensor:
     """Multi-class focal loss, mean over valid pixels: -(1 - p_t)^gamma log p_t."""
     valid = _check(logits, target, ignore_index)
     if not valid.any():
@@ -39,9 +36,7 @@ def focal_loss(
     return loss[valid].mean()
 
 
-def dice_loss(
-    logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255, eps: float = 1.0
-) -> torch.Tensor:
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255, eps: float = 1.0) -> torch.Tensor:
     """Soft multi-class dice loss: 1 - mean dice over the classes present in the target.
 
     Classes absent from the target are skipped so a few-shot batch that shows two of

@@ -6,6 +6,7 @@ keys are rejected with the valid names, every field is checked (optional ones to
 error is a ParamsError naming the key, the value and the fix. The selected profile's overrides
 are applied to the base sections; the base and every profile must each be valid on their own.
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,27 +44,30 @@ def _known_splits(key: str, splits: tuple[str, ...]) -> tuple[str, ...]:
 
 class DataConfig(Section):
     source: Literal["synth", "eurosat"]  # where the labelled tiles come from
-    raw_dir: str                         # tiles + manifest of the source
-    scenes_dir: str                      # one folder per scene added by `ms2rgb data ingest`
-    prepared_dir: str                    # merged manifest + memory-mapped cache
-    eurosat_ms_dir: str | None           # EuroSAT_MS root when source=eurosat
-    eurosat_rgb_dir: str | None          # optional EuroSAT RGB root
+    raw_dir: str  # tiles + manifest of the source
+    scenes_dir: str  # one folder per scene added by `ms2rgb data ingest`
+    prepared_dir: str  # merged manifest + memory-mapped cache
+    eurosat_ms_dir: str | None  # EuroSAT_MS root when source=eurosat
+    eurosat_rgb_dir: str | None  # optional EuroSAT RGB root
 
     @model_validator(mode="after")
     def _eurosat_needs_its_folder(self) -> DataConfig:
         if self.source == "eurosat" and not self.eurosat_ms_dir:
-            raise ParamsError("data.eurosat_ms_dir", self.eurosat_ms_dir,
-                              "set it to the EuroSAT_MS folder (class sub-folders of 13-band tifs)")
+            raise ParamsError(
+                "data.eurosat_ms_dir",
+                self.eurosat_ms_dir,
+                "set it to the EuroSAT_MS folder (class sub-folders of 13-band tifs)",
+            )
         return self
 
 
 class SynthConfig(Section):
-    rgb_ambiguity: float = Field(ge=0, le=1)    # 0: RGB separates all surfaces; 1: confusable groups identical
-    illumination: float = Field(ge=0, le=0.5)   # per-tile brightness factor drawn from 1 +- this
+    rgb_ambiguity: float = Field(ge=0, le=1)  # 0: RGB separates all surfaces; 1: confusable groups identical
+    illumination: float = Field(ge=0, le=0.5)  # per-tile brightness factor drawn from 1 +- this
     spectral_jitter: float = Field(ge=0, le=0.5)  # per-tile, per-surface, per-band relative spectrum change
-    texture: float = Field(ge=0, le=0.5)        # amplitude of smooth within-surface texture
-    noise: float = Field(ge=0, le=0.5)          # relative per-pixel sensor noise
-    crs: str                                    # CRS of the synthetic tiles, e.g. EPSG:32633
+    texture: float = Field(ge=0, le=0.5)  # amplitude of smooth within-surface texture
+    noise: float = Field(ge=0, le=0.5)  # relative per-pixel sensor noise
+    crs: str  # CRS of the synthetic tiles, e.g. EPSG:32633
     per_class: dict[str, Annotated[int, Field(ge=0)]]  # locations per scene class and split
 
     @field_validator("per_class")
@@ -75,13 +79,13 @@ class SynthConfig(Section):
 
 class ValidateConfig(Section):
     max_nodata_share: float = Field(ge=0, le=1)  # per tile, share of pixels 0 in every band (or NaN)
-    min_class_share: float = Field(ge=0, le=1)   # class balance bounds among each split's labelled rows
+    min_class_share: float = Field(ge=0, le=1)  # class balance bounds among each split's labelled rows
     max_class_share: float = Field(ge=0, le=1)
-    ms_value_max: int = Field(ge=1, le=65535)    # uint16 reflectance x10000 ceiling
-    required_splits: Splits                      # splits that must have rows
-    balance_splits: Splits                       # splits whose class shares are checked
-    paired_splits: Splits                        # splits that need ms + rgb per location
-    max_listed: int = Field(ge=1, le=10_000)     # offending ids listed per failed expectation
+    ms_value_max: int = Field(ge=1, le=65535)  # uint16 reflectance x10000 ceiling
+    required_splits: Splits  # splits that must have rows
+    balance_splits: Splits  # splits whose class shares are checked
+    paired_splits: Splits  # splits that need ms + rgb per location
+    max_listed: int = Field(ge=1, le=10_000)  # offending ids listed per failed expectation
 
     @field_validator("required_splits", "balance_splits", "paired_splits")
     @classmethod
@@ -91,42 +95,52 @@ class ValidateConfig(Section):
     @model_validator(mode="after")
     def _bounds_ordered(self) -> ValidateConfig:
         if self.min_class_share > self.max_class_share:
-            raise ParamsError("validate.min_class_share", self.min_class_share,
-                              f"must not exceed validate.max_class_share ({self.max_class_share})")
+            raise ParamsError(
+                "validate.min_class_share",
+                self.min_class_share,
+                f"must not exceed validate.max_class_share ({self.max_class_share})",
+            )
         return self
 
 
 class TeacherConfig(Section):
-    width: int = Field(ge=4, le=256)      # SceneCNN first-stage channels; the distilled map has 4*width
+    width: int = Field(ge=4, le=256)  # SceneCNN first-stage channels; the distilled map has 4*width
     stem_stride: int = Field(ge=1, le=2)  # 2: first conv at half resolution, 4x cheaper
     dropout: float = Field(ge=0, le=0.9)  # before the linear head
-    epochs: int = Field(ge=1, le=1000)    # passes over ms_train
+    epochs: int = Field(ge=1, le=1000)  # passes over ms_train
     batch_size: int = Field(ge=2, le=4096)
-    lr: float = Field(ge=1e-6, le=1)      # AdamW peak learning rate (one-cycle)
+    lr: float = Field(ge=1e-6, le=1)  # AdamW peak learning rate (one-cycle)
     weight_decay: float = Field(ge=0, le=1)
-    augment: bool                         # random flips/rotations: overhead tiles have no up
+    augment: bool  # random flips/rotations: overhead tiles have no up
 
     def model(self, bands: tuple[str, ...], from_8bit: bool = False) -> SceneCNNConfig:
         """The architecture for `bands`; the student uses the RGB bands for an equal feature shape."""
-        return SceneCNNConfig(bands=bands, width=self.width, from_8bit=from_8bit, dropout=self.dropout,
-                              stem_stride=self.stem_stride)
+        return SceneCNNConfig(
+            bands=bands, width=self.width, from_8bit=from_8bit, dropout=self.dropout, stem_stride=self.stem_stride
+        )
 
 
 class MatcherStageConfig(Section):
-    embed_dim: int = Field(ge=2, le=4096)      # shared embedding size
-    width: int = Field(ge=4, le=256)           # first-stage channels of each tower
+    embed_dim: int = Field(ge=2, le=4096)  # shared embedding size
+    width: int = Field(ge=4, le=256)  # first-stage channels of each tower
     stem_stride: int = Field(ge=1, le=2)
     temperature: float = Field(ge=1e-3, le=10)  # InfoNCE temperature
-    n_neg: int = Field(ge=1, le=1024)          # negatives per group, each of another class than the pair
-    epochs: int = Field(ge=1, le=10_000)       # passes over pair_train (few true pairs exist)
-    batch_size: int = Field(ge=4, le=4096)     # pairs per step; negatives come from the same batch
+    n_neg: int = Field(ge=1, le=1024)  # negatives per group, each of another class than the pair
+    epochs: int = Field(ge=1, le=10_000)  # passes over pair_train (few true pairs exist)
+    batch_size: int = Field(ge=4, le=4096)  # pairs per step; negatives come from the same batch
     lr: float = Field(ge=1e-6, le=1)
     weight_decay: float = Field(ge=0, le=1)
-    augment: bool                              # one flip/rotation per pair, shared by both tiles
+    augment: bool  # one flip/rotation per pair, shared by both tiles
 
     def model(self) -> MatcherConfig:
-        return MatcherConfig(rgb_bands=RGB_BANDS, ms_bands=S2_BANDS, embed_dim=self.embed_dim, width=self.width,
-                             temperature=self.temperature, stem_stride=self.stem_stride)
+        return MatcherConfig(
+            rgb_bands=RGB_BANDS,
+            ms_bands=S2_BANDS,
+            embed_dim=self.embed_dim,
+            width=self.width,
+            temperature=self.temperature,
+            stem_stride=self.stem_stride,
+        )
 
 
 class PairsConfig(Section):
@@ -134,67 +148,75 @@ class PairsConfig(Section):
 
 
 class StudentConfig(Section):
-    epochs: int = Field(ge=1, le=10_000)       # passes over rgb_train (smaller sets get as many steps)
+    epochs: int = Field(ge=1, le=10_000)  # passes over rgb_train (smaller sets get as many steps)
     batch_size: int = Field(ge=2, le=4096)
-    lr: float = Field(ge=1e-6, le=1)           # AdamW peak (one-cycle), also for the attention module
+    lr: float = Field(ge=1e-6, le=1)  # AdamW peak (one-cycle), also for the attention module
     weight_decay: float = Field(ge=0, le=1)
     augment: bool
-    w_feat: float = Field(ge=0, le=100)        # feature loss (cross-modal attention + MMD)
-    w_kd: float = Field(ge=0, le=100)          # KL to the partner's teacher distribution at `temperature`
-    w_ce: float = Field(ge=0, le=100)          # cross-entropy with the true RGB label
+    w_feat: float = Field(ge=0, le=100)  # feature loss (cross-modal attention + MMD)
+    w_kd: float = Field(ge=0, le=100)  # KL to the partner's teacher distribution at `temperature`
+    w_ce: float = Field(ge=0, le=100)  # cross-entropy with the true RGB label
     temperature: float = Field(ge=0.05, le=100)
-    heads: int = Field(ge=1, le=64)            # attention heads; must divide 4 * teacher.width
+    heads: int = Field(ge=1, le=64)  # attention heads; must divide 4 * teacher.width
     rematch_every: int = Field(ge=0, le=10_000)  # epochs between re-matching rounds; 0: off
-    rematch_scope: Literal["class", "pool"]    # candidates: the tile's class, or the whole pool
-    seeds: int = Field(ge=1, le=100)           # seeds per variant: seed, seed+1, ...
+    rematch_scope: Literal["class", "pool"]  # candidates: the tile's class, or the whole pool
+    seeds: int = Field(ge=1, le=100)  # seeds per variant: seed, seed+1, ...
 
 
 class ClipConfig(Section):
-    model: str               # open_clip config name with a native ViT tower
-    pretrained: str | None   # open_clip tag, local checkpoint path, or null = fallback pretraining
+    model: str  # open_clip config name with a native ViT tower
+    pretrained: str | None  # open_clip tag, local checkpoint path, or null = fallback pretraining
 
     @field_validator("model")
     @classmethod
     def _model_exists(cls, name: str) -> str:
         import open_clip
 
-        from ms2rgb.models.clip_backbone import TINY_MODEL  # noqa: F401  (registers the project's configs)
+        from ms2rgb.models.clip_backbone import TINY_MODEL
 
         if name not in open_clip.list_models():
-            raise ParamsError("detector.clip.model", name,
-                              f"use an open_clip config name, e.g. {TINY_MODEL} (the offline default) or "
-                              "ViT-B-32; `python -c 'import open_clip; print(open_clip.list_models())'` lists them")
+            raise ParamsError(
+                "detector.clip.model",
+                name,
+                f"use an open_clip config name, e.g. {TINY_MODEL} (the offline default) or "
+                "ViT-B-32; `python -c 'import open_clip; print(open_clip.list_models())'` lists them",
+            )
         return name
 
 
 class PretrainConfig(Section):
-    steps: int = Field(ge=0)            # contrastive steps of the fallback (only when clip.pretrained is null)
-    batch_size: int = Field(ge=2)       # image-caption pairs per step
-    lr: float = Field(gt=0)             # AdamW peak; linear warm-up then cosine decay
-    weight_decay: float = Field(ge=0)   # on matrices only (CLIP)
+    steps: int = Field(ge=0)  # contrastive steps of the fallback (only when clip.pretrained is null)
+    batch_size: int = Field(ge=2)  # image-caption pairs per step
+    lr: float = Field(gt=0)  # AdamW peak; linear warm-up then cosine decay
+    weight_decay: float = Field(ge=0)  # on matrices only (CLIP)
     warmup_steps: int = Field(ge=0)
 
 
 class PromptParams(Section):
-    n_ctx: int = Field(ge=1)                      # prompt vectors per prompted layer
-    depth: int = Field(ge=1)                      # prompted leading layers of both towers
-    similarity_layers: Ints                       # vision layers scored against the class texts
-    logit_scale: float | None = Field(gt=0)       # patch-text temperature; null = the CLIP's own
+    n_ctx: int = Field(ge=1)  # prompt vectors per prompted layer
+    depth: int = Field(ge=1)  # prompted leading layers of both towers
+    similarity_layers: Ints  # vision layers scored against the class texts
+    logit_scale: float | None = Field(gt=0)  # patch-text temperature; null = the CLIP's own
 
     def model(self, mode: str) -> PromptConfig:
-        return PromptConfig(n_ctx=self.n_ctx, depth=self.depth, similarity_layers=self.similarity_layers,
-                            mode=mode, logit_scale=self.logit_scale)
+        return PromptConfig(
+            n_ctx=self.n_ctx,
+            depth=self.depth,
+            similarity_layers=self.similarity_layers,
+            mode=mode,
+            logit_scale=self.logit_scale,
+        )
 
 
 class TuneConfig(Section):
-    max_steps: int = Field(ge=1)           # hard cap on optimisation steps
-    batch_size: int = Field(ge=1)          # tiles per step (the whole set when K-shot gives fewer)
-    lr: float = Field(gt=0)                # AdamW learning rate of prompts and projections
+    max_steps: int = Field(ge=1)  # hard cap on optimisation steps
+    batch_size: int = Field(ge=1)  # tiles per step (the whole set when K-shot gives fewer)
+    lr: float = Field(gt=0)  # AdamW learning rate of prompts and projections
     weight_decay: float = Field(ge=0)
-    loss_threshold: float = Field(ge=0)    # stop once focal + dice stays under this ...
-    patience: int = Field(ge=1)            # ... for this many consecutive steps
-    focal_gamma: float = Field(ge=0)       # focal loss exponent
-    checkpoint_every: int = Field(ge=1)    # steps between resumable checkpoints
+    loss_threshold: float = Field(ge=0)  # stop once focal + dice stays under this ...
+    patience: int = Field(ge=1)  # ... for this many consecutive steps
+    focal_gamma: float = Field(ge=0)  # focal loss exponent
+    checkpoint_every: int = Field(ge=1)  # steps between resumable checkpoints
 
 
 class DetectorConfig(Section):
@@ -203,10 +225,10 @@ class DetectorConfig(Section):
     prompt: PromptParams
     tune: TuneConfig
     shots: Annotated[tuple[Annotated[int, Field(ge=1)], ...], Field(strict=False, min_length=1)]  # K per class
-    zero_shot_template: str      # hand-written zero-shot prompt; {} is the class description
+    zero_shot_template: str  # hand-written zero-shot prompt; {} is the class description
     eval_batch_size: int = Field(ge=1)
     examples: int = Field(ge=0)  # example tiles in the logged figure
-    seeds: int = Field(ge=1)     # tuning seeds per variant at the largest K
+    seeds: int = Field(ge=1)  # tuning seeds per variant at the largest K
 
     @field_validator("zero_shot_template")
     @classmethod
@@ -221,6 +243,7 @@ class Params(Section):
 
     profile: str
     seed: int
+    threads: int = Field(ge=1, le=256)  # CPU threads: reductions split by thread count, so it is fixed
     data: DataConfig
     synth: SynthConfig
     validation: ValidateConfig = Field(alias="validate")  # `validate` is a BaseModel method name
@@ -234,8 +257,11 @@ class Params(Section):
     def _heads_divide_features(self) -> Params:
         channels = 4 * self.teacher.width  # the distilled feature map's channels
         if channels % self.student.heads:
-            raise ParamsError("student.heads", self.student.heads,
-                              f"must divide the distilled feature channels 4 * teacher.width = {channels}")
+            raise ParamsError(
+                "student.heads",
+                self.student.heads,
+                f"must divide the distilled feature channels 4 * teacher.width = {channels}",
+            )
         return self
 
 
@@ -254,8 +280,7 @@ def _fix(error: dict[str, Any], model: type[BaseModel], loc: tuple[Any, ...]) ->
     if error["type"] == "extra_forbidden":
         node: Any = model
         for part in loc[:-1]:
-            field = node.model_fields.get(part) or next(
-                f for f in node.model_fields.values() if f.alias == part)
+            field = node.model_fields.get(part) or next(f for f in node.model_fields.values() if f.alias == part)
             node = field.annotation
         valid = sorted(f.alias or name for name, f in node.model_fields.items())
         return f"unknown key; valid keys here are {valid}"
@@ -284,18 +309,24 @@ def parse_params(raw: dict[str, Any], where: str = "") -> Params:
 def read_params_file(path: Path) -> dict[str, Any]:
     """The raw mapping in params.yaml; a YAML syntax error names the file, line and column."""
     if not path.exists():
-        raise ParamsFileError(f"{path}: no such file. Fix: run from the project root (or pass --root), "
-                              "or copy the repository's params.yaml there")
+        raise ParamsFileError(
+            f"{path}: no such file. Fix: run from the project root (or pass --root), "
+            "or copy the repository's params.yaml there"
+        )
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark
         where = f"{mark.line + 1}:{mark.column + 1}" if mark else "?"
-        raise ParamsFileError(f"{path}:{where}: YAML syntax error: {err.problem}. Fix: correct the file at that "
-                              "line and column (indentation, brackets, quotes)") from None
+        raise ParamsFileError(
+            f"{path}:{where}: YAML syntax error: {err.problem}. Fix: correct the file at that "
+            "line and column (indentation, brackets, quotes)"
+        ) from None
     if not isinstance(raw, dict):
-        raise ParamsFileError(f"{path}: holds {type(raw).__name__}, not a mapping of sections. Fix: restore "
-                              "the layout of the repository's params.yaml")
+        raise ParamsFileError(
+            f"{path}: holds {type(raw).__name__}, not a mapping of sections. Fix: restore "
+            "the layout of the repository's params.yaml"
+        )
     return raw
 
 

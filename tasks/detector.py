@@ -13,13 +13,14 @@ Classes are the land-cover surfaces (mask values); their descriptions (``SURFACE
 are the class texts. Tuned variants read the bare description after their learned prompts
 (CoOp's "[V]...[V] description"); zero-shot reads ``zero_shot_template`` filled with it.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,13 @@ import torch
 
 from ms2rgb.models.clip_detector import ClassMapDetector
 from ms2rgb.models.clip_prompt import PromptedCLIP
+from ms2rgb.tasks.config import DetectorConfig, Params
+from ms2rgb.tasks.data.atomic import write_atomic
 from ms2rgb.tasks.data.cache import CachedSplit, open_split
 from ms2rgb.tasks.data.classes import SURFACE_CLASSES, SURFACE_NAMES
-from ms2rgb.tasks.config import DetectorConfig, Params
-from ms2rgb.tasks.detection.model import DETECTOR_FILE, OUT_DIR, resolve_pretrained
+from ms2rgb.tasks.data.validated import require_validated
 from ms2rgb.tasks.detection.data import first_k_per_class, load_tiles
+from ms2rgb.tasks.detection.model import DETECTOR_FILE, OUT_DIR, resolve_pretrained
 from ms2rgb.tasks.detection.pretrain import SERVING, prepare_backbone
 from ms2rgb.tasks.detection.report import BASELINES, FULL_MODE, aggregate, log_figures, summarise
 from ms2rgb.tasks.detection.tune import evaluate, tune
@@ -41,16 +44,18 @@ from ms2rgb.tasks.tracking import StageTracker
 from ms2rgb.tasks.training.loop import pick_device, seed_everything
 
 DETECTOR_MODEL = "ms2rgb-detector"
+# split -> modalities; the detector alone reads the masks too (dvc.yaml lists exactly these files).
+READS = {"captions": ("rgb",), "fewshot": ("rgb",), "seg_test": ("rgb",)}
 
 
 @dataclass(frozen=True)
 class Variant:
     """One compared setting: a prompt mode at K shots over some seeds."""
 
-    name: str                # nested run and report key
-    mode: str                # PromptConfig.mode
-    shots: int               # K per scene class (0: no training)
-    seeds: tuple[int, ...]   # tuning seeds (prompt init, batch order); the first is the params seed
+    name: str  # nested run and report key
+    mode: str  # PromptConfig.mode
+    shots: int  # K per scene class (0: no training)
+    seeds: tuple[int, ...]  # tuning seeds (prompt init, batch order); the first is the params seed
 
 
 def plan(shots: tuple[int, ...], seed: int, n_seeds: int) -> list[Variant]:
@@ -60,9 +65,11 @@ def plan(shots: tuple[int, ...], seed: int, n_seeds: int) -> list[Variant]:
     has nothing random to repeat and the smaller K of the full method get one.
     """
     k, many = max(shots), tuple(range(seed, seed + n_seeds))
-    return ([Variant("zero_shot", "zero_shot", 0, (seed,))]
-            + [Variant(f"full_k{s}", FULL_MODE, s, many if s == k else (seed,)) for s in sorted(set(shots))]
-            + [Variant(name, mode, k, many) for name, mode in BASELINES.items()])
+    return (
+        [Variant("zero_shot", "zero_shot", 0, (seed,))]
+        + [Variant(f"full_k{s}", FULL_MODE, s, many if s == k else (seed,)) for s in sorted(set(shots))]
+        + [Variant(name, mode, k, many) for name, mode in BASELINES.items()]
+    )
 
 
 @dataclass
@@ -85,8 +92,7 @@ def build_detector(ctx: Context, mode: str, seed: int) -> ClassMapDetector:
     prompt = ctx.settings.prompt
     cfg = prompt.model(mode)
     descriptions = list(SURFACE_CLASSES.values())
-    texts = ([ctx.settings.zero_shot_template.format(d) for d in descriptions]
-             if mode == "zero_shot" else descriptions)
+    texts = [ctx.settings.zero_shot_template.format(d) for d in descriptions] if mode == "zero_shot" else descriptions
     try:
         prompted = PromptedCLIP(ctx.clip, cfg)
     except ValueError as err:  # e.g. depth or a similarity layer beyond this CLIP's layers
@@ -98,25 +104,38 @@ def _step_printer(label: str, max_steps: int) -> Callable[[int, float], None]:
     def on_step(step: int, loss: float) -> None:
         if step % 20 == 0 or step == 1:
             print(f"detector: {label} step {step}/{max_steps} loss {loss:.3f}", flush=True)
+
     return on_step
 
 
-def score_seed(ctx: Context, variant: Variant, seed: int, child: StageTracker
-               ) -> tuple[dict[str, Any], ClassMapDetector]:
+def score_seed(
+    ctx: Context, variant: Variant, seed: int, child: StageTracker
+) -> tuple[dict[str, Any], ClassMapDetector]:
     """Tune one seed of a variant (unless zero-shot) and score it on seg_test."""
     detector = build_detector(ctx, variant.mode, seed)
     run: dict[str, Any] = {"seed": seed}
     if variant.mode != "zero_shot":
         label = f"{variant.name} seed {seed}"
         images, masks = load_tiles(ctx.fewshot, first_k_per_class(ctx.fewshot, variant.shots))
-        result = tune(detector, images, masks, ctx.settings.tune, seed, ctx.device,
-                      checkpoint_dir=ctx.out_dir / "checkpoints" / variant.name / f"seed{seed}",
-                      on_step=_step_printer(label, ctx.settings.tune.max_steps))
+        result = tune(
+            detector,
+            images,
+            masks,
+            ctx.settings.tune,
+            seed,
+            ctx.device,
+            checkpoint_dir=ctx.out_dir / "checkpoints" / variant.name / f"seed{seed}",
+            on_step=_step_printer(label, ctx.settings.tune.max_steps),
+        )
         child.log_metric_series(f"train_loss_seed{seed}", result.losses)
-        run.update(losses=result.losses, stopped_by=result.stopped_by, steps=len(result.losses),
-                   train_seconds=result.seconds)
-        print(f"detector: {label} stopped by {result.stopped_by} after {len(result.losses)} steps "
-              f"({result.seconds:.1f}s)", flush=True)
+        run.update(
+            losses=result.losses, stopped_by=result.stopped_by, steps=len(result.losses), train_seconds=result.seconds
+        )
+        print(
+            f"detector: {label} stopped by {result.stopped_by} after {len(result.losses)} steps "
+            f"({result.seconds:.1f}s)",
+            flush=True,
+        )
     scores, preds = evaluate(detector, ctx.test_images, ctx.test_masks, ctx.device, ctx.settings.eval_batch_size)
     run.update(scores, preds=preds)
     return run, detector
@@ -134,18 +153,21 @@ def run_variant(ctx: Context, variant: Variant, tracker: StageTracker) -> tuple[
             child.log_metrics({"miou_by_seed": run["miou"]}, step=seed)
         result = aggregate(variant.mode, variant.shots, runs, models[0].prompted.num_trainable)
         child.log_params({"texts": "; ".join(models[0].texts)})
-        child.log_metrics({k: result[k] for k in ("miou", "miou_std", "pixel_accuracy", "tiles_per_second",
-                                                  "trainable_params")})
+        child.log_metrics(
+            {k: result[k] for k in ("miou", "miou_std", "pixel_accuracy", "tiles_per_second", "trainable_params")}
+        )
         child.log_json({k: v for k, v in result.items() if k not in ("preds", "losses")}, "variant.json")
-    print(f"detector: {variant.name}: mIoU {result['miou']:.3f} ± {result['miou_std']:.3f} over "
-          f"{len(runs)} seed(s), pixel accuracy {result['pixel_accuracy']:.3f}", flush=True)
+    print(
+        f"detector: {variant.name}: mIoU {result['miou']:.3f} ± {result['miou_std']:.3f} over "
+        f"{len(runs)} seed(s), pixel accuracy {result['pixel_accuracy']:.3f}",
+        flush=True,
+    )
     return result, models[0]
 
 
 def save_detector(ctx: Context, detector: ClassMapDetector, info: dict[str, Any]) -> Path:
     """artifacts/detector/detector.pt: what `ms2rgb detect` needs besides the backbone weights."""
-    path = ctx.out_dir / DETECTOR_FILE
-    torch.save({
+    payload = {
         "clip_model": ctx.settings.clip.model,
         # The fallback's weights live beside this file; other weights are found where params said.
         "clip_pretrained": info.get("backbone_file", ctx.settings.clip.pretrained),
@@ -155,8 +177,8 @@ def save_detector(ctx: Context, detector: ClassMapDetector, info: dict[str, Any]
         "prompt_state": detector.prompted.prompt_state_dict(),
         "class_names": detector.class_names,
         "texts": detector.texts,
-    }, path)
-    return path
+    }
+    return write_atomic(ctx.out_dir / DETECTOR_FILE, lambda tmp: torch.save(payload, tmp))
 
 
 def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
@@ -164,25 +186,39 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     start = time.perf_counter()
     settings, seed, device = params.detector, params.seed, pick_device()
     prepared = root / params.data.prepared_dir
+    require_validated(root, prepared, READS)
     tracker.log_params({"detector": settings.model_dump(), "seed": seed, "device": str(device)})
     out_dir = root / OUT_DIR
     shutil.rmtree(out_dir, ignore_errors=True)  # a stage output: always written whole
     out_dir.mkdir(parents=True)
     clip_cfg = settings.clip.model_copy(update={"pretrained": resolve_pretrained(root, settings.clip.pretrained)})
-    clip, tokenizer, info = prepare_backbone(clip_cfg, settings.pretrain,
-                                             lambda: open_split(prepared, "captions", "rgb"),
-                                             out_dir, seed, device, tracker)
-    test_images, test_masks = load_tiles(open_split(prepared, "seg_test", "rgb"))
-    ctx = Context(settings, clip, tokenizer, open_split(prepared, "fewshot", "rgb"), test_images, test_masks,
-                  out_dir, device)
+    clip, tokenizer, info = prepare_backbone(
+        clip_cfg,
+        settings.pretrain,
+        lambda: open_split(prepared, "captions", "rgb", masks=True),
+        out_dir,
+        seed,
+        device,
+        tracker,
+    )
+    test_images, test_masks = load_tiles(open_split(prepared, "seg_test", "rgb", masks=True))
+    ctx = Context(
+        settings,
+        clip,
+        tokenizer,
+        open_split(prepared, "fewshot", "rgb", masks=True),
+        test_images,
+        test_masks,
+        out_dir,
+        device,
+    )
     shots = settings.shots
     results, models = {}, {}
     for variant in plan(shots, seed, settings.seeds):
         results[variant.name], models[variant.name] = run_variant(ctx, variant, tracker)
     head = models[f"full_k{max(shots)}"]
     save_detector(ctx, head, info)
-    log_figures(results, shots, settings.tune.loss_threshold, (test_images, test_masks), settings.examples,
-                tracker)
+    log_figures(results, shots, settings.tune.loss_threshold, (test_images, test_masks), settings.examples, tracker)
     report = summarise(results, shots, info)
     example = test_images[:1].numpy().astype(np.float32)  # serving input: RGB 0..255, any multiple of 8
     version = tracker.log_torch_model(head, example, DETECTOR_MODEL, **SERVING)

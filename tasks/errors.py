@@ -1,4 +1,5 @@
 """Exceptions a user can cause. Each message names the file or key, the value, and the fix."""
+
 from __future__ import annotations
 
 

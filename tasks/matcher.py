@@ -1,12 +1,14 @@
-"""matcher stage (METHODS.md A.2): RGB and MS towers in one embedding space, trained on true pairs.
+"""matcher stage (docs/methods.md §A.2): RGB and MS towers in one embedding space, trained on true pairs.
 
 Each training group holds one true pair (same location, from pair_train) and `n_neg` MS tiles of
 *other* scene classes drawn from the same batch; the loss is InfoNCE over the group. Evaluation:
-retrieval of the true MS partner of held-out pairs (pair_test) and the share of RGB training
-tiles whose best MS pool match has their class.
+retrieval of the true MS partner of held-out pairs (pair_test). The stage reads only the paired
+splits (pair_train, pair_test), so a scene ingested into ms_pool leaves it fresh; how often a
+match within the pool has the right class is the pairs stage's `same_class_rate_true`.
 Outputs: artifacts/matcher/model.pt, artifacts/matcher/checkpoints/, reports/matcher.json;
 registered in MLflow as `ms2rgb-matcher` (as a PairScorer: one stacked RGB+MS tensor in, score out).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -18,23 +20,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
 from ms2rgb.models.matcher import CrossModalMatcher, PairScorer, build_groups, group_contrastive_loss
-from ms2rgb.tasks.data.cache import CachedSplit, open_split, require_bands
 from ms2rgb.tasks.config import MatcherStageConfig, Params
 from ms2rgb.tasks.data.artifacts import model_path
 from ms2rgb.tasks.data.pairing import PairSet, load_true_pairs
-from ms2rgb.tasks.training.store import save_model
-from ms2rgb.tasks.training.progress import epoch_printer, log_curves
+from ms2rgb.tasks.data.validated import require_validated
 from ms2rgb.tasks.tracking import StageTracker
+from ms2rgb.tasks.training.augment import random_dihedral
 from ms2rgb.tasks.training.inference import embed
-from ms2rgb.tasks.training.loop import EpochStats, FitConfig, Trainer, pick_device, random_dihedral, seed_everything, to_tensor
+from ms2rgb.tasks.training.loop import EpochStats, FitConfig, Trainer, pick_device, seed_everything, to_tensor
+from ms2rgb.tasks.training.progress import epoch_printer, log_curves
+from ms2rgb.tasks.training.store import save_model
 
 REGISTERED_NAME = "ms2rgb-matcher"
+READS = {"pair_train": ("ms", "rgb"), "pair_test": ("ms", "rgb")}  # split -> modalities (dvc.yaml deps)
 
 
-def contrastive_step(matcher: CrossModalMatcher, pairs: PairSet, cfg: MatcherStageConfig,
-                     generator: torch.Generator):
+def contrastive_step(matcher: CrossModalMatcher, pairs: PairSet, cfg: MatcherStageConfig, generator: torch.Generator):
     """The Trainer step: group InfoNCE on a batch; a hit is a pair scored above all its negatives."""
     device = next(matcher.parameters()).device
     labels = torch.as_tensor(np.array(pairs.labels))  # a copy: cached labels are read-only
@@ -59,28 +61,32 @@ def retrieval(matcher: CrossModalMatcher, pairs: PairSet) -> dict[str, float]:
     true = scores.diagonal().unsqueeze(1)  # (N, 1)
     rank = (scores > true).sum(1)  # (N,) 0 = partner scored best
     best = scores.argmax(1).numpy()
-    return {"pair_top1": float((rank < 1).float().mean()), "pair_top5": float((rank < 5).float().mean()),
-            "pair_same_class_rate": float((pairs.labels[best] == pairs.labels).mean()),
-            "pair_chance_top1": 1.0 / len(pairs.labels)}
+    return {
+        "pair_top1": float((rank < 1).float().mean()),
+        "pair_top5": float((rank < 5).float().mean()),
+        "pair_same_class_rate": float((pairs.labels[best] == pairs.labels).mean()),
+        "pair_chance_top1": 1.0 / len(pairs.labels),
+    }
 
 
-def same_class_rate(matcher: CrossModalMatcher, rgb: CachedSplit, pool: CachedSplit) -> float | None:
-    """Share of RGB training tiles whose best-scoring labelled MS pool tile has their class."""
-    known = pool.labels >= 0
-    if not known.any():
-        return None  # an all-unlabelled pool (ingested scenes only): nothing to compare with
-    scores = matcher.score(embed(matcher, rgb.images, "rgb"), embed(matcher, pool.images[known], "ms"))
-    best = scores.argmax(1).numpy()
-    return float((pool.labels[known][best] == rgb.labels).mean())
-
-
-def train(pairs: PairSet, cfg: MatcherStageConfig, seed: int, checkpoint_dir: Path | None = None,
-          on_epoch: Callable[[Trainer, EpochStats], None] | None = None) -> tuple[CrossModalMatcher, Trainer]:
+def train(
+    pairs: PairSet,
+    cfg: MatcherStageConfig,
+    seed: int,
+    checkpoint_dir: Path | None = None,
+    on_epoch: Callable[[Trainer, EpochStats], None] | None = None,
+) -> tuple[CrossModalMatcher, Trainer]:
     """Fit a matcher on true pairs; `on_epoch(trainer, stats)` after every epoch."""
     seed_everything(seed)
     matcher = CrossModalMatcher(cfg.model()).to(pick_device())
-    trainer = Trainer(matcher, len(pairs.labels), FitConfig(cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay),
-                      seed, checkpoint_dir=checkpoint_dir, min_batch=cfg.batch_size // 2)
+    trainer = Trainer(
+        matcher,
+        len(pairs.labels),
+        FitConfig(cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay),
+        seed,
+        checkpoint_dir=checkpoint_dir,
+        min_batch=cfg.batch_size // 2,
+    )
     draws = torch.Generator().manual_seed(seed + 1)  # augmentation and negatives
     step = contrastive_step(matcher, pairs, cfg, draws)
     for _ in range(trainer.epochs):
@@ -96,20 +102,24 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     start = time.perf_counter()
     cfg, seed = params.matcher, params.seed
     prepared = root / params.data.prepared_dir
+    require_validated(root, prepared, READS)
     train_pairs, test_pairs = load_true_pairs(prepared, "pair_train"), load_true_pairs(prepared, "pair_test")
-    rgb = require_bands(open_split(prepared, "rgb_train", "rgb"), RGB_BANDS, "rgb_train/rgb")
-    pool = require_bands(open_split(prepared, "ms_pool", "ms"), S2_BANDS, "ms_pool/ms")
     tracker.log_params({"matcher": cfg.model_dump(), "seed": seed})
     out = model_path(root, "matcher").parent
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     matcher, trainer = train(train_pairs, cfg, seed, out / "checkpoints", epoch_printer("matcher"))
-    metrics = {**retrieval(matcher, test_pairs), "same_class_rate": same_class_rate(matcher, rgb, pool),
-               "train_pair_top1": retrieval(matcher, train_pairs)["pair_top1"]}
+    metrics = {**retrieval(matcher, test_pairs), "train_pair_top1": retrieval(matcher, train_pairs)["pair_top1"]}
     print("matcher: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if v is not None), flush=True)
     save_model(model_path(root, "matcher"), "matcher", matcher, matcher.cfg)
     log_curves(tracker, trainer.history, "matcher (group InfoNCE)", "matcher/training_curves.png")
     example = torch.cat([to_tensor(test_pairs.rgb, np.arange(2)), to_tensor(test_pairs.ms, np.arange(2))], 1)
     version = tracker.log_torch_model(PairScorer(matcher), example.numpy(), REGISTERED_NAME)
-    return {**metrics, "train_pairs": len(train_pairs.labels), "test_pairs": len(test_pairs.labels),
-            "train_loss": trainer.history[-1].loss, "epochs": cfg.epochs, "model_version": int(version or 0),
-            "seconds": round(time.perf_counter() - start, 2)}
+    return {
+        **metrics,
+        "train_pairs": len(train_pairs.labels),
+        "test_pairs": len(test_pairs.labels),
+        "train_loss": trainer.history[-1].loss,
+        "epochs": cfg.epochs,
+        "model_version": int(version or 0),
+        "seconds": round(time.perf_counter() - start, 2),
+    }

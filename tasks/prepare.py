@@ -4,6 +4,7 @@ Outputs: <raw_dir>/ (tiles + manifest of the source) and <prepared_dir>/ (merged
 paths relative to the project root, plus the memory-mapped cache). Both are written next to
 the old ones and swapped in only when complete, so a failed run loses nothing stored.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -13,22 +14,12 @@ from typing import Any
 
 import pandas as pd
 
-from ms2rgb.tasks.data.cache import build_cache
 from ms2rgb.tasks.config import DataConfig, Params
+from ms2rgb.tasks.data.atomic import swap_in_dir
+from ms2rgb.tasks.data.cache import build_cache
 from ms2rgb.tasks.data.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from ms2rgb.tasks.data.sources.synth import generate
 from ms2rgb.tasks.tracking import StageTracker
-
-
-
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Replace `final` by the completed `tmp` folder."""
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def make_source(root: Path, params: Params) -> Path:
@@ -41,9 +32,10 @@ def make_source(root: Path, params: Params) -> Path:
         generate(tmp, params.synth, params.seed)
     else:
         from ms2rgb.tasks.data.sources.eurosat import ingest_eurosat
+
         rgb = Path(data.eurosat_rgb_dir) if data.eurosat_rgb_dir else None
         ingest_eurosat(Path(data.eurosat_ms_dir), tmp, rgb_dir=rgb, seed=params.seed)
-    _swap_in(tmp, final)
+    swap_in_dir(tmp, final)
     return final / MANIFEST_NAME
 
 
@@ -52,7 +44,8 @@ def merged_manifest(root: Path, data: DataConfig) -> pd.DataFrame:
     parts = []
     # A scene manifest's paths are relative to the scenes folder (they start with the scene id).
     for base, manifest_path in [(data.raw_dir, root / data.raw_dir / MANIFEST_NAME)] + [
-            (data.scenes_dir, p) for p in sorted((root / data.scenes_dir).glob(f"*/{MANIFEST_NAME}"))]:
+        (data.scenes_dir, p) for p in sorted((root / data.scenes_dir).glob(f"*/{MANIFEST_NAME}"))
+    ]:
         frame = read_manifest(manifest_path)
         for column in ("path", "mask_path"):
             frame[column] = frame[column].map(lambda p, b=base: f"{b}/{p}" if isinstance(p, str) else p)
@@ -72,7 +65,7 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     shutil.rmtree(tmp, ignore_errors=True)
     indexed, unreadable = build_cache(manifest, root, tmp)
     write_manifest(indexed, tmp / MANIFEST_NAME)
-    _swap_in(tmp, final)
+    swap_in_dir(tmp, final)
     tracker.log_dataset(manifest, "manifest", final / MANIFEST_NAME, context="prepare")
     counts = manifest.groupby(["split", "modality"]).size()
     return {

@@ -1,9 +1,10 @@
-"""teacher stage (METHODS.md A.1): a SceneCNN over the 13 MS bands, trained on labelled MS tiles.
+"""teacher stage (docs/methods.md §A.1): a SceneCNN over the 13 MS bands, trained on labelled MS tiles.
 
 Outputs: artifacts/teacher/model.pt (weights + config, read by the pairs and student stages),
 artifacts/teacher/checkpoints/epoch_XXX.pt, reports/teacher.json; the model is registered in
 MLflow as `ms2rgb-teacher`.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -15,18 +16,21 @@ import numpy as np
 
 from ms2rgb.models.bands import S2_BANDS
 from ms2rgb.models.classifier import SceneCNN
-from ms2rgb.tasks.data.cache import CachedSplit, open_split, require_bands
-from ms2rgb.tasks.data.classes import SCENE_NAMES
 from ms2rgb.tasks.config import Params, TeacherConfig
 from ms2rgb.tasks.data.artifacts import model_path
+from ms2rgb.tasks.data.cache import CachedSplit, open_split, require_bands
+from ms2rgb.tasks.data.classes import SCENE_NAMES
+from ms2rgb.tasks.data.validated import require_validated
 from ms2rgb.tasks.errors import DataError
-from ms2rgb.tasks.training.store import save_model
-from ms2rgb.tasks.training.progress import epoch_printer, log_curves, log_evaluation
 from ms2rgb.tasks.tracking import StageTracker
 from ms2rgb.tasks.training.inference import predict_logits
-from ms2rgb.tasks.training.loop import FitConfig, accuracy_report, fit_classifier, seed_everything, to_tensor
+from ms2rgb.tasks.training.loop import FitConfig, fit_classifier, seed_everything, to_tensor
+from ms2rgb.tasks.training.metrics import accuracy_report
+from ms2rgb.tasks.training.progress import epoch_printer, log_curves, log_evaluation
+from ms2rgb.tasks.training.store import save_model
 
 REGISTERED_NAME = "ms2rgb-teacher"
+READS = {"ms_train": ("ms",), "test": ("ms",)}  # split -> modalities; dvc.yaml lists exactly their files
 
 
 def fit_config(cfg: TeacherConfig) -> FitConfig:
@@ -38,8 +42,11 @@ def labelled_ms(prepared: Path, split: str) -> CachedSplit:
     tiles = require_bands(open_split(prepared, split, "ms"), S2_BANDS, f"{prepared}/{split}-ms.npy")
     unlabelled = int((tiles.labels < 0).sum())
     if unlabelled:
-        raise DataError(f"split {split!r}", f"{unlabelled} tile(s) have no scene class",
-                        "only labelled MS tiles belong in ms_train/test; ingested scenes go to ms_pool")
+        raise DataError(
+            f"split {split!r}",
+            f"{unlabelled} tile(s) have no scene class",
+            "only labelled MS tiles belong in ms_train/test; ingested scenes go to ms_pool",
+        )
     return tiles
 
 
@@ -48,23 +55,38 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     start = time.perf_counter()
     cfg, seed = params.teacher, params.seed
     prepared = root / params.data.prepared_dir
+    require_validated(root, prepared, READS)
     train, test = labelled_ms(prepared, "ms_train"), labelled_ms(prepared, "test")
     tracker.log_params({"teacher": cfg.model_dump(), "seed": seed})
     out = model_path(root, "teacher").parent
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a fresh run; stale epochs would mislead a resume
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a fresh run; no stale epochs mixed in
     seed_everything(seed)  # before building: the initial weights come from the global generator
     model = SceneCNN(cfg.model(S2_BANDS))
-    history = fit_classifier(model, np.asarray(train.images), train.labels, fit_config(cfg), seed,
-                             on_epoch=epoch_printer("teacher"), augment=cfg.augment,
-                             checkpoint_dir=out / "checkpoints")
+    history = fit_classifier(
+        model,
+        np.asarray(train.images),
+        train.labels,
+        fit_config(cfg),
+        seed,
+        on_epoch=epoch_printer("teacher"),
+        augment=cfg.augment,
+        checkpoint_dir=out / "checkpoints",
+    )
     report = accuracy_report(predict_logits(model, test.images), test.labels, SCENE_NAMES)
     print(f"teacher: MS test accuracy {report['accuracy']:.3f} on {len(test.labels)} tiles", flush=True)
     save_model(model_path(root, "teacher"), "scene_cnn", model, model.cfg)
     log_curves(tracker, history, "teacher (MS)", "teacher/training_curves.png")
     log_evaluation(tracker, report, "teacher (MS test)", "teacher")
     version = tracker.log_torch_model(model, to_tensor(test.images, np.arange(2)).numpy(), REGISTERED_NAME)
-    return {"test_accuracy": report["accuracy"], "per_class": report["per_class"],
-            "confusion": report["confusion"], "train_loss": history[-1].loss,
-            "train_accuracy": history[-1].accuracy, "train_tiles": len(train.labels),
-            "test_tiles": len(test.labels), "epochs": cfg.epochs, "model_version": int(version or 0),
-            "seconds": round(time.perf_counter() - start, 2)}
+    return {
+        "test_accuracy": report["accuracy"],
+        "per_class": report["per_class"],
+        "confusion": report["confusion"],
+        "train_loss": history[-1].loss,
+        "train_accuracy": history[-1].accuracy,
+        "train_tiles": len(train.labels),
+        "test_tiles": len(test.labels),
+        "epochs": cfg.epochs,
+        "model_version": int(version or 0),
+        "seconds": round(time.perf_counter() - start, 2),
+    }

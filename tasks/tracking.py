@@ -4,11 +4,16 @@ Embedded default: a SQLite tracking store at <root>/mlflow.db and artifacts unde
 <root>/mlartifacts. MLFLOW_TRACKING_URI overrides both (any server or store MLflow supports).
 One parent run per pipeline run; one nested run per stage.
 """
+
 from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +23,18 @@ import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from ms2rgb.tasks.errors import Ms2rgbError
+
 EXPERIMENT = "ms2rgb"
+TIMEOUT_ENV = "MS2RGB_TRACKING_TIMEOUT"  # seconds to wait for a tracking server before giving up
+# Tags that let a later process tell a run left RUNNING by a killed process from a live one.
+PID_TAG, HOST_TAG = "ms2rgb.pid", "ms2rgb.host"
+
+
+class TrackingUnreachable(Ms2rgbError):
+    """MLFLOW_TRACKING_URI names a server that does not answer."""
+
+
 _MODELS_DIR = Path(__file__).resolve().parents[1] / "models"  # shipped beside logged models
 
 
@@ -33,6 +49,32 @@ def _user_uri() -> str | None:
     return env if env and env != _embedded_uri else None
 
 
+def check_reachable(uri: str) -> None:
+    """Fail within MS2RGB_TRACKING_TIMEOUT seconds (default 20) when an HTTP tracking server is down.
+
+    MLflow's own client retries with back-off for minutes; a user waiting on a dead server
+    deserves an answer, and the MLflow client gets the same bounded budget afterwards.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    budget = float(os.environ.get(TIMEOUT_ENV, "20"))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, int(budget))))
+    deadline, error = time.monotonic() + budget, ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=min(5.0, budget)):
+                return
+        except (urllib.error.URLError, OSError) as err:
+            error = str(getattr(err, "reason", err))
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    raise TrackingUnreachable(
+        f"MLFLOW_TRACKING_URI={uri}: no MLflow server answered within {budget:g} s ({error}). Fix: start one "
+        "(`mlflow server --host 127.0.0.1 --port 5000`), or unset MLFLOW_TRACKING_URI to use the project's "
+        f"SQLite store; {TIMEOUT_ENV} sets the wait"
+    )
+
+
 def configure(root: Path) -> str:
     """Point MLflow at the store for this project and make sure the experiment exists."""
     global _embedded_uri
@@ -40,13 +82,43 @@ def configure(root: Path) -> str:
     uri = user or f"sqlite:///{(root / 'mlflow.db').resolve()}"
     if user is None:
         _embedded_uri = uri
+    check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(EXPERIMENT) is None:
         # Only the embedded store gets a local artifact folder; a server chooses its own.
         location = None if user else (root / "mlartifacts").resolve().as_uri()
         mlflow.create_experiment(EXPERIMENT, artifact_location=location)
     mlflow.set_experiment(EXPERIMENT)
+    _mark_orphans_killed()
     return uri
+
+
+def _owner_tags() -> dict[str, str]:
+    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _mark_orphans_killed() -> None:
+    """Runs of this host left RUNNING by a process that no longer exists (kill -9) become KILLED."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return
+    host = socket.gethostname()
+    query = f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'"
+    for run in client.search_runs([experiment.experiment_id], filter_string=query, max_results=500):
+        pid = run.data.tags.get(PID_TAG, "")
+        if pid.isdigit() and not _alive(int(pid)):
+            client.set_terminated(run.info.run_id, "KILLED")
 
 
 def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -66,7 +138,7 @@ def pipeline_run(root: Path, name: str, tags: dict[str, str] | None = None) -> I
     configure(root)
     client = MlflowClient()
     experiment = mlflow.get_experiment_by_name(EXPERIMENT)
-    run = client.create_run(experiment.experiment_id, run_name=name, tags=tags or {})
+    run = client.create_run(experiment.experiment_id, run_name=name, tags={**_owner_tags(), **(tags or {})})
     status = "FAILED"
     try:
         yield run.info.run_id
@@ -76,16 +148,31 @@ def pipeline_run(root: Path, name: str, tags: dict[str, str] | None = None) -> I
 
 
 class StageTracker:
-    """What a stage may log: params, metrics, files, figures, tables and dataset inputs."""
+    """What a stage may log: params, metrics, files, figures, tables and dataset inputs.
+
+    Every method logs to this tracker's own run (by id, through MlflowClient), never to
+    whichever run happens to be active: a stage tracker used inside one of its child runs
+    still logs to the stage's run.
+    """
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
+        self._client = MlflowClient()
 
     def log_params(self, params: dict[str, Any]) -> None:
-        mlflow.log_params(_flatten(params))
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in _flatten(params).items()]
+        for start in range(0, len(items), 100):  # MLflow's cap on params per batch
+            self._client.log_batch(self.run_id, params=items[start : start + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
 
     def log_metric_series(self, key: str, values: list[float], first_step: int = 1) -> None:
         """One metric at consecutive steps in a single request (per-step calls cost ~20 ms each on SQLite)."""
@@ -96,41 +183,69 @@ class StageTracker:
         now = int(time.time() * 1000)
         metrics = [Metric(key, float(v), now, first_step + i) for i, v in enumerate(values)]
         for start in range(0, len(metrics), 1000):  # MLflow's cap on metrics per batch
-            MlflowClient().log_batch(self.run_id, metrics=metrics[start:start + 1000])
+            self._client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         if path.is_dir():
-            mlflow.log_artifacts(str(path), artifact_path=folder)
+            self._client.log_artifacts(self.run_id, str(path), artifact_path=folder)
         else:
-            mlflow.log_artifact(str(path), artifact_path=folder)
+            self._client.log_artifact(self.run_id, str(path), artifact_path=folder)
 
     def log_figure(self, figure: Any, name: str) -> None:
-        mlflow.log_figure(figure, name)
+        self._client.log_figure(self.run_id, figure, name)
 
     def log_table(self, frame: pd.DataFrame, name: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             csv, md = Path(tmp) / f"{name}.csv", Path(tmp) / f"{name}.md"
             frame.to_csv(csv, index=False)
             md.write_text(frame.to_markdown(index=False) if _has_tabulate() else frame.to_string())
-            mlflow.log_artifact(str(csv), artifact_path="tables")
-            mlflow.log_artifact(str(md), artifact_path="tables")
+            self._client.log_artifact(self.run_id, str(csv), artifact_path="tables")
+            self._client.log_artifact(self.run_id, str(md), artifact_path="tables")
 
     def log_dataset(self, frame: pd.DataFrame, name: str, source: Path, context: str) -> None:
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
         dataset = mlflow.data.from_pandas(frame, source=str(source), name=name)
-        mlflow.log_input(dataset, context=context)
+        entry = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        self._client.log_inputs(self.run_id, datasets=[entry])
 
     def log_json(self, payload: dict[str, Any], name: str) -> None:
-        mlflow.log_text(json.dumps(payload, indent=2, default=str), name)
+        self._client.log_text(self.run_id, json.dumps(payload, indent=2, default=str), name)
+
+    @contextmanager
+    def _active(self) -> Iterator[None]:
+        """Make this run MLflow's active one for calls that log only into the active run (log_model).
+
+        The run stays RUNNING afterwards: whoever opened it ends it.
+        """
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == self.run_id:
+            yield
+            return
+        mlflow.start_run(run_id=self.run_id, nested=active is not None)
+        try:
+            yield
+        finally:
+            mlflow.end_run(status="RUNNING")
 
     @contextmanager
     def child(self, name: str, tags: dict[str, str] | None = None) -> Iterator[StageTracker]:
         """A run nested under this one (a baseline or an ablation); ends FAILED if the body raises."""
-        with mlflow.start_run(run_name=name, nested=True, tags=tags or {}) as run:
+        with mlflow.start_run(
+            run_name=name, parent_run_id=self.run_id, nested=True, tags={**_owner_tags(), **(tags or {})}
+        ) as run:
             yield StageTracker(run.info.run_id)
 
-    def log_torch_model(self, model: Any, input_example: Any, registered_name: str,
-                        name: str = "model", serialization_format: str | None = None,
-                        extra_requirements: tuple[str, ...] = ()) -> int | None:
+    def log_torch_model(
+        self,
+        model: Any,
+        input_example: Any,
+        registered_name: str,
+        name: str = "model",
+        serialization_format: str | None = None,
+        extra_requirements: tuple[str, ...] = (),
+    ) -> int | None:
         """Log a PyTorch model with signature and input example, register it, return its version.
 
         The model runs on CPU for the example so the signature holds for any serving host;
@@ -147,19 +262,30 @@ class StageTracker:
         model = model.to("cpu").eval()
         with torch.no_grad():
             output = model(torch.as_tensor(input_example)).numpy()
-        info = mlflow.pytorch.log_model(
-            model, name=name, input_example=np.asarray(input_example),
-            signature=infer_signature(np.asarray(input_example), output),
-            registered_model_name=registered_name, code_paths=[str(_MODELS_DIR)],
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", *extra_requirements],
-            serialization_format=serialization_format,
-        )
+        with self._active():
+            info = mlflow.pytorch.log_model(
+                model,
+                name=name,
+                input_example=np.asarray(input_example),
+                signature=infer_signature(np.asarray(input_example), output),
+                registered_model_name=registered_name,
+                code_paths=[str(_MODELS_DIR)],
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", *extra_requirements],
+                serialization_format=serialization_format,
+            )
         return info.registered_model_version
+
 
 def load_torch_model(root: Path, uri: str) -> Any:
     """Load a logged PyTorch model, e.g. ``models:/ms2rgb-detector/3``, from this project's store."""
     import mlflow.pytorch
 
+    if _user_uri() is None and not (root / "mlflow.db").exists():  # reading must not create a store
+        raise Ms2rgbError(
+            f"{root / 'mlflow.db'}: no MLflow store in this project, so {uri} cannot be loaded. "
+            "Fix: run the pipeline first (`make run`), or set MLFLOW_TRACKING_URI to the store "
+            "that holds the model"
+        )
     configure(root)
     return mlflow.pytorch.load_model(uri, map_location="cpu")
 
@@ -173,10 +299,15 @@ def _has_tabulate() -> bool:
 
 
 @contextmanager
-def stage_run(root: Path, stage: str, parent_run_id: str | None = None,
-              tags: dict[str, str] | None = None) -> Iterator[StageTracker]:
+def stage_run(
+    root: Path, stage: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None
+) -> Iterator[StageTracker]:
     """A run for one stage, nested under `parent_run_id` when the stage is part of a pipeline run."""
     configure(root)
-    with mlflow.start_run(run_name=stage, parent_run_id=parent_run_id, nested=parent_run_id is not None,
-                          tags={"ms2rgb.stage": stage, **(tags or {})}) as run:
+    with mlflow.start_run(
+        run_name=stage,
+        parent_run_id=parent_run_id,
+        nested=parent_run_id is not None,
+        tags={"ms2rgb.stage": stage, **_owner_tags(), **(tags or {})},
+    ) as run:
         yield StageTracker(run.info.run_id)

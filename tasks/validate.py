@@ -9,11 +9,10 @@ outcome into ValidationFailed. Everything it writes stays under `out_dir`:
     out_dir/data_docs/index.html   GX Data Docs site (one page per batch and run)
     out_dir/gx_frames/*.parquet    the frames GX validated (tile stats, class shares, ...)
 """
+
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,17 +23,21 @@ import numpy as np
 import pandas as pd
 
 os.environ["GX_ANALYTICS_ENABLED"] = "false"  # before the import: the pipeline never reaches the network
-import great_expectations as gx  # noqa: E402
-from great_expectations.checkpoint import CheckpointResult, UpdateDataDocsAction  # noqa: E402
-from great_expectations.data_context.types.base import (  # noqa: E402
-    DataContextConfig, InMemoryStoreBackendDefaults, ProgressBarsConfig,
+import great_expectations as gx
+from great_expectations.checkpoint import CheckpointResult, UpdateDataDocsAction
+from great_expectations.data_context.types.base import (
+    DataContextConfig,
+    InMemoryStoreBackendDefaults,
+    ProgressBarsConfig,
 )
 
-from ms2rgb.tasks.config import Params, ValidateConfig  # noqa: E402
-from ms2rgb.tasks.errors import Ms2rgbError, ParamsError, ValidationFailed  # noqa: E402
-from ms2rgb.tasks.data.expectations import ID_COLUMN, Check, dataset_checks  # noqa: E402
-from ms2rgb.tasks.data.manifest import SPLITS, read_manifest  # noqa: E402
-from ms2rgb.tasks.data.tile_stats import compute_tile_stats  # noqa: E402
+from ms2rgb.tasks.config import ValidateConfig
+from ms2rgb.tasks.data.atomic import write_json_atomic
+from ms2rgb.tasks.data.expectations import ID_COLUMN, Check, dataset_checks
+from ms2rgb.tasks.data.manifest import read_manifest
+from ms2rgb.tasks.data.tile_stats import compute_tile_stats
+from ms2rgb.tasks.data.validated import clear_stamps, write_stamps
+from ms2rgb.tasks.errors import Ms2rgbError, ValidationFailed
 
 DOCS_SITE = "ms2rgb_site"
 
@@ -43,12 +46,12 @@ DOCS_SITE = "ms2rgb_site"
 class ValidationOutcome:
     """What validate_dataset found and where it wrote it; raise_if_failed turns it into an error."""
 
-    passed: bool                  # every expectation met
-    expectations: int             # how many were evaluated
+    passed: bool  # every expectation met
+    expectations: int  # how many were evaluated
     failed: list[dict[str, Any]]  # {batch, expectation, column, offending, count[, files, observed, error]}
-    result_json: Path             # GX checkpoint result
-    docs_index: Path              # Data Docs index.html
-    summary_json: Path            # out_dir/validate.json, the summary above as a file
+    result_json: Path  # GX checkpoint result
+    docs_index: Path  # Data Docs index.html
+    summary_json: Path  # out_dir/validate.json, the summary above as a file
 
 
 @dataclass(frozen=True)
@@ -78,13 +81,18 @@ class _Outputs:
         root = self.out_dir.resolve()
         for path in (self.frames, self.docs, self.result_json, self.summary_json):
             if not path.resolve().is_relative_to(root):  # checked before mkdir follows any link
-                raise Ms2rgbError(f"{path} resolves to {path.resolve()}, outside {root}; "
-                                  "remove that link or pick another validate output folder")
+                raise Ms2rgbError(
+                    f"{path} resolves to {path.resolve()}, outside {root}; "
+                    "remove that link or pick another validate output folder"
+                )
         manifest = manifest_path.resolve()
         if manifest in (self.result_json.resolve(), self.summary_json.resolve()) or any(
-                manifest.is_relative_to(folder.resolve()) for folder in (self.frames, self.docs)):
-            raise Ms2rgbError(f"{manifest_path}: the manifest lies where validation writes its reports; "
-                              "pick a validate output folder apart from the data")
+            manifest.is_relative_to(folder.resolve()) for folder in (self.frames, self.docs)
+        ):
+            raise Ms2rgbError(
+                f"{manifest_path}: the manifest lies where validation writes its reports; "
+                "pick a validate output folder apart from the data"
+            )
         self.frames.mkdir(parents=True, exist_ok=True)
         self.docs.mkdir(parents=True, exist_ok=True)
 
@@ -98,30 +106,20 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temp file in the same folder, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, default=_json_default)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _context(docs_dir: Path) -> Any:
     """An in-memory GX context whose only Data Docs site is docs_dir (no temp site, no progress bars)."""
     config = DataContextConfig(
         store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
         progress_bars=ProgressBarsConfig(globally=False),
         analytics_enabled=False,
-        data_docs_sites={DOCS_SITE: {
-            "class_name": "SiteBuilder",
-            "show_how_to_buttons": False,
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        }},
+        data_docs_sites={
+            DOCS_SITE: {
+                "class_name": "SiteBuilder",
+                "show_how_to_buttons": False,
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            }
+        },
     )
     return gx.get_context(mode="ephemeral", project_config=config)
 
@@ -139,13 +137,21 @@ def run_checkpoint(context: Any, checks: list[Check], frames_dir: Path, max_list
         check.frame.to_parquet(path, index=False)
         batch = source.add_parquet_asset(check.name, path=path).add_batch_definition_whole_dataframe("all")
         suite = context.suites.add(gx.ExpectationSuite(name=check.name, expectations=check.expectations))
-        definitions.append(context.validation_definitions.add(
-            gx.ValidationDefinition(name=check.name, data=batch, suite=suite)))
-    checkpoint = context.checkpoints.add(gx.Checkpoint(
-        name="validate", validation_definitions=definitions,
-        actions=[UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE])],
-        result_format={"result_format": "SUMMARY", "unexpected_index_column_names": [ID_COLUMN],
-                       "partial_unexpected_count": max_listed}))
+        definitions.append(
+            context.validation_definitions.add(gx.ValidationDefinition(name=check.name, data=batch, suite=suite))
+        )
+    checkpoint = context.checkpoints.add(
+        gx.Checkpoint(
+            name="validate",
+            validation_definitions=definitions,
+            actions=[UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE])],
+            result_format={
+                "result_format": "SUMMARY",
+                "unexpected_index_column_names": [ID_COLUMN],
+                "partial_unexpected_count": max_listed,
+            },
+        )
+    )
     return checkpoint.run()
 
 
@@ -163,9 +169,13 @@ def _failure(batch: str, result: Any, files: dict[str, str] | None, max_listed: 
     details = result.result or {}
     ids = [str(item.get(ID_COLUMN)) for item in details.get("partial_unexpected_index_list") or []]
     ids = list(dict.fromkeys(ids))[:max_listed]  # a duplicate id is listed once per row
-    entry: dict[str, Any] = {"batch": batch, "expectation": result.expectation_config.type,
-                             "column": column or None, "offending": ids,
-                             "count": int(details.get("unexpected_count") or len(ids))}
+    entry: dict[str, Any] = {
+        "batch": batch,
+        "expectation": result.expectation_config.type,
+        "column": column or None,
+        "offending": ids,
+        "count": int(details.get("unexpected_count") or len(ids)),
+    }
     if files is not None:
         entry["files"] = [files[i] for i in ids if i in files]
     if "observed_value" in details:  # table-level expectations have no rows to name
@@ -175,8 +185,9 @@ def _failure(batch: str, result: Any, files: dict[str, str] | None, max_listed: 
     return entry
 
 
-def summarise_failures(result: CheckpointResult, checks: list[Check], manifest: pd.DataFrame,
-                       max_listed: int) -> list[dict[str, Any]]:
+def summarise_failures(
+    result: CheckpointResult, checks: list[Check], manifest: pd.DataFrame, max_listed: int
+) -> list[dict[str, Any]]:
     """Failed expectations of every batch, naming offending ids and (for tile rows) their files."""
     files = dict(zip(manifest["id"].astype(str), manifest["path"].astype(str)))
     tile_batches = {check.name for check in checks if check.tile_rows}
@@ -185,13 +196,13 @@ def summarise_failures(result: CheckpointResult, checks: list[Check], manifest: 
         name = suite_result.suite_name
         for expectation_result in suite_result.results:
             if not expectation_result.success:
-                failed.append(_failure(name, expectation_result,
-                                       files if name in tile_batches else None, max_listed))
+                failed.append(_failure(name, expectation_result, files if name in tile_batches else None, max_listed))
     return failed
 
 
-def validate_dataset(manifest_path: Path, data_root: Path, out_dir: Path, cfg: ValidateConfig,
-                     progress: Callable[[str], None] = print) -> ValidationOutcome:
+def validate_dataset(
+    manifest_path: Path, data_root: Path, out_dir: Path, cfg: ValidateConfig, progress: Callable[[str], None] = print
+) -> ValidationOutcome:
     """Validate the manifest and every tile; write the GX result, Data Docs and validate.json.
 
     Raises only when validation cannot run (no manifest, unsafe out_dir), never for failed checks.
@@ -206,29 +217,46 @@ def validate_dataset(manifest_path: Path, data_root: Path, out_dir: Path, cfg: V
     result = run_checkpoint(context, checks, outputs.frames, cfg.max_listed)
     failed = summarise_failures(result, checks, manifest, cfg.max_listed)
     evaluated = sum(r.statistics["evaluated_expectations"] for r in result.run_results.values())
-    outcome = ValidationOutcome(passed=bool(result.success), expectations=int(evaluated), failed=failed,
-                                result_json=outputs.result_json, docs_index=_docs_index(context, outputs),
-                                summary_json=outputs.summary_json)
-    write_json_atomic(outputs.result_json, result.describe_dict())
-    write_json_atomic(outputs.summary_json, {
-        "passed": outcome.passed, "expectations": outcome.expectations, "failed": failed,
-        "tiles": len(manifest), "manifest": str(manifest_path), "result_json": str(outcome.result_json),
-        "docs_index": str(outcome.docs_index)})
-    progress(f"validate: {'passed' if outcome.passed else f'{len(failed)} expectation(s) failed'}; "
-             f"Data Docs at {outcome.docs_index}")
+    outcome = ValidationOutcome(
+        passed=bool(result.success),
+        expectations=int(evaluated),
+        failed=failed,
+        result_json=outputs.result_json,
+        docs_index=_docs_index(context, outputs),
+        summary_json=outputs.summary_json,
+    )
+    write_json_atomic(outputs.result_json, result.describe_dict(), default=_json_default)
+    write_json_atomic(
+        outputs.summary_json,
+        {
+            "passed": outcome.passed,
+            "expectations": outcome.expectations,
+            "failed": failed,
+            "tiles": len(manifest),
+            "manifest": str(manifest_path),
+            "result_json": str(outcome.result_json),
+            "docs_index": str(outcome.docs_index),
+        },
+        default=_json_default,
+    )
+    progress(
+        f"validate: {'passed' if outcome.passed else f'{len(failed)} expectation(s) failed'}; "
+        f"Data Docs at {outcome.docs_index}"
+    )
     return outcome
 
 
 def describe_failure(failure: dict[str, Any]) -> str:
     """One line: which expectation failed on which column, and the offending ids with their files."""
     files = failure.get("files") or []
-    named = [f"{i} ({f})" for i, f in zip(failure["offending"], files)] + failure["offending"][len(files):]
+    named = [f"{i} ({f})" for i, f in zip(failure["offending"], files)] + failure["offending"][len(files) :]
     more = failure["count"] - len(named)
     tail = f" (+{more} more)" if more > 0 else ""
     subject = f"{failure['batch']}.{failure['column']}" if failure["column"] else failure["batch"]
     extra = f" [{failure['error']}]" if failure.get("error") else ""
-    body = (f"{failure['count']} offending: {', '.join(named)}{tail}" if named
-            else f"observed {failure.get('observed')!r}")  # table-level: no rows to name
+    body = (
+        f"{failure['count']} offending: {', '.join(named)}{tail}" if named else f"observed {failure.get('observed')!r}"
+    )  # table-level: no rows to name
     return f"{failure['expectation']} on {subject}: {body}{extra}"
 
 
@@ -240,16 +268,29 @@ def raise_if_failed(outcome: ValidationOutcome) -> None:
 
 
 def run(root: Path, params: dict[str, Any], tracker: Any) -> dict[str, Any]:
-    """Stage entry point: validate the prepared manifest; a failure stops the pipeline here."""
+    """Stage entry point: validate the prepared manifest; a failure stops the pipeline here.
+
+    Only a passed validation leaves the per-split stamps the training stages require
+    (`tasks/data/validated.py`); they are removed first, so a failed or crashed run leaves none.
+    """
 
     cfg, data = params.validation, params.data
     tracker.log_params({"validate": cfg.model_dump()})
     out_dir = root / "reports" / "validate"
-    outcome = validate_dataset(root / data.prepared_dir / "manifest.parquet", root, out_dir, cfg)
+    clear_stamps(root)
+    manifest_path = root / data.prepared_dir / "manifest.parquet"
+    outcome = validate_dataset(manifest_path, root, out_dir, cfg)
+    if outcome.passed:
+        write_stamps(root, read_manifest(manifest_path))
     tracker.log_artifact(outcome.result_json, "validation")
     tracker.log_artifact(outcome.docs_index.parent, "data_docs")
-    report = {"passed": outcome.passed, "expectations": outcome.expectations, "failed": outcome.failed,
-              "failed_count": len(outcome.failed), "docs_index": str(outcome.docs_index.relative_to(root))}
+    report = {
+        "passed": outcome.passed,
+        "expectations": outcome.expectations,
+        "failed": outcome.failed,
+        "failed_count": len(outcome.failed),
+        "docs_index": str(outcome.docs_index.relative_to(root)),
+    }
     tracker.log_metrics({"passed": float(outcome.passed), "failed_count": len(outcome.failed)})
     if not outcome.passed:
         try:

@@ -1,4 +1,5 @@
 """Shared fixtures: a real project copy (git + DVC repo) on the tiny profile, under tmp dirs."""
+
 from __future__ import annotations
 
 import os

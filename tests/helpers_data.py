@@ -5,6 +5,7 @@ paired splits (test, pair_train) get both modalities:
 
     group 0: ms_train (ms)   group 1: test (ms + rgb)   group 2: pair_train (ms + rgb)   group 3: rgb_train (rgb)
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,13 +17,12 @@ from rasterio.transform import from_origin
 from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
 from ms2rgb.tasks.data.classes import MASK_NODATA, SURFACE_NAMES
 from ms2rgb.tasks.data.geotiff import PIXEL_SIZE, TILE_SIZE, sha256_of, tile_bounds, write_tile
-from ms2rgb.tasks.data.manifest import MANIFEST_NAME, make_manifest, read_manifest, write_manifest
+from ms2rgb.tasks.data.manifest import MANIFEST_NAME, SPLIT_MODALITIES, make_manifest, read_manifest, write_manifest
 from ms2rgb.tasks.data.render import render_rgb
 
 CRS_TEXT = "EPSG:32633"
 CLASSES = ("AnnualCrop", "Forest", "SeaLake")
-SPLIT_CYCLE = (("ms_train", ("ms",)), ("test", ("ms", "rgb")), ("pair_train", ("ms", "rgb")),
-               ("rgb_train", ("rgb",)))
+SPLIT_CYCLE = tuple((split, SPLIT_MODALITIES[split]) for split in ("ms_train", "test", "pair_train", "rgb_train"))
 
 
 def _location_arrays(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -33,8 +33,7 @@ def _location_arrays(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, 
     return ms, render_rgb(ms), mask
 
 
-def _rows_for_location(root: Path, number: int, rng: np.random.Generator,
-                       classes: tuple[str, ...]) -> list[dict]:
+def _rows_for_location(root: Path, number: int, rng: np.random.Generator, classes: tuple[str, ...]) -> list[dict]:
     """Write one location's tiles and mask; return its manifest rows."""
     scene_class = classes[number % len(classes)]
     split, modalities = SPLIT_CYCLE[(number // len(classes)) % len(SPLIT_CYCLE)]
@@ -50,15 +49,28 @@ def _rows_for_location(root: Path, number: int, rng: np.random.Generator,
         rel = f"{modality}/{scene_class}/{loc}.tif"
         array, names = (ms, S2_BANDS) if modality == "ms" else (rgb, RGB_BANDS)
         write_tile(root / rel, array, crs, transform, names)
-        rows.append({"id": f"synth-{scene_class}-{number:05d}-{modality}", "modality": modality, "path": rel,
-                     "mask_path": mask_rel, "class": scene_class, "split": split, "source": "synth",
-                     "location_id": loc, "crs": CRS_TEXT, "bounds_left": left, "bounds_bottom": bottom,
-                     "bounds_right": right, "bounds_top": top, "sha256": sha256_of(root / rel)})
+        rows.append(
+            {
+                "id": f"synth-{scene_class}-{number:05d}-{modality}",
+                "modality": modality,
+                "path": rel,
+                "mask_path": mask_rel,
+                "class": scene_class,
+                "split": split,
+                "source": "synth",
+                "location_id": loc,
+                "crs": CRS_TEXT,
+                "bounds_left": left,
+                "bounds_bottom": bottom,
+                "bounds_right": right,
+                "bounds_top": top,
+                "sha256": sha256_of(root / rel),
+            }
+        )
     return rows
 
 
-def make_dataset(root: Path, n_locations: int = 12, classes: tuple[str, ...] = CLASSES,
-                 seed: int = 0) -> Path:
+def make_dataset(root: Path, n_locations: int = 12, classes: tuple[str, ...] = CLASSES, seed: int = 0) -> Path:
     """Write a valid data set under root; return its manifest path (root/manifest.parquet)."""
     rng = np.random.default_rng(seed)
     rows = [row for number in range(n_locations) for row in _rows_for_location(root, number, rng, classes)]
@@ -98,4 +110,3 @@ def replace_tile(manifest_path: Path, tile_id: str, array: np.ndarray, fix_sha: 
     if fix_sha:
         update_rows(manifest_path, tile_id, sha256=sha256_of(path))
     return path
-

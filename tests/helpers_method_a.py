@@ -3,14 +3,15 @@
 Preparing and training the tiny upstream stages takes tens of seconds; every test that needs
 them gets its own copy (without the MLflow store, so each test tracks into a fresh one).
 """
+
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import make_project
+
 from ms2rgb.flows.stages import run_stage
 
 ORDER = ("prepare", "validate", "teacher", "matcher", "pairs", "student")

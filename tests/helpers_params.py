@@ -1,4 +1,5 @@
 """Typed configs for tests, built from the repository's params.yaml (the one home of defaults)."""
+
 from __future__ import annotations
 
 from pathlib import Path

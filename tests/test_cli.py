@@ -1,14 +1,15 @@
 """The `ms2rgb` command line on a real project: scene ingestion end to end, and user errors."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_ingest import S2_DIR
 
 from ms2rgb.flows.cli import main
 from ms2rgb.flows.stages import run_stage
-from test_ingest import S2_DIR
 
 
 def test_ingested_real_scene_joins_the_pool_and_validates(project: Path) -> None:
@@ -45,15 +46,20 @@ def test_bad_params_value_stops_with_the_key(project: Path, capsys: pytest.Captu
 
 def test_eurosat_source_runs_through_prepare_and_validate(project: Path, tmp_path: Path) -> None:
     from test_eurosat import write_fake_eurosat
+
     ms_dir, rgb_dir = write_fake_eurosat(tmp_path / "eurosat")
-    assert main(["--root", str(project), "data", "eurosat", "--ms", str(ms_dir), "--out",
-                 str(tmp_path / "converted")]) == 0
+    assert (
+        main(["--root", str(project), "data", "eurosat", "--ms", str(ms_dir), "--out", str(tmp_path / "converted")])
+        == 0
+    )
     assert (tmp_path / "converted" / "manifest.parquet").exists()
     params = project / "params.yaml"
-    params.write_text(params.read_text()
-                      .replace("source: synth ", "source: eurosat ", 1)
-                      .replace("eurosat_ms_dir: null", f"eurosat_ms_dir: {ms_dir}", 1)
-                      .replace("eurosat_rgb_dir: null", f"eurosat_rgb_dir: {rgb_dir}", 1))
+    params.write_text(
+        params.read_text()
+        .replace("source: synth ", "source: eurosat ", 1)
+        .replace("eurosat_ms_dir: null", f"eurosat_ms_dir: {ms_dir}", 1)
+        .replace("eurosat_rgb_dir: null", f"eurosat_rgb_dir: {rgb_dir}", 1)
+    )
     prepared = run_stage("prepare", project)
     assert prepared["tiles"] > 0
     assert run_stage("validate", project)["passed"] is True

@@ -1,4 +1,5 @@
 """params.yaml handling: profiles, typed sections, and errors that name the key."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,14 +17,20 @@ def test_tiny_profile_overrides_only_what_it_names(project: Path) -> None:
     assert params.profile == "tiny"
 
 
-@pytest.mark.parametrize("edit, key", [
-    ("rgb_ambiguity: 0.3", "synth.rgb_ambiguity"),
-    ("source: synth ", "data.source"),
-    ("profile: tiny", "profile"),
-])
+@pytest.mark.parametrize(
+    "edit, key",
+    [
+        ("rgb_ambiguity: 0.3", "synth.rgb_ambiguity"),
+        ("source: synth ", "data.source"),
+        ("profile: tiny", "profile"),
+    ],
+)
 def test_bad_values_name_the_key(project: Path, edit: str, key: str) -> None:
-    bad = {"rgb_ambiguity: 0.3": "rgb_ambiguity: 1.7", "source: synth ": "source: sentinel ",
-           "profile: tiny": "profile: huge"}[edit]
+    bad = {
+        "rgb_ambiguity: 0.3": "rgb_ambiguity: 1.7",
+        "source: synth ": "source: sentinel ",
+        "profile: tiny": "profile: huge",
+    }[edit]
     text = (project / "params.yaml").read_text()
     (project / "params.yaml").write_text(text.replace(edit, bad, 1))
     with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
@@ -54,16 +61,21 @@ def test_unknown_split_in_per_class(project: Path) -> None:
         load_params(project)
 
 
-@pytest.mark.parametrize("old, new, key", [
-    ("  logit_scale: 14.2857", "  logit_scale: abc", "detector.prompt.logit_scale='abc'"),
-    ("  eurosat_rgb_dir: null", "  eurosat_rgb_dir: 3", "data.eurosat_rgb_dir=3"),
-    ("    model: ms2rgb-tiny-vit", "    model: no-such-model", "detector.clip.model='no-such-model'"),
-    ("student: {epochs: 2, batch_size: 16, heads: 2,", "student: {epochs: 2, batch_size: 16, heads: 3,",
-     "student.heads=3"),
-    ("  augment: true            # random flips", "  augment: 1            # random flips", "teacher.augment=1"),
-])
-def test_every_field_is_checked_optional_and_cross_field_ones_too(project: Path, old: str, new: str,
-                                                                   key: str) -> None:
+@pytest.mark.parametrize(
+    "old, new, key",
+    [
+        ("  logit_scale: 14.2857", "  logit_scale: abc", "detector.prompt.logit_scale='abc'"),
+        ("  eurosat_rgb_dir: null", "  eurosat_rgb_dir: 3", "data.eurosat_rgb_dir=3"),
+        ("    model: ms2rgb-tiny-vit", "    model: no-such-model", "detector.clip.model='no-such-model'"),
+        (
+            "student: {epochs: 2, batch_size: 16, heads: 2,",
+            "student: {epochs: 2, batch_size: 16, heads: 3,",
+            "student.heads=3",
+        ),
+        ("  augment: true            # random flips", "  augment: 1            # random flips", "teacher.augment=1"),
+    ],
+)
+def test_every_field_is_checked_optional_and_cross_field_ones_too(project: Path, old: str, new: str, key: str) -> None:
     _with(project, old, new)
     with pytest.raises(ParamsError, match=key.replace(".", r"\.").replace("(", r"\(")):
         load_params(project)
@@ -98,10 +110,12 @@ def test_config_models_carry_no_defaults() -> None:
 
     from ms2rgb.tasks import config
 
-    sections = [c for c in vars(config).values()
-                if isinstance(c, type) and issubclass(c, BaseModel) and c.__module__ == config.__name__]
+    sections = [
+        c
+        for c in vars(config).values()
+        if isinstance(c, type) and issubclass(c, BaseModel) and c.__module__ == config.__name__
+    ]
     assert len(sections) >= 12
-    defaulted = [f"{c.__name__}.{name}" for c in sections for name, f in c.model_fields.items()
-                 if not f.is_required()]
+    defaulted = [f"{c.__name__}.{name}" for c in sections for name, f in c.model_fields.items() if not f.is_required()]
     assert defaulted == []
     assert SynthConfig.model_fields["crs"].is_required()

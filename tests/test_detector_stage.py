@@ -1,4 +1,5 @@
 """The detector stage on the tiny profile (one shot, two steps) and `ms2rgb detect` on real GeoTIFFs."""
+
 from __future__ import annotations
 
 import json
@@ -13,22 +14,31 @@ import rasterio
 import rasterio.warp
 import torch
 import yaml
+from conftest import make_project
+from helpers_params import config
 from mlflow.tracking import MlflowClient
 from rasterio.transform import from_origin
 
-from conftest import make_project
 from ms2rgb.flows.cli import main as cli_main
 from ms2rgb.flows.stages import run_stage
 from ms2rgb.models.clip_detector import ClassMapDetector
-from ms2rgb.tasks.detection.detect import detect
-from helpers_params import config
 from ms2rgb.tasks.config import merged_params, parse_params
+from ms2rgb.tasks.detection.detect import detect
 from ms2rgb.tasks.detection.pretrain import prepare_backbone
 from ms2rgb.tasks.errors import ParamsError, RasterError, UnknownClassError
 from ms2rgb.tasks.tracking import load_torch_model
 
-REQUIRED = ("miou", "pixel_accuracy", "per_class_iou", "trainable_params", "train_seconds", "tiles_per_second",
-            "baselines", "weights", "stopped_by")
+REQUIRED = (
+    "miou",
+    "pixel_accuracy",
+    "per_class_iou",
+    "trainable_params",
+    "train_seconds",
+    "tiles_per_second",
+    "baselines",
+    "weights",
+    "stopped_by",
+)
 VARIANTS = {"pretrain", "zero_shot", "full_k1", "text_prompts", "visual_prompts", "independent"}
 SEEDS = 2  # the tiny profile's detector.seeds
 
@@ -75,8 +85,9 @@ def test_report_holds_the_required_keys_and_outputs(trained: tuple[Path, dict]) 
     assert (out / "checkpoints" / "full_k1" / "seed0" / "last.pt").is_file()
 
 
-def test_run_records_the_weights_and_registers_both_models(trained: tuple[Path, dict],
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_records_the_weights_and_registers_both_models(
+    trained: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
     root, report = trained
     assert report["weights"].startswith("fallback:ms2rgb-clip-backbone v1 (2 contrastive steps")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -113,16 +124,29 @@ def test_registered_detector_loads_and_maps_rgb(trained: tuple[Path, dict]) -> N
 
 def test_zero_fallback_steps_refuse_to_tune_random_weights(trained: tuple[Path, dict]) -> None:
     with pytest.raises(ParamsError, match="detector.pretrain.steps=0"):
-        prepare_backbone(config("detector.clip", pretrained=None), config("detector.pretrain", steps=0), lambda: None, trained[0], 0,
-                         torch.device("cpu"), tracker=None)
+        prepare_backbone(
+            config("detector.clip", pretrained=None),
+            config("detector.pretrain", steps=0),
+            lambda: None,
+            trained[0],
+            0,
+            torch.device("cpu"),
+            tracker=None,
+        )
 
 
-@pytest.mark.parametrize("key, value, match", [
-    ("tune.lr", -1.0, "detector.tune.lr"), ("prompt.colour", 3, "detector.prompt.colour"),
-    ("prompt.logit_scale", 0, "detector.prompt.logit_scale"), ("seeds", 0, "detector.seeds"),
-    ("prompt.depth", 0, "detector.prompt.depth"), ("shots", [], "detector.shots"),
-    ("zero_shot_template", "no slot", "detector.zero_shot_template"),
-])
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("tune.lr", -1.0, "detector.tune.lr"),
+        ("prompt.colour", 3, "detector.prompt.colour"),
+        ("prompt.logit_scale", 0, "detector.prompt.logit_scale"),
+        ("seeds", 0, "detector.seeds"),
+        ("prompt.depth", 0, "detector.prompt.depth"),
+        ("shots", [], "detector.shots"),
+        ("zero_shot_template", "no slot", "detector.zero_shot_template"),
+    ],
+)
 def test_bad_detector_params_name_the_key(trained: tuple[Path, dict], key: str, value: object, match: str) -> None:
     params = yaml.safe_load((trained[0] / "params.yaml").read_text())
     set_detector_param(params, key, value)
@@ -134,6 +158,7 @@ def test_pretrained_path_loads_a_saved_checkpoint(trained: tuple[Path, dict], tm
     """clip.pretrained naming a state-dict file: no fallback pretraining, the file's weights are used."""
     root = make_project(tmp_path / "project")
     shutil.copytree(trained[0] / "data", root / "data", dirs_exist_ok=True)
+    shutil.copytree(trained[0] / "reports" / "validate" / "passed", root / "reports" / "validate" / "passed")
     (root / "weights").mkdir()
     shutil.copy(trained[0] / "artifacts" / "detector" / "backbone.pt", root / "weights" / "my_clip.pt")
     params = yaml.safe_load((root / "params.yaml").read_text())
@@ -153,29 +178,46 @@ CRS = "EPSG:32633"
 TRANSFORM = from_origin(600000.0, 5100000.0, 10.0, 10.0)
 
 
-def rgb_tif(path: Path, height: int, width: int, count: int = 3, dtype: str = "uint8", crs: str | None = CRS,
-            nodata: int | None = None) -> Path:
+def rgb_tif(
+    path: Path,
+    height: int,
+    width: int,
+    count: int = 3,
+    dtype: str = "uint8",
+    crs: str | None = CRS,
+    nodata: int | None = None,
+) -> Path:
     gen = np.random.default_rng(0)
     high = 255 if dtype == "uint8" else 3000
     data = gen.integers(0, high, (count, height, width)).astype(dtype)
     data[:, : height // 2] //= 3  # two regions of different brightness
-    with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=count, dtype=dtype,
-                       crs=crs, transform=TRANSFORM, nodata=nodata) as dst:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=width,
+        height=height,
+        count=count,
+        dtype=dtype,
+        crs=crs,
+        transform=TRANSFORM,
+        nodata=nodata,
+    ) as dst:
         dst.write(data)
     return path
 
 
 @pytest.mark.parametrize("count, dtype", [(3, "uint8"), (13, "uint16")])
-def test_detect_writes_georeferenced_outputs(trained: tuple[Path, dict], tmp_path: Path, count: int,
-                                             dtype: str) -> None:
+def test_detect_writes_georeferenced_outputs(
+    trained: tuple[Path, dict], tmp_path: Path, count: int, dtype: str
+) -> None:
     image = rgb_tif(tmp_path / "scene.tif", 100, 150, count, dtype)  # not a multiple of the 64-px window
     result = detect(image, "water, forest,River, red tiled roofs", tmp_path / "out", root=trained[0])
     with rasterio.open(image) as src, rasterio.open(result["outputs"]["classes.tif"]) as out:
         assert (out.crs, out.transform, out.width, out.height) == (src.crs, src.transform, src.width, src.height)
         classes = out.read(1)
         assert out.dtypes == ("uint8",) and classes.max() < 4
-        assert json.loads(out.tags()["classes"]) == {"0": "water", "1": "forest", "2": "River",
-                                                     "3": "red tiled roofs"}
+        assert json.loads(out.tags()["classes"]) == {"0": "water", "1": "forest", "2": "River", "3": "red tiled roofs"}
         west, south, east, north = rasterio.warp.transform_bounds(src.crs, "EPSG:4326", *src.bounds)
     assert Path(result["outputs"]["overlay.png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     geojson = json.loads(Path(result["outputs"]["classes.geojson"]).read_text())
@@ -205,34 +247,45 @@ def test_detect_with_a_registered_model_uri(trained: tuple[Path, dict], tmp_path
     root, report = trained
     image = rgb_tif(tmp_path / "a.tif", 64, 64)
     local = detect(image, "water,forest", tmp_path / "local", root=root)
-    remote = detect(image, "water,forest", tmp_path / "remote", root=root,
-                    model_uri=f"models:/{report['registered_model']}")
+    remote = detect(
+        image, "water,forest", tmp_path / "remote", root=root, model_uri=f"models:/{report['registered_model']}"
+    )
     assert remote["model"] == f"models:/{report['registered_model']}"
     with rasterio.open(local["outputs"]["classes.tif"]) as a, rasterio.open(remote["outputs"]["classes.tif"]) as b:
         assert np.array_equal(a.read(), b.read())  # the registry holds the same tuned prompts
 
 
-@pytest.mark.parametrize("make, classes, error, match", [
-    (lambda p: p / "missing.tif", "water", RasterError, "does not exist"),
-    (lambda p: rgb_tif(p / "one.tif", 64, 64, count=1), "water", RasterError, "1 band"),
-    (lambda p: rgb_tif(p / "u16.tif", 64, 64, dtype="uint16"), "water", RasterError, "3 band.*uint16"),
-    (lambda p: rgb_tif(p / "nocrs.tif", 64, 64, crs=None), "water", RasterError, "no CRS"),
-    (lambda p: rgb_tif(p / "ok.tif", 64, 64), "water,zebra", UnknownClassError, "'zebra'.*'water'"),
-])
-def test_detect_rejects_bad_input(trained: tuple[Path, dict], tmp_path: Path, make, classes: str,
-                                  error: type, match: str) -> None:
+@pytest.mark.parametrize(
+    "make, classes, error, match",
+    [
+        (lambda p: p / "missing.tif", "water", RasterError, "does not exist"),
+        (lambda p: rgb_tif(p / "one.tif", 64, 64, count=1), "water", RasterError, "1 band"),
+        (lambda p: rgb_tif(p / "u16.tif", 64, 64, dtype="uint16"), "water", RasterError, "3 band.*uint16"),
+        (lambda p: rgb_tif(p / "nocrs.tif", 64, 64, crs=None), "water", RasterError, "no CRS"),
+        (lambda p: rgb_tif(p / "ok.tif", 64, 64), "water,zebra", UnknownClassError, "'zebra'.*'water'"),
+    ],
+)
+def test_detect_rejects_bad_input(
+    trained: tuple[Path, dict], tmp_path: Path, make, classes: str, error: type, match: str
+) -> None:
     with pytest.raises(error, match=match):
         detect(make(tmp_path), classes, tmp_path / "out", root=trained[0])
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
-def test_detect_cli_reports_errors_and_outputs(trained: tuple[Path, dict], tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_detect_cli_reports_errors_and_outputs(
+    trained: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     image = rgb_tif(tmp_path / "cli.tif", 64, 64)
-    assert cli_main(["--root", str(trained[0]), "detect", str(image), "--classes", "", "--out",
-                     str(tmp_path / "o")]) == 2
+    assert (
+        cli_main(["--root", str(trained[0]), "detect", str(image), "--classes", "", "--out", str(tmp_path / "o")]) == 2
+    )
     assert "names no class" in capsys.readouterr().err
-    assert cli_main(["--root", str(trained[0]), "detect", str(image), "--classes", "water,soil", "--out",
-                     str(tmp_path / "o")]) == 0
+    assert (
+        cli_main(
+            ["--root", str(trained[0]), "detect", str(image), "--classes", "water,soil", "--out", str(tmp_path / "o")]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "cli_classes.tif" in printed and "class shares: water" in printed

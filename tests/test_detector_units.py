@@ -1,4 +1,5 @@
 """Detector building blocks on the tiny random CLIP: stop rule, resume, determinism, captions, metrics, windows."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,19 +7,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers_params import config
 
 from ms2rgb.models.clip_backbone import TINY_MODEL, load_clip
 from ms2rgb.models.clip_detector import ClassMapDetector, ClipPixels
 from ms2rgb.models.clip_prompt import PromptConfig, PromptedCLIP
 from ms2rgb.tasks.data.cache import CachedSplit
-from ms2rgb.tasks.detection.captions import caption, composition
 from ms2rgb.tasks.data.classes import SURFACE_CLASSES, SURFACE_NAMES
+from ms2rgb.tasks.detection.captions import caption, composition
 from ms2rgb.tasks.detection.detect import resolve_classes, sliding_logits, window_starts
-from helpers_params import config
 from ms2rgb.tasks.detection.pretrain import multi_positive_clip_loss, pretrain_clip
 from ms2rgb.tasks.detection.tune import STOP_MAX_STEPS, STOP_THRESHOLD, stop_reason, tune
 from ms2rgb.tasks.errors import Ms2rgbError, UnknownClassError
-from ms2rgb.tasks.training.seg_metrics import confusion, iou_report
+from ms2rgb.tasks.training.metrics import confusion_matrix, iou_report
 
 CPU = torch.device("cpu")
 
@@ -59,11 +60,21 @@ def test_stop_rule_needs_patience_steps_under_threshold() -> None:
 
 
 def test_tune_ends_by_threshold_or_max_steps(clip_and_tokenizer: tuple, tiles: tuple) -> None:
-    easy = tune(make_detector(clip_and_tokenizer), *tiles, config("detector.tune", max_steps=6, batch_size=2, loss_threshold=1e3,
-                                                                      patience=2), 0, CPU)
+    easy = tune(
+        make_detector(clip_and_tokenizer),
+        *tiles,
+        config("detector.tune", max_steps=6, batch_size=2, loss_threshold=1e3, patience=2),
+        0,
+        CPU,
+    )
     assert easy.stopped_by == STOP_THRESHOLD and len(easy.losses) == 2
-    hard = tune(make_detector(clip_and_tokenizer), *tiles, config("detector.tune", max_steps=3, batch_size=2, loss_threshold=0.0),
-                0, CPU)
+    hard = tune(
+        make_detector(clip_and_tokenizer),
+        *tiles,
+        config("detector.tune", max_steps=3, batch_size=2, loss_threshold=0.0),
+        0,
+        CPU,
+    )
     assert hard.stopped_by == STOP_MAX_STEPS and len(hard.losses) == 3
 
 
@@ -81,8 +92,9 @@ def test_tune_moves_prompts_only_and_is_deterministic(clip_and_tokenizer: tuple,
         assert torch.equal(value, frozen[key]), f"frozen CLIP tensor {key} changed"
 
 
-def test_resume_from_checkpoint_reproduces_uninterrupted_run(clip_and_tokenizer: tuple, tiles: tuple,
-                                                             tmp_path: Path) -> None:
+def test_resume_from_checkpoint_reproduces_uninterrupted_run(
+    clip_and_tokenizer: tuple, tiles: tuple, tmp_path: Path
+) -> None:
     cfg = config("detector.tune", max_steps=4, batch_size=2, loss_threshold=0.0, checkpoint_every=2)
     straight = make_detector(clip_and_tokenizer)
     full = tune(straight, *tiles, cfg, 1, CPU, checkpoint_dir=tmp_path / "a")
@@ -95,11 +107,23 @@ def test_resume_from_checkpoint_reproduces_uninterrupted_run(clip_and_tokenizer:
 
 
 def test_checkpoint_of_another_mode_is_refused(clip_and_tokenizer: tuple, tiles: tuple, tmp_path: Path) -> None:
-    tune(make_detector(clip_and_tokenizer, "text"), *tiles, config("detector.tune", max_steps=1, batch_size=2), 0, CPU,
-         checkpoint_dir=tmp_path)
+    tune(
+        make_detector(clip_and_tokenizer, "text"),
+        *tiles,
+        config("detector.tune", max_steps=1, batch_size=2),
+        0,
+        CPU,
+        checkpoint_dir=tmp_path,
+    )
     with pytest.raises(Ms2rgbError, match="another prompt mode"):
-        tune(make_detector(clip_and_tokenizer, "coupled"), *tiles, config("detector.tune", max_steps=2, batch_size=2), 0, CPU,
-             resume_from=tmp_path / "last.pt")
+        tune(
+            make_detector(clip_and_tokenizer, "coupled"),
+            *tiles,
+            config("detector.tune", max_steps=2, batch_size=2),
+            0,
+            CPU,
+            resume_from=tmp_path / "last.pt",
+        )
 
 
 def test_zero_shot_has_nothing_to_tune(clip_and_tokenizer: tuple, tiles: tuple) -> None:
@@ -132,8 +156,13 @@ def test_multi_positive_loss_counts_duplicate_captions_as_positives() -> None:
 
 def test_fallback_pretraining_is_seeded_and_trains_every_clip_tensor(tiles: tuple) -> None:
     images, masks = tiles
-    split = CachedSplit(images=images.numpy(), labels=np.array([0, 1, 2, 8, 9, 9]), ids=[str(i) for i in range(6)],
-                        location_ids=[str(i) for i in range(6)], masks=masks.numpy())
+    split = CachedSplit(
+        images=images.numpy(),
+        labels=np.array([0, 1, 2, 8, 9, 9]),
+        ids=[str(i) for i in range(6)],
+        location_ids=[str(i) for i in range(6)],
+        masks=masks.numpy(),
+    )
     cfg = config("detector.pretrain", steps=2, batch_size=4, warmup_steps=1)
     states, losses = [], []
     for _ in range(2):
@@ -159,15 +188,16 @@ def test_caption_lists_surfaces_by_share_with_their_descriptions() -> None:
     mask[9, 2] = 255
     assert [n for n, _ in composition(mask)] == ["water", "grass", "roof"]
     text = caption(9, mask)  # SeaLake
-    assert text.startswith(f"a satellite image with mostly {SURFACE_CLASSES['water']} and some "
-                           f"{SURFACE_CLASSES['grass']};")
+    assert text.startswith(
+        f"a satellite image with mostly {SURFACE_CLASSES['water']} and some {SURFACE_CLASSES['grass']};"
+    )
     assert "roof" not in text and text.endswith("open water of a sea or lake")
 
 
 def test_iou_report_on_a_constructed_case() -> None:
     target = np.array([[0, 0, 1, 1], [2, 2, 255, 255]])
     pred = np.array([[0, 1, 1, 1], [2, 0, 1, 0]])
-    conf = confusion(pred, target, 4)
+    conf = confusion_matrix(target, pred, 4, ignore_index=255)
     assert conf.sum() == 6  # no-data pixels ignored
     report = iou_report(conf, ["a", "b", "c", "d"])
     # a: 1 / (2 + 2 - 1) ; b: 2 / (3 + 2 - 2) ; c: 1 / (1 + 2 - 1); d never true nor predicted
@@ -182,16 +212,24 @@ def test_iou_report_on_a_constructed_case() -> None:
 def test_resolve_classes_accepts_surfaces_scenes_and_descriptions() -> None:
     names, texts = resolve_classes(" water, River ,red tiled roofs,SeaLake")
     assert names == ["water", "River", "red tiled roofs", "SeaLake"]
-    assert texts == [SURFACE_CLASSES["water"], "a river winding through land", "red tiled roofs",
-                     "open water of a sea or lake"]
+    assert texts == [
+        SURFACE_CLASSES["water"],
+        "a river winding through land",
+        "red tiled roofs",
+        "open water of a sea or lake",
+    ]
     assert resolve_classes("Forest")[1] == [SURFACE_CLASSES["forest"]]  # surfaces win: the detector maps them
 
 
-@pytest.mark.parametrize("spec, error, match", [
-    ("", Ms2rgbError, "names no class"), (" , ,", Ms2rgbError, "names no class"),
-    ("water,zebra", UnknownClassError, r"'zebra'.*valid classes are \['crop'"),
-    ("water,Water", Ms2rgbError, "more than once"),
-])
+@pytest.mark.parametrize(
+    "spec, error, match",
+    [
+        ("", Ms2rgbError, "names no class"),
+        (" , ,", Ms2rgbError, "names no class"),
+        ("water,zebra", UnknownClassError, r"'zebra'.*valid classes are \['crop'"),
+        ("water,Water", Ms2rgbError, "more than once"),
+    ],
+)
 def test_resolve_classes_errors(spec: str, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         resolve_classes(spec)
@@ -213,7 +251,7 @@ def test_sliding_logits_average_overlapping_windows() -> None:
         return torch.stack([corner.expand(-1, 64, 64), torch.zeros(len(tiles), 64, 64)], dim=1)
 
     rgb = np.zeros((3, 96, 70), np.uint8)
-    rgb[0, 32, 0] = 8   # corner of the window starting at row 32, col 0
+    rgb[0, 32, 0] = 8  # corner of the window starting at row 32, col 0
     logits = sliding_logits(score, rgb, 2, 32, 4, CPU)
     assert logits.shape == (2, 96, 70) and calls == [4]  # windows at rows 0/32 x cols 0/6, one batch
     # (40, 3) lies in the windows at (0, 0) (corner 0) and (32, 0) (corner 8): their mean

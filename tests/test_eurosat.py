@@ -1,4 +1,5 @@
 """EuroSAT conversion on a tiny fake EuroSAT_MS/RGB tree written with rasterio (real JPEGs, real CRS)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,11 +11,11 @@ import rasterio
 from rasterio.transform import Affine
 
 from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
-from ms2rgb.tasks.errors import DatasetLayoutError, Ms2rgbError, UnknownClassError
-from ms2rgb.tasks.data.sources.eurosat import EUROSAT_FILE_BAND_ORDER, SPLIT_MODALITIES, ingest_eurosat
 from ms2rgb.tasks.data.geotiff import sha256_of
-from ms2rgb.tasks.data.manifest import COLUMNS, MANIFEST_NAME, read_manifest
+from ms2rgb.tasks.data.manifest import COLUMNS, MANIFEST_NAME, SPLIT_MODALITIES, read_manifest
 from ms2rgb.tasks.data.render import render_rgb
+from ms2rgb.tasks.data.sources.eurosat import EUROSAT_FILE_BAND_ORDER, EUROSAT_SPLITS, ingest_eurosat
+from ms2rgb.tasks.errors import DatasetLayoutError, Ms2rgbError, UnknownClassError
 
 # EuroSAT jpgs have no georeference by design; rasterio warns each time the test writes or reads one.
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
@@ -22,8 +23,14 @@ pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreference
 CLASSES = ("Forest", "River", "SeaLake")
 PER_CLASS = 12
 # Exact on 12 locations per class: 3, 2, 1, 3, 1, 2.
-FRACTIONS = {"ms_train": 3 / 12, "pair_train": 2 / 12, "pair_test": 1 / 12, "rgb_train": 3 / 12,
-             "ms_pool": 1 / 12, "test": 2 / 12}
+FRACTIONS = {
+    "ms_train": 3 / 12,
+    "pair_train": 2 / 12,
+    "pair_test": 1 / 12,
+    "rgb_train": 3 / 12,
+    "ms_pool": 1 / 12,
+    "test": 2 / 12,
+}
 
 
 def band_value(band: str, n: int) -> int:
@@ -47,15 +54,24 @@ def write_fake_eurosat(root: Path) -> tuple[Path, Path]:
         (root / "rgb" / cls).mkdir(parents=True)
         for n in range(1, PER_CLASS + 1):
             ms = np.stack([np.full((64, 64), band_value(b, n), np.uint16) for b in EUROSAT_FILE_BAND_ORDER])
-            with rasterio.open(root / "ms" / cls / f"{cls}_{n}.tif", "w", driver="GTiff", width=64,
-                               height=64, count=13, dtype="uint16", crs="EPSG:32633",
-                               transform=tile_transform(cls, n)) as dst:
+            with rasterio.open(
+                root / "ms" / cls / f"{cls}_{n}.tif",
+                "w",
+                driver="GTiff",
+                width=64,
+                height=64,
+                count=13,
+                dtype="uint16",
+                crs="EPSG:32633",
+                transform=tile_transform(cls, n),
+            ) as dst:
                 dst.write(ms)
             rgb = np.stack([np.full((64, 64), v, np.uint8) for v in rgb_colour(cls, n)])
             rgb[:, :8, :8] = 255  # some structure, so the copy check is not just about a flat colour
             # Real JPEG (JFIF) without georeference, as in EuroSAT's RGB zip.
-            with rasterio.open(root / "rgb" / cls / f"{cls}_{n}.jpg", "w", driver="JPEG", width=64,
-                               height=64, count=3, dtype="uint8") as dst:
+            with rasterio.open(
+                root / "rgb" / cls / f"{cls}_{n}.jpg", "w", driver="JPEG", width=64, height=64, count=3, dtype="uint8"
+            ) as dst:
                 dst.write(rgb)
     return root / "ms", root / "rgb"
 
@@ -105,7 +121,8 @@ def test_splits_location_disjoint_with_right_modalities(converted: tuple[pd.Data
     frame, _ = converted
     per_location = frame.groupby("location_id")["split"].nunique()
     assert (per_location == 1).all() and len(per_location) == len(CLASSES) * PER_CLASS
-    for split, modalities in SPLIT_MODALITIES.items():
+    for split in EUROSAT_SPLITS:
+        modalities = SPLIT_MODALITIES[split]
         rows = frame[frame["split"] == split]
         for cls in CLASSES:
             expected = round(FRACTIONS[split] * PER_CLASS)
@@ -114,20 +131,21 @@ def test_splits_location_disjoint_with_right_modalities(converted: tuple[pd.Data
         assert (rows.groupby("location_id").size() == len(modalities)).all()
 
 
-def test_splits_deterministic_per_seed(fake: tuple[Path, Path], converted: tuple[pd.DataFrame, Path],
-                                       tmp_path: Path) -> None:
+def test_splits_deterministic_per_seed(
+    fake: tuple[Path, Path], converted: tuple[pd.DataFrame, Path], tmp_path: Path
+) -> None:
     def splits(frame: pd.DataFrame) -> dict[str, str]:
         return dict(zip(frame["location_id"], frame["split"]))
 
-    again = ingest_eurosat(fake[0], tmp_path / "a", rgb_dir=fake[1], split_fractions=FRACTIONS, seed=3,
-                           progress=None)
+    again = ingest_eurosat(fake[0], tmp_path / "a", rgb_dir=fake[1], split_fractions=FRACTIONS, seed=3, progress=None)
     pd.testing.assert_frame_equal(again, converted[0])
     other = ingest_eurosat(fake[0], tmp_path / "b", split_fractions=FRACTIONS, seed=4, progress=None)
     assert splits(other) != splits(converted[0])
 
 
-def test_rgb_copied_from_jpg_with_ms_georeference(fake: tuple[Path, Path],
-                                                  converted: tuple[pd.DataFrame, Path]) -> None:
+def test_rgb_copied_from_jpg_with_ms_georeference(
+    fake: tuple[Path, Path], converted: tuple[pd.DataFrame, Path]
+) -> None:
     frame, out = converted
     rgb_rows = frame[frame["modality"] == "rgb"]
     assert len(rgb_rows) > 0
@@ -144,8 +162,7 @@ def test_rgb_copied_from_jpg_with_ms_georeference(fake: tuple[Path, Path],
 def test_rgb_rendered_without_jpgs(fake: tuple[Path, Path], tmp_path: Path) -> None:
     frame = ingest_eurosat(fake[0], tmp_path, split_fractions={"test": 1.0}, progress=None)
     row = frame[(frame["modality"] == "rgb") & (frame["location_id"] == "River_7")].iloc[0]
-    with rasterio.open(tmp_path / row["path"]) as tile, \
-            rasterio.open(tmp_path / "tiles/ms/River/River_7.tif") as ms:
+    with rasterio.open(tmp_path / row["path"]) as tile, rasterio.open(tmp_path / "tiles/ms/River/River_7.tif") as ms:
         assert np.array_equal(tile.read(), render_rgb(ms.read()))
 
 

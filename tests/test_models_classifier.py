@@ -1,28 +1,23 @@
-"""SceneCNN teacher/student and the classifier registry."""
+"""SceneCNN teacher/student."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from ms2rgb.models.bands import RGB_BANDS, S2_BANDS, BandMismatchError
-from ms2rgb.models.classifier import (
-    SceneCNN,
-    SceneCNNConfig,
-    build_classifier,
-    list_classifiers,
-    register_classifier,
-)
+from ms2rgb.models.classifier import SceneCNN, SceneCNNConfig
 
 WIDTH = 8  # small nets keep these tests to milliseconds on shared CPUs
 
 
 def _teacher(width: int = WIDTH) -> SceneCNN:
-    return build_classifier("scene_cnn", SceneCNNConfig(bands=S2_BANDS, width=width))
+    return SceneCNN(SceneCNNConfig(bands=S2_BANDS, width=width))
 
 
 def _student(width: int = WIDTH) -> SceneCNN:
     cfg = SceneCNNConfig(bands=RGB_BANDS, width=width, from_8bit=True)
-    return build_classifier("scene_cnn", cfg)
+    return SceneCNN(cfg)
 
 
 @pytest.mark.parametrize("side", [64, 32, 8])
@@ -46,17 +41,6 @@ def test_rgb_tile_into_ms_model_raises_naming_bands() -> None:
 def test_tile_side_not_multiple_of_8_raises() -> None:
     with pytest.raises(ValueError, match="multiple of 8"):
         _teacher().encode(torch.rand(1, 13, 60, 60))
-
-
-def test_unknown_name_lists_valid_names() -> None:
-    with pytest.raises(ValueError, match="scene_cnn"):
-        build_classifier("resnet9000", SceneCNNConfig(bands=RGB_BANDS))
-    assert "scene_cnn" in list_classifiers()
-
-
-def test_duplicate_registration_raises() -> None:
-    with pytest.raises(ValueError, match="already registered"):
-        register_classifier("scene_cnn", SceneCNN)
 
 
 def test_default_width_size_is_small() -> None:
@@ -97,7 +81,7 @@ def test_one_training_step_lowers_loss_on_fixed_batch() -> None:
 
 def test_stride_two_stem_keeps_the_feature_shape() -> None:
     cfg = SceneCNNConfig(bands=S2_BANDS, width=WIDTH, stem_stride=2)
-    fast = build_classifier("scene_cnn", cfg).eval()
+    fast = SceneCNN(cfg).eval()
     assert fast.encode(torch.rand(2, 13, 64, 64) * 3000).shape == (2, 4 * WIDTH, 8, 8)
     assert fast.features[0][0].stride == (2, 2) and _teacher().features[0][0].stride == (1, 1)
     with pytest.raises(ValueError, match="stem_stride=3"):

@@ -1,4 +1,5 @@
 """load_clip / freeze: config registry, local checkpoints, typed errors. No network."""
+
 from __future__ import annotations
 
 import json

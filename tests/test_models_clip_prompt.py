@@ -1,4 +1,5 @@
 """PromptedCLIP (method B) and its losses on the tiny registered ViT, random init, CPU."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator

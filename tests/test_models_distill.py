@@ -1,4 +1,5 @@
 """Distillation losses, cross-modal attention and re-matching."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
-from ms2rgb.models.classifier import SceneCNNConfig, build_classifier
+from ms2rgb.models.classifier import SceneCNN, SceneCNNConfig
 from ms2rgb.models.distill import CrossModalAttention, DistillLoss, domain_shift_loss, kd_loss, rematch
 
 
@@ -85,9 +86,9 @@ def test_kd_loss_never_reaches_teacher() -> None:
 
 
 def _pair_models() -> tuple[torch.nn.Module, torch.nn.Module]:
-    teacher = build_classifier("scene_cnn", SceneCNNConfig(bands=S2_BANDS, width=8))
+    teacher = SceneCNN(SceneCNNConfig(bands=S2_BANDS, width=8))
     cfg = SceneCNNConfig(bands=RGB_BANDS, width=8, from_8bit=True)
-    student = build_classifier("scene_cnn", cfg)
+    student = SceneCNN(cfg)
     return teacher, student
 
 
@@ -128,9 +129,7 @@ def test_distill_zero_weight_skips_term() -> None:
 
 def test_rematch_picks_closest_distribution() -> None:
     pool = torch.tensor([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [1.0, 0.0, 0.0]])
-    student = torch.tensor(
-        [[0.15, 0.7, 0.15], [0.3, 0.2, 0.5], [0.85, 0.1, 0.05], [0.99, 0.005, 0.005]]
-    )
+    student = torch.tensor([[0.15, 0.7, 0.15], [0.3, 0.2, 0.5], [0.85, 0.1, 0.05], [0.99, 0.005, 0.005]])
     assert rematch(student, pool).tolist() == [1, 2, 0, 3]
 
 
@@ -142,8 +141,10 @@ def test_rematch_chunking_does_not_change_result() -> None:
     torch.testing.assert_close(rematch(s, p, max_chunk_elems=1), full)  # one row per chunk
     # Brute force Jensen-Shannon for reference.
     m = 0.5 * (s[:, None] + p[None])
-    js = 0.5 * (F.kl_div(m.log(), s[:, None].expand_as(m), reduction="none").sum(-1)
-                + F.kl_div(m.log(), p[None].expand_as(m), reduction="none").sum(-1))
+    js = 0.5 * (
+        F.kl_div(m.log(), s[:, None].expand_as(m), reduction="none").sum(-1)
+        + F.kl_div(m.log(), p[None].expand_as(m), reduction="none").sum(-1)
+    )
     assert torch.equal(full, js.argmin(1))
 
 

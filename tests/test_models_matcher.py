@@ -1,4 +1,5 @@
 """Cross-modal matcher: embeddings, group InfoNCE, negative sampling, toy retrieval."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """The spine: Prefect flow and `dvc repro` run the same stages and agree on what is stale."""
+
 from __future__ import annotations
 
 import json
@@ -10,12 +11,12 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from conftest import DVC
 from prefect.testing.utilities import prefect_test_harness
 
-from conftest import DVC
 from ms2rgb.flows.pipeline import pipeline
+from ms2rgb.tasks.data.manifest import SPLITS, make_manifest, write_manifest
 from ms2rgb.tasks.errors import ValidationFailed
-from ms2rgb.tasks.data.manifest import make_manifest, write_manifest
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -26,8 +27,7 @@ def prefect_server() -> Iterator[None]:
 
 
 def dvc_status(root: Path, *targets: str) -> str:
-    return subprocess.run([str(DVC), "status", *targets], cwd=root, capture_output=True, text=True,
-                          check=True).stdout
+    return subprocess.run([str(DVC), "status", *targets], cwd=root, capture_output=True, text=True, check=True).stdout
 
 
 def test_prefect_run_leaves_dvc_clean_and_skips_when_fresh(project: Path) -> None:
@@ -71,17 +71,34 @@ def test_new_scene_makes_prepare_stale(project: Path) -> None:
 
 
 def test_bad_scene_fails_validation_before_training(project: Path) -> None:
+    pipeline(root=str(project), until="validate")
+    stamps = project / "reports" / "validate" / "passed"
+    assert len(list(stamps.glob("*.json"))) == len(SPLITS)  # what the training stages require
     scene = project / "data" / "scenes" / "broken"
     scene.mkdir(parents=True)
-    row = dict(id="broken_r0_c0", modality="ms", path="tiles/missing.tif", mask_path=None, split="ms_pool",
-               source="scene:broken", location_id="broken_r0_c0", crs="EPSG:32633", bounds_left=0.0,
-               bounds_bottom=0.0, bounds_right=640.0, bounds_top=640.0, sha256="0" * 64, **{"class": None})
+    row = dict(
+        id="broken_r0_c0",
+        modality="ms",
+        path="tiles/missing.tif",
+        mask_path=None,
+        split="ms_pool",
+        source="scene:broken",
+        location_id="broken_r0_c0",
+        crs="EPSG:32633",
+        bounds_left=0.0,
+        bounds_bottom=0.0,
+        bounds_right=640.0,
+        bounds_top=640.0,
+        sha256="0" * 64,
+        **{"class": None},
+    )
     write_manifest(make_manifest([row]), scene / "manifest.parquet")
     with pytest.raises(ValidationFailed, match="broken_r0_c0"):
         pipeline(root=str(project), until="validate")
     report = json.loads((project / "reports" / "validate.json").read_text())
     assert report["passed"] is False and report["failed_count"] >= 1
     assert "validate" in dvc_status(project)  # a failed stage is never recorded as fresh
+    assert not list(stamps.glob("*.json"))  # so no training stage runs on the failed data
     assert pd.read_parquet(project / "data" / "prepared" / "manifest.parquet")["id"].str.contains("broken").any()
 
 

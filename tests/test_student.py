@@ -1,4 +1,5 @@
 """student stage: smoke run with baselines as nested runs, MLflow round trip, re-matching, seeding."""
+
 from __future__ import annotations
 
 import json
@@ -9,17 +10,26 @@ import mlflow.pytorch
 import numpy as np
 import pytest
 import torch
+from helpers_method_a import staged_project
+from helpers_params import config
 
 from ms2rgb.flows.stages import run_stage
-from helpers_method_a import staged_project
 from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
 from ms2rgb.models.classifier import SceneCNN, SceneCNNConfig
-from ms2rgb.tasks.data.cache import open_split
-from helpers_params import config
 from ms2rgb.tasks.config import StudentConfig
-from ms2rgb.tasks.training.distill import (VARIANTS, StudentSet, TeacherBank, Variant, budget_epochs,
-                                 random_partners, rematch_partners, teacher_bank, train_student)
+from ms2rgb.tasks.data.cache import open_split
 from ms2rgb.tasks.errors import PairsTableError
+from ms2rgb.tasks.training.distill import (
+    VARIANTS,
+    StudentSet,
+    TeacherBank,
+    Variant,
+    budget_epochs,
+    random_partners,
+    rematch_partners,
+    teacher_bank,
+    train_student,
+)
 from ms2rgb.tasks.training.store import load_model
 
 BASELINES = {"rgb_only", "kd_random_pairs", "no_feature_loss", "no_rematch", "paired_kd"}
@@ -40,8 +50,10 @@ def test_student_stage_report_nested_runs_and_mlflow_round_trip(paired: Path) ->
         assert len(summary["per_class"]) == 10
     assert [r["epoch"] for r in report["rematch_rounds"]] == [1]  # tiny: 2 epochs, re-match every epoch
     assert 0.0 <= report["rematch_rounds"][0]["changed"] <= 1.0
-    assert sorted(p.name for p in (paired / "artifacts" / "student" / "checkpoints").iterdir()) == \
-        ["epoch_000.pt", "epoch_001.pt"]
+    assert sorted(p.name for p in (paired / "artifacts" / "student" / "checkpoints").iterdir()) == [
+        "epoch_000.pt",
+        "epoch_001.pt",
+    ]
     mlflow.set_tracking_uri(f"sqlite:///{paired / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["ms2rgb"])
     stage = runs[runs["tags.ms2rgb.stage"] == "student"].iloc[0]
@@ -78,6 +90,7 @@ def _bank(probs: list[list[float]]) -> TeacherBank:
 
 def test_rematch_picks_closest_teacher_distribution_within_class() -> None:
     eps = 1e-3
+
     def dist(a: float, b: float) -> list[float]:  # mass a on class 0, b on class 1, eps elsewhere
         return [a, b] + [eps] * 8
 
@@ -95,8 +108,9 @@ def _toy_setup() -> tuple[SceneCNN, StudentSet, StudentConfig, SceneCNNConfig]:
     labels = np.arange(12) % 3
     bank = teacher_bank(teacher, gen.uniform(0, 3000, (9, 13, 16, 16)).astype(np.uint16), np.arange(9) % 3)
     bank.classes = np.arange(9) % 3  # an untrained teacher's classes are arbitrary; fix them for pairing
-    data = StudentSet(gen.integers(0, 256, (12, 3, 16, 16), dtype=np.uint8), labels, bank,
-                      random_partners(labels, bank, seed=0))
+    data = StudentSet(
+        gen.integers(0, 256, (12, 3, 16, 16), dtype=np.uint8), labels, bank, random_partners(labels, bank, seed=0)
+    )
     cfg = config("student", epochs=2, batch_size=4, heads=2, rematch_every=1, seeds=1)
     return teacher, data, cfg, SceneCNNConfig(bands=RGB_BANDS, width=4, stem_stride=2, from_8bit=True)
 

@@ -1,4 +1,5 @@
 """The embedded synthetic source: seeded, georeferenced, spectrally plausible, with masks."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import rasterio
+from helpers_params import config
 
 from ms2rgb.models.bands import S2_BANDS
 from ms2rgb.tasks.data.classes import SCENE_NAMES, SURFACE_NAMES
 from ms2rgb.tasks.data.sources.spectra import VISIBLE_BAND_INDEX, surface_spectra
-from helpers_params import config
 from ms2rgb.tasks.data.sources.synth import generate
 
 SMALL = config("synth", per_class={"ms_train": 2, "test": 1, "fewshot": 1})
@@ -19,8 +20,7 @@ SMALL = config("synth", per_class={"ms_train": 2, "test": 1, "fewshot": 1})
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:
     a = pd.read_parquet(generate(tmp_path / "a", SMALL, 0, progress=lambda _: None))
     b = pd.read_parquet(generate(tmp_path / "b", SMALL, 0, progress=lambda _: None))
-    c = pd.read_parquet(generate(tmp_path / "c", SMALL, 1,
-                                 progress=lambda _: None))
+    c = pd.read_parquet(generate(tmp_path / "c", SMALL, 1, progress=lambda _: None))
     assert a["sha256"].tolist() == b["sha256"].tolist()
     assert set(a["sha256"]).isdisjoint(set(c["sha256"]))
 

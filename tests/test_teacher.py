@@ -1,7 +1,11 @@
 """teacher stage: smoke run on the tiny profile, reproducibility, bad input."""
+
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -9,12 +13,12 @@ import mlflow.pytorch
 import numpy as np
 import pytest
 import torch
+from helpers_method_a import staged_project
+from helpers_params import config
 
 from ms2rgb.flows.stages import run_stage
-from helpers_method_a import staged_project
 from ms2rgb.models.bands import BandMismatchError
 from ms2rgb.tasks.data.classes import SCENE_NAMES
-from helpers_params import config
 from ms2rgb.tasks.errors import BandCountError, DataError, ParamsError
 from ms2rgb.tasks.training.store import load_model
 
@@ -48,9 +52,27 @@ def test_same_seed_gives_same_teacher(validated: Path) -> None:
     weights = torch.load(validated / "artifacts" / "teacher" / "model.pt", weights_only=True)["state_dict"]
     again = run_stage("teacher", validated)
     weights_again = torch.load(validated / "artifacts" / "teacher" / "model.pt", weights_only=True)["state_dict"]
-    assert {k: v for k, v in first.items() if k not in ("seconds", "model_version")} == \
-        {k: v for k, v in again.items() if k not in ("seconds", "model_version")}
+    assert {k: v for k, v in first.items() if k not in ("seconds", "model_version")} == {
+        k: v for k, v in again.items() if k not in ("seconds", "model_version")
+    }
     assert all(torch.equal(weights[k], weights_again[k]) for k in weights)
+
+
+def test_another_process_with_another_thread_count_gives_the_same_teacher(validated: Path) -> None:
+    """Threads are pinned from params.yaml, so the machine's core count cannot change the result."""
+    first = run_stage("teacher", validated)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    subprocess.run(
+        [str(Path(sys.executable).parent / "ms2rgb"), "stage", "teacher"],
+        cwd=validated,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    again = json.loads((validated / "reports" / "teacher.json").read_text())
+    assert {k: v for k, v in first.items() if k not in ("seconds", "model_version")} == {
+        k: v for k, v in again.items() if k not in ("seconds", "model_version")
+    }
 
 
 def test_band_count_mismatch_in_cache_names_shape_and_fix(validated: Path) -> None:

@@ -1,13 +1,17 @@
 """Shared training plumbing: batch bounds, augmentation, the Trainer and its checkpoints."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
-from ms2rgb.tasks.training.loop import FitConfig, Trainer, accuracy_report, batch_bounds, random_dihedral
+from ms2rgb.tasks.training.augment import apply_dihedral, dihedral, random_dihedral
+from ms2rgb.tasks.training.loop import FitConfig, Trainer, batch_bounds
+from ms2rgb.tasks.training.metrics import accuracy_report, confusion_matrix, iou_report
 
 
 def test_batch_bounds_cover_every_item_once_and_merge_runts() -> None:
@@ -40,7 +44,9 @@ def _toy_trainer(tmp_path: Path, seed: int) -> tuple[Trainer, nn.Module]:
     torch.manual_seed(seed)
     model = nn.Linear(4, 3)
     x, y = torch.randn(20, 4, generator=torch.Generator().manual_seed(1)), torch.arange(20) % 3
-    trainer = Trainer(model, 20, FitConfig(epochs=3, batch_size=8, lr=0.05, weight_decay=1e-4), seed, checkpoint_dir=tmp_path)
+    trainer = Trainer(
+        model, 20, FitConfig(epochs=3, batch_size=8, lr=0.05, weight_decay=1e-4), seed, checkpoint_dir=tmp_path
+    )
 
     def step(idx: np.ndarray) -> tuple[torch.Tensor, int]:
         logits = model(x[idx])
@@ -59,8 +65,9 @@ def test_trainer_is_seeded_and_checkpoints_are_complete(tmp_path: Path) -> None:
     assert first.history[-1].loss < first.history[0].loss
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["epoch_000.pt", "epoch_001.pt", "epoch_002.pt"]
     state = torch.load(tmp_path / "a" / "epoch_002.pt", weights_only=False)
-    assert {"epoch", "epochs", "module", "optimizer", "scheduler", "generator", "torch_rng", "history",
-            "extra"} <= set(state)
+    assert {"epoch", "epochs", "module", "optimizer", "scheduler", "generator", "torch_rng", "history", "extra"} <= set(
+        state
+    )
     assert state["epoch"] == 2 and state["extra"] == {"note": "caller state"} and len(state["history"]) == 3
     torch.testing.assert_close(state["module"]["weight"], model.weight.detach())
     assert state["optimizer"]["state"]  # AdamW moments are there, so a resume continues the same run
@@ -71,3 +78,44 @@ def test_accuracy_report_confusion_rows_are_true_classes() -> None:
     report = accuracy_report(logits, np.array([0, 1, 1]), ["a", "b"])
     assert report["confusion"] == [[1, 0], [1, 1]]
     assert report["per_class"] == {"a": 1.0, "b": 0.5} and abs(report["accuracy"] - 2 / 3) < 1e-9
+
+
+def test_confusion_matrix_counts_rows_true_columns_predicted() -> None:
+    conf = confusion_matrix(np.array([0, 1, 1, 2]), np.array([0, 0, 1, 2]), 3)
+    assert conf.dtype == np.int64 and conf.tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+    truth = np.array([[0, 0, 1], [255, 2, 255]])  # maps: any shape, ignored truths count nowhere
+    pred = np.array([[0, 1, 1], [0, 2, 2]])
+    assert confusion_matrix(truth, pred, 3, ignore_index=255).tolist() == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
+    assert confusion_matrix(np.array([], dtype=np.int64), np.array([], dtype=np.int64), 2).tolist() == [[0, 0], [0, 0]]
+
+
+def test_accuracy_and_iou_reports_read_the_same_confusion_matrix() -> None:
+    labels = np.array([0, 1, 1, 2, 2, 2])
+    logits = torch.nn.functional.one_hot(torch.tensor([0, 1, 0, 2, 2, 1]), 3).float()
+    report = accuracy_report(logits, labels, ["a", "b", "c"])
+    conf = np.array(report["confusion"])
+    assert conf.tolist() == confusion_matrix(labels, logits.argmax(1).numpy(), 3).tolist()
+    assert iou_report(conf, ["a", "b", "c"])["pixel_accuracy"] == pytest.approx(report["accuracy"])
+
+
+@pytest.mark.parametrize(
+    "make, draw",
+    [
+        (lambda: torch.Generator().manual_seed(4), lambda g, n: torch.randint(0, 8, (n,), generator=g)),  # the loop's
+        (
+            lambda: np.random.default_rng(4),
+            lambda g, n: g.integers(0, 8, n),
+        ),  # the detector's (checkpointed numpy state)
+    ],
+)
+def test_random_dihedral_draws_one_code_per_sample_from_the_callers_generator(make, draw) -> None:
+    images = torch.arange(10 * 3 * 4 * 4, dtype=torch.int64).view(10, 3, 4, 4).to(torch.uint8)
+    masks = images[:, 0] // 2
+    gen, twin = make(), make()
+    out_images, out_masks = random_dihedral((images, masks), gen)
+    codes = draw(twin, 10)
+    expected_images, expected_masks = apply_dihedral((images, masks), codes)
+    assert torch.equal(out_images, expected_images) and torch.equal(out_masks, expected_masks)
+    for i, k in enumerate(codes.tolist()):
+        assert torch.equal(out_images[i], dihedral(images[i], k)) and torch.equal(out_masks[i], dihedral(masks[i], k))
+    assert np.array_equal(np.asarray(draw(gen, 5)), np.asarray(draw(twin, 5)))  # generators left in step

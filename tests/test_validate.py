@@ -1,4 +1,5 @@
 """The validate stage on real (tiny) GeoTIFFs: a valid set passes, each kind of damage is named."""
+
 from __future__ import annotations
 
 import json
@@ -7,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers_data import first_id, make_dataset, replace_tile, tile_path, update_rows
-from ms2rgb.tasks.errors import Ms2rgbError, ValidationFailed
+from helpers_params import config
+
 from ms2rgb.tasks.data.manifest import MANIFEST_NAME, read_manifest
 from ms2rgb.tasks.data.tile_stats import compute_tile_stats
-from helpers_params import config
+from ms2rgb.tasks.errors import Ms2rgbError, ValidationFailed
 from ms2rgb.tasks.validate import ValidationOutcome, raise_if_failed, validate_dataset
 
 
@@ -33,8 +34,13 @@ def manifest(valid_source: Path, tmp_path: Path) -> Path:
 
 
 def run(manifest_path: Path) -> ValidationOutcome:
-    return validate_dataset(manifest_path, manifest_path.parent, manifest_path.parent.parent / "report",
-                            config("validate"), progress=lambda _: None)
+    return validate_dataset(
+        manifest_path,
+        manifest_path.parent,
+        manifest_path.parent.parent / "report",
+        config("validate"),
+        progress=lambda _: None,
+    )
 
 
 def failed_columns(outcome: ValidationOutcome) -> set[str]:

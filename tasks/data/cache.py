@@ -1,6 +1,10 @@
 """The prepared cache: one contiguous .npy per split and modality, opened memory-mapped.
 
 Training reads batches from these arrays instead of opening thousands of GeoTIFFs per epoch.
+Beside each array lies its index, `<split>-<modality>-index.parquet`: the rows of that split and
+modality in cache order. A split's array and index are written from that split's rows alone, so
+their bytes change only when the split changes, and a stage that depends on them (dvc.yaml) is
+made stale only by the splits it reads.
 """
 from __future__ import annotations
 
@@ -15,22 +19,35 @@ from numpy.lib.format import open_memmap
 from ms2rgb.tasks.data.classes import MASK_NODATA, SCENE_NAMES
 from ms2rgb.tasks.errors import Ms2rgbError, RasterError
 from ms2rgb.tasks.data.geotiff import TILE_SIZE, read_tile
+from ms2rgb.tasks.data.manifest import MODALITY_FORMATS
 
-BANDS = {"ms": (13, "uint16"), "rgb": (3, "uint8")}
+# The columns of a split's index (what open_split and the validation stamps read), with dtypes.
+INDEX_COLUMNS: dict[str, str] = {"id": "string", "class": "string", "location_id": "string",
+                                 "cache_row": "int64", "sha256": "string"}
 
 
 def cache_name(split: str, modality: str, kind: str = "image") -> str:
     return f"{split}-{modality}.npy" if kind == "image" else f"{split}-{modality}-{kind}.npy"
 
 
+def index_name(split: str, modality: str) -> str:
+    return f"{split}-{modality}-index.parquet"
+
+
+def write_index(rows: pd.DataFrame, path: Path) -> None:
+    """One split's index in cache_row order; its bytes depend on these rows only (no pandas index)."""
+    frame = rows.sort_values("cache_row")[list(INDEX_COLUMNS)].astype(INDEX_COLUMNS).reset_index(drop=True)
+    frame.to_parquet(path, index=False)
+
+
 def _fill(arrays: np.ndarray, masks: np.ndarray | None, group: pd.DataFrame, root: Path,
           modality: str) -> list[str]:
     """Copy tiles into the cache; return ids of tiles that could not be read (validate reports them)."""
-    bands, dtype = BANDS[modality]
+    tile = MODALITY_FORMATS[modality]
     bad: list[str] = []
     for i, row in enumerate(group.itertuples(index=False)):
         try:
-            arrays[i] = read_tile(root / row.path, expect_bands=bands, expect_dtype=dtype)[:, :TILE_SIZE, :TILE_SIZE]
+            arrays[i] = read_tile(root / row.path, expect_bands=len(tile.bands), expect_dtype=tile.dtype)[:, :TILE_SIZE, :TILE_SIZE]
             if masks is not None:
                 masks[i] = MASK_NODATA if pd.isna(row.mask_path) else read_tile(root / row.mask_path)[0]
         except (RasterError, ValueError):
@@ -47,9 +64,9 @@ def build_cache(manifest: pd.DataFrame, root: Path, out_dir: Path,
     manifest["cache_row"] = -1
     bad: list[str] = []
     for (split, modality), group in manifest.groupby(["split", "modality"], sort=True):
-        bands, dtype = BANDS[modality]
-        arrays = open_memmap(out_dir / cache_name(split, modality), mode="w+", dtype=dtype,
-                             shape=(len(group), bands, TILE_SIZE, TILE_SIZE))
+        tile = MODALITY_FORMATS[modality]
+        arrays = open_memmap(out_dir / cache_name(split, modality), mode="w+", dtype=tile.dtype,
+                             shape=(len(group), len(tile.bands), TILE_SIZE, TILE_SIZE))
         masks = None
         if group["mask_path"].notna().any():
             masks = open_memmap(out_dir / cache_name(split, modality, "mask"), mode="w+", dtype="uint8",
@@ -58,6 +75,7 @@ def build_cache(manifest: pd.DataFrame, root: Path, out_dir: Path,
         arrays.flush()
         manifest.loc[group.index, "cache_file"] = cache_name(split, modality)
         manifest.loc[group.index, "cache_row"] = np.arange(len(group))
+        write_index(manifest.loc[group.index], out_dir / index_name(split, modality))
         progress(f"cache: {split}/{modality}: {len(group)} tiles")
     return manifest, bad
 
@@ -73,12 +91,14 @@ class CachedSplit:
     masks: np.ndarray | None    # (N, 64, 64) uint8 surface ids, or None
 
 
-def open_split(prepared_dir: Path, split: str, modality: str) -> CachedSplit:
-    """Open one cached split; raises with the fix when the cache is missing."""
-    index = pd.read_parquet(prepared_dir / "manifest.parquet")
-    rows = index[(index["split"] == split) & (index["modality"] == modality)].sort_values("cache_row")
-    path = prepared_dir / cache_name(split, modality)
-    if rows.empty or not path.exists():
+def open_split(prepared_dir: Path, split: str, modality: str, masks: bool = False) -> CachedSplit:
+    """Open one cached split; raises with the fix when the cache is missing.
+
+    Reads only this split's files: its index, its array and, with `masks`, its mask array.
+    """
+    index_path, path = prepared_dir / index_name(split, modality), prepared_dir / cache_name(split, modality)
+    rows = pd.read_parquet(index_path).sort_values("cache_row") if index_path.exists() else None
+    if rows is None or rows.empty or not path.exists():
         raise Ms2rgbError(f"{path}: no cached {modality} tiles for split {split!r}; run the prepare stage "
                           "(`ms2rgb stage prepare` or `dvc repro prepare`) with data that has this split")
     mask_path = prepared_dir / cache_name(split, modality, "mask")
@@ -88,7 +108,7 @@ def open_split(prepared_dir: Path, split: str, modality: str) -> CachedSplit:
         labels=labels.to_numpy(dtype=np.int64),
         ids=rows["id"].tolist(),
         location_ids=rows["location_id"].tolist(),
-        masks=np.load(mask_path, mmap_mode="r") if mask_path.exists() else None,
+        masks=np.load(mask_path, mmap_mode="r") if masks and mask_path.exists() else None,
     )
 
 

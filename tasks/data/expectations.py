@@ -17,10 +17,9 @@ import pandas as pd
 os.environ["GX_ANALYTICS_ENABLED"] = "false"  # before the import: the pipeline never reaches the network
 import great_expectations.expectations as gxe  # noqa: E402
 
-from ms2rgb.models.bands import RGB_BANDS, S2_BANDS  # noqa: E402
 from ms2rgb.tasks.data.classes import MASK_NODATA, SCENE_NAMES, SURFACE_NAMES  # noqa: E402
 from ms2rgb.tasks.data.geotiff import TILE_SIZE  # noqa: E402
-from ms2rgb.tasks.data.manifest import MODALITIES, SPLITS  # noqa: E402
+from ms2rgb.tasks.data.manifest import MODALITIES, MODALITY_FORMATS, SPLITS  # noqa: E402
 
 if TYPE_CHECKING:
     from ms2rgb.tasks.config import ValidateConfig
@@ -28,8 +27,6 @@ if TYPE_CHECKING:
 ID_COLUMN = "id"  # every frame's row name; the failure report lists these
 # "EPSG:<code>" or a WKT1/WKT2 definition: what rasterio's CRS.to_string() gives back.
 CRS_PATTERN = r"^(?:EPSG:\d+$|(?:PROJCS|GEOGCS|COMPD_CS|PROJCRS|GEOGCRS|COMPOUNDCRS|BOUNDCRS)\[)"
-EXPECTED_BANDS = {"ms": len(S2_BANDS), "rgb": len(RGB_BANDS)}
-EXPECTED_DTYPE = {"ms": "uint16", "rgb": "uint8"}
 UINT8_MAX = 255
 
 
@@ -79,8 +76,8 @@ def tiles_frame(manifest: pd.DataFrame, stats: pd.DataFrame, cfg: ValidateConfig
     frame = stats.reset_index(drop=True).copy()
     modality = manifest["modality"].reset_index(drop=True)  # stats rows follow manifest rows
     frame["modality"] = modality
-    frame["expected_bands"] = modality.map(EXPECTED_BANDS).astype("Int64")
-    frame["expected_dtype"] = modality.map(EXPECTED_DTYPE).astype("string")
+    frame["expected_bands"] = modality.map({m: len(f.bands) for m, f in MODALITY_FORMATS.items()}).astype("Int64")
+    frame["expected_dtype"] = modality.map({m: f.dtype for m, f in MODALITY_FORMATS.items()}).astype("string")
     frame["value_limit"] = modality.map({"ms": cfg.ms_value_max, "rgb": UINT8_MAX}).astype("float64")
     return frame
 

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 
+from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
+from ms2rgb.tasks.data.atomic import write_atomic
 from ms2rgb.tasks.errors import Ms2rgbError
 
 # column -> pandas dtype. Paths are relative to the manifest's data root.
@@ -37,7 +40,34 @@ SPLITS: dict[str, str] = {
     "seg_test": "RGB tiles with masks to test the detector",
     "captions": "RGB tiles with masks whose captions pretrain the fallback CLIP backbone",
 }
-MODALITIES = ("ms", "rgb")
+
+
+class TileFormat(NamedTuple):
+    """What every tile file of one modality holds: its bands (in file order) and pixel dtype."""
+
+    bands: tuple[str, ...]
+    dtype: str
+
+
+# modality -> tile format; the one table of what an MS or an RGB tile is.
+MODALITY_FORMATS: dict[str, TileFormat] = {
+    "ms": TileFormat(S2_BANDS, "uint16"),   # 13 Sentinel-2 L1C bands, reflectance x10000
+    "rgb": TileFormat(RGB_BANDS, "uint8"),  # B04/B03/B02, tasks.data.render stretch
+}
+MODALITIES = tuple(MODALITY_FORMATS)
+# split -> the modalities each of its locations gets, in SPLITS order. MS-only splits must not leak
+# RGB and vice versa; paired splits hold both tiles of every location.
+SPLIT_MODALITIES: dict[str, tuple[str, ...]] = {
+    "ms_train": ("ms",),
+    "pair_train": ("ms", "rgb"),
+    "pair_test": ("ms", "rgb"),
+    "rgb_train": ("rgb",),
+    "ms_pool": ("ms",),
+    "test": ("ms", "rgb"),
+    "fewshot": ("rgb",),
+    "seg_test": ("rgb",),
+    "captions": ("rgb",),
+}
 MANIFEST_NAME = "manifest.parquet"
 
 
@@ -49,10 +79,7 @@ def make_manifest(rows: list[dict]) -> pd.DataFrame:
 
 def write_manifest(frame: pd.DataFrame, path: Path) -> None:
     """Write atomically, so a failed run never leaves a half-written manifest behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.parquet")
-    frame.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    write_atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
 def read_manifest(path: Path) -> pd.DataFrame:

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
+from ms2rgb.tasks.data.atomic import write_atomic
 from ms2rgb.tasks.data.cache import open_split, require_bands
 from ms2rgb.tasks.errors import DataError, PairsTableError
 
@@ -53,11 +54,7 @@ def read_pairs(path: Path, rgb_ids: list[str], ms_ids: list[str]) -> np.ndarray:
 
 def write_pairs(frame: pd.DataFrame, path: Path) -> Path:
     """Write the pairs table whole or not at all (it is a DVC output)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    frame.to_parquet(tmp, index=False)
-    tmp.replace(path)
-    return path
+    return write_atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
 @dataclass

@@ -4,6 +4,7 @@ Surfaces come first, largest share first, in the very words of their description
 (``SURFACE_CLASSES``): those are the texts the detector later scores patches against, and
 CLIP's 32-token context truncates the tail, which is where the scene description goes.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,8 +32,11 @@ def _share_word(share: float) -> str | None:
 
 def caption(scene_label: int, mask: np.ndarray) -> str:
     """E.g. 'a satellite image with mostly water, some grass and pasture; open water of a sea or lake'."""
-    parts = [f"{word} {SURFACE_CLASSES[name]}" for name, share in composition(mask)
-             if (word := _share_word(share)) is not None]
+    parts = [
+        f"{word} {SURFACE_CLASSES[name]}"
+        for name, share in composition(mask)
+        if (word := _share_word(share)) is not None
+    ]
     surfaces = ", ".join(parts[:-1]) + f" and {parts[-1]}" if len(parts) > 1 else "".join(parts)
     scene = SCENE_CLASSES[SCENE_NAMES[scene_label]] if 0 <= scene_label < len(SCENE_NAMES) else ""
     text = "a satellite image" + (f" with {surfaces}" if surfaces else "")

@@ -1,8 +1,10 @@
-"""Tiles for the detector: K-shot selection, seeded batches and dihedral augmentation.
+"""Tiles for the detector: K-shot selection and seeded batches.
 
-Batches are drawn with a numpy Generator whose state a checkpoint can store, so a resumed
-run draws exactly the batches the uninterrupted run would have drawn.
+Batches (and the dihedral augmentation, `tasks/training/augment.py`) are drawn with a numpy
+Generator whose state a checkpoint can store, so a resumed run draws exactly the batches the
+uninterrupted run would have drawn.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -34,27 +36,8 @@ def load_tiles(split: CachedSplit, rows: np.ndarray | None = None) -> tuple[torc
         raise Ms2rgbError("the detector needs tiles with land-cover masks; re-run prepare (fewshot/seg_test/captions)")
     rows = np.arange(len(split.ids)) if rows is None else rows
     return torch.from_numpy(np.ascontiguousarray(split.images[rows])), torch.from_numpy(
-        np.ascontiguousarray(split.masks[rows]))
-
-
-def dihedral(x: torch.Tensor, code: int) -> torch.Tensor:
-    """One of the 8 rotations/flips of the last two axes (code 0 = identity)."""
-    x = torch.rot90(x, code % 4, dims=(-2, -1))
-    return x.flip(-1) if code >= 4 else x
-
-
-def augment(images: torch.Tensor, masks: torch.Tensor | None, rng: np.random.Generator
-            ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Apply a random dihedral transform per tile (land cover seen from above has no 'up')."""
-    codes = rng.integers(0, 8, len(images))
-    images = images.clone()
-    masks = None if masks is None else masks.clone()
-    for code in np.unique(codes):
-        sel = torch.from_numpy(np.flatnonzero(codes == code))
-        images[sel] = dihedral(images[sel], int(code))
-        if masks is not None:
-            masks[sel] = dihedral(masks[sel], int(code))
-    return images, masks
+        np.ascontiguousarray(split.masks[rows])
+    )
 
 
 def sample_batch(n: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:

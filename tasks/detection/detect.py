@@ -15,6 +15,7 @@ Outputs in ``out_dir``: ``<stem>_classes.tif`` (uint8 class ids, 255 = no data, 
 transform, a colour table), ``<stem>_overlay.png`` (image, class colours, legend) and
 ``<stem>_classes.geojson`` (one polygon per connected region, WGS84 as RFC 7946 requires).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,14 +31,16 @@ from rasterio.errors import RasterioIOError
 
 from ms2rgb.models.bands import S2_BANDS
 from ms2rgb.tasks.data.classes import MASK_NODATA, SCENE_CLASSES, SURFACE_CLASSES
+from ms2rgb.tasks.data.render import render_rgb
 from ms2rgb.tasks.detection.model import load_detector, tokenizer_for
 from ms2rgb.tasks.errors import Ms2rgbError, RasterError, UnknownClassError
-from ms2rgb.tasks.data.render import render_rgb
 from ms2rgb.tasks.training.loop import autocast, pick_device
 
 WINDOW = 64
-INPUT_FIX = ("give a 3-band uint8 RGB GeoTIFF (red, green, blue) or a 13-band uint16 Sentinel-2 L1C GeoTIFF "
-             "(bands B01..B12 with B8A after B08)")
+INPUT_FIX = (
+    "give a 3-band uint8 RGB GeoTIFF (red, green, blue) or a 13-band uint16 Sentinel-2 L1C GeoTIFF "
+    "(bands B01..B12 with B8A after B08)"
+)
 
 
 def _key(name: str) -> str:
@@ -49,8 +52,10 @@ def resolve_classes(spec: str) -> tuple[list[str], list[str]]:
     names = [part.strip() for part in spec.split(",") if part.strip()]
     valid = list(SURFACE_CLASSES) + list(SCENE_CLASSES)
     if not names:
-        raise Ms2rgbError(f"--classes {spec!r} names no class; give comma-separated names such as "
-                          f"'water,forest,roof' (known names: {valid}) or descriptions of 2+ words")
+        raise Ms2rgbError(
+            f"--classes {spec!r} names no class; give comma-separated names such as "
+            f"'water,forest,roof' (known names: {valid}) or descriptions of 2+ words"
+        )
     lookup = {_key(n): d for n, d in SCENE_CLASSES.items()} | {_key(n): d for n, d in SURFACE_CLASSES.items()}
     texts = []
     for name in names:
@@ -77,8 +82,12 @@ def read_image(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     except RasterioIOError as exc:
         raise RasterError(path, f"cannot be read as a raster ({exc})", INPUT_FIX) from exc
     if geo["crs"] is None:
-        raise RasterError(path, "has no CRS", "georeference it first, e.g. gdal_edit.py -a_srs EPSG:32633 "
-                          "-a_ullr ... (outputs must share the input's georeference)")
+        raise RasterError(
+            path,
+            "has no CRS",
+            "georeference it first, e.g. gdal_edit.py -a_srs EPSG:32633 "
+            "-a_ullr ... (outputs must share the input's georeference)",
+        )
     if array.shape[0] == 3 and array.dtype == np.uint8:
         return array, valid, geo
     if array.shape[0] == len(S2_BANDS) and array.dtype == np.uint16:
@@ -96,8 +105,9 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
 
 
 @torch.no_grad()
-def sliding_logits(score: Any, rgb: np.ndarray, n_classes: int, stride: int, batch_size: int,
-                   device: torch.device) -> np.ndarray:
+def sliding_logits(
+    score: Any, rgb: np.ndarray, n_classes: int, stride: int, batch_size: int, device: torch.device
+) -> np.ndarray:
     """Mean logits (K, H, W) of 64-px windows; images smaller than a window are edge-padded."""
     height, width = rgb.shape[1:]
     padded = np.pad(rgb, ((0, 0), (0, max(0, WINDOW - height)), (0, max(0, WINDOW - width))), mode="edge")
@@ -106,21 +116,31 @@ def sliding_logits(score: Any, rgb: np.ndarray, n_classes: int, stride: int, bat
     hits = np.zeros((ph, pw), np.float32)
     corners = [(r, c) for r in window_starts(ph, WINDOW, stride) for c in window_starts(pw, WINDOW, stride)]
     for i in range(0, len(corners), batch_size):
-        chunk = corners[i:i + batch_size]
-        tiles = torch.from_numpy(np.stack([padded[:, r:r + WINDOW, c:c + WINDOW] for r, c in chunk]))
+        chunk = corners[i : i + batch_size]
+        tiles = torch.from_numpy(np.stack([padded[:, r : r + WINDOW, c : c + WINDOW] for r, c in chunk]))
         with autocast(device):
             logits = score(tiles.to(device)).float().cpu().numpy()  # (B, K, 64, 64)
         for (r, c), tile_logits in zip(chunk, logits):
-            acc[:, r:r + WINDOW, c:c + WINDOW] += tile_logits
-            hits[r:r + WINDOW, c:c + WINDOW] += 1
+            acc[:, r : r + WINDOW, c : c + WINDOW] += tile_logits
+            hits[r : r + WINDOW, c : c + WINDOW] += 1
     return (acc / hits)[:, :height, :width]
 
 
-def write_classes_tif(path: Path, classes: np.ndarray, geo: dict[str, Any], names: list[str],
-                      colours: np.ndarray) -> None:
+def write_classes_tif(
+    path: Path, classes: np.ndarray, geo: dict[str, Any], names: list[str], colours: np.ndarray
+) -> None:
     """uint8 class ids with the input's CRS/transform, 255 as nodata, a colour table and the names."""
-    profile = dict(driver="GTiff", width=classes.shape[1], height=classes.shape[0], count=1, dtype="uint8",
-                   crs=geo["crs"], transform=geo["transform"], nodata=MASK_NODATA, compress="deflate")
+    profile = dict(
+        driver="GTiff",
+        width=classes.shape[1],
+        height=classes.shape[0],
+        count=1,
+        dtype="uint8",
+        crs=geo["crs"],
+        transform=geo["transform"],
+        nodata=MASK_NODATA,
+        compress="deflate",
+    )
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(classes, 1)
         dst.set_band_description(1, "class id")
@@ -132,9 +152,14 @@ def write_geojson(path: Path, classes: np.ndarray, geo: dict[str, Any], names: l
     """Polygons of connected same-class regions, reprojected to WGS84; returns how many."""
     shapes = list(rasterio.features.shapes(classes, mask=classes != MASK_NODATA, transform=geo["transform"]))
     geometries = rasterio.warp.transform_geom(geo["crs"], "EPSG:4326", [g for g, _ in shapes]) if shapes else []
-    features = [{"type": "Feature", "geometry": geometry,
-                 "properties": {"class_id": int(value), "class": names[int(value)], "description": texts[int(value)]}}
-                for geometry, (_, value) in zip(geometries, shapes)]
+    features = [
+        {
+            "type": "Feature",
+            "geometry": geometry,
+            "properties": {"class_id": int(value), "class": names[int(value)], "description": texts[int(value)]},
+        }
+        for geometry, (_, value) in zip(geometries, shapes)
+    ]
     path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
     return len(features)
 
@@ -152,16 +177,23 @@ def write_overlay(path: Path, rgb: np.ndarray, classes: np.ndarray, names: list[
     ax = fig.add_axes((0, 0.6 / (height * scale / dpi + 0.6), 1, 1 - 0.6 / (height * scale / dpi + 0.6)))
     colour = np.vstack([colours, np.zeros((256 - len(colours), 3))])[classes]  # (H, W, 3); no data black
     blended = 0.55 * rgb.transpose(1, 2, 0) / 255.0 + 0.45 * colour
-    ax.imshow(np.where((classes == MASK_NODATA)[..., None], rgb.transpose(1, 2, 0) / 255.0, blended),
-              interpolation="nearest")
+    ax.imshow(
+        np.where((classes == MASK_NODATA)[..., None], rgb.transpose(1, 2, 0) / 255.0, blended), interpolation="nearest"
+    )
     ax.set_axis_off()
-    fig.legend(handles=legend_handles(names), loc="lower center", ncol=min(5, len(names)), fontsize=7,
-               frameon=False)
+    fig.legend(handles=legend_handles(names), loc="lower center", ncol=min(5, len(names)), fontsize=7, frameon=False)
     fig.savefig(path, dpi=dpi)
 
 
-def detect(image: Path, classes: str, out_dir: Path, root: Path = Path("."), model_uri: str | None = None,
-           stride: int = 32, batch_size: int = 64) -> dict[str, Any]:
+def detect(
+    image: Path,
+    classes: str,
+    out_dir: Path,
+    root: Path = Path("."),
+    model_uri: str | None = None,
+    stride: int = 32,
+    batch_size: int = 64,
+) -> dict[str, Any]:
     """Annotate `image`; write the class GeoTIFF, overlay PNG and GeoJSON; return paths and class shares."""
     from ms2rgb.tasks.detection.plots import class_colours
 
@@ -182,5 +214,9 @@ def detect(image: Path, classes: str, out_dir: Path, root: Path = Path("."), mod
     write_overlay(paths["overlay.png"], rgb, class_ids, names, colours)
     polygons = write_geojson(paths["classes.geojson"], class_ids, geo, names, texts)
     counts = np.bincount(class_ids[valid], minlength=len(names))
-    return {"outputs": {k: str(p) for k, p in paths.items()}, "polygons": polygons, "model": source,
-            "shares": {n: round(float(c) / max(1, valid.sum()), 4) for n, c in zip(names, counts)}}
+    return {
+        "outputs": {k: str(p) for k, p in paths.items()},
+        "polygons": polygons,
+        "model": source,
+        "shares": {n: round(float(c) / max(1, valid.sum()), 4) for n, c in zip(names, counts)},
+    }

@@ -1,4 +1,5 @@
 """Load the tuned detector: from ``artifacts/detector/`` (default) or an MLflow model URI."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -27,21 +28,27 @@ def load_local(root: Path) -> ClassMapDetector:
     """Rebuild the detector from artifacts/detector/detector.pt and the backbone weights it names."""
     path = root / OUT_DIR / DETECTOR_FILE
     if not path.is_file():
-        raise Ms2rgbError(f"{path} does not exist: run the detector stage first (`ms2rgb stage detector` or "
-                          f"`dvc repro detector`), or pass --model models:/ms2rgb-detector/<version>")
+        raise Ms2rgbError(
+            f"{path} does not exist: run the detector stage first (`ms2rgb stage detector` or "
+            f"`dvc repro detector`), or pass --model models:/ms2rgb-detector/<version>"
+        )
     state = torch.load(path, map_location="cpu", weights_only=True)
     pretrained = state["clip_pretrained"]
-    pretrained = str(path.parent / pretrained) if state["pretrained_in_artifacts"] else resolve_pretrained(
-        root, pretrained)
+    pretrained = (
+        str(path.parent / pretrained) if state["pretrained_in_artifacts"] else resolve_pretrained(root, pretrained)
+    )
     clip, tokenizer, _ = load_clip(state["clip_model"], pretrained)
     prompted = PromptedCLIP(clip, PromptConfig(**state["prompt_config"]))
     result = prompted.load_state_dict(state["prompt_state"], strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("clip.")]  # the CLIP came from its own file
     if missing or result.unexpected_keys:
-        raise Ms2rgbError(f"{path} does not fit its prompt config (missing {missing}, unexpected "
-                          f"{result.unexpected_keys}); re-run the detector stage")
-    return ClassMapDetector(prompted, tokenizer(state["texts"]), state["class_names"], state["texts"],
-                            state["clip_model"])
+        raise Ms2rgbError(
+            f"{path} does not fit its prompt config (missing {missing}, unexpected "
+            f"{result.unexpected_keys}); re-run the detector stage"
+        )
+    return ClassMapDetector(
+        prompted, tokenizer(state["texts"]), state["class_names"], state["texts"], state["clip_model"]
+    )
 
 
 def load_detector(root: Path, model_uri: str | None = None) -> tuple[ClassMapDetector, str]:
@@ -53,11 +60,15 @@ def load_detector(root: Path, model_uri: str | None = None) -> tuple[ClassMapDet
     try:
         model = load_torch_model(root, model_uri)
     except Exception as err:  # MLflow raises its own types for unknown names / versions / stores
-        raise Ms2rgbError(f"--model {model_uri!r} could not be loaded ({err}); use models:/ms2rgb-detector/"
-                          f"<version> from this project's MLflow store, or leave --model out") from err
+        raise Ms2rgbError(
+            f"--model {model_uri!r} could not be loaded ({err}); use models:/ms2rgb-detector/"
+            f"<version> from this project's MLflow store, or leave --model out"
+        ) from err
     if not isinstance(model, ClassMapDetector):
-        raise Ms2rgbError(f"--model {model_uri!r} is a {type(model).__name__}, not a ClassMapDetector; "
-                          f"pass a version of ms2rgb-detector")
+        raise Ms2rgbError(
+            f"--model {model_uri!r} is a {type(model).__name__}, not a ClassMapDetector; "
+            f"pass a version of ms2rgb-detector"
+        )
     return model, model_uri
 
 

@@ -3,6 +3,7 @@
 Built on `matplotlib.figure.Figure` rather than pyplot (as tasks/plots.py): no GUI backend and no
 global figure state, so stages may run in Prefect worker threads.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -15,11 +16,24 @@ from matplotlib.patches import Patch
 
 # Natural colours for the land-cover surfaces (and scene names people type into `detect`).
 NAMED_COLOURS: dict[str, str] = {
-    "crop": "#d9c24a", "grass": "#8fd14f", "herb": "#b5a642", "forest": "#1b5e20", "soil": "#8d6e63",
-    "water": "#1e88e5", "asphalt": "#424242", "concrete": "#bdbdbd", "roof": "#d84315",
-    "annualcrop": "#d9c24a", "pasture": "#8fd14f", "herbaceousvegetation": "#b5a642",
-    "highway": "#424242", "industrial": "#bdbdbd", "residential": "#d84315",
-    "river": "#1e88e5", "sealake": "#0d47a1", "permanentcrop": "#7cb342",
+    "crop": "#d9c24a",
+    "grass": "#8fd14f",
+    "herb": "#b5a642",
+    "forest": "#1b5e20",
+    "soil": "#8d6e63",
+    "water": "#1e88e5",
+    "asphalt": "#424242",
+    "concrete": "#bdbdbd",
+    "roof": "#d84315",
+    "annualcrop": "#d9c24a",
+    "pasture": "#8fd14f",
+    "herbaceousvegetation": "#b5a642",
+    "highway": "#424242",
+    "industrial": "#bdbdbd",
+    "residential": "#d84315",
+    "river": "#1e88e5",
+    "sealake": "#0d47a1",
+    "permanentcrop": "#7cb342",
 }
 
 
@@ -91,8 +105,9 @@ def example_tiles(images: np.ndarray, masks: np.ndarray, preds: np.ndarray, name
     fig = Figure(figsize=(7, 2.3 * len(images)))
     axes = fig.subplots(len(images), 3, squeeze=False)
     for row, (img, mask, pred) in enumerate(zip(images, masks, preds)):
-        for ax, panel, title in zip(axes[row], (img.transpose(1, 2, 0), colours[mask], colours[pred]),
-                                    ("RGB", "ground truth", "prediction")):
+        for ax, panel, title in zip(
+            axes[row], (img.transpose(1, 2, 0), colours[mask], colours[pred]), ("RGB", "ground truth", "prediction")
+        ):
             ax.imshow(panel, interpolation="nearest")
             ax.set_axis_off()
             if row == 0:

@@ -6,12 +6,12 @@ CLIP-style on the ``captions`` split (image + caption from class description and
 composition, ``tasks/captions.py``), saved to ``artifacts/detector/backbone.pt`` (a plain
 state dict that ``clip.pretrained`` accepts), registered as ``ms2rgb-clip-backbone``, frozen.
 """
+
 from __future__ import annotations
 
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,24 +23,26 @@ from torch import nn
 
 from ms2rgb.models.clip_backbone import freeze, load_clip
 from ms2rgb.models.clip_detector import ClipPixels, ImageEmbedder
+from ms2rgb.tasks.config import ClipConfig, PretrainConfig
+from ms2rgb.tasks.data.atomic import write_atomic
 from ms2rgb.tasks.data.cache import CachedSplit
 from ms2rgb.tasks.detection.captions import captions
-from ms2rgb.tasks.detection.data import augment, load_tiles, sample_batch
-from ms2rgb.tasks.config import ClipConfig, PretrainConfig
+from ms2rgb.tasks.detection.data import load_tiles, sample_batch
 from ms2rgb.tasks.errors import ParamsError
 from ms2rgb.tasks.tracking import StageTracker
+from ms2rgb.tasks.training.augment import random_dihedral
 from ms2rgb.tasks.training.loop import autocast
 
 BACKBONE_FILE = "backbone.pt"
 BACKBONE_MODEL = "ms2rgb-clip-backbone"
 # Registered CLIP models are pickled, not exported as pt2 graphs: an open-vocabulary detector must
 # re-run its text tower on new class descriptions, which a traced forward with baked tokens cannot.
-SERVING = {"serialization_format": "pickle",
-           "extra_requirements": (f"open_clip_torch=={open_clip.__version__}",)}
+SERVING = {"serialization_format": "pickle", "extra_requirements": (f"open_clip_torch=={open_clip.__version__}",)}
 
 
-def multi_positive_clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
-                             caption_of: torch.Tensor) -> torch.Tensor:
+def multi_positive_clip_loss(
+    image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, caption_of: torch.Tensor
+) -> torch.Tensor:
     """Symmetric InfoNCE over B images and U distinct captions; every tile of a caption is its positive.
 
     Captions built from coarse share words repeat across tiles, and plain CLIP loss would push
@@ -57,8 +59,10 @@ def multi_positive_clip_loss(image: torch.Tensor, text: torch.Tensor, scale: tor
 def _optimiser(clip: nn.Module, cfg: PretrainConfig) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW without decay on gains/biases/embeddings' scale (CLIP), warm-up + cosine schedule."""
     params = [p for p in clip.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
     opt = torch.optim.AdamW(groups, lr=cfg.lr)
 
     def factor(step: int) -> float:
@@ -70,9 +74,15 @@ def _optimiser(clip: nn.Module, cfg: PretrainConfig) -> tuple[torch.optim.Optimi
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def pretrain_clip(clip: nn.Module, tokenizer: Callable[..., torch.Tensor], split: CachedSplit,
-                  cfg: PretrainConfig, seed: int, device: torch.device,
-                  progress: Callable[[str], None] = print) -> list[float]:
+def pretrain_clip(
+    clip: nn.Module,
+    tokenizer: Callable[..., torch.Tensor],
+    split: CachedSplit,
+    cfg: PretrainConfig,
+    seed: int,
+    device: torch.device,
+    progress: Callable[[str], None] = print,
+) -> list[float]:
     """Train every CLIP parameter contrastively on the split's tiles and captions; return step losses."""
     images, _ = load_tiles(split)
     texts, caption_ids = np.unique(captions(split.labels, np.asarray(split.masks)), return_inverse=True)
@@ -85,13 +95,14 @@ def pretrain_clip(clip: nn.Module, tokenizer: Callable[..., torch.Tensor], split
     losses: list[float] = []
     for step in range(cfg.steps):
         idx = sample_batch(len(images), cfg.batch_size, rng)
-        x, _ = augment(images[idx], None, rng)
+        (x,) = random_dihedral((images[idx],), rng)
         used, caption_of = np.unique(caption_ids[idx], return_inverse=True)
         with autocast(device):
             image = clip.encode_image(pixels(x.to(device)), normalize=True)
             text = clip.encode_text(tokens[used].to(device), normalize=True)
-            loss = multi_positive_clip_loss(image.float(), text.float(), clip.logit_scale.exp(),
-                                            torch.as_tensor(caption_of, device=device))
+            loss = multi_positive_clip_loss(
+                image.float(), text.float(), clip.logit_scale.exp(), torch.as_tensor(caption_of, device=device)
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -104,9 +115,15 @@ def pretrain_clip(clip: nn.Module, tokenizer: Callable[..., torch.Tensor], split
     return losses
 
 
-def prepare_backbone(clip_cfg: ClipConfig, pretrain_cfg: PretrainConfig, captions_split: Callable[[], CachedSplit],
-                     out_dir: Path, seed: int, device: torch.device, tracker: StageTracker
-                     ) -> tuple[nn.Module, Callable[..., torch.Tensor], dict[str, Any]]:
+def prepare_backbone(
+    clip_cfg: ClipConfig,
+    pretrain_cfg: PretrainConfig,
+    captions_split: Callable[[], CachedSplit],
+    out_dir: Path,
+    seed: int,
+    device: torch.device,
+    tracker: StageTracker,
+) -> tuple[nn.Module, Callable[..., torch.Tensor], dict[str, Any]]:
     """Load the configured weights or pretrain the fallback; return (frozen CLIP, tokenizer, info).
 
     info["weights"] says which weights the detector was tuned on; it is logged and reported.
@@ -116,20 +133,30 @@ def prepare_backbone(clip_cfg: ClipConfig, pretrain_cfg: PretrainConfig, caption
     info: dict[str, Any] = {"weights": desc, "clip_model": clip_cfg.model}
     if clip_cfg.pretrained is None:
         if pretrain_cfg.steps == 0:
-            raise ParamsError("detector.pretrain.steps", 0, "with clip.pretrained: null the fallback must "
-                              "pretrain (steps >= 1), or name weights in detector.clip.pretrained")
+            raise ParamsError(
+                "detector.pretrain.steps",
+                0,
+                "with clip.pretrained: null the fallback must "
+                "pretrain (steps >= 1), or name weights in detector.clip.pretrained",
+            )
         with tracker.child("pretrain", tags={"ms2rgb.variant": "pretrain"}) as child:
             child.log_params({"pretrain": vars(pretrain_cfg), "clip_model": clip_cfg.model})
             start = time.perf_counter()
             losses = pretrain_clip(clip, tokenizer, captions_split(), pretrain_cfg, seed, device)
             seconds = time.perf_counter() - start
             child.log_metric_series("pretrain_loss", losses)
-            torch.save(clip.state_dict(), out_dir / BACKBONE_FILE)
-            version = child.log_torch_model(ImageEmbedder(clip), np.zeros((1, 3, 64, 64), np.float32),
-                                            BACKBONE_MODEL, **SERVING)
+            write_atomic(out_dir / BACKBONE_FILE, lambda tmp: torch.save(clip.state_dict(), tmp))
+            version = child.log_torch_model(
+                ImageEmbedder(clip), np.zeros((1, 3, 64, 64), np.float32), BACKBONE_MODEL, **SERVING
+            )
             clip.to(device)  # log_torch_model moved it to the CPU
-        info.update(weights=f"fallback:{BACKBONE_MODEL} v{version} ({pretrain_cfg.steps} contrastive steps "
-                            f"on the captions split)", pretrain_seconds=round(seconds, 2),
-                    pretrain_final_loss=losses[-1], backbone_file=BACKBONE_FILE, backbone_version=version)
+        info.update(
+            weights=f"fallback:{BACKBONE_MODEL} v{version} ({pretrain_cfg.steps} contrastive steps "
+            f"on the captions split)",
+            pretrain_seconds=round(seconds, 2),
+            pretrain_final_loss=losses[-1],
+            backbone_file=BACKBONE_FILE,
+            backbone_version=version,
+        )
     tracker.log_params({"clip.weights": info["weights"]})
     return freeze(clip.to(device)), tokenizer, info

@@ -5,6 +5,7 @@ steps (method B's stop rule; one noisy batch under the line is not enough) or at
 ``max_steps``; the result says which. Checkpoints hold the prompts, the optimiser and the
 batch generator's state, so :func:`tune` can resume one and reproduce the uninterrupted run.
 """
+
 from __future__ import annotations
 
 import time
@@ -18,11 +19,13 @@ import torch
 
 from ms2rgb.models.clip_detector import ClassMapDetector
 from ms2rgb.models.seg_losses import segmentation_loss
-from ms2rgb.tasks.detection.data import augment, sample_batch
 from ms2rgb.tasks.config import TuneConfig
-from ms2rgb.tasks.errors import Ms2rgbError, ParamsError
-from ms2rgb.tasks.training.seg_metrics import confusion, iou_report
+from ms2rgb.tasks.data.classes import MASK_NODATA
+from ms2rgb.tasks.detection.data import sample_batch
+from ms2rgb.tasks.errors import Ms2rgbError
+from ms2rgb.tasks.training.augment import random_dihedral
 from ms2rgb.tasks.training.loop import autocast
+from ms2rgb.tasks.training.metrics import confusion_matrix, iou_report
 
 STOP_THRESHOLD, STOP_MAX_STEPS = "loss_threshold", "max_steps"
 
@@ -31,28 +34,38 @@ STOP_THRESHOLD, STOP_MAX_STEPS = "loss_threshold", "max_steps"
 class TuneResult:
     """What one tune() call did."""
 
-    losses: list[float]   # one per step, including steps before a resume
-    stopped_by: str       # STOP_THRESHOLD or STOP_MAX_STEPS
-    seconds: float        # wall time of this call's steps
+    losses: list[float]  # one per step, including steps before a resume
+    stopped_by: str  # STOP_THRESHOLD or STOP_MAX_STEPS
+    seconds: float  # wall time of this call's steps
 
 
 def stop_reason(losses: list[float], cfg: TuneConfig) -> str | None:
     """Why training should end now, or None to go on."""
-    if len(losses) >= cfg.patience and max(losses[-cfg.patience:]) < cfg.loss_threshold:
+    if len(losses) >= cfg.patience and max(losses[-cfg.patience :]) < cfg.loss_threshold:
         return STOP_THRESHOLD
     return STOP_MAX_STEPS if len(losses) >= cfg.max_steps else None
 
 
-def save_checkpoint(path: Path, detector: ClassMapDetector, opt: torch.optim.Optimizer,
-                    rng: np.random.Generator, losses: list[float]) -> None:
+def save_checkpoint(
+    path: Path, detector: ClassMapDetector, opt: torch.optim.Optimizer, rng: np.random.Generator, losses: list[float]
+) -> None:
     """Everything :func:`tune` needs to continue exactly where it stopped."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"step": len(losses), "losses": list(losses), "prompt_state": detector.prompted.prompt_state_dict(),
-                "optimizer": opt.state_dict(), "rng": rng.bit_generator.state}, path)
+    torch.save(
+        {
+            "step": len(losses),
+            "losses": list(losses),
+            "prompt_state": detector.prompted.prompt_state_dict(),
+            "optimizer": opt.state_dict(),
+            "rng": rng.bit_generator.state,
+        },
+        path,
+    )
 
 
-def _resume(path: Path, detector: ClassMapDetector, opt: torch.optim.Optimizer
-            ) -> tuple[np.random.Generator, list[float]]:
+def _resume(
+    path: Path, detector: ClassMapDetector, opt: torch.optim.Optimizer
+) -> tuple[np.random.Generator, list[float]]:
     state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds the numpy rng state
     missing = set(detector.prompted.prompt_state_dict()) - set(state["prompt_state"])
     if missing:
@@ -64,9 +77,17 @@ def _resume(path: Path, detector: ClassMapDetector, opt: torch.optim.Optimizer
     return rng, list(state["losses"])
 
 
-def tune(detector: ClassMapDetector, images: torch.Tensor, masks: torch.Tensor, cfg: TuneConfig, seed: int,
-         device: torch.device, checkpoint_dir: Path | None = None, resume_from: Path | None = None,
-         on_step: Callable[[int, float], None] | None = None) -> TuneResult:
+def tune(
+    detector: ClassMapDetector,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    cfg: TuneConfig,
+    seed: int,
+    device: torch.device,
+    checkpoint_dir: Path | None = None,
+    resume_from: Path | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TuneResult:
     """Train the detector's prompts on (images uint8 (N,3,H,W), masks (N,H,W)) with focal + dice."""
     if detector.prompted.num_trainable == 0:
         raise Ms2rgbError(f"mode {detector.prompted.cfg.mode!r} has nothing to train; evaluate it directly")
@@ -78,7 +99,7 @@ def tune(detector: ClassMapDetector, images: torch.Tensor, masks: torch.Tensor, 
     start = time.perf_counter()
     while (reason := stop_reason(losses, cfg)) is None:
         idx = sample_batch(len(images), cfg.batch_size, rng)
-        x, y = augment(images[idx], masks[idx], rng)
+        x, y = random_dihedral((images[idx], masks[idx]), rng)
         with autocast(device):
             loss = segmentation_loss(detector(x.to(device)), y.to(device), gamma=cfg.focal_gamma)
         opt.zero_grad(set_to_none=True)
@@ -95,24 +116,27 @@ def tune(detector: ClassMapDetector, images: torch.Tensor, masks: torch.Tensor, 
 
 
 @torch.no_grad()
-def predict(detector: ClassMapDetector, images: torch.Tensor, device: torch.device,
-            batch_size: int = 100) -> tuple[np.ndarray, float]:
+def predict(
+    detector: ClassMapDetector, images: torch.Tensor, device: torch.device, batch_size: int = 100
+) -> tuple[np.ndarray, float]:
     """Class maps (N, H, W) uint8 for uint8 tiles, and the tiles per second it took."""
     detector.to(device).eval()
     out = []
     start = time.perf_counter()
     for i in range(0, len(images), batch_size):
         with autocast(device):
-            out.append(detector(images[i:i + batch_size].to(device)).argmax(dim=1).to(torch.uint8).cpu())
+            out.append(detector(images[i : i + batch_size].to(device)).argmax(dim=1).to(torch.uint8).cpu())
     if device.type == "cuda":
         torch.cuda.synchronize()
     return torch.cat(out).numpy(), len(images) / max(time.perf_counter() - start, 1e-9)
 
 
-def evaluate(detector: ClassMapDetector, images: torch.Tensor, masks: torch.Tensor, device: torch.device,
-             batch_size: int = 100) -> tuple[dict[str, Any], np.ndarray]:
+def evaluate(
+    detector: ClassMapDetector, images: torch.Tensor, masks: torch.Tensor, device: torch.device, batch_size: int = 100
+) -> tuple[dict[str, Any], np.ndarray]:
     """IoU report (plus tiles_per_second) on held-out tiles, and the predicted class maps."""
     pred, tiles_per_second = predict(detector, images, device, batch_size)
-    report = iou_report(confusion(pred, masks.numpy(), len(detector.class_names)), detector.class_names)
+    conf = confusion_matrix(masks.numpy(), pred, len(detector.class_names), ignore_index=MASK_NODATA)
+    report = iou_report(conf, detector.class_names)
     report["tiles_per_second"] = round(tiles_per_second, 1)
     return report, pred

@@ -1,9 +1,10 @@
-"""Training one RGB student (METHODS.md A.4-6): the full method or one of its baselines/ablations.
+"""Training one RGB student (docs/methods.md §A.4–§A.7): the full method or one of its baselines/ablations.
 
 A student is trained on RGB tiles, each with a partner row in a bank of frozen teacher outputs
 (features and logits of MS tiles). Variants differ only in where partners come from, which loss
 terms are on and whether partners are re-matched, so every comparison shares data and budget.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -17,11 +18,19 @@ from torch import nn
 from ms2rgb.models.classifier import SceneCNN, SceneCNNConfig
 from ms2rgb.models.distill import DistillLoss, rematch
 from ms2rgb.tasks.config import StudentConfig
-from ms2rgb.tasks.errors import ParamsError
 from ms2rgb.tasks.data.pool import candidates_by_class
+from ms2rgb.tasks.training.augment import random_dihedral
 from ms2rgb.tasks.training.inference import predict
-from ms2rgb.tasks.training.loop import EpochStats, FitConfig, StepFn, Trainer, batch_bounds, pick_device, random_dihedral, seed_everything, to_tensor
-
+from ms2rgb.tasks.training.loop import (
+    EpochStats,
+    FitConfig,
+    StepFn,
+    Trainer,
+    batch_bounds,
+    pick_device,
+    seed_everything,
+    to_tensor,
+)
 
 
 @dataclass(frozen=True)
@@ -29,10 +38,10 @@ class Variant:
     """One row of the comparison: where partners come from and which parts of the method are on."""
 
     name: str
-    partners: str        # matched (pairs table) | random (same-class pool tile) | true (same location) | none
-    feature_loss: bool   # attention + domain-shift term
-    kd: bool             # KL to the partner's teacher distribution
-    rematch: bool        # iterative re-matching (A.6)
+    partners: str  # matched (pairs table) | random (same-class pool tile) | true (same location) | none
+    feature_loss: bool  # attention + domain-shift term
+    kd: bool  # KL to the partner's teacher distribution
+    rematch: bool  # iterative re-matching (A.6)
 
 
 FULL_METHOD = "full_method"
@@ -50,28 +59,28 @@ VARIANTS: tuple[Variant, ...] = (
 class TeacherBank:
     """Frozen teacher outputs for the MS tiles a student may be paired with, computed once."""
 
-    feats: torch.Tensor    # (M, C, 8, 8) on the training device
-    logits: torch.Tensor   # (M, n_classes) on the training device
-    probs: torch.Tensor    # (M, n_classes) on CPU, T = 1: the teacher's classification, for re-matching
-    classes: np.ndarray    # (M,) teacher class
-    true: np.ndarray       # (M,) the tile's own label, -1 where unknown
+    feats: torch.Tensor  # (M, C, 8, 8) on the training device
+    logits: torch.Tensor  # (M, n_classes) on the training device
+    probs: torch.Tensor  # (M, n_classes) on CPU, T = 1: the teacher's classification, for re-matching
+    classes: np.ndarray  # (M,) teacher class
+    true: np.ndarray  # (M,) the tile's own label, -1 where unknown
 
 
 @dataclass
 class StudentSet:
     """RGB training tiles with their initial partner row in `bank` (None: no teacher at all)."""
 
-    rgb: np.ndarray               # (N, 3, H, W) uint8
-    labels: np.ndarray            # (N,) int64
+    rgb: np.ndarray  # (N, 3, H, W) uint8
+    labels: np.ndarray  # (N,) int64
     bank: TeacherBank | None
-    partners: np.ndarray | None   # (N,) int64 rows into bank
+    partners: np.ndarray | None  # (N,) int64 rows into bank
 
 
 @dataclass(frozen=True)
 class RematchRound:
-    epoch: int                     # 1-based epoch after which the round ran
-    changed: float                 # share of RGB tiles whose partner changed
-    same_class_rate: float         # share whose new partner's teacher class is the RGB label
+    epoch: int  # 1-based epoch after which the round ran
+    changed: float  # share of RGB tiles whose partner changed
+    same_class_rate: float  # share whose new partner's teacher class is the RGB label
     same_true_class_rate: float | None  # same, with the partner's own label where it has one
 
 
@@ -123,12 +132,22 @@ def rematch_partners(student: SceneCNN, data: StudentSet, scope: str) -> np.ndar
 def _round(epoch: int, old: np.ndarray, new: np.ndarray, data: StudentSet) -> RematchRound:
     true = data.bank.true[new]
     known = true >= 0
-    return RematchRound(epoch, float((old != new).mean()), float((data.bank.classes[new] == data.labels).mean()),
-                        float((true[known] == data.labels[known]).mean()) if known.any() else None)
+    return RematchRound(
+        epoch,
+        float((old != new).mean()),
+        float((data.bank.classes[new] == data.labels).mean()),
+        float((true[known] == data.labels[known]).mean()) if known.any() else None,
+    )
 
 
-def distill_step(student: SceneCNN, loss_fn: DistillLoss, data: StudentSet, partners: np.ndarray,
-                 augment: torch.Generator | None, meter: dict[str, float]) -> StepFn:
+def distill_step(
+    student: SceneCNN,
+    loss_fn: DistillLoss,
+    data: StudentSet,
+    partners: np.ndarray,
+    augment: torch.Generator | None,
+    meter: dict[str, float],
+) -> StepFn:
     """The Trainer step; reads `partners` at call time, so re-matching in place takes effect."""
     device = next(student.parameters()).device
     labels = torch.as_tensor(np.array(data.labels))  # a copy: cached labels are read-only
@@ -158,19 +177,36 @@ def budget_epochs(cfg: StudentConfig, n_reference: int, n_items: int) -> int:
     return max(1, round(steps / len(batch_bounds(n_items, cfg.batch_size))))
 
 
-def train_student(variant: Variant, data: StudentSet, cfg: StudentConfig, arch: SceneCNNConfig, seed: int,
-                  epochs: int, checkpoint_dir: Path | None = None,
-                  on_epoch: Callable[[Trainer, EpochStats], None] | None = None) -> StudentRun:
+def train_student(
+    variant: Variant,
+    data: StudentSet,
+    cfg: StudentConfig,
+    arch: SceneCNNConfig,
+    seed: int,
+    epochs: int,
+    checkpoint_dir: Path | None = None,
+    on_epoch: Callable[[Trainer, EpochStats], None] | None = None,
+) -> StudentRun:
     """Train one student; re-matching runs after every `rematch_every` epochs except the last."""
     device = pick_device()
     seed_everything(seed)
     student = SceneCNN(arch).to(device)
-    loss_fn = DistillLoss(student.feature_channels, w_feat=cfg.w_feat if variant.feature_loss else 0.0,
-                          w_kd=cfg.w_kd if variant.kd else 0.0, w_ce=cfg.w_ce, temperature=cfg.temperature,
-                          heads=cfg.heads).to(device)
-    trainer = Trainer(nn.ModuleDict({"student": student, "distill": loss_fn}), len(data.labels),
-                      FitConfig(cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay), seed,
-                      epochs=epochs, checkpoint_dir=checkpoint_dir)
+    loss_fn = DistillLoss(
+        student.feature_channels,
+        w_feat=cfg.w_feat if variant.feature_loss else 0.0,
+        w_kd=cfg.w_kd if variant.kd else 0.0,
+        w_ce=cfg.w_ce,
+        temperature=cfg.temperature,
+        heads=cfg.heads,
+    ).to(device)
+    trainer = Trainer(
+        nn.ModuleDict({"student": student, "distill": loss_fn}),
+        len(data.labels),
+        FitConfig(cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay),
+        seed,
+        epochs=epochs,
+        checkpoint_dir=checkpoint_dir,
+    )
     partners = None if data.partners is None else data.partners.copy()
     meter: dict[str, float] = {}
     flips = torch.Generator().manual_seed(seed + 1) if cfg.augment else None
@@ -184,10 +220,14 @@ def train_student(variant: Variant, data: StudentSet, cfg: StudentConfig, arch: 
             new = rematch_partners(student, data, cfg.rematch_scope)
             run.rounds.append(_round(epoch, partners, new, data))
             partners[:] = new
-        trainer.save_checkpoint({
-            "variant": variant.name, "augment_rng": None if flips is None else flips.get_state(),
-            "partners": None if partners is None else torch.as_tensor(partners.copy()),
-            "rounds": [r.__dict__ for r in run.rounds]})
+        trainer.save_checkpoint(
+            {
+                "variant": variant.name,
+                "augment_rng": None if flips is None else flips.get_state(),
+                "partners": None if partners is None else torch.as_tensor(partners.copy()),
+                "rounds": [r.__dict__ for r in run.rounds],
+            }
+        )
         if on_epoch:
             on_epoch(trainer, stats)
     student.eval()

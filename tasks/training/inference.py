@@ -1,4 +1,5 @@
 """Running trained models over cached tiles: logits, class distributions and embeddings, in order."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -13,8 +14,9 @@ from ms2rgb.tasks.training.loop import autocast, batches, pick_device
 
 
 @torch.no_grad()
-def predict(fn: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, device: torch.device,
-            batch_size: int = 256) -> torch.Tensor:
+def predict(
+    fn: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, device: torch.device, batch_size: int = 256
+) -> torch.Tensor:
     """fn(batch on `device`) for every tile, in order, concatenated as float32 on CPU.
 
     The caller puts the modules behind `fn` in eval mode (BatchNorm running stats, no dropout).
@@ -37,7 +39,6 @@ def embed(matcher: CrossModalMatcher, images: np.ndarray, modality: str) -> torc
     device = next(matcher.parameters()).device
     tower = matcher.embed_rgb if modality == "rgb" else matcher.embed_ms
     return predict(tower, images, device)
-
 
 
 def teacher_probs(teacher: SceneCNN, images: np.ndarray, batch_size: int) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""Shared training plumbing: device, seeding, the optimisation loop, checkpoints, augmentation, evaluation."""
+"""Shared training plumbing: device, seeding, the optimisation loop, checkpoints, batches.
+
+Augmentation lives in `augment.py`, scores in `metrics.py`.
+"""
+
 from __future__ import annotations
 
 import random
@@ -11,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from ms2rgb.tasks.training.augment import random_dihedral
 
 
 def pick_device() -> torch.device:
@@ -26,6 +32,16 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def make_deterministic(threads: int) -> None:
+    """Same data, params and seed give bit-identical CPU results, on any machine of the same CPU family.
+
+    CPU kernels split reductions by the intra-op thread count, so the count is fixed (not the
+    machine's core count); deterministic algorithms are asked for where torch has a choice.
+    """
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def autocast(device: torch.device):
     """bf16 autocast on CUDA; a no-op on CPU so CPU metrics stay exactly reproducible."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -35,9 +51,9 @@ def autocast(device: torch.device):
 class FitConfig:
     """The optimisation budget every training stage hands the loop (values from params.yaml)."""
 
-    epochs: int          # passes over the training set
-    batch_size: int      # tiles per step
-    lr: float            # AdamW peak learning rate (one-cycle schedule)
+    epochs: int  # passes over the training set
+    batch_size: int  # tiles per step
+    lr: float  # AdamW peak learning rate (one-cycle schedule)
     weight_decay: float
 
 
@@ -71,12 +87,22 @@ class Trainer:
     """AdamW with a one-cycle schedule over `module`'s parameters, in a seeded batch order.
 
     The step function owns the forward pass; the trainer owns order, optimisation, timing and
-    what a checkpoint holds. A checkpoint is complete (weights, optimizer, scheduler, data-order
-    generator, history, caller state) so that a killed run can be resumed from it exactly.
+    what a checkpoint holds. With a `checkpoint_dir`, the caller writes one checkpoint per epoch
+    (`save_checkpoint`) holding the full training state (weights, optimizer, scheduler, data-order
+    generator, torch RNG, history, caller state), for inspecting a run epoch by epoch. Nothing
+    reads them back yet: resuming a killed run from one is future work.
     """
 
-    def __init__(self, module: nn.Module, n_items: int, cfg: FitConfig, seed: int, epochs: int | None = None,
-                 checkpoint_dir: Path | None = None, min_batch: int = 1) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        n_items: int,
+        cfg: FitConfig,
+        seed: int,
+        epochs: int | None = None,
+        checkpoint_dir: Path | None = None,
+        min_batch: int = 1,
+    ) -> None:
         if n_items < 1:
             raise ValueError(f"n_items={n_items}: there is nothing to train on")
         self.module, self.n_items, self.cfg = module, n_items, cfg
@@ -86,7 +112,8 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(seed)
         self.optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            self.optimizer, max_lr=cfg.lr, total_steps=self.epochs * len(self.bounds))
+            self.optimizer, max_lr=cfg.lr, total_steps=self.epochs * len(self.bounds)
+        )
         self.history: list[EpochStats] = []
 
     def run_epoch(self, step: StepFn) -> EpochStats:
@@ -105,8 +132,7 @@ class Trainer:
             self.scheduler.step()
             total += float(loss.detach()) * len(idx)
             correct += hits
-        stats = EpochStats(len(self.history), total / self.n_items, correct / self.n_items,
-                           time.perf_counter() - start)
+        stats = EpochStats(len(self.history), total / self.n_items, correct / self.n_items, time.perf_counter() - start)
         self.history.append(stats)
         return stats
 
@@ -116,16 +142,28 @@ class Trainer:
             return None
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         path = self.checkpoint_dir / f"epoch_{self.history[-1].epoch:03d}.pt"
-        torch.save({"epoch": self.history[-1].epoch, "epochs": self.epochs, "module": self.module.state_dict(),
-                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
-                    "history": [asdict(h) for h in self.history], "extra": extra or {}}, path)
+        torch.save(
+            {
+                "epoch": self.history[-1].epoch,
+                "epochs": self.epochs,
+                "module": self.module.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "generator": self.generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "history": [asdict(h) for h in self.history],
+                "extra": extra or {},
+            },
+            path,
+        )
         return path
 
     def describe(self, name: str, stats: EpochStats) -> str:
         """One progress line: which run, epoch, loss, accuracy and seconds."""
-        return (f"{name}: epoch {stats.epoch + 1}/{self.epochs} loss {stats.loss:.4f} "
-                f"train acc {stats.accuracy:.3f} ({stats.seconds:.1f} s)")
+        return (
+            f"{name}: epoch {stats.epoch + 1}/{self.epochs} loss {stats.loss:.4f} "
+            f"train acc {stats.accuracy:.3f} ({stats.seconds:.1f} s)"
+        )
 
 
 def to_tensor(images: np.ndarray, idx: np.ndarray | None = None) -> torch.Tensor:
@@ -134,36 +172,24 @@ def to_tensor(images: np.ndarray, idx: np.ndarray | None = None) -> torch.Tensor
     return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
 
 
-def random_dihedral(tensors: tuple[torch.Tensor, ...], generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """Apply one random flip/rotation per sample, the same one to every tensor of the tuple.
-
-    Overhead views have no up or left, so the 8 symmetries of the square are free extra
-    data; sharing the draw keeps true pairs aligned (the matcher) or leaves order alone.
-    """
-    n = tensors[0].shape[0]
-    draw = torch.randint(0, 8, (n,), generator=generator)
-    out = [t.clone() for t in tensors]
-    for k in range(1, 8):
-        rows = torch.nonzero(draw == k).flatten()
-        if len(rows) == 0:
-            continue
-        for src, dst in zip(tensors, out):
-            moved = torch.rot90(src[rows], k % 4, dims=(-2, -1))  # (b, C, H, W)
-            dst[rows] = moved.flip(-1) if k >= 4 else moved
-    return tuple(out)
-
-
 def batches(images: np.ndarray, order: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Yield (index, float tensor) batches from a (memory-mapped) array in the given order."""
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         # Sorted reads are sequential on a memmap; the second argsort restores the asked order.
         yield idx, torch.from_numpy(np.ascontiguousarray(images[np.sort(idx)][np.argsort(np.argsort(idx))])).float()
 
 
-def fit_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: FitConfig, seed: int,
-                   on_epoch: Callable[[Trainer, EpochStats], None] | None = None, augment: bool = False,
-                   checkpoint_dir: Path | None = None) -> list[EpochStats]:
+def fit_classifier(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    cfg: FitConfig,
+    seed: int,
+    on_epoch: Callable[[Trainer, EpochStats], None] | None = None,
+    augment: bool = False,
+    checkpoint_dir: Path | None = None,
+) -> list[EpochStats]:
     """Train with cross-entropy on tiles held in memory; `on_epoch(trainer, stats)` after each epoch."""
     device = pick_device()
     seed_everything(seed)
@@ -186,13 +212,3 @@ def fit_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg
         if on_epoch:
             on_epoch(trainer, stats)
     return trainer.history
-
-
-def accuracy_report(logits: torch.Tensor, labels: np.ndarray, class_names: list[str]) -> dict:
-    """Overall and per-class accuracy, and the confusion matrix (rows: true, columns: predicted)."""
-    pred = logits.argmax(1).numpy()
-    per_class = {name: float((pred[labels == i] == i).mean()) for i, name in enumerate(class_names)
-                 if (labels == i).any()}
-    confusion = np.zeros((len(class_names), len(class_names)), dtype=np.int64)
-    np.add.at(confusion, (labels, pred), 1)
-    return {"accuracy": float((pred == labels).mean()), "per_class": per_class, "confusion": confusion.tolist()}

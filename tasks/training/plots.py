@@ -3,6 +3,7 @@
 Figures are built with `matplotlib.figure.Figure` directly rather than pyplot, so no GUI
 backend and no global figure state are involved (stages may run in Prefect worker threads).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -37,8 +38,9 @@ def confusion_matrix(confusion: Sequence[Sequence[int]], class_names: Sequence[s
     ax.set_ylabel("true")
     for (i, j), n in np.ndenumerate(counts):
         if n:
-            ax.text(j, i, str(n), ha="center", va="center", fontsize=7,
-                    color="white" if n > counts.max() / 2 else "black")
+            ax.text(
+                j, i, str(n), ha="center", va="center", fontsize=7, color="white" if n > counts.max() / 2 else "black"
+            )
     fig.colorbar(image, ax=ax)
     ax.set_title(title)
     fig.tight_layout()
@@ -53,8 +55,9 @@ def per_class_bars(per_class: Mapping[str, Mapping[str, float]], title: str) -> 
     fig = Figure(figsize=(max(6.0, 0.9 * len(classes)), 3.8))
     ax = fig.add_subplot()
     for k, model in enumerate(models):
-        ax.bar(np.arange(len(classes)) + k * width, [per_class[model].get(c, np.nan) for c in classes],
-               width, label=model)
+        ax.bar(
+            np.arange(len(classes)) + k * width, [per_class[model].get(c, np.nan) for c in classes], width, label=model
+        )
     ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=45, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("accuracy")

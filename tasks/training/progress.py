@@ -1,12 +1,13 @@
 """Progress and evaluation logging shared by the training stages: console lines, MLflow metrics, figures."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ms2rgb.tasks.training import plots
 from ms2rgb.tasks.data.classes import SCENE_NAMES
 from ms2rgb.tasks.tracking import StageTracker
+from ms2rgb.tasks.training import plots
 from ms2rgb.tasks.training.loop import EpochStats, Trainer
 
 
@@ -25,8 +26,11 @@ def log_history(tracker: StageTracker, history: Sequence[EpochStats], prefix: st
     Logged once after training, in batches: one SQLite round trip per epoch would cost more
     than a tiny epoch itself.
     """
-    for key, values in (("train_loss", [h.loss for h in history]), ("train_accuracy", [h.accuracy for h in history]),
-                        ("epoch_seconds", [h.seconds for h in history])):
+    for key, values in (
+        ("train_loss", [h.loss for h in history]),
+        ("train_accuracy", [h.accuracy for h in history]),
+        ("epoch_seconds", [h.seconds for h in history]),
+    ):
         tracker.log_metric_series(f"{prefix}{key}", values)
 
 
@@ -39,7 +43,11 @@ def log_curves(tracker: StageTracker, history: Sequence[EpochStats], title: str,
 
 def log_evaluation(tracker: StageTracker, report: dict[str, Any], title: str, folder: str) -> None:
     """Confusion matrix and per-class accuracy of one classifier's `accuracy_report`."""
-    tracker.log_figure(plots.confusion_matrix(report["confusion"], SCENE_NAMES, f"{title}: confusion"),
-                       f"{folder}/confusion_matrix.png")
-    tracker.log_figure(plots.per_class_bars({title: report["per_class"]}, f"{title}: per-class accuracy"),
-                       f"{folder}/per_class_accuracy.png")
+    tracker.log_figure(
+        plots.confusion_matrix(report["confusion"], SCENE_NAMES, f"{title}: confusion"),
+        f"{folder}/confusion_matrix.png",
+    )
+    tracker.log_figure(
+        plots.per_class_bars({title: report["per_class"]}, f"{title}: per-class accuracy"),
+        f"{folder}/per_class_accuracy.png",
+    )

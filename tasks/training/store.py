@@ -3,6 +3,7 @@
 Downstream stages read upstream models from these files (DVC deps), never from MLflow, so a
 pipeline run needs no tracking server to be reproducible.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -14,33 +15,39 @@ from torch import nn
 
 from ms2rgb.models.classifier import SceneCNN, SceneCNNConfig
 from ms2rgb.models.matcher import CrossModalMatcher, MatcherConfig
+from ms2rgb.tasks.data.atomic import write_atomic
 from ms2rgb.tasks.errors import DataError
 
 MODEL_FILE = "model.pt"
-_BUILDERS: dict[str, tuple[type, type]] = {"scene_cnn": (SceneCNN, SceneCNNConfig),
-                                           "matcher": (CrossModalMatcher, MatcherConfig)}
+_BUILDERS: dict[str, tuple[type, type]] = {
+    "scene_cnn": (SceneCNN, SceneCNNConfig),
+    "matcher": (CrossModalMatcher, MatcherConfig),
+}
 
 
 def save_model(path: Path, kind: str, model: nn.Module, config: Any) -> Path:
     """Write weights + config atomically (a DVC output must never be half written)."""
     if kind not in _BUILDERS:
         raise ValueError(f"unknown model kind {kind!r}; valid kinds are {sorted(_BUILDERS)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"kind": kind, "config": asdict(config), "state_dict": model.state_dict()}, tmp)
-    tmp.replace(path)
-    return path
+    payload = {"kind": kind, "config": asdict(config), "state_dict": model.state_dict()}
+    return write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_model(path: Path, kind: str, stage: str) -> nn.Module:
     """Rebuild the model saved at `path` by `stage`, in eval mode on CPU."""
     if not path.exists():
-        raise DataError(path, f"the {stage} model is missing",
-                        f"run the {stage} stage first (`ms2rgb stage {stage}` or `dvc repro {stage}`)")
+        raise DataError(
+            path,
+            f"the {stage} model is missing",
+            f"run the {stage} stage first (`ms2rgb stage {stage}` or `dvc repro {stage}`)",
+        )
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if payload.get("kind") != kind:
-        raise DataError(path, f"holds a {payload.get('kind')!r} model, expected {kind!r}",
-                        f"re-run the {stage} stage so that it writes its own model")
+        raise DataError(
+            path,
+            f"holds a {payload.get('kind')!r} model, expected {kind!r}",
+            f"re-run the {stage} stage so that it writes its own model",
+        )
     model_cls, config_cls = _BUILDERS[kind]
     config = {k: tuple(v) if isinstance(v, list) else v for k, v in payload["config"].items()}
     model = model_cls(config_cls(**config))

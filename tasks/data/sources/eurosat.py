@@ -27,7 +27,7 @@ from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
 from ms2rgb.tasks.data.classes import SCENE_NAMES
 from ms2rgb.tasks.errors import DatasetLayoutError, Ms2rgbError, RasterError, UnknownClassError
 from ms2rgb.tasks.data.geotiff import TILE_SIZE, read_tile, sha256_of, tile_bounds, write_tile
-from ms2rgb.tasks.data.manifest import MANIFEST_NAME, make_manifest, write_manifest
+from ms2rgb.tasks.data.manifest import MANIFEST_NAME, SPLIT_MODALITIES, make_manifest, write_manifest
 from ms2rgb.tasks.data.render import render_rgb
 
 Progress = Callable[[str], None] | None
@@ -39,27 +39,25 @@ EUROSAT_FILE_BAND_ORDER: tuple[str, ...] = (
 DEFAULT_SPLIT_FRACTIONS: dict[str, float] = {
     "ms_train": 0.25, "pair_train": 0.04, "pair_test": 0.02, "rgb_train": 0.30, "ms_pool": 0.25, "test": 0.14,
 }
-# Which tiles a location of each split gets: MS-only splits must not leak RGB and vice versa.
-SPLIT_MODALITIES: dict[str, tuple[str, ...]] = {
-    "ms_train": ("ms",), "ms_pool": ("ms",), "rgb_train": ("rgb",),
-    "pair_train": ("ms", "rgb"), "pair_test": ("ms", "rgb"), "test": ("ms", "rgb"),
-}
+# The splits EuroSAT can fill (those without masks); the tiles each gets: manifest.SPLIT_MODALITIES.
+# This order lays the split boundaries in assign_splits: reordering it moves locations between splits.
+EUROSAT_SPLITS: tuple[str, ...] = ("ms_train", "ms_pool", "rgb_train", "pair_train", "pair_test", "test")
 _LAYOUT = "<ms_dir>/<ClassName>/<ClassName>_<n>.tif with ClassName one of " + ", ".join(SCENE_NAMES)
 _PROGRESS_EVERY = 500  # locations
 
 
 def check_split_fractions(fractions: dict[str, float]) -> dict[str, float]:
     """Validate fractions (known splits, non-negative, summing to 1); missing splits get 0."""
-    unknown = [k for k in fractions if k not in SPLIT_MODALITIES]
+    unknown = [k for k in fractions if k not in EUROSAT_SPLITS]
     if unknown:
         raise Ms2rgbError(f"split_fractions: unknown split(s) {unknown}; "
-                          f"EuroSAT can fill {list(SPLIT_MODALITIES)}")
+                          f"EuroSAT can fill {list(EUROSAT_SPLITS)}")
     negative = {k: v for k, v in fractions.items() if v < 0}
     total = sum(fractions.values())
     if negative or abs(total - 1.0) > 1e-6:
         raise Ms2rgbError(f"split_fractions={fractions!r}: fractions must be >= 0 and sum to 1 "
                           f"(sum={total:g})")
-    return {k: float(fractions.get(k, 0.0)) for k in SPLIT_MODALITIES}
+    return {k: float(fractions.get(k, 0.0)) for k in EUROSAT_SPLITS}
 
 
 def assign_splits(stems: list[str], fractions: dict[str, float], seed: int, key: str) -> dict[str, str]:

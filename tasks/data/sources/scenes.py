@@ -27,6 +27,7 @@ from rasterio.windows import Window, from_bounds
 
 from ms2rgb.models.bands import S2_BANDS
 from ms2rgb.tasks.errors import Ms2rgbError, RasterError
+from ms2rgb.tasks.data.atomic import swap_in_dir
 from ms2rgb.tasks.data.geotiff import PIXEL_SIZE, TILE_SIZE, sha256_of, tile_bounds, write_tile
 from ms2rgb.tasks.data.manifest import MANIFEST_NAME, make_manifest, write_manifest
 
@@ -294,22 +295,6 @@ def _write_tiles(scene_id: str, sources: dict[str, BandSource], datasets: Datase
     return make_manifest(rows)
 
 
-def _commit(work_dir: Path, scene_dir: Path) -> None:
-    """Swap the finished work folder in for the stored scene folder, keeping the old one until then."""
-    old = None
-    if scene_dir.exists():
-        old = scene_dir.with_name(f".{scene_dir.name}.old-{work_dir.name}")
-        scene_dir.rename(old)
-    try:
-        work_dir.rename(scene_dir)
-    except OSError:
-        if old is not None:  # put the stored scene back before reporting the failure
-            old.rename(scene_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def ingest_scene(inputs: list[Path], out_root: Path, scene_id: str | None = None, min_valid: float = 1.0,
                  progress: Progress = print) -> pd.DataFrame:
     """Cut one Sentinel-2 scene into 13-band 64x64 MS tiles at 10 m and write its manifest.
@@ -346,7 +331,7 @@ def ingest_scene(inputs: list[Path], out_root: Path, scene_id: str | None = None
         try:
             frame = _write_tiles(scene_id, sources, datasets, grid, work_dir, min_valid, progress)
             write_manifest(frame, work_dir / MANIFEST_NAME)
-            _commit(work_dir, out_root / scene_id)
+            swap_in_dir(work_dir, out_root / scene_id)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)  # no-op after a successful commit
     return frame

@@ -16,15 +16,10 @@ from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
 from ms2rgb.tasks.data.classes import SCENE_NAMES
 from ms2rgb.tasks.data.geotiff import PIXEL_SIZE, TILE_SIZE, sha256_of, tile_bounds, write_tile
 from ms2rgb.tasks.data.render import render_rgb
-from ms2rgb.tasks.data.manifest import MANIFEST_NAME, make_manifest, write_manifest
+from ms2rgb.tasks.data.manifest import MANIFEST_NAME, SPLIT_MODALITIES, make_manifest, write_manifest
 from ms2rgb.tasks.data.sources.spectra import surface_spectra
 from ms2rgb.tasks.config import SynthConfig
 from ms2rgb.tasks.data.sources.synth_scene import render_location
-from ms2rgb.tasks.data.sources.synth_layouts import LAYOUTS
-
-MS_ONLY_SPLITS = ("ms_train", "ms_pool")
-RGB_ONLY_SPLITS = ("rgb_train", "fewshot", "seg_test", "captions")
-PAIRED_SPLITS = ("pair_train", "pair_test", "test")
 
 
 def _location_transform(index: int, origin: tuple[float, float] = (400000.0, 5200000.0)):
@@ -36,11 +31,10 @@ def _location_transform(index: int, origin: tuple[float, float] = (400000.0, 520
 
 def _rows_for(out: Path, loc_id: str, scene_class: str, split: str, transform, crs: CRS,
               ms: np.ndarray, mask: np.ndarray) -> list[dict]:
-    modalities = ("ms",) if split in MS_ONLY_SPLITS else ("rgb",) if split in RGB_ONLY_SPLITS else ("ms", "rgb")
     mask_rel = Path("tiles/mask") / scene_class / f"{loc_id}.tif"
     write_tile(out / mask_rel, mask[None], crs, transform, ("surface",))
     rows = []
-    for modality in modalities:
+    for modality in SPLIT_MODALITIES[split]:
         rel = Path("tiles") / modality / scene_class / f"{loc_id}.tif"
         array, names = (ms, S2_BANDS) if modality == "ms" else (render_rgb(ms), RGB_BANDS)
         write_tile(out / rel, array, crs, transform, names)
