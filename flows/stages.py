@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from ms2rgb.tasks import tracking
-from ms2rgb.tasks.config import load_params
-from ms2rgb.tasks.data.atomic import write_json_atomic
+from ms2rgb.tasks.config import Params, load_params
+from ms2rgb.tasks.data.artifacts import stage_dir, staging_dir
+from ms2rgb.tasks.data.atomic import swap_in_dir, write_json_atomic
 from ms2rgb.tasks.errors import Ms2rgbError
 from ms2rgb.tasks.training.loop import make_deterministic
 
-StageFn = Callable[[Path, dict[str, Any], tracking.StageTracker], dict[str, Any]]
+StageFn = Callable[[Path, Params, tracking.StageTracker], dict[str, Any]]
 
 # DAG order. Each entry names the tasks module whose `run(root, params, tracker)` is the stage.
 STAGE_MODULES: dict[str, str] = {
@@ -58,9 +59,12 @@ def run_stage(name: str, root: Path, parent_run_id: str | None = None) -> dict[s
         try:
             report = fn(root, params, tracker)
         except Ms2rgbError as exc:
-            if getattr(exc, "report", None) is not None:
+            if exc.report is not None:
                 tracker.log_artifact(write_report(root, name, exc.report))
             raise
+        staging = staging_dir(root, name)
+        if staging.exists():  # the stage's outputs replace the stored ones only now, whole
+            swap_in_dir(staging, stage_dir(root, name))
         path = write_report(root, name, report)
         tracker.log_metrics(_numeric(report))
         tracker.log_artifact(path)

@@ -86,6 +86,9 @@ class BandNormalize(nn.Module):
     to reflectance first, so a student and a teacher see the same units.
     """
 
+    mean: torch.Tensor  # buffers, registered in __init__
+    std: torch.Tensor
+
     def __init__(self, bands: Sequence[str], from_8bit: bool = False) -> None:
         super().__init__()
         self.bands = check_bands(bands)

@@ -24,6 +24,9 @@ class ClipPixels(nn.Module):
     for ViT-B-32 so its 32-px patches still give a 7x7 grid; for the tiny config it is a no-op.
     """
 
+    mean: torch.Tensor  # buffers, registered in __init__
+    std: torch.Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float], size: tuple[int, int]) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1))
@@ -31,7 +34,7 @@ class ClipPixels(nn.Module):
         self.size = (int(size[0]), int(size[1]))
 
     @classmethod
-    def for_clip(cls, clip: nn.Module) -> ClipPixels:
+    def for_clip(cls, clip: open_clip.CLIP) -> ClipPixels:
         """Use the mean/std open_clip attached to the model (they follow the pretrained tag)."""
         cfg = getattr(clip.visual, "preprocess_cfg", None) or {}
         return cls(
@@ -56,6 +59,8 @@ class ClassMapDetector(nn.Module):
     registry version can say what it detects and re-tokenise other descriptions
     (``open_clip.get_tokenizer(clip_model)``) for :meth:`logits_for`.
     """
+
+    text_tokens: torch.Tensor  # buffer, registered in __init__
 
     def __init__(
         self,
@@ -90,7 +95,7 @@ class ClassMapDetector(nn.Module):
 class ImageEmbedder(nn.Module):
     """A CLIP's image tower for the registry: RGB 0..255 (B, 3, H, W) -> L2-normalised (B, D)."""
 
-    def __init__(self, clip: nn.Module) -> None:
+    def __init__(self, clip: open_clip.CLIP) -> None:
         super().__init__()
         self.clip = clip
         self.pixels = ClipPixels.for_clip(clip)

@@ -48,7 +48,7 @@ class PromptConfig:
         self.similarity_layers = tuple(int(i) for i in self.similarity_layers)  # YAML gives lists
 
 
-def fuse_layer_logits(layer_logits: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+def fuse_layer_logits(layer_logits: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
     """Fuse per-layer patch logits into one per-pixel logit map.
 
     Rule (AdaCLIP-style): average the per-layer logits (B, K, gh, gw) first, then upsample
@@ -133,7 +133,9 @@ class PromptedCLIP(nn.Module):
                 f"PromptedCLIP needs an open_clip.CLIP with a VisionTransformer visual tower, got "
                 f"{type(clip).__name__}; build it with models.clip_backbone.load_clip"
             )
-        self.clip = freeze(clip)
+        # open_clip ships no type information, so its CLIP (checked above) types as Any; as nn.Module,
+        # every attribute of its towers would type as Tensor | Module (nn.Module.__getattr__).
+        self.clip: open_clip.CLIP = freeze(clip)
         self.cfg = cfg
         self.similarity_layers = self._resolve_layers(cfg)
         text_width = clip.transformer.width
@@ -195,6 +197,7 @@ class PromptedCLIP(nn.Module):
     def visual_prompts(self) -> torch.Tensor | None:
         """Image prompts per prompted layer (depth, n_ctx, vision width), or None."""
         if self.couplers is not None:
+            assert self.text_ctx is not None, "coupled mode has text prompts"
             return torch.stack([proj(ctx) for proj, ctx in zip(self.couplers, self.text_ctx)])
         return self.visual_ctx
 

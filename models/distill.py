@@ -7,6 +7,7 @@ caller that forgot ``torch.no_grad`` still cannot leak gradients into it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +83,8 @@ def _rbf_mmd2(x: torch.Tensor, y: torch.Tensor, scales: tuple[float, ...]) -> to
     base = every.median(dim=1).values.clamp_min(1e-6).view(-1, 1, 1)
 
     def kernel_mean(d2: torch.Tensor) -> torch.Tensor:
-        return sum(torch.exp(-d2 / (s * base)) for s in scales).mean(dim=(1, 2))  # (B,)
+        # sum() of tensors is a tensor (scales is never empty); typeshed types it as Tensor | Literal[0]
+        return cast(torch.Tensor, sum(torch.exp(-d2 / (s * base)) for s in scales)).mean(dim=(1, 2))  # (B,)
 
     return kernel_mean(dxx) + kernel_mean(dyy) - 2 * kernel_mean(dxy)
 

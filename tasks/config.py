@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
 from ms2rgb.models.classifier import SceneCNNConfig
@@ -275,7 +276,7 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _fix(error: dict[str, Any], model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+def _fix(error: ErrorDetails, model: type[BaseModel], loc: tuple[Any, ...]) -> str:
     """The repair for one pydantic error, in the user's words."""
     if error["type"] == "extra_forbidden":
         node: Any = model

@@ -30,12 +30,13 @@ import torch
 from ms2rgb.models.clip_detector import ClassMapDetector
 from ms2rgb.models.clip_prompt import PromptedCLIP
 from ms2rgb.tasks.config import DetectorConfig, Params
+from ms2rgb.tasks.data.artifacts import staging_dir
 from ms2rgb.tasks.data.atomic import write_atomic
 from ms2rgb.tasks.data.cache import CachedSplit, open_split
 from ms2rgb.tasks.data.classes import SURFACE_CLASSES, SURFACE_NAMES
 from ms2rgb.tasks.data.validated import require_validated
 from ms2rgb.tasks.detection.data import first_k_per_class, load_tiles
-from ms2rgb.tasks.detection.model import DETECTOR_FILE, OUT_DIR, resolve_pretrained
+from ms2rgb.tasks.detection.model import DETECTOR_FILE, resolve_pretrained
 from ms2rgb.tasks.detection.pretrain import SERVING, prepare_backbone
 from ms2rgb.tasks.detection.report import BASELINES, FULL_MODE, aggregate, log_figures, summarise
 from ms2rgb.tasks.detection.tune import evaluate, tune
@@ -151,8 +152,10 @@ def run_variant(ctx: Context, variant: Variant, tracker: StageTracker) -> tuple[
             runs.append(run)
             models.append(model if i == 0 else None)  # only the params seed's prompts are kept
             child.log_metrics({"miou_by_seed": run["miou"]}, step=seed)
-        result = aggregate(variant.mode, variant.shots, runs, models[0].prompted.num_trainable)
-        child.log_params({"texts": "; ".join(models[0].texts)})
+        kept = models[0]
+        assert kept is not None, "the first seed's model is kept (a variant has at least one seed)"
+        result = aggregate(variant.mode, variant.shots, runs, kept.prompted.num_trainable)
+        child.log_params({"texts": "; ".join(kept.texts)})
         child.log_metrics(
             {k: result[k] for k in ("miou", "miou_std", "pixel_accuracy", "tiles_per_second", "trainable_params")}
         )
@@ -162,7 +165,7 @@ def run_variant(ctx: Context, variant: Variant, tracker: StageTracker) -> tuple[
         f"{len(runs)} seed(s), pixel accuracy {result['pixel_accuracy']:.3f}",
         flush=True,
     )
-    return result, models[0]
+    return result, kept
 
 
 def save_detector(ctx: Context, detector: ClassMapDetector, info: dict[str, Any]) -> Path:
@@ -188,8 +191,8 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     prepared = root / params.data.prepared_dir
     require_validated(root, prepared, READS)
     tracker.log_params({"detector": settings.model_dump(), "seed": seed, "device": str(device)})
-    out_dir = root / OUT_DIR
-    shutil.rmtree(out_dir, ignore_errors=True)  # a stage output: always written whole
+    out_dir = staging_dir(root, "detector")  # swapped in whole by the stage runner after success
+    shutil.rmtree(out_dir, ignore_errors=True)  # the stored detector stays until this run succeeds
     out_dir.mkdir(parents=True)
     clip_cfg = settings.clip.model_copy(update={"pretrained": resolve_pretrained(root, settings.clip.pretrained)})
     clip, tokenizer, info = prepare_backbone(

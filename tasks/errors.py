@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class Ms2rgbError(Exception):
     """Base class: anything the user can fix by changing input or params."""
+
+    # A stage that fails with a report attached (e.g. a failed validation) sets this; the flow
+    # still writes it to reports/<stage>.json before the error propagates.
+    report: dict[str, Any] | None = None
 
 
 class ParamsError(Ms2rgbError):

@@ -11,7 +11,6 @@ registered in MLflow as `ms2rgb-matcher` (as a PairScorer: one stacked RGB+MS te
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,13 +21,21 @@ import torch
 
 from ms2rgb.models.matcher import CrossModalMatcher, PairScorer, build_groups, group_contrastive_loss
 from ms2rgb.tasks.config import MatcherStageConfig, Params
-from ms2rgb.tasks.data.artifacts import model_path
+from ms2rgb.tasks.data.artifacts import MODEL_FILE, staging_dir
 from ms2rgb.tasks.data.pairing import PairSet, load_true_pairs
 from ms2rgb.tasks.data.validated import require_validated
 from ms2rgb.tasks.tracking import StageTracker
 from ms2rgb.tasks.training.augment import random_dihedral
 from ms2rgb.tasks.training.inference import embed
-from ms2rgb.tasks.training.loop import EpochStats, FitConfig, Trainer, pick_device, seed_everything, to_tensor
+from ms2rgb.tasks.training.loop import (
+    EpochStats,
+    FitConfig,
+    Trainer,
+    fingerprint,
+    pick_device,
+    seed_everything,
+    to_tensor,
+)
 from ms2rgb.tasks.training.progress import epoch_printer, log_curves
 from ms2rgb.tasks.training.store import save_model
 
@@ -75,6 +82,7 @@ def train(
     seed: int,
     checkpoint_dir: Path | None = None,
     on_epoch: Callable[[Trainer, EpochStats], None] | None = None,
+    fingerprint: str = "",
 ) -> tuple[CrossModalMatcher, Trainer]:
     """Fit a matcher on true pairs; `on_epoch(trainer, stats)` after every epoch."""
     seed_everything(seed)
@@ -86,10 +94,14 @@ def train(
         seed,
         checkpoint_dir=checkpoint_dir,
         min_batch=cfg.batch_size // 2,
+        fingerprint=fingerprint,
     )
     draws = torch.Generator().manual_seed(seed + 1)  # augmentation and negatives
+    saved = trainer.resume()
+    if "draws_rng" in saved:
+        draws.set_state(saved["draws_rng"])
     step = contrastive_step(matcher, pairs, cfg, draws)
-    for _ in range(trainer.epochs):
+    for _ in trainer.remaining:
         stats = trainer.run_epoch(step)
         trainer.save_checkpoint({"draws_rng": draws.get_state()})
         if on_epoch:
@@ -102,15 +114,15 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     start = time.perf_counter()
     cfg, seed = params.matcher, params.seed
     prepared = root / params.data.prepared_dir
-    require_validated(root, prepared, READS)
+    data_digest = require_validated(root, prepared, READS)
     train_pairs, test_pairs = load_true_pairs(prepared, "pair_train"), load_true_pairs(prepared, "pair_test")
     tracker.log_params({"matcher": cfg.model_dump(), "seed": seed})
-    out = model_path(root, "matcher").parent
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    matcher, trainer = train(train_pairs, cfg, seed, out / "checkpoints", epoch_printer("matcher"))
+    out = staging_dir(root, "matcher")  # swapped in whole by the stage runner after success
+    run_id = fingerprint(cfg.model_dump(), seed, data_digest)
+    matcher, trainer = train(train_pairs, cfg, seed, out / "checkpoints", epoch_printer("matcher"), run_id)
     metrics = {**retrieval(matcher, test_pairs), "train_pair_top1": retrieval(matcher, train_pairs)["pair_top1"]}
     print("matcher: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if v is not None), flush=True)
-    save_model(model_path(root, "matcher"), "matcher", matcher, matcher.cfg)
+    save_model(out / MODEL_FILE, "matcher", matcher, matcher.cfg)
     log_curves(tracker, trainer.history, "matcher (group InfoNCE)", "matcher/training_curves.png")
     example = torch.cat([to_tensor(test_pairs.rgb, np.arange(2)), to_tensor(test_pairs.ms, np.arange(2))], 1)
     version = tracker.log_torch_model(PairScorer(matcher), example.numpy(), REGISTERED_NAME)

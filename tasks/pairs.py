@@ -21,7 +21,7 @@ import torch
 from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
 from ms2rgb.models.matcher import CrossModalMatcher
 from ms2rgb.tasks.config import Params
-from ms2rgb.tasks.data.artifacts import model_path, stage_dir
+from ms2rgb.tasks.data.artifacts import model_path, staging_dir
 from ms2rgb.tasks.data.cache import CachedSplit, open_split, require_bands
 from ms2rgb.tasks.data.classes import SCENE_NAMES
 from ms2rgb.tasks.data.pairing import PAIRS_FILE, write_pairs
@@ -94,7 +94,7 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     scores = matcher.score(embed(matcher, rgb.images, "rgb"), embed(matcher, pool.images, "ms"))  # (N, M)
     best, score = match_within_class(scores, rgb.labels, ms_class)
     frame = pairs_frame(rgb, pool, best, score, probs)
-    path = write_pairs(frame, stage_dir(root, "pairs") / PAIRS_FILE)
+    path = write_pairs(frame, staging_dir(root, "pairs") / PAIRS_FILE)
     tracker.log_artifact(path, "pairs")
     known, labelled = pool.labels[best] >= 0, pool.labels >= 0
     per_class = (

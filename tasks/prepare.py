@@ -33,8 +33,10 @@ def make_source(root: Path, params: Params) -> Path:
     else:
         from ms2rgb.tasks.data.sources.eurosat import ingest_eurosat
 
+        ms_dir = data.eurosat_ms_dir
+        assert ms_dir is not None, "DataConfig requires eurosat_ms_dir when source is eurosat"
         rgb = Path(data.eurosat_rgb_dir) if data.eurosat_rgb_dir else None
-        ingest_eurosat(Path(data.eurosat_ms_dir), tmp, rgb_dir=rgb, seed=params.seed)
+        ingest_eurosat(Path(ms_dir), tmp, rgb_dir=rgb, seed=params.seed)
     swap_in_dir(tmp, final)
     return final / MANIFEST_NAME
 

@@ -9,7 +9,6 @@ the baselines' mean and std over seeds, with per-class accuracy.
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -21,9 +20,10 @@ import pandas as pd
 from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
 from ms2rgb.models.classifier import SceneCNN, SceneCNNConfig
 from ms2rgb.tasks.config import Params, StudentConfig
-from ms2rgb.tasks.data.artifacts import model_path, stage_dir
+from ms2rgb.tasks.data.artifacts import MODEL_FILE, model_path, stage_dir, staging_dir
 from ms2rgb.tasks.data.cache import CachedSplit, open_split, require_bands
 from ms2rgb.tasks.data.classes import SCENE_NAMES
+from ms2rgb.tasks.data.geotiff import sha256_of
 from ms2rgb.tasks.data.pairing import PAIRS_FILE, load_true_pairs, read_pairs
 from ms2rgb.tasks.data.validated import require_validated
 from ms2rgb.tasks.errors import DataError
@@ -41,7 +41,7 @@ from ms2rgb.tasks.training.distill import (
     train_student,
 )
 from ms2rgb.tasks.training.inference import predict_logits
-from ms2rgb.tasks.training.loop import to_tensor
+from ms2rgb.tasks.training.loop import fingerprint, to_tensor
 from ms2rgb.tasks.training.metrics import accuracy_report
 from ms2rgb.tasks.training.progress import epoch_printer, log_curves, log_evaluation, log_history
 from ms2rgb.tasks.training.store import load_model, save_model
@@ -76,6 +76,7 @@ class StudentInputs:
         self.true_pairs = load_true_pairs(prepared, "pair_train")
         self.pair_bank = teacher_bank(self.teacher, self.true_pairs.ms, self.true_pairs.labels)
         self.rgb_images = np.asarray(self.rgb.images)
+        self.identity = ""  # names the data, upstream models and config: set by the stage for resumable runs
 
     @staticmethod
     def _labelled(split: CachedSplit, name: str) -> CachedSplit:
@@ -142,7 +143,6 @@ def run_variant(
         for seed in seeds:
             data = inputs.data_for(variant, seed)
             epochs = budget_epochs(cfg, len(inputs.rgb.labels), len(data.labels))
-            keep = checkpoint_dir if variant.name == FULL_METHOD and seed == seeds[0] else None
             run = train_student(
                 variant,
                 data,
@@ -150,8 +150,9 @@ def run_variant(
                 student_arch(inputs.teacher.cfg),
                 seed,
                 epochs,
-                keep,
+                checkpoint_dir / variant.name / f"seed{seed}",  # every run resumable after a kill
                 epoch_printer(f"{variant.name}/seed{seed}"),
+                fingerprint(inputs.identity, variant.name, seed, epochs),
             )
             report = accuracy_report(predict_logits(run.model, inputs.test.images), inputs.test.labels, SCENE_NAMES)
             print(f"student {variant.name} seed {seed}: RGB test accuracy {report['accuracy']:.3f}", flush=True)
@@ -170,6 +171,7 @@ def run_variant(
         summary = summarise(reports)
         child.log_metrics({"test_accuracy_mean": summary["mean"], "test_accuracy_std": summary["std"]})
         child.log_table(comparison_table({variant.name: summary}), f"{variant.name}_accuracy")
+    assert first is not None, "seeds is never empty (student.seeds >= 1)"
     return summary, first[0], first[1]
 
 
@@ -208,19 +210,19 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     start = time.perf_counter()
     cfg, seed = params.student, params.seed
     seeds = [seed + k for k in range(cfg.seeds)]
-    require_validated(root, root / params.data.prepared_dir, READS)
+    data_digest = require_validated(root, root / params.data.prepared_dir, READS)
     inputs = StudentInputs(root, params)
+    upstream = [sha256_of(model_path(root, "teacher")), sha256_of(stage_dir(root, "pairs") / PAIRS_FILE)]
+    inputs.identity = fingerprint(cfg.model_dump(), data_digest, upstream)
     tracker.log_params({"student": cfg.model_dump(), "seed": seed})
-    out = model_path(root, "student").parent
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    out = staging_dir(root, "student")  # swapped in whole by the stage runner after success
     summaries: dict[str, dict[str, Any]] = {}
     firsts: dict[str, tuple[StudentRun, dict[str, Any]]] = {}
     for variant in VARIANTS:
-        summaries[variant.name], *firsts[variant.name] = run_variant(
-            inputs, variant, cfg, seeds, tracker, out / "checkpoints"
-        )
+        summary, first_run, first_report = run_variant(inputs, variant, cfg, seeds, tracker, out / "checkpoints")
+        summaries[variant.name], firsts[variant.name] = summary, (first_run, first_report)
     product, product_report = firsts[FULL_METHOD]
-    save_model(model_path(root, "student"), "scene_cnn", product.model, product.model.cfg)
+    save_model(out / MODEL_FILE, "scene_cnn", product.model, product.model.cfg)
     log_product(tracker, product, product_report, summaries)
     version = tracker.log_torch_model(
         product.model, to_tensor(inputs.test.images, np.arange(2)).numpy(), REGISTERED_NAME

@@ -7,7 +7,6 @@ MLflow as `ms2rgb-teacher`.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -17,14 +16,14 @@ import numpy as np
 from ms2rgb.models.bands import S2_BANDS
 from ms2rgb.models.classifier import SceneCNN
 from ms2rgb.tasks.config import Params, TeacherConfig
-from ms2rgb.tasks.data.artifacts import model_path
+from ms2rgb.tasks.data.artifacts import MODEL_FILE, staging_dir
 from ms2rgb.tasks.data.cache import CachedSplit, open_split, require_bands
 from ms2rgb.tasks.data.classes import SCENE_NAMES
 from ms2rgb.tasks.data.validated import require_validated
 from ms2rgb.tasks.errors import DataError
 from ms2rgb.tasks.tracking import StageTracker
 from ms2rgb.tasks.training.inference import predict_logits
-from ms2rgb.tasks.training.loop import FitConfig, fit_classifier, seed_everything, to_tensor
+from ms2rgb.tasks.training.loop import FitConfig, fingerprint, fit_classifier, seed_everything, to_tensor
 from ms2rgb.tasks.training.metrics import accuracy_report
 from ms2rgb.tasks.training.progress import epoch_printer, log_curves, log_evaluation
 from ms2rgb.tasks.training.store import save_model
@@ -55,11 +54,10 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     start = time.perf_counter()
     cfg, seed = params.teacher, params.seed
     prepared = root / params.data.prepared_dir
-    require_validated(root, prepared, READS)
+    data_digest = require_validated(root, prepared, READS)
     train, test = labelled_ms(prepared, "ms_train"), labelled_ms(prepared, "test")
     tracker.log_params({"teacher": cfg.model_dump(), "seed": seed})
-    out = model_path(root, "teacher").parent
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a fresh run; no stale epochs mixed in
+    out = staging_dir(root, "teacher")  # swapped in whole by the stage runner after success
     seed_everything(seed)  # before building: the initial weights come from the global generator
     model = SceneCNN(cfg.model(S2_BANDS))
     history = fit_classifier(
@@ -71,10 +69,11 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
         on_epoch=epoch_printer("teacher"),
         augment=cfg.augment,
         checkpoint_dir=out / "checkpoints",
+        fingerprint=fingerprint(cfg.model_dump(), seed, data_digest),
     )
     report = accuracy_report(predict_logits(model, test.images), test.labels, SCENE_NAMES)
     print(f"teacher: MS test accuracy {report['accuracy']:.3f} on {len(test.labels)} tiles", flush=True)
-    save_model(model_path(root, "teacher"), "scene_cnn", model, model.cfg)
+    save_model(out / MODEL_FILE, "scene_cnn", model, model.cfg)
     log_curves(tracker, history, "teacher (MS)", "teacher/training_curves.png")
     log_evaluation(tracker, report, "teacher (MS test)", "teacher")
     version = tracker.log_torch_model(model, to_tensor(test.images, np.arange(2)).numpy(), REGISTERED_NAME)

@@ -138,6 +138,7 @@ def pipeline_run(root: Path, name: str, tags: dict[str, str] | None = None) -> I
     configure(root)
     client = MlflowClient()
     experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None, "configure() creates the experiment"
     run = client.create_run(experiment.experiment_id, run_name=name, tags={**_owner_tags(), **(tags or {})})
     status = "FAILED"
     try:
@@ -203,10 +204,11 @@ class StageTracker:
             self._client.log_artifact(self.run_id, str(md), artifact_path="tables")
 
     def log_dataset(self, frame: pd.DataFrame, name: str, source: Path, context: str) -> None:
+        from mlflow.data.pandas_dataset import from_pandas  # what mlflow.data.from_pandas is, typed
         from mlflow.entities import DatasetInput, InputTag
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-        dataset = mlflow.data.from_pandas(frame, source=str(source), name=name)
+        dataset = from_pandas(frame, source=str(source), name=name)
         entry = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
         self._client.log_inputs(self.run_id, datasets=[entry])
 

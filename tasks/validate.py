@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -31,13 +31,16 @@ from great_expectations.data_context.types.base import (
     ProgressBarsConfig,
 )
 
-from ms2rgb.tasks.config import ValidateConfig
+from ms2rgb.tasks.config import Params, ValidateConfig
 from ms2rgb.tasks.data.atomic import write_json_atomic
 from ms2rgb.tasks.data.expectations import ID_COLUMN, Check, dataset_checks
 from ms2rgb.tasks.data.manifest import read_manifest
 from ms2rgb.tasks.data.tile_stats import compute_tile_stats
 from ms2rgb.tasks.data.validated import clear_stamps, write_stamps
 from ms2rgb.tasks.errors import Ms2rgbError, ValidationFailed
+
+if TYPE_CHECKING:
+    from ms2rgb.tasks.tracking import StageTracker  # imported for annotations only: it loads mlflow
 
 DOCS_SITE = "ms2rgb_site"
 
@@ -267,7 +270,7 @@ def raise_if_failed(outcome: ValidationOutcome) -> None:
         raise ValidationFailed(failures, str(outcome.summary_json))
 
 
-def run(root: Path, params: dict[str, Any], tracker: Any) -> dict[str, Any]:
+def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     """Stage entry point: validate the prepared manifest; a failure stops the pipeline here.
 
     Only a passed validation leaves the per-split stamps the training stages require

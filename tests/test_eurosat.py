@@ -194,3 +194,22 @@ def test_bad_split_fractions(fake: tuple[Path, Path], tmp_path: Path) -> None:
         ingest_eurosat(fake[0], tmp_path, split_fractions={"fewshot": 1.0}, progress=None)
     with pytest.raises(Ms2rgbError, match="sum to 1"):
         ingest_eurosat(fake[0], tmp_path, split_fractions={"test": 0.5}, progress=None)
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): sha256_of(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_truncated_tif_leaves_a_stored_output_whole_and_a_new_one_absent(tmp_path: Path) -> None:
+    ms, rgb = write_fake_eurosat(tmp_path / "eurosat")
+    out = tmp_path / "out"
+    ingest_eurosat(ms, out, rgb_dir=rgb, split_fractions=FRACTIONS, seed=3, progress=None)
+    stored = _tree_digest(out)
+    bad = ms / "River" / "River_2.tif"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    with pytest.raises(Ms2rgbError, match="River_2.tif"):
+        ingest_eurosat(ms, out, rgb_dir=rgb, split_fractions=FRACTIONS, seed=3, progress=None)
+    assert _tree_digest(out) == stored  # no stored tile overwritten, manifest still matches
+    with pytest.raises(Ms2rgbError, match="River_2.tif"):
+        ingest_eurosat(ms, tmp_path / "new", rgb_dir=rgb, split_fractions=FRACTIONS, seed=3, progress=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eurosat", "out"]  # no half-written output

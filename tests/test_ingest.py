@@ -298,3 +298,21 @@ def test_successful_reingest_replaces_scene(tmp_path: Path) -> None:
     frame = ingest_scene([write_raster(tmp_path / "scene.tif", multiband(64, 64), 10.0)], out, progress=None)
     assert len(frame) == 1 and _stored(out) != before
     assert _stored(out)[1] == ["scene_r0_c0.tif"] and [p.name for p in out.iterdir()] == ["scene"]
+
+
+def test_the_same_scene_under_another_id_is_refused_and_stores_nothing(tmp_path: Path) -> None:
+    path = write_raster(tmp_path / "scene.tif", multiband(), 10.0)
+    out = tmp_path / "out"
+    ingest_scene([path], out, progress=None)
+    before = _stored(out)
+    with pytest.raises(Ms2rgbError, match=r"all 4 tiles are already in the pool \(scene\(s\) \['scene'\]\)"):
+        ingest_scene([path], out, scene_id="again", progress=None)
+    assert _stored(out) == before and [p.name for p in out.iterdir()] == ["scene"]
+
+
+def test_an_overlapping_scene_adds_only_its_new_tiles(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    ingest_scene([write_raster(tmp_path / "a.tif", multiband(64, 128), 10.0)], out, scene_id="a", progress=None)
+    wider = ingest_scene([write_raster(tmp_path / "b.tif", multiband(), 10.0)], out, scene_id="b", progress=None)
+    assert len(wider) == 2  # of 4 tiles, the 2 that scene "a" already holds are left out
+    assert sorted(p.name for p in (out / "b" / "tiles").iterdir()) == sorted(Path(p).name for p in wider["path"])

@@ -12,9 +12,11 @@ import mlflow
 import pandas as pd
 import pytest
 from conftest import DVC
+from mlflow.tracking import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
 from ms2rgb.flows.pipeline import pipeline
+from ms2rgb.tasks import tracking
 from ms2rgb.tasks.data.manifest import SPLITS, make_manifest, write_manifest
 from ms2rgb.tasks.errors import ValidationFailed
 
@@ -59,8 +61,12 @@ def test_mlflow_has_parent_and_nested_stage_runs(project: Path) -> None:
 def test_dvc_repro_then_prefect_skips_everything(project: Path) -> None:
     subprocess.run([str(DVC), "repro"], cwd=project, check=True, capture_output=True)
     assert json.loads((project / "reports" / "validate.json").read_text())["passed"] is True
+    tracking.configure(project)
+    runs = len(MlflowClient().search_runs([MlflowClient().get_experiment_by_name(tracking.EXPERIMENT).experiment_id]))
     again = pipeline(root=str(project))
     assert again and all(report is None for report in again.values())
+    experiment = MlflowClient().get_experiment_by_name(tracking.EXPERIMENT).experiment_id
+    assert len(MlflowClient().search_runs([experiment])) == runs  # a run that does nothing leaves no run
 
 
 def test_new_scene_makes_prepare_stale(project: Path) -> None:

@@ -130,3 +130,50 @@ def test_a_user_error_under_run_is_one_clean_line_and_exit_2(project: Path) -> N
     assert "no-such-folder" in quiet.stderr.strip().splitlines()[-1]
     loud = _ms2rgb(project, "-v", "run", timeout=300)
     assert loud.returncode == 2 and "Traceback" in loud.stdout + loud.stderr
+
+
+@pytest.mark.parametrize(
+    "old, new, key",
+    [
+        ("    model: ms2rgb-tiny-vit", "    model: no-such-model", "detector.clip.model='no-such-model'"),
+        (
+            "student: {epochs: 2, batch_size: 16, heads: 2,",
+            "student: {epochs: 2, batch_size: 16, heads: 3,",
+            "student.heads=3",
+        ),
+    ],
+)
+def test_a_bad_value_of_any_stage_stops_run_before_the_first_stage(project: Path, old: str, new: str, key: str) -> None:
+    stored = project / "artifacts" / "detector" / "detector.pt"
+    stored.parent.mkdir(parents=True)
+    stored.write_bytes(b"the stored detector")
+    text = (project / "params.yaml").read_text()
+    assert old in text
+    (project / "params.yaml").write_text(text.replace(old, new, 1))
+    result = _ms2rgb(project, "run")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and key in result.stderr
+    assert stored.read_bytes() == b"the stored detector"
+    assert not (project / "reports").exists() and not (project / "mlflow.db").exists()  # no stage ran
+
+
+def test_detect_with_a_registry_uri_in_a_fresh_project_creates_no_store(project: Path) -> None:
+    image = project / "image.tif"
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_origin
+
+    with rasterio.open(
+        image,
+        "w",
+        driver="GTiff",
+        width=64,
+        height=64,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=from_origin(400000, 5000000, 10, 10),
+    ) as dst:
+        dst.write(np.zeros((3, 64, 64), np.uint8))
+    result = _ms2rgb(project, "detect", str(image), "--classes", "water", "--model", "models:/ms2rgb-detector/1")
+    assert result.returncode == 2 and "no MLflow store" in result.stderr
+    assert not (project / "mlflow.db").exists() and not (project / "mlartifacts").exists()

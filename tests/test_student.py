@@ -148,3 +148,32 @@ def test_budget_epochs_gives_small_sets_equal_optimiser_steps() -> None:
     cfg = config("student", epochs=30, batch_size=64)
     assert budget_epochs(cfg, 600, 600) == 30
     assert budget_epochs(cfg, 600, 80) == 150  # 30 x 10 steps = 150 x 2 steps
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_a_crashed_student_resumes_to_the_uninterrupted_result_re_matching_included(tmp_path: Path) -> None:
+    _, data, cfg, arch = _toy_setup()
+    full, epochs = VARIANTS[0], 6
+    straight = train_student(full, data, cfg, arch, seed=5, epochs=epochs)
+
+    def crash_after_three(trainer: object, stats: object) -> None:
+        if len(straight_run_epochs) == 3:
+            raise _Crash
+        straight_run_epochs.append(1)
+
+    straight_run_epochs: list[int] = []
+    with pytest.raises(_Crash):
+        train_student(full, data, cfg, arch, 5, epochs, tmp_path, crash_after_three, fingerprint="run-a")
+    assert len(list(tmp_path.glob("epoch_*.pt"))) == 1  # only the newest checkpoint is kept
+    resumed = train_student(full, data, cfg, arch, 5, epochs, tmp_path, fingerprint="run-a")
+    assert [h.loss for h in resumed.history] == [h.loss for h in straight.history]
+    assert [r.__dict__ for r in resumed.rounds] == [r.__dict__ for r in straight.rounds] and len(resumed.rounds) == 5
+    assert resumed.terms == straight.terms
+    pairs = zip(resumed.model.state_dict().values(), straight.model.state_dict().values())
+    assert all(torch.equal(a, b) for a, b in pairs)
+    # Another run (other fingerprint) never picks up these checkpoints: it starts from scratch.
+    other = train_student(full, data, cfg, arch, 5, epochs, tmp_path, fingerprint="run-b")
+    assert [h.loss for h in other.history] == [h.loss for h in straight.history]

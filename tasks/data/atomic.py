@@ -3,6 +3,7 @@
 Every DVC output (model files, pair tables, manifests, reports, the prepared folders) goes
 through here, so a failed or killed run never leaves a half-written output behind.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
+def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
     """Call `write(tmp)` on a temp sibling of `path`, fsync it, then rename it over `path`.
 
     The temp file sits in the same folder (so the rename is atomic) under a hidden, unique

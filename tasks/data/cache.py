@@ -6,6 +6,7 @@ modality in cache order. A split's array and index are written from that split's
 their bytes change only when the split changes, and a stage that depends on them (dvc.yaml) is
 made stale only by the splits it reads.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -17,13 +18,18 @@ import pandas as pd
 from numpy.lib.format import open_memmap
 
 from ms2rgb.tasks.data.classes import MASK_NODATA, SCENE_NAMES
-from ms2rgb.tasks.errors import Ms2rgbError, RasterError
 from ms2rgb.tasks.data.geotiff import TILE_SIZE, read_tile
 from ms2rgb.tasks.data.manifest import MODALITY_FORMATS
+from ms2rgb.tasks.errors import Ms2rgbError, RasterError
 
 # The columns of a split's index (what open_split and the validation stamps read), with dtypes.
-INDEX_COLUMNS: dict[str, str] = {"id": "string", "class": "string", "location_id": "string",
-                                 "cache_row": "int64", "sha256": "string"}
+INDEX_COLUMNS: dict[str, str] = {
+    "id": "string",
+    "class": "string",
+    "location_id": "string",
+    "cache_row": "int64",
+    "sha256": "string",
+}
 
 
 def cache_name(split: str, modality: str, kind: str = "image") -> str:
@@ -40,14 +46,15 @@ def write_index(rows: pd.DataFrame, path: Path) -> None:
     frame.to_parquet(path, index=False)
 
 
-def _fill(arrays: np.ndarray, masks: np.ndarray | None, group: pd.DataFrame, root: Path,
-          modality: str) -> list[str]:
+def _fill(arrays: np.ndarray, masks: np.ndarray | None, group: pd.DataFrame, root: Path, modality: str) -> list[str]:
     """Copy tiles into the cache; return ids of tiles that could not be read (validate reports them)."""
     tile = MODALITY_FORMATS[modality]
     bad: list[str] = []
     for i, row in enumerate(group.itertuples(index=False)):
         try:
-            arrays[i] = read_tile(root / row.path, expect_bands=len(tile.bands), expect_dtype=tile.dtype)[:, :TILE_SIZE, :TILE_SIZE]
+            arrays[i] = read_tile(root / row.path, expect_bands=len(tile.bands), expect_dtype=tile.dtype)[
+                :, :TILE_SIZE, :TILE_SIZE
+            ]
             if masks is not None:
                 masks[i] = MASK_NODATA if pd.isna(row.mask_path) else read_tile(root / row.mask_path)[0]
         except (RasterError, ValueError):
@@ -55,8 +62,9 @@ def _fill(arrays: np.ndarray, masks: np.ndarray | None, group: pd.DataFrame, roo
     return bad
 
 
-def build_cache(manifest: pd.DataFrame, root: Path, out_dir: Path,
-                progress: Callable[[str], None] = print) -> tuple[pd.DataFrame, list[str]]:
+def build_cache(
+    manifest: pd.DataFrame, root: Path, out_dir: Path, progress: Callable[[str], None] = print
+) -> tuple[pd.DataFrame, list[str]]:
     """Write the cache; return the manifest with cache_file/cache_row columns and unreadable ids."""
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = manifest.sort_values(["split", "modality", "id"]).reset_index(drop=True)
@@ -65,12 +73,20 @@ def build_cache(manifest: pd.DataFrame, root: Path, out_dir: Path,
     bad: list[str] = []
     for (split, modality), group in manifest.groupby(["split", "modality"], sort=True):
         tile = MODALITY_FORMATS[modality]
-        arrays = open_memmap(out_dir / cache_name(split, modality), mode="w+", dtype=tile.dtype,
-                             shape=(len(group), len(tile.bands), TILE_SIZE, TILE_SIZE))
+        arrays = open_memmap(
+            out_dir / cache_name(split, modality),
+            mode="w+",
+            dtype=tile.dtype,
+            shape=(len(group), len(tile.bands), TILE_SIZE, TILE_SIZE),
+        )
         masks = None
         if group["mask_path"].notna().any():
-            masks = open_memmap(out_dir / cache_name(split, modality, "mask"), mode="w+", dtype="uint8",
-                                shape=(len(group), TILE_SIZE, TILE_SIZE))
+            masks = open_memmap(
+                out_dir / cache_name(split, modality, "mask"),
+                mode="w+",
+                dtype="uint8",
+                shape=(len(group), TILE_SIZE, TILE_SIZE),
+            )
         bad += _fill(arrays, masks, group, root, modality)
         arrays.flush()
         manifest.loc[group.index, "cache_file"] = cache_name(split, modality)
@@ -84,11 +100,11 @@ def build_cache(manifest: pd.DataFrame, root: Path, out_dir: Path,
 class CachedSplit:
     """Memory-mapped tiles of one split and modality, with labels aligned row by row."""
 
-    images: np.ndarray          # (N, C, 64, 64) memmap
-    labels: np.ndarray          # (N,) int64 scene-class index, -1 where unlabelled
+    images: np.ndarray  # (N, C, 64, 64) memmap
+    labels: np.ndarray  # (N,) int64 scene-class index, -1 where unlabelled
     ids: list[str]
     location_ids: list[str]
-    masks: np.ndarray | None    # (N, 64, 64) uint8 surface ids, or None
+    masks: np.ndarray | None  # (N, 64, 64) uint8 surface ids, or None
 
 
 def open_split(prepared_dir: Path, split: str, modality: str, masks: bool = False) -> CachedSplit:
@@ -99,8 +115,10 @@ def open_split(prepared_dir: Path, split: str, modality: str, masks: bool = Fals
     index_path, path = prepared_dir / index_name(split, modality), prepared_dir / cache_name(split, modality)
     rows = pd.read_parquet(index_path).sort_values("cache_row") if index_path.exists() else None
     if rows is None or rows.empty or not path.exists():
-        raise Ms2rgbError(f"{path}: no cached {modality} tiles for split {split!r}; run the prepare stage "
-                          "(`ms2rgb stage prepare` or `dvc repro prepare`) with data that has this split")
+        raise Ms2rgbError(
+            f"{path}: no cached {modality} tiles for split {split!r}; run the prepare stage "
+            "(`ms2rgb stage prepare` or `dvc repro prepare`) with data that has this split"
+        )
     mask_path = prepared_dir / cache_name(split, modality, "mask")
     labels = rows["class"].map(lambda c: SCENE_NAMES.index(c) if isinstance(c, str) else -1)
     return CachedSplit(
@@ -120,8 +138,11 @@ def require_bands(split: CachedSplit, bands: tuple[str, ...], where: str) -> Cac
     from ms2rgb.tasks.errors import BandCountError
 
     if split.images.ndim != 4 or split.images.shape[1] != len(bands):
-        raise BandCountError(where, f"tiles of shape {tuple(split.images.shape)} have "
-                             f"{split.images.shape[1] if split.images.ndim == 4 else '?'} band(s), the model "
-                             f"expects {len(bands)} ({', '.join(bands)})",
-                             "point the stage at the split of the right modality, or re-run the prepare stage")
+        raise BandCountError(
+            where,
+            f"tiles of shape {tuple(split.images.shape)} have "
+            f"{split.images.shape[1] if split.images.ndim == 4 else '?'} band(s), the model "
+            f"expects {len(bands)} ({', '.join(bands)})",
+            "point the stage at the split of the right modality, or re-run the prepare stage",
+        )
     return split

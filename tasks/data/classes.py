@@ -1,4 +1,5 @@
 """Scene classes (EuroSAT) and land-cover surfaces (mask values), each with a text description."""
+
 from __future__ import annotations
 
 # The 10 EuroSAT scene classes, in EuroSAT's alphabetical order (class index = position).

@@ -6,6 +6,7 @@ per split, row counts of required splits, and one row per location. Each frame n
 an `id` column because a checkpoint applies one result_format (and so one
 `unexpected_index_column_names`) to every batch.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,11 +16,11 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 os.environ["GX_ANALYTICS_ENABLED"] = "false"  # before the import: the pipeline never reaches the network
-import great_expectations.expectations as gxe  # noqa: E402
+import great_expectations.expectations as gxe
 
-from ms2rgb.tasks.data.classes import MASK_NODATA, SCENE_NAMES, SURFACE_NAMES  # noqa: E402
-from ms2rgb.tasks.data.geotiff import TILE_SIZE  # noqa: E402
-from ms2rgb.tasks.data.manifest import MODALITIES, MODALITY_FORMATS, SPLITS  # noqa: E402
+from ms2rgb.tasks.data.classes import MASK_NODATA, SCENE_NAMES, SURFACE_NAMES
+from ms2rgb.tasks.data.geotiff import TILE_SIZE
+from ms2rgb.tasks.data.manifest import MODALITIES, MODALITY_FORMATS, SPLITS
 
 if TYPE_CHECKING:
     from ms2rgb.tasks.config import ValidateConfig
@@ -34,10 +35,10 @@ UINT8_MAX = 255
 class Check:
     """One GX batch: a named frame and the expectations its rows must meet."""
 
-    name: str                          # data asset and suite name, e.g. "tiles"
-    frame: pd.DataFrame                # has an ID_COLUMN
+    name: str  # data asset and suite name, e.g. "tiles"
+    frame: pd.DataFrame  # has an ID_COLUMN
     expectations: list[gxe.Expectation]
-    tile_rows: bool = False            # rows are manifest tiles, so failures can name their files
+    tile_rows: bool = False  # rows are manifest tiles, so failures can name their files
 
 
 def _in_set(column: str, values: list, why: str) -> gxe.Expectation:
@@ -52,8 +53,9 @@ def _all_true(column: str, why: str) -> gxe.Expectation:
 def _pair_equal(column: str, expected: str, why: str) -> gxe.Expectation:
     # Rows with a missing side are unreadable or have an unknown modality; other expectations
     # report those, so this one stays about the value itself.
-    return gxe.ExpectColumnPairValuesToBeEqual(column_A=column, column_B=expected,
-                                               ignore_row_if="either_value_is_missing", notes=why)
+    return gxe.ExpectColumnPairValuesToBeEqual(
+        column_A=column, column_B=expected, ignore_row_if="either_value_is_missing", notes=why
+    )
 
 
 def manifest_check(manifest: pd.DataFrame) -> Check:
@@ -61,8 +63,13 @@ def manifest_check(manifest: pd.DataFrame) -> Check:
     expectations = [
         gxe.ExpectTableRowCountToBeBetween(min_value=1, notes="an empty manifest trains nothing"),
         gxe.ExpectColumnValuesToBeUnique(column="id", notes="ids key every cache and report"),
-        *[gxe.ExpectColumnValuesToNotBeNull(column=c, notes="every tile needs it")
-          for c in ("id", "modality", "path", "split", "location_id", "crs")],
+        gxe.ExpectColumnValuesToBeUnique(
+            column="sha256", notes="the same tile twice (e.g. one scene ingested under two ids) would weigh double"
+        ),
+        *[
+            gxe.ExpectColumnValuesToNotBeNull(column=c, notes="every tile needs it")
+            for c in ("id", "modality", "path", "split", "location_id", "crs")
+        ],
         _in_set("modality", list(MODALITIES), "tasks.manifest.MODALITIES"),
         _in_set("split", list(SPLITS), "tasks.manifest.SPLITS"),
         _in_set("class", list(SCENE_NAMES), "tasks.classes.SCENE_NAMES; <NA> marks an unlabelled tile"),
@@ -92,13 +99,19 @@ def tiles_check(frame: pd.DataFrame, cfg: ValidateConfig) -> Check:
         _pair_equal("dtype", "expected_dtype", "MS: uint16 reflectance x10000; RGB: uint8"),
         _in_set("height", [TILE_SIZE], "tiles are TILE_SIZE pixels square"),
         _in_set("width", [TILE_SIZE], "tiles are TILE_SIZE pixels square"),
-        gxe.ExpectColumnValuesToBeBetween(column="nan_share", min_value=0.0, max_value=0.0,
-                                          notes="NaN pixels poison normalisation statistics"),
-        gxe.ExpectColumnValuesToBeBetween(column="nodata_share", min_value=0.0,
-                                          max_value=cfg.max_nodata_share, notes="tile mostly outside a scene"),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="nan_share", min_value=0.0, max_value=0.0, notes="NaN pixels poison normalisation statistics"
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="nodata_share", min_value=0.0, max_value=cfg.max_nodata_share, notes="tile mostly outside a scene"
+        ),
         gxe.ExpectColumnPairValuesAToBeGreaterThanB(
-            column_A="value_limit", column_B="max_value", or_equal=True,
-            ignore_row_if="either_value_is_missing", notes="reflectance above ms_value_max is not L1C"),
+            column_A="value_limit",
+            column_B="max_value",
+            or_equal=True,
+            ignore_row_if="either_value_is_missing",
+            notes="reflectance above ms_value_max is not L1C",
+        ),
         gxe.ExpectColumnValuesToBeBetween(column="max_value", min_value=1, notes="an all-zero tile is empty"),
         _all_true("has_crs", "tiles must be georeferenced"),
         _all_true("mask_ok", f"masks: one uint8 band of values < {len(SURFACE_NAMES)} or {MASK_NODATA}"),
@@ -121,23 +134,33 @@ def class_balance_frame(manifest: pd.DataFrame, cfg: ValidateConfig) -> pd.DataF
 def splits_frame(manifest: pd.DataFrame, cfg: ValidateConfig) -> pd.DataFrame:
     """Row count of each required split."""
     counts = manifest["split"].value_counts()
-    return pd.DataFrame({ID_COLUMN: pd.array(cfg.required_splits, dtype="string"),
-                         "n_rows": [int(counts.get(s, 0)) for s in cfg.required_splits]})
+    return pd.DataFrame(
+        {
+            ID_COLUMN: pd.array(cfg.required_splits, dtype="string"),
+            "n_rows": [int(counts.get(s, 0)) for s in cfg.required_splits],
+        }
+    )
 
 
 def locations_frame(manifest: pd.DataFrame, cfg: ValidateConfig) -> pd.DataFrame:
     """One row per location: how many splits it is in, and whether a paired split has both modalities."""
     rows = manifest[manifest["location_id"].notna()]
-    flags = pd.DataFrame({
-        ID_COLUMN: rows["location_id"].astype(str),
-        "split": rows["split"].astype(str),
-        "is_ms": (rows["modality"] == "ms").fillna(False).astype(bool),
-        "is_rgb": (rows["modality"] == "rgb").fillna(False).astype(bool),
-        "paired": rows["split"].isin(list(cfg.paired_splits)).astype(bool),
-    })
-    per = flags.groupby(ID_COLUMN, sort=True).agg(
-        n_splits=("split", "nunique"), has_ms=("is_ms", "any"), has_rgb=("is_rgb", "any"),
-        paired=("paired", "any")).reset_index()
+    flags = pd.DataFrame(
+        {
+            ID_COLUMN: rows["location_id"].astype(str),
+            "split": rows["split"].astype(str),
+            "is_ms": (rows["modality"] == "ms").fillna(False).astype(bool),
+            "is_rgb": (rows["modality"] == "rgb").fillna(False).astype(bool),
+            "paired": rows["split"].isin(list(cfg.paired_splits)).astype(bool),
+        }
+    )
+    per = (
+        flags.groupby(ID_COLUMN, sort=True)
+        .agg(
+            n_splits=("split", "nunique"), has_ms=("is_ms", "any"), has_rgb=("is_rgb", "any"), paired=("paired", "any")
+        )
+        .reset_index()
+    )
     per["pair_ok"] = ~per["paired"] | (per["has_ms"] & per["has_rgb"])
     return per.astype({ID_COLUMN: "string"})
 
@@ -148,14 +171,38 @@ def dataset_checks(manifest: pd.DataFrame, stats: pd.DataFrame, cfg: ValidateCon
     return [
         manifest_check(manifest),
         tiles_check(tiles_frame(manifest, stats, cfg), cfg),
-        Check("class_balance", balance, [gxe.ExpectColumnValuesToBeBetween(
-            column="share", min_value=cfg.min_class_share, max_value=cfg.max_class_share,
-            notes="share of each class among a split's labelled rows")]),
-        Check("splits", splits_frame(manifest, cfg), [gxe.ExpectColumnValuesToBeBetween(
-            column="n_rows", min_value=1, notes="the stages need every required split")]),
-        Check("locations", locations_frame(manifest, cfg), [
-            gxe.ExpectColumnValuesToBeBetween(column="n_splits", min_value=1, max_value=1,
-                                              notes="a location in two splits leaks test data into training"),
-            _all_true("pair_ok", "pair_train/pair_test/test locations need an ms and an rgb tile"),
-        ]),
+        Check(
+            "class_balance",
+            balance,
+            [
+                gxe.ExpectColumnValuesToBeBetween(
+                    column="share",
+                    min_value=cfg.min_class_share,
+                    max_value=cfg.max_class_share,
+                    notes="share of each class among a split's labelled rows",
+                )
+            ],
+        ),
+        Check(
+            "splits",
+            splits_frame(manifest, cfg),
+            [
+                gxe.ExpectColumnValuesToBeBetween(
+                    column="n_rows", min_value=1, notes="the stages need every required split"
+                )
+            ],
+        ),
+        Check(
+            "locations",
+            locations_frame(manifest, cfg),
+            [
+                gxe.ExpectColumnValuesToBeBetween(
+                    column="n_splits",
+                    min_value=1,
+                    max_value=1,
+                    notes="a location in two splits leaks test data into training",
+                ),
+                _all_true("pair_ok", "pair_train/pair_test/test locations need an ms and an rgb tile"),
+            ],
+        ),
     ]

@@ -1,4 +1,5 @@
 """Reading and writing single tiles as GeoTIFFs, with checks that name the file and the fix."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,13 +17,22 @@ TILE_SIZE = 64  # pixels
 PIXEL_SIZE = 10.0  # metres
 
 
-def write_tile(path: Path, array: np.ndarray, crs: CRS, transform: Affine,
-               band_names: tuple[str, ...] | None = None) -> None:
+def write_tile(
+    path: Path, array: np.ndarray, crs: CRS, transform: Affine, band_names: tuple[str, ...] | None = None
+) -> None:
     """Write a (C, H, W) array as a deflate-compressed GeoTIFF, naming its bands."""
     path.parent.mkdir(parents=True, exist_ok=True)
     count, height, width = array.shape
-    profile = dict(driver="GTiff", width=width, height=height, count=count, dtype=array.dtype.name,
-                   crs=crs, transform=transform, compress="deflate")
+    profile = dict(
+        driver="GTiff",
+        width=width,
+        height=height,
+        count=count,
+        dtype=array.dtype.name,
+        crs=crs,
+        transform=transform,
+        compress="deflate",
+    )
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(array)
         for i, name in enumerate(band_names or (), start=1):
@@ -32,20 +42,30 @@ def write_tile(path: Path, array: np.ndarray, crs: CRS, transform: Affine,
 def read_tile(path: Path, expect_bands: int | None = None, expect_dtype: str | None = None) -> np.ndarray:
     """Read a whole tile as (C, H, W), raising RasterError for unreadable or unexpected files."""
     if not path.exists():
-        raise RasterError(path, "file does not exist", "re-create the data with `ms2rgb data ...` "
-                          "or remove its row from the manifest")
+        raise RasterError(
+            path, "file does not exist", "re-create the data with `ms2rgb data ...` or remove its row from the manifest"
+        )
     try:
         with rasterio.open(path) as src:
             array = src.read()
     except RasterioIOError as exc:
-        raise RasterError(path, f"cannot be read as a raster ({exc})",
-                          "the file is corrupt or truncated; regenerate or re-download it") from exc
+        raise RasterError(
+            path,
+            f"cannot be read as a raster ({exc})",
+            "the file is corrupt or truncated; regenerate or re-download it",
+        ) from exc
     if expect_bands is not None and array.shape[0] != expect_bands:
-        raise RasterError(path, f"has {array.shape[0]} bands, expected {expect_bands}",
-                          "MS tiles need the 13 Sentinel-2 bands, RGB tiles B04/B03/B02")
+        raise RasterError(
+            path,
+            f"has {array.shape[0]} bands, expected {expect_bands}",
+            "MS tiles need the 13 Sentinel-2 bands, RGB tiles B04/B03/B02",
+        )
     if expect_dtype is not None and array.dtype.name != expect_dtype:
-        raise RasterError(path, f"has dtype {array.dtype.name}, expected {expect_dtype}",
-                          "store MS as uint16 reflectance x10000 and RGB as uint8")
+        raise RasterError(
+            path,
+            f"has dtype {array.dtype.name}, expected {expect_dtype}",
+            "store MS as uint16 reflectance x10000 and RGB as uint8",
+        )
     return array
 
 

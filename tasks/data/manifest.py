@@ -1,4 +1,5 @@
 """The manifest: one row per tile file. The contract between data sources and every stage."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,20 +13,20 @@ from ms2rgb.tasks.errors import Ms2rgbError
 
 # column -> pandas dtype. Paths are relative to the manifest's data root.
 COLUMNS: dict[str, str] = {
-    "id": "string",           # unique tile id, e.g. "synth-Forest-00042-ms"
-    "modality": "string",     # "ms" (13 bands, uint16) or "rgb" (B04/B03/B02, uint8)
-    "path": "string",         # GeoTIFF relative to the data root
-    "mask_path": "string",    # land-cover mask GeoTIFF (uint8, tasks.classes.SURFACE_NAMES) or <NA>
-    "class": "string",        # scene class (tasks.classes.SCENE_NAMES) or <NA> for unlabelled tiles
-    "split": "string",        # one of SPLITS
-    "source": "string",       # "synth", "eurosat", or "scene:<scene id>"
+    "id": "string",  # unique tile id, e.g. "synth-Forest-00042-ms"
+    "modality": "string",  # "ms" (13 bands, uint16) or "rgb" (B04/B03/B02, uint8)
+    "path": "string",  # GeoTIFF relative to the data root
+    "mask_path": "string",  # land-cover mask GeoTIFF (uint8, tasks.classes.SURFACE_NAMES) or <NA>
+    "class": "string",  # scene class (tasks.classes.SCENE_NAMES) or <NA> for unlabelled tiles
+    "split": "string",  # one of SPLITS
+    "source": "string",  # "synth", "eurosat", or "scene:<scene id>"
     "location_id": "string",  # same location = a true RGB/MS pair
-    "crs": "string",          # e.g. "EPSG:32633"
+    "crs": "string",  # e.g. "EPSG:32633"
     "bounds_left": "float64",
     "bounds_bottom": "float64",
     "bounds_right": "float64",
     "bounds_top": "float64",
-    "sha256": "string",       # of the file at `path`
+    "sha256": "string",  # of the file at `path`
 }
 
 # The sets the methods need. A location belongs to exactly one split.
@@ -51,7 +52,7 @@ class TileFormat(NamedTuple):
 
 # modality -> tile format; the one table of what an MS or an RGB tile is.
 MODALITY_FORMATS: dict[str, TileFormat] = {
-    "ms": TileFormat(S2_BANDS, "uint16"),   # 13 Sentinel-2 L1C bands, reflectance x10000
+    "ms": TileFormat(S2_BANDS, "uint16"),  # 13 Sentinel-2 L1C bands, reflectance x10000
     "rgb": TileFormat(RGB_BANDS, "uint8"),  # B04/B03/B02, tasks.data.render stretch
 }
 MODALITIES = tuple(MODALITY_FORMATS)
@@ -85,8 +86,10 @@ def write_manifest(frame: pd.DataFrame, path: Path) -> None:
 def read_manifest(path: Path) -> pd.DataFrame:
     """Read a manifest and check it has the schema's columns."""
     if not path.exists():
-        raise Ms2rgbError(f"{path}: manifest not found; create data first with `ms2rgb data synth`, "
-                          "`ms2rgb data eurosat --ms DIR` or `ms2rgb data ingest SCENE`")
+        raise Ms2rgbError(
+            f"{path}: manifest not found; create data first with `ms2rgb data synth`, "
+            "`ms2rgb data eurosat --ms DIR` or `ms2rgb data ingest SCENE`"
+        )
     frame = pd.read_parquet(path)
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:

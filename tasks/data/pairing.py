@@ -4,6 +4,7 @@ Both are read by more than one stage (pairs, student; matcher, student), so they
 below the stages. The pairs table's schema and its reader sit together so that a stale or
 foreign table fails loudly where it is read.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,14 +43,14 @@ def read_pairs(path: Path, rgb_ids: list[str], ms_ids: list[str]) -> np.ndarray:
     for column, known in (("rgb_id", set(rgb_ids)), ("ms_id", ms_row)):
         unknown = sorted(set(table[column]) - set(known))
         if unknown:
-            raise PairsTableError(path, f"{len(unknown)} {column}(s) are not in the prepared data, "
-                                  f"e.g. {unknown[:5]}", fix)
+            raise PairsTableError(
+                path, f"{len(unknown)} {column}(s) are not in the prepared data, e.g. {unknown[:5]}", fix
+            )
     partner = dict(zip(table["rgb_id"], table["ms_id"]))
     unpaired = [i for i in rgb_ids if i not in partner]
     if unpaired:
         raise PairsTableError(path, f"{len(unpaired)} RGB training tile(s) have no pair, e.g. {unpaired[:5]}", fix)
     return np.array([ms_row[partner[i]] for i in rgb_ids], dtype=np.int64)
-
 
 
 def write_pairs(frame: pd.DataFrame, path: Path) -> Path:
@@ -61,9 +62,9 @@ def write_pairs(frame: pd.DataFrame, path: Path) -> Path:
 class PairSet:
     """True RGB/MS pairs aligned row by row (same location), with their scene class."""
 
-    rgb: np.ndarray      # (N, 3, H, W) uint8
-    ms: np.ndarray       # (N, 13, H, W) uint16
-    labels: np.ndarray   # (N,) int64
+    rgb: np.ndarray  # (N, 3, H, W) uint8
+    ms: np.ndarray  # (N, 13, H, W) uint16
+    labels: np.ndarray  # (N,) int64
 
 
 def load_true_pairs(prepared: Path, split: str) -> PairSet:
@@ -73,7 +74,10 @@ def load_true_pairs(prepared: Path, split: str) -> PairSet:
     ms_row = {loc: i for i, loc in enumerate(ms.location_ids)}
     missing = [loc for loc in rgb.location_ids if loc not in ms_row]
     if missing or len(ms_row) != len(rgb.location_ids):
-        raise DataError(f"split {split!r}", f"locations without both an RGB and an MS tile: {missing[:10]}",
-                        "a paired split needs one tile of each modality per location; re-run prepare")
+        raise DataError(
+            f"split {split!r}",
+            f"locations without both an RGB and an MS tile: {missing[:10]}",
+            "a paired split needs one tile of each modality per location; re-run prepare",
+        )
     order = np.array([ms_row[loc] for loc in rgb.location_ids])
     return PairSet(np.asarray(rgb.images), np.asarray(ms.images)[order], rgb.labels)

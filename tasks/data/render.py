@@ -1,4 +1,5 @@
 """The data model's RGB rendering, in pure numpy (no raster I/O), so GPU hosts and tools can use it."""
+
 from __future__ import annotations
 
 import numpy as np

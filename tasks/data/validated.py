@@ -10,6 +10,7 @@ them after `validate`, and a new scene in `ms_pool` makes stale only the stages 
 Every training stage calls `require_validated` first: it refuses to train on a split without a
 stamp, or on a prepared split whose tiles changed since its stamp was written.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,8 +47,12 @@ def stamp_content(manifest: pd.DataFrame, split: str) -> dict[str, Any]:
     """What a split's stamp holds; computed from that split's manifest rows alone."""
     rows = manifest[manifest["split"] == split]
     by_modality = {m: rows[rows["modality"] == m]["sha256"] for m in MODALITIES}
-    return {"split": split, "tiles": len(rows), "sha256": digest(rows["sha256"]),
-            "modalities": {m: {"tiles": len(v), "sha256": digest(v)} for m, v in by_modality.items()}}
+    return {
+        "split": split,
+        "tiles": len(rows),
+        "sha256": digest(rows["sha256"]),
+        "modalities": {m: {"tiles": len(v), "sha256": digest(v)} for m, v in by_modality.items()},
+    }
 
 
 def clear_stamps(root: Path) -> None:
@@ -60,13 +65,17 @@ def clear_stamps(root: Path) -> None:
 def write_stamps(root: Path, manifest: pd.DataFrame) -> list[Path]:
     """One stamp per split of SPLITS (an empty split gets one too), each written atomically."""
     clear_stamps(root)
-    return [write_text_atomic(stamp_path(root, split),
-                              json.dumps(stamp_content(manifest, split), indent=2, sort_keys=True) + "\n")
-            for split in SPLITS]
+    return [
+        write_text_atomic(
+            stamp_path(root, split), json.dumps(stamp_content(manifest, split), indent=2, sort_keys=True) + "\n"
+        )
+        for split in SPLITS
+    ]
 
 
-def require_validated(root: Path, prepared: Path, reads: Mapping[str, Iterable[str]]) -> None:
-    """Raise DataError unless every split in `reads` ({split: modalities}) passed validation as it is now.
+def require_validated(root: Path, prepared: Path, reads: Mapping[str, Iterable[str]]) -> str:
+    """Raise DataError unless every split in `reads` ({split: modalities}) passed validation as it is now;
+    return a digest of those splits' stamps, which names the data a training run used.
 
     Reads only the stamps and the indexes of the given splits and modalities (the files a stage
     declares in dvc.yaml). A split whose index is missing is left to open_split to report.
@@ -77,13 +86,14 @@ def require_validated(root: Path, prepared: Path, reads: Mapping[str, Iterable[s
             stamp = json.loads(path.read_text())
             recorded = {m: stamp["modalities"][m] for m in modalities}
         except (OSError, ValueError, KeyError, TypeError):
-            raise DataError(VALIDATE_REPORT, f"split {split!r} has not passed validation "
-                            f"(no valid stamp {path})", FIX) from None
+            raise DataError(
+                VALIDATE_REPORT, f"split {split!r} has not passed validation (no valid stamp {path})", FIX
+            ) from None
         for modality in modalities:
             index = prepared / index_name(split, modality)
             if not index.exists():
                 continue
             hashes = pd.read_parquet(index, columns=["sha256"])["sha256"]
             if recorded[modality] != {"tiles": len(hashes), "sha256": digest(hashes)}:
-                raise DataError(VALIDATE_REPORT, f"{index} changed since split {split!r} passed "
-                                "validation", FIX)
+                raise DataError(VALIDATE_REPORT, f"{index} changed since split {split!r} passed validation", FIX)
+    return digest(stamp_path(root, split).read_text() for split in sorted(reads))

@@ -7,10 +7,11 @@ global figure state, so stages may run in Prefect worker threads.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import numpy as np
 from matplotlib import colormaps
-from matplotlib.colors import to_rgb
+from matplotlib.colors import ListedColormap, to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
@@ -39,10 +40,15 @@ NAMED_COLOURS: dict[str, str] = {
 
 def class_colours(names: Sequence[str]) -> np.ndarray:
     """(K, 3) RGB floats in 0..1: a natural colour for known names, tab10/tab20 for free descriptions."""
-    spare = [to_rgb(c) for c in colormaps["tab20"].colors]
+    # tab20 is a ListedColormap holding RGB tuples; matplotlib's stubs type the registry entry as
+    # Colormap and its colors as ArrayLike | ColorType.
+    tab20 = cast(ListedColormap, colormaps["tab20"])
+    spare = [to_rgb(c) for c in cast("Sequence[tuple[float, float, float]]", tab20.colors)]
     out: list[tuple[float, float, float]] = []
     for i, name in enumerate(names):
-        colour = NAMED_COLOURS.get(name.lower().replace(" ", "").replace("_", ""))
+        colour: str | tuple[float, float, float] | None = NAMED_COLOURS.get(
+            name.lower().replace(" ", "").replace("_", "")
+        )
         if colour is None or to_rgb(colour) in out:  # e.g. "water" and "River" both asked for
             # more than 20 free classes repeat colours rather than fail
             colour = next((c for c in spare if c not in out), spare[i % len(spare)])

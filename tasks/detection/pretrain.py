@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import open_clip
@@ -35,9 +35,21 @@ from ms2rgb.tasks.training.loop import autocast
 
 BACKBONE_FILE = "backbone.pt"
 BACKBONE_MODEL = "ms2rgb-clip-backbone"
+
+
+class ServingOptions(TypedDict):
+    """Keyword arguments of StageTracker.log_torch_model for the registered CLIP models."""
+
+    serialization_format: str
+    extra_requirements: tuple[str, ...]
+
+
 # Registered CLIP models are pickled, not exported as pt2 graphs: an open-vocabulary detector must
 # re-run its text tower on new class descriptions, which a traced forward with baked tokens cannot.
-SERVING = {"serialization_format": "pickle", "extra_requirements": (f"open_clip_torch=={open_clip.__version__}",)}
+SERVING: ServingOptions = {
+    "serialization_format": "pickle",
+    "extra_requirements": (f"open_clip_torch=={open_clip.__version__}",),
+}
 
 
 def multi_positive_clip_loss(
@@ -75,7 +87,7 @@ def _optimiser(clip: nn.Module, cfg: PretrainConfig) -> tuple[torch.optim.Optimi
 
 
 def pretrain_clip(
-    clip: nn.Module,
+    clip: open_clip.CLIP,
     tokenizer: Callable[..., torch.Tensor],
     split: CachedSplit,
     cfg: PretrainConfig,

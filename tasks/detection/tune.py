@@ -93,6 +93,7 @@ def tune(
         raise Ms2rgbError(f"mode {detector.prompted.cfg.mode!r} has nothing to train; evaluate it directly")
     detector.to(device).train()
     opt = torch.optim.AdamW(detector.prompted.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    losses: list[float]
     rng, losses = np.random.default_rng(seed), []
     if resume_from is not None:
         rng, losses = _resume(resume_from, detector, opt)

@@ -45,6 +45,7 @@ def random_dihedral(
     torch Generator, `Generator.integers` for a numpy one.
     """
     n = tensors[0].shape[0]
+    codes: np.ndarray | torch.Tensor
     if isinstance(generator, np.random.Generator):
         codes = generator.integers(0, N_SYMMETRIES, n)
     else:

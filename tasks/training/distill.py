@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -118,24 +119,28 @@ def rematch_partners(student: SceneCNN, data: StudentSet, scope: str) -> np.ndar
     (Jensen-Shannon) to the student's. `class` scope keeps the candidates to the tile's class,
     the method's premise (same-class pairs): unrestricted, a misclassified tile would be paired
     with a teacher that confirms the student's mistake."""
+    bank = data.bank
+    assert bank is not None, "re-matching needs a teacher bank"
     device = next(student.parameters()).device
     probs = predict(student.eval(), data.rgb, device).softmax(1)  # (N, n_classes)
     if scope == "pool":
-        return rematch(probs, data.bank.probs).numpy()
+        return rematch(probs, bank.probs).numpy()
     new = np.empty(len(data.labels), dtype=np.int64)
-    for c, cols in candidates_by_class(data.bank.classes, data.labels, "ms_pool").items():
+    for c, cols in candidates_by_class(bank.classes, data.labels, "ms_pool").items():
         rows = np.flatnonzero(data.labels == c)
-        new[rows] = cols[rematch(probs[rows], data.bank.probs[cols]).numpy()]
+        new[rows] = cols[rematch(probs[rows], bank.probs[cols]).numpy()]
     return new
 
 
 def _round(epoch: int, old: np.ndarray, new: np.ndarray, data: StudentSet) -> RematchRound:
-    true = data.bank.true[new]
+    bank = data.bank
+    assert bank is not None, "re-matching needs a teacher bank"
+    true = bank.true[new]
     known = true >= 0
     return RematchRound(
         epoch,
         float((old != new).mean()),
-        float((data.bank.classes[new] == data.labels).mean()),
+        float((bank.classes[new] == data.labels).mean()),
         float((true[known] == data.labels[known]).mean()) if known.any() else None,
     )
 
@@ -144,7 +149,7 @@ def distill_step(
     student: SceneCNN,
     loss_fn: DistillLoss,
     data: StudentSet,
-    partners: np.ndarray,
+    partners: np.ndarray | None,
     augment: torch.Generator | None,
     meter: dict[str, float],
 ) -> StepFn:
@@ -161,6 +166,7 @@ def distill_step(
         logits = student.classify(feat)
         t_feat = t_logits = None
         if data.bank is not None:
+            assert partners is not None, "a student set with a teacher bank has partners"
             rows = torch.as_tensor(partners[idx], device=device)
             t_feat, t_logits = data.bank.feats[rows], data.bank.logits[rows]
         terms = loss_fn(feat, t_feat, logits, t_logits, y)
@@ -177,6 +183,20 @@ def budget_epochs(cfg: StudentConfig, n_reference: int, n_items: int) -> int:
     return max(1, round(steps / len(batch_bounds(n_items, cfg.batch_size))))
 
 
+def _restore(
+    saved: dict[str, Any], run: StudentRun, flips: torch.Generator | None, partners: np.ndarray | None
+) -> None:
+    """Put a resumed run's own state back: augmentation draws, current partners, rounds, loss terms."""
+    if not saved:
+        return
+    if flips is not None and saved.get("augment_rng") is not None:
+        flips.set_state(saved["augment_rng"])
+    if partners is not None and saved.get("partners") is not None:
+        partners[:] = saved["partners"].numpy()
+    run.rounds[:] = [RematchRound(**r) for r in saved.get("rounds", [])]
+    run.terms[:] = list(saved.get("terms", []))
+
+
 def train_student(
     variant: Variant,
     data: StudentSet,
@@ -186,6 +206,7 @@ def train_student(
     epochs: int,
     checkpoint_dir: Path | None = None,
     on_epoch: Callable[[Trainer, EpochStats], None] | None = None,
+    fingerprint: str = "",
 ) -> StudentRun:
     """Train one student; re-matching runs after every `rematch_every` epochs except the last."""
     device = pick_device()
@@ -206,17 +227,20 @@ def train_student(
         seed,
         epochs=epochs,
         checkpoint_dir=checkpoint_dir,
+        fingerprint=fingerprint,
     )
     partners = None if data.partners is None else data.partners.copy()
     meter: dict[str, float] = {}
     flips = torch.Generator().manual_seed(seed + 1) if cfg.augment else None
-    step = distill_step(student, loss_fn, data, partners, flips, meter)
     run = StudentRun(student, trainer.history)
-    for epoch in range(1, epochs + 1):
+    _restore(trainer.resume(), run, flips, partners)
+    step = distill_step(student, loss_fn, data, partners, flips, meter)
+    for epoch in trainer.remaining:
         stats = trainer.run_epoch(step)
         run.terms.append({k: v / len(data.labels) for k, v in meter.items()})
         meter.clear()
         if variant.rematch and cfg.rematch_every and epoch % cfg.rematch_every == 0 and epoch < epochs:
+            assert partners is not None, "re-matching variants have partners"
             new = rematch_partners(student, data, cfg.rematch_scope)
             run.rounds.append(_round(epoch, partners, new, data))
             partners[:] = new
@@ -226,6 +250,7 @@ def train_student(
                 "augment_rng": None if flips is None else flips.get_state(),
                 "partners": None if partners is None else torch.as_tensor(partners.copy()),
                 "rounds": [r.__dict__ for r in run.rounds],
+                "terms": run.terms,
             }
         )
         if on_epoch:

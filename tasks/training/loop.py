@@ -5,6 +5,8 @@ Augmentation lives in `augment.py`, scores in `metrics.py`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ms2rgb.tasks.data.atomic import write_atomic
 from ms2rgb.tasks.training.augment import random_dihedral
 
 
@@ -87,10 +90,11 @@ class Trainer:
     """AdamW with a one-cycle schedule over `module`'s parameters, in a seeded batch order.
 
     The step function owns the forward pass; the trainer owns order, optimisation, timing and
-    what a checkpoint holds. With a `checkpoint_dir`, the caller writes one checkpoint per epoch
-    (`save_checkpoint`) holding the full training state (weights, optimizer, scheduler, data-order
-    generator, torch RNG, history, caller state), for inspecting a run epoch by epoch. Nothing
-    reads them back yet: resuming a killed run from one is future work.
+    what a checkpoint holds. With a `checkpoint_dir`, the caller writes a checkpoint after every
+    epoch (`save_checkpoint`: weights, optimizer, scheduler, data-order generator, torch RNG,
+    history and the caller's own state, e.g. its augmentation generator); only the newest is kept.
+    `resume` continues a killed run from it, and the run then ends exactly as an uninterrupted
+    one would. A checkpoint is used only by a run with the same `fingerprint` (config, seed, data).
     """
 
     def __init__(
@@ -102,12 +106,13 @@ class Trainer:
         epochs: int | None = None,
         checkpoint_dir: Path | None = None,
         min_batch: int = 1,
+        fingerprint: str = "",
     ) -> None:
         if n_items < 1:
             raise ValueError(f"n_items={n_items}: there is nothing to train on")
         self.module, self.n_items, self.cfg = module, n_items, cfg
         self.epochs = epochs or cfg.epochs
-        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_dir, self.fingerprint = checkpoint_dir, fingerprint
         self.bounds = batch_bounds(n_items, cfg.batch_size, min_batch)
         self.generator = torch.Generator().manual_seed(seed)
         self.optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -140,23 +145,52 @@ class Trainer:
         """checkpoints/epoch_XXX.pt for the last finished epoch; None without a checkpoint_dir."""
         if self.checkpoint_dir is None or not self.history:
             return None
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         path = self.checkpoint_dir / f"epoch_{self.history[-1].epoch:03d}.pt"
-        torch.save(
-            {
-                "epoch": self.history[-1].epoch,
-                "epochs": self.epochs,
-                "module": self.module.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "generator": self.generator.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "history": [asdict(h) for h in self.history],
-                "extra": extra or {},
-            },
-            path,
-        )
+        state = {
+            "fingerprint": self.fingerprint,
+            "epoch": self.history[-1].epoch,
+            "epochs": self.epochs,
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": [asdict(h) for h in self.history],
+            "extra": extra or {},
+        }
+        write_atomic(path, lambda tmp: torch.save(state, tmp))  # a kill mid-write leaves the previous one
+        for old in self.checkpoint_dir.glob("epoch_*.pt"):
+            if old != path:
+                old.unlink()
         return path
+
+    def resume(self) -> dict[str, Any]:
+        """Continue from this run's newest checkpoint, if any; return the caller state saved with it.
+
+        A checkpoint of another run (other config, seed or data: another fingerprint) or of another
+        length is removed instead, so it can never leak into this run.
+        """
+        if self.checkpoint_dir is None:
+            return {}
+        for path in sorted(self.checkpoint_dir.glob("epoch_*.pt"), reverse=True):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if state.get("fingerprint") != self.fingerprint or state.get("epochs") != self.epochs:
+                path.unlink()
+                continue
+            self.module.load_state_dict(state["module"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            self.history[:] = [EpochStats(**h) for h in state["history"]]
+            print(f"resumed from {path} (epoch {len(self.history)}/{self.epochs})", flush=True)
+            return dict(state["extra"])
+        return {}
+
+    @property
+    def remaining(self) -> range:
+        """Epoch numbers (1-based) still to run: all of them, or those after a resumed checkpoint."""
+        return range(len(self.history) + 1, self.epochs + 1)
 
     def describe(self, name: str, stats: EpochStats) -> str:
         """One progress line: which run, epoch, loss, accuracy and seconds."""
@@ -164,6 +198,13 @@ class Trainer:
             f"{name}: epoch {stats.epoch + 1}/{self.epochs} loss {stats.loss:.4f} "
             f"train acc {stats.accuracy:.3f} ({stats.seconds:.1f} s)"
         )
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short hash naming one training run (config, seed, data): checkpoints are only resumed by
+    the run that wrote them."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def to_tensor(images: np.ndarray, idx: np.ndarray | None = None) -> torch.Tensor:
@@ -189,13 +230,17 @@ def fit_classifier(
     on_epoch: Callable[[Trainer, EpochStats], None] | None = None,
     augment: bool = False,
     checkpoint_dir: Path | None = None,
+    fingerprint: str = "",
 ) -> list[EpochStats]:
     """Train with cross-entropy on tiles held in memory; `on_epoch(trainer, stats)` after each epoch."""
     device = pick_device()
     seed_everything(seed)
     model.to(device)
-    trainer = Trainer(model, len(labels), cfg, seed, checkpoint_dir=checkpoint_dir)
+    trainer = Trainer(model, len(labels), cfg, seed, checkpoint_dir=checkpoint_dir, fingerprint=fingerprint)
     flips = torch.Generator().manual_seed(seed + 1)
+    saved = trainer.resume()
+    if "augment_rng" in saved:
+        flips.set_state(saved["augment_rng"])
     y_all = torch.as_tensor(np.array(labels), dtype=torch.long)  # a copy: memmap labels are read-only
 
     def step(idx: np.ndarray) -> tuple[torch.Tensor, int]:
@@ -206,7 +251,7 @@ def fit_classifier(
         logits = model(x.to(device))
         return nn.functional.cross_entropy(logits, y), int((logits.argmax(1) == y).sum())
 
-    for _ in range(trainer.epochs):
+    for _ in trainer.remaining:
         stats = trainer.run_epoch(step)
         trainer.save_checkpoint({"augment_rng": flips.get_state()})
         if on_epoch:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import nn
@@ -33,6 +33,12 @@ def save_model(path: Path, kind: str, model: nn.Module, config: Any) -> Path:
     return write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
 
+@overload
+def load_model(path: Path, kind: Literal["scene_cnn"], stage: str) -> SceneCNN: ...
+@overload
+def load_model(path: Path, kind: Literal["matcher"], stage: str) -> CrossModalMatcher: ...
+@overload
+def load_model(path: Path, kind: str, stage: str) -> nn.Module: ...
 def load_model(path: Path, kind: str, stage: str) -> nn.Module:
     """Rebuild the model saved at `path` by `stage`, in eval mode on CPU."""
     if not path.exists():

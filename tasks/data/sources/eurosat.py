@@ -9,9 +9,11 @@ EuroSAT's MS tifs store the bands as B01..B08, B09, B10, B11, B12, B8A: B8A come
 The per-band means of the real tiles show it (file index 8 ~ 732 is the water-vapour band B09, file index
 12 ~ 2594 is the NIR-narrow B8A; compare models.bands.BAND_MEAN). Tiles are reordered into S2_BANDS.
 """
+
 from __future__ import annotations
 
 import hashlib
+import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -24,20 +26,38 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.transform import Affine
 
 from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
+from ms2rgb.tasks.data.atomic import swap_in_dir
 from ms2rgb.tasks.data.classes import SCENE_NAMES
-from ms2rgb.tasks.errors import DatasetLayoutError, Ms2rgbError, RasterError, UnknownClassError
 from ms2rgb.tasks.data.geotiff import TILE_SIZE, read_tile, sha256_of, tile_bounds, write_tile
 from ms2rgb.tasks.data.manifest import MANIFEST_NAME, SPLIT_MODALITIES, make_manifest, write_manifest
 from ms2rgb.tasks.data.render import render_rgb
+from ms2rgb.tasks.errors import DatasetLayoutError, Ms2rgbError, RasterError, UnknownClassError
 
 Progress = Callable[[str], None] | None
 
 EUROSAT_FILE_BAND_ORDER: tuple[str, ...] = (
-    "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B09", "B10", "B11", "B12", "B8A",
+    "B01",
+    "B02",
+    "B03",
+    "B04",
+    "B05",
+    "B06",
+    "B07",
+    "B08",
+    "B09",
+    "B10",
+    "B11",
+    "B12",
+    "B8A",
 )
 # Fractions of each class's locations per split; the splits EuroSAT can fill (it has no masks).
 DEFAULT_SPLIT_FRACTIONS: dict[str, float] = {
-    "ms_train": 0.25, "pair_train": 0.04, "pair_test": 0.02, "rgb_train": 0.30, "ms_pool": 0.25, "test": 0.14,
+    "ms_train": 0.25,
+    "pair_train": 0.04,
+    "pair_test": 0.02,
+    "rgb_train": 0.30,
+    "ms_pool": 0.25,
+    "test": 0.14,
 }
 # The splits EuroSAT can fill (those without masks); the tiles each gets: manifest.SPLIT_MODALITIES.
 # This order lays the split boundaries in assign_splits: reordering it moves locations between splits.
@@ -50,13 +70,11 @@ def check_split_fractions(fractions: dict[str, float]) -> dict[str, float]:
     """Validate fractions (known splits, non-negative, summing to 1); missing splits get 0."""
     unknown = [k for k in fractions if k not in EUROSAT_SPLITS]
     if unknown:
-        raise Ms2rgbError(f"split_fractions: unknown split(s) {unknown}; "
-                          f"EuroSAT can fill {list(EUROSAT_SPLITS)}")
+        raise Ms2rgbError(f"split_fractions: unknown split(s) {unknown}; EuroSAT can fill {list(EUROSAT_SPLITS)}")
     negative = {k: v for k, v in fractions.items() if v < 0}
     total = sum(fractions.values())
     if negative or abs(total - 1.0) > 1e-6:
-        raise Ms2rgbError(f"split_fractions={fractions!r}: fractions must be >= 0 and sum to 1 "
-                          f"(sum={total:g})")
+        raise Ms2rgbError(f"split_fractions={fractions!r}: fractions must be >= 0 and sum to 1 (sum={total:g})")
     return {k: float(fractions.get(k, 0.0)) for k in EUROSAT_SPLITS}
 
 
@@ -91,8 +109,10 @@ def find_tiles(ms_dir: Path) -> dict[str, list[Path]]:
             raise UnknownClassError(folder.name, SCENE_NAMES, str(folder))
         tiles[folder.name] = sorted(folder.glob("*.tif"))
     if not any(tiles.values()):
-        raise DatasetLayoutError(f"{ms_dir}: no EuroSAT tifs found; expected {_LAYOUT} "
-                                 "(unzip EuroSAT_MS.zip and pass the folder holding the class folders)")
+        raise DatasetLayoutError(
+            f"{ms_dir}: no EuroSAT tifs found; expected {_LAYOUT} "
+            "(unzip EuroSAT_MS.zip and pass the folder holding the class folders)"
+        )
     return tiles
 
 
@@ -100,13 +120,15 @@ def read_eurosat_ms(path: Path, file_band_order: tuple[str, ...]) -> tuple[np.nd
     """One EuroSAT MS tif as (13, 64, 64) uint16 in S2_BANDS order, with its transform and CRS."""
     ms = read_tile(path, expect_bands=len(file_band_order), expect_dtype="uint16")
     if ms.shape[1:] != (TILE_SIZE, TILE_SIZE):
-        raise RasterError(path, f"is {ms.shape[2]}x{ms.shape[1]} px, expected {TILE_SIZE}x{TILE_SIZE}",
-                          "pass the original EuroSAT_MS tiles")
+        raise RasterError(
+            path,
+            f"is {ms.shape[2]}x{ms.shape[1]} px, expected {TILE_SIZE}x{TILE_SIZE}",
+            "pass the original EuroSAT_MS tiles",
+        )
     with rasterio.open(path) as src:
         crs, transform = src.crs, src.transform
     if crs is None:
-        raise RasterError(path, "has no CRS",
-                          "use the georeferenced EuroSAT_MS release (its tifs carry a CRS)")
+        raise RasterError(path, "has no CRS", "use the georeferenced EuroSAT_MS release (its tifs carry a CRS)")
     reorder = [file_band_order.index(b) for b in S2_BANDS]
     return ms[reorder], transform, crs  # (13, 64, 64) in S2_BANDS order
 
@@ -114,9 +136,11 @@ def read_eurosat_ms(path: Path, file_band_order: tuple[str, ...]) -> tuple[np.nd
 def read_eurosat_rgb(path: Path) -> np.ndarray:
     """One EuroSAT RGB jpg as (3, 64, 64) uint8 (R, G, B = B04, B03, B02)."""
     if not path.exists():
-        raise RasterError(path, "RGB jpg of this MS tile does not exist",
-                          "pass the EuroSAT RGB folder matching ms_dir, or rgb_dir=None to render "
-                          "RGB from B04/B03/B02")
+        raise RasterError(
+            path,
+            "RGB jpg of this MS tile does not exist",
+            "pass the EuroSAT RGB folder matching ms_dir, or rgb_dir=None to render RGB from B04/B03/B02",
+        )
     try:
         with warnings.catch_warnings():
             # EuroSAT jpgs carry no georeference by design; the MS tile supplies it.
@@ -124,25 +148,39 @@ def read_eurosat_rgb(path: Path) -> np.ndarray:
             with rasterio.open(path) as src:
                 rgb = src.read()
     except RasterioError as exc:
-        raise RasterError(path, f"cannot be read as an image ({exc})",
-                          "re-extract the EuroSAT RGB zip") from exc
+        raise RasterError(path, f"cannot be read as an image ({exc})", "re-extract the EuroSAT RGB zip") from exc
     if rgb.shape != (len(RGB_BANDS), TILE_SIZE, TILE_SIZE) or rgb.dtype != np.uint8:
-        raise RasterError(path, f"is {rgb.dtype} of shape {rgb.shape}, expected uint8 (3, 64, 64)",
-                          "pass the original EuroSAT RGB jpgs")
+        raise RasterError(
+            path,
+            f"is {rgb.dtype} of shape {rgb.shape}, expected uint8 (3, 64, 64)",
+            "pass the original EuroSAT RGB jpgs",
+        )
     return rgb
 
 
-def _row(stem: str, cls: str, split: str, modality: str, out_root: Path, rel: str,
-         crs: CRS, transform: Affine) -> dict:
+def _row(stem: str, cls: str, split: str, modality: str, out_root: Path, rel: str, crs: CRS, transform: Affine) -> dict:
     left, bottom, right, top = tile_bounds(transform)
-    return {"id": f"eurosat-{stem}-{modality}", "modality": modality, "path": rel, "mask_path": None,
-            "class": cls, "split": split, "source": "eurosat", "location_id": stem, "crs": crs.to_string(),
-            "bounds_left": left, "bounds_bottom": bottom, "bounds_right": right, "bounds_top": top,
-            "sha256": sha256_of(out_root / rel)}
+    return {
+        "id": f"eurosat-{stem}-{modality}",
+        "modality": modality,
+        "path": rel,
+        "mask_path": None,
+        "class": cls,
+        "split": split,
+        "source": "eurosat",
+        "location_id": stem,
+        "crs": crs.to_string(),
+        "bounds_left": left,
+        "bounds_bottom": bottom,
+        "bounds_right": right,
+        "bounds_top": top,
+        "sha256": sha256_of(out_root / rel),
+    }
 
 
-def convert_location(ms_path: Path, cls: str, split: str, out_root: Path, rgb_dir: Path | None,
-                     file_band_order: tuple[str, ...]) -> list[dict]:
+def convert_location(
+    ms_path: Path, cls: str, split: str, out_root: Path, rgb_dir: Path | None, file_band_order: tuple[str, ...]
+) -> list[dict]:
     """Write the tiles one location's split calls for and return their manifest rows."""
     stem = ms_path.stem
     ms, transform, crs = read_eurosat_ms(ms_path, file_band_order)
@@ -160,10 +198,15 @@ def convert_location(ms_path: Path, cls: str, split: str, out_root: Path, rgb_di
     return rows
 
 
-def ingest_eurosat(ms_dir: Path, out_root: Path, rgb_dir: Path | None = None,
-                   split_fractions: dict[str, float] | None = None, seed: int = 0,
-                   file_band_order: tuple[str, ...] = EUROSAT_FILE_BAND_ORDER,
-                   progress: Progress = print) -> pd.DataFrame:
+def ingest_eurosat(
+    ms_dir: Path,
+    out_root: Path,
+    rgb_dir: Path | None = None,
+    split_fractions: dict[str, float] | None = None,
+    seed: int = 0,
+    file_band_order: tuple[str, ...] = EUROSAT_FILE_BAND_ORDER,
+    progress: Progress = print,
+) -> pd.DataFrame:
     """Convert EuroSAT into ms2rgb tiles under out_root/tiles/{ms,rgb}/<Class>/ and write the manifest.
 
     Args:
@@ -181,22 +224,32 @@ def ingest_eurosat(ms_dir: Path, out_root: Path, rgb_dir: Path | None = None,
         raise Ms2rgbError(f"file_band_order={file_band_order!r} must list each of {list(S2_BANDS)} once")
     fractions = check_split_fractions(split_fractions or DEFAULT_SPLIT_FRACTIONS)
     if rgb_dir is not None and not rgb_dir.is_dir():
-        raise DatasetLayoutError(f"{rgb_dir}: EuroSAT RGB folder not found; expected "
-                                 "<rgb_dir>/<ClassName>/<ClassName>_<n>.jpg, or pass rgb_dir=None")
+        raise DatasetLayoutError(
+            f"{rgb_dir}: EuroSAT RGB folder not found; expected "
+            "<rgb_dir>/<ClassName>/<ClassName>_<n>.jpg, or pass rgb_dir=None"
+        )
     tiles = find_tiles(ms_dir)
     total = sum(map(len, tiles.values()))
     if progress:
-        progress(f"eurosat: {total} MS tifs in {len(tiles)} classes; RGB from "
-                 f"{rgb_dir or 'B04/B03/B02 (render_rgb)'}")
+        progress(f"eurosat: {total} MS tifs in {len(tiles)} classes; RGB from {rgb_dir or 'B04/B03/B02 (render_rgb)'}")
+    # Converted into a sibling and swapped in whole: a bad tif midway loses nothing stored.
+    work = out_root.with_name(f".{out_root.name}.partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     done = 0
-    for cls, paths in tiles.items():
-        splits = assign_splits([p.stem for p in paths], fractions, seed, cls)
-        for path in paths:
-            rows += convert_location(path, cls, splits[path.stem], out_root, rgb_dir, file_band_order)
-            done += 1
-            if progress and (done % _PROGRESS_EVERY == 0 or done == total):
-                progress(f"eurosat: {done}/{total} locations converted ({len(rows)} tiles)")
-    frame = make_manifest(rows)
-    write_manifest(frame, out_root / MANIFEST_NAME)
+    try:
+        for cls, paths in tiles.items():
+            splits = assign_splits([p.stem for p in paths], fractions, seed, cls)
+            for path in paths:
+                rows += convert_location(path, cls, splits[path.stem], work, rgb_dir, file_band_order)
+                done += 1
+                if progress and (done % _PROGRESS_EVERY == 0 or done == total):
+                    progress(f"eurosat: {done}/{total} locations converted ({len(rows)} tiles)")
+        frame = make_manifest(rows)
+        write_manifest(frame, work / MANIFEST_NAME)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    swap_in_dir(work, out_root)
     return frame

@@ -5,6 +5,7 @@ named in the filename, e.g. ``T33UUP_20200101T100031_B8A.jp2`` or ``B02.tif``). 
 ``<out_root>/<scene_id>/tiles/`` with a manifest beside them; a failed run leaves a previously
 stored scene folder untouched.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,10 +27,10 @@ from rasterio.warp import Resampling, reproject
 from rasterio.windows import Window, from_bounds
 
 from ms2rgb.models.bands import S2_BANDS
-from ms2rgb.tasks.errors import Ms2rgbError, RasterError
 from ms2rgb.tasks.data.atomic import swap_in_dir
 from ms2rgb.tasks.data.geotiff import PIXEL_SIZE, TILE_SIZE, sha256_of, tile_bounds, write_tile
 from ms2rgb.tasks.data.manifest import MANIFEST_NAME, make_manifest, write_manifest
+from ms2rgb.tasks.errors import Ms2rgbError, RasterError
 
 Progress = Callable[[str], None] | None
 Datasets = dict[Path, rasterio.DatasetReader]
@@ -99,13 +100,19 @@ def default_scene_id(inputs: list[Path]) -> str:
 def _open(path: Path, stack: ExitStack) -> rasterio.DatasetReader:
     """Open a raster, raising RasterError that names the file for missing or unreadable ones."""
     if not path.exists():
-        raise RasterError(path, "file does not exist", "check the path; pass the scene's band files "
-                          "(e.g. *_B01.jp2 ... *_B12.jp2) or one 13-band GeoTIFF")
+        raise RasterError(
+            path,
+            "file does not exist",
+            "check the path; pass the scene's band files (e.g. *_B01.jp2 ... *_B12.jp2) or one 13-band GeoTIFF",
+        )
     try:
         return stack.enter_context(rasterio.open(path))
     except RasterioError as exc:
-        raise RasterError(path, f"cannot be opened as a raster ({exc})",
-                          "the file is corrupt or truncated; re-download or re-export it") from exc
+        raise RasterError(
+            path,
+            f"cannot be opened as a raster ({exc})",
+            "the file is corrupt or truncated; re-download or re-export it",
+        ) from exc
 
 
 def _source(band: str, path: Path, index: int, src: rasterio.DatasetReader) -> BandSource:
@@ -115,10 +122,14 @@ def _source(band: str, path: Path, index: int, src: rasterio.DatasetReader) -> B
 def _multiband_sources(path: Path, src: rasterio.DatasetReader) -> list[BandSource]:
     """The 13 bands of one file: named by band descriptions if all carry a band name, else S2 order."""
     if src.count != len(S2_BANDS):
-        raise RasterError(path, f"has {src.count} bands, expected {len(S2_BANDS)} ({', '.join(S2_BANDS)})",
-                          "pass a 13-band Sentinel-2 GeoTIFF, or the per-band files instead")
-    names = [band_name(d) if d else None for d in src.descriptions]
-    if None in names:  # no (or not all) band descriptions: the file must be in S2_BANDS order
+        raise RasterError(
+            path,
+            f"has {src.count} bands, expected {len(S2_BANDS)} ({', '.join(S2_BANDS)})",
+            "pass a 13-band Sentinel-2 GeoTIFF, or the per-band files instead",
+        )
+    described = [band_name(d) if d else None for d in src.descriptions]
+    names = [name for name in described if name is not None]
+    if len(names) != len(described):  # no (or not all) band descriptions: the file must be in S2_BANDS order
         names = list(S2_BANDS)
     return [_source(name, path, i, src) for i, name in enumerate(names, start=1)]
 
@@ -130,8 +141,7 @@ def _expand(inputs: list[Path]) -> list[Path]:
         if not path.is_dir():
             files.append(path)
             continue
-        found = sorted(p for p in path.iterdir()
-                       if p.suffix.lower() in RASTER_SUFFIXES and band_from_filename(p))
+        found = sorted(p for p in path.iterdir() if p.suffix.lower() in RASTER_SUFFIXES and band_from_filename(p))
         if not found:
             raise RasterError(path, "folder holds no band files", "name band files like *_B02.jp2")
         files.extend(found)
@@ -150,10 +160,12 @@ def _collect(inputs: list[Path], stack: ExitStack) -> tuple[dict[str, BandSource
     for path, src in datasets.items():
         band = band_from_filename(path)
         if src.count != 1 or band is None:
-            problem = (f"has {src.count} bands among several inputs" if src.count != 1
-                       else "has no band name in its filename")
-            raise RasterError(path, problem, "pass one file per band, named like *_B8A.jp2, "
-                              "or a single 13-band GeoTIFF on its own")
+            problem = (
+                f"has {src.count} bands among several inputs" if src.count != 1 else "has no band name in its filename"
+            )
+            raise RasterError(
+                path, problem, "pass one file per band, named like *_B8A.jp2, or a single 13-band GeoTIFF on its own"
+            )
         sources.append(_source(band, path, 1, src))
     return _unique(sources), datasets
 
@@ -164,14 +176,20 @@ def _unique(sources: list[BandSource]) -> dict[str, BandSource]:
     for s in sources:
         if s.band in by_band:
             first = by_band[s.band]
-            raise RasterError(s.path, f"duplicate band {s.band}: also in {first.path} (band {first.index})",
-                              "pass each band exactly once")
+            raise RasterError(
+                s.path,
+                f"duplicate band {s.band}: also in {first.path} (band {first.index})",
+                "pass each band exactly once",
+            )
         by_band[s.band] = s
     missing = [b for b in S2_BANDS if b not in by_band]
     if missing:
         where = sorted({str(s.path) for s in sources})
-        raise RasterError(", ".join(where), f"scene lacks bands {missing} of the 13 Sentinel-2 bands",
-                          "add the files of the missing bands (names ending in _<band>.jp2/.tif)")
+        raise RasterError(
+            ", ".join(where),
+            f"scene lacks bands {missing} of the 13 Sentinel-2 bands",
+            "add the files of the missing bands (names ending in _<band>.jp2/.tif)",
+        )
     return {b: by_band[b] for b in S2_BANDS}
 
 
@@ -183,9 +201,11 @@ def _target_grid(sources: dict[str, BandSource]) -> Grid:
     first = next(iter(sources.values()))
     for s in sources.values():
         if s.crs != first.crs:
-            raise RasterError(s.path, f"CRS {s.crs} differs from {first.crs} of {first.path}",
-                              "all bands of a scene must share one CRS; reproject them or pick "
-                              "the files of one tile")
+            raise RasterError(
+                s.path,
+                f"CRS {s.crs} differs from {first.crs} of {first.path}",
+                "all bands of a scene must share one CRS; reproject them or pick the files of one tile",
+            )
     ten = [s for s in sources.values() if abs(s.res - PIXEL_SIZE) < _RES_TOL]
     if ten:
         s = ten[0]
@@ -231,20 +251,32 @@ def _read_strip(source: BandSource, src: rasterio.DatasetReader, grid: Grid, row
         data = src.read(source.index, window=win, out_dtype="float32")
     except RasterioError as exc:
         # rasterio's own message only says "see previous exception": show GDAL's reason instead.
-        raise RasterError(source.path, f"band {source.band} cannot be read ({exc.__cause__ or exc})",
-                          "the file is corrupt or truncated; re-download or re-export it") from exc
+        raise RasterError(
+            source.path,
+            f"band {source.band} cannot be read ({exc.__cause__ or exc})",
+            "the file is corrupt or truncated; re-download or re-export it",
+        ) from exc
     # Coarser 20/60 m bands are upsampled bilinearly: nearest would keep 2x2/6x6 blocks with hard
     # steps (edges no real 10 m image has), and cubic overshoots near bright/dark edges, inventing
     # reflectances. 10 m bands use nearest so they are copied bit-exactly on the shared grid.
     coarse = source.res > PIXEL_SIZE + _RES_TOL
-    reproject(data, out, src_transform=window_transform(win, source.transform), src_crs=source.crs,
-              src_nodata=source.nodata, dst_transform=dst_transform, dst_crs=grid.crs,
-              dst_nodata=np.nan, resampling=Resampling.bilinear if coarse else Resampling.nearest)
+    reproject(
+        data,
+        out,
+        src_transform=window_transform(win, source.transform),
+        src_crs=source.crs,
+        src_nodata=source.nodata,
+        dst_transform=dst_transform,
+        dst_crs=grid.crs,
+        dst_nodata=np.nan,
+        resampling=Resampling.bilinear if coarse else Resampling.nearest,
+    )
     return out
 
 
-def _tile_rows(scene_id: str, grid: Grid, strips: list[np.ndarray], row: int, tiles_dir: Path,
-               min_valid: float) -> tuple[list[dict], int]:
+def _tile_rows(
+    scene_id: str, grid: Grid, strips: list[np.ndarray], row: int, tiles_dir: Path, min_valid: float
+) -> tuple[list[dict], int]:
     """Write the valid tiles of one strip; return their manifest rows and the number skipped."""
     stack = np.stack(strips)  # (13, TILE_SIZE, W)
     valid = np.all(np.isfinite(stack) & (stack != 0), axis=0)  # (TILE_SIZE, W)
@@ -257,26 +289,47 @@ def _tile_rows(scene_id: str, grid: Grid, strips: list[np.ndarray], row: int, ti
             continue
         location = f"{scene_id}_r{row}_c{col}"
         path = tiles_dir / f"{location}.tif"
-        transform = window_transform(Window(col * TILE_SIZE, row * TILE_SIZE, TILE_SIZE, TILE_SIZE),
-                                     grid.transform)
+        transform = window_transform(Window(col * TILE_SIZE, row * TILE_SIZE, TILE_SIZE, TILE_SIZE), grid.transform)
         write_tile(path, ms[:, :, cols], grid.crs, transform, band_names=S2_BANDS)
         left, bottom, right, top = tile_bounds(transform)
-        rows.append({"id": f"{location}-ms", "modality": "ms", "path": f"{scene_id}/tiles/{path.name}",
-                     "mask_path": None, "class": None, "split": "ms_pool", "source": f"scene:{scene_id}",
-                     "location_id": location, "crs": grid.crs.to_string(), "bounds_left": left,
-                     "bounds_bottom": bottom, "bounds_right": right, "bounds_top": top,
-                     "sha256": sha256_of(path)})
+        rows.append(
+            {
+                "id": f"{location}-ms",
+                "modality": "ms",
+                "path": f"{scene_id}/tiles/{path.name}",
+                "mask_path": None,
+                "class": None,
+                "split": "ms_pool",
+                "source": f"scene:{scene_id}",
+                "location_id": location,
+                "crs": grid.crs.to_string(),
+                "bounds_left": left,
+                "bounds_bottom": bottom,
+                "bounds_right": right,
+                "bounds_top": top,
+                "sha256": sha256_of(path),
+            }
+        )
     return rows, skipped
 
 
-def _write_tiles(scene_id: str, sources: dict[str, BandSource], datasets: Datasets,
-                 grid: Grid, work_dir: Path, min_valid: float, progress: Progress) -> pd.DataFrame:
+def _write_tiles(
+    scene_id: str,
+    sources: dict[str, BandSource],
+    datasets: Datasets,
+    grid: Grid,
+    work_dir: Path,
+    min_valid: float,
+    progress: Progress,
+) -> pd.DataFrame:
     """Resample strip by strip (memory stays ~13 x 64 rows even for a full 10980 px tile) and tile."""
     n_rows, n_cols = grid.height // TILE_SIZE, grid.width // TILE_SIZE
     if n_rows == 0 or n_cols == 0:
-        raise RasterError(next(iter(sources.values())).path,
-                          f"scene is {grid.width}x{grid.height} px at 10 m, smaller than one "
-                          f"{TILE_SIZE}x{TILE_SIZE} tile", "ingest a larger scene or crop")
+        raise RasterError(
+            next(iter(sources.values())).path,
+            f"scene is {grid.width}x{grid.height} px at 10 m, smaller than one {TILE_SIZE}x{TILE_SIZE} tile",
+            "ingest a larger scene or crop",
+        )
     rows: list[dict] = []
     skipped = 0
     for row in range(n_rows):
@@ -287,16 +340,49 @@ def _write_tiles(scene_id: str, sources: dict[str, BandSource], datasets: Datase
         if progress and ((row + 1) % 5 == 0 or row + 1 == n_rows):
             progress(f"{scene_id}: tile row {row + 1}/{n_rows}: {len(rows)} written, {skipped} skipped")
     if not rows:
-        raise Ms2rgbError(f"{scene_id}: all {skipped} tiles have a valid share below min_valid={min_valid} "
-                          "(valid = non-zero and not NaN in all 13 bands); lower min_valid or check "
-                          "that the files cover the same area")
+        raise Ms2rgbError(
+            f"{scene_id}: all {skipped} tiles have a valid share below min_valid={min_valid} "
+            "(valid = non-zero and not NaN in all 13 bands); lower min_valid or check "
+            "that the files cover the same area"
+        )
     if progress:
         progress(f"{scene_id}: {len(rows)} tiles written, {skipped} skipped (valid share < {min_valid})")
     return make_manifest(rows)
 
 
-def ingest_scene(inputs: list[Path], out_root: Path, scene_id: str | None = None, min_valid: float = 1.0,
-                 progress: Progress = print) -> pd.DataFrame:
+def _pool_hashes(out_root: Path, except_scene: str) -> dict[str, str]:
+    """sha256 -> scene id of every tile already ingested (the scene being replaced excluded)."""
+    known: dict[str, str] = {}
+    for manifest in sorted(out_root.glob(f"*/{MANIFEST_NAME}")):
+        if manifest.parent.name != except_scene:
+            known.update(dict.fromkeys(pd.read_parquet(manifest, columns=["sha256"])["sha256"], manifest.parent.name))
+    return known
+
+
+def _drop_known_tiles(
+    frame: pd.DataFrame, out_root: Path, scene_id: str, work_dir: Path, progress: Progress
+) -> pd.DataFrame:
+    """Refuse tiles whose content is already in the pool, under any scene id; refuse the scene when
+    nothing new is left (ingesting the same scene twice would double its weight in the pool)."""
+    known = _pool_hashes(out_root, scene_id)
+    dup = frame["sha256"].isin(list(known))
+    if dup.all():
+        owners = sorted({known[h] for h in frame["sha256"]})
+        raise Ms2rgbError(
+            f"{scene_id}: all {len(frame)} tiles are already in the pool (scene(s) {owners}); "
+            "nothing was added. Fix: nothing to do, or remove that scene folder first to re-ingest"
+        )
+    if dup.any():
+        for path in frame.loc[dup, "path"]:
+            (work_dir / "tiles" / Path(path).name).unlink(missing_ok=True)
+        if progress:
+            progress(f"{scene_id}: {int(dup.sum())} tile(s) already in the pool were left out")
+    return frame.loc[~dup].reset_index(drop=True)
+
+
+def ingest_scene(
+    inputs: list[Path], out_root: Path, scene_id: str | None = None, min_valid: float = 1.0, progress: Progress = print
+) -> pd.DataFrame:
     """Cut one Sentinel-2 scene into 13-band 64x64 MS tiles at 10 m and write its manifest.
 
     Args:
@@ -316,20 +402,21 @@ def ingest_scene(inputs: list[Path], out_root: Path, scene_id: str | None = None
         raise Ms2rgbError(f"ingest_scene: min_valid={min_valid!r} must lie in [0, 1]")
     scene_id = scene_id or default_scene_id(_expand(inputs) or inputs or [Path("scene")])
     if not _SCENE_ID.match(scene_id):
-        raise Ms2rgbError(f"ingest_scene: scene_id={scene_id!r} is not a safe folder name; "
-                          "use letters, digits, '_', '-' and '.'")
+        raise Ms2rgbError(
+            f"ingest_scene: scene_id={scene_id!r} is not a safe folder name; use letters, digits, '_', '-' and '.'"
+        )
     out_root = Path(out_root)
     with ExitStack() as stack:
         sources, datasets = _collect(inputs, stack)
         grid = _target_grid(sources)
         if progress:
             for s in sources.values():
-                progress(f"{scene_id}: {s.band} <- {s.path.name} band {s.index} ({s.res:g} m, "
-                         f"{s.width}x{s.height} px)")
+                progress(f"{scene_id}: {s.band} <- {s.path.name} band {s.index} ({s.res:g} m, {s.width}x{s.height} px)")
         out_root.mkdir(parents=True, exist_ok=True)
         work_dir = Path(tempfile.mkdtemp(prefix=f".{scene_id}.partial-", dir=out_root))
         try:
             frame = _write_tiles(scene_id, sources, datasets, grid, work_dir, min_valid, progress)
+            frame = _drop_known_tiles(frame, out_root, scene_id, work_dir, progress)
             write_manifest(frame, work_dir / MANIFEST_NAME)
             swap_in_dir(work_dir, out_root / scene_id)
         finally:

@@ -5,6 +5,7 @@ Values follow the shapes of real Sentinel-2 L1C spectra: vegetation has low red,
 SeaLake tiles); soil and built-up surfaces are bright in SWIR (B11/B12); B01/B02 carry an
 atmospheric (haze) offset and B10 (cirrus) stays near 12, as on real tiles.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,22 +14,29 @@ from ms2rgb.tasks.data.classes import SURFACE_NAMES
 
 #           B01   B02   B03   B04   B05   B06   B07   B08   B8A   B09  B10   B11   B12
 _SPECTRA: dict[str, list[float]] = {
-    "crop":     [1250, 950, 900, 600, 1100, 2600, 3200, 3400, 3500, 1000, 12, 1900, 1000],
-    "grass":    [1280, 1000, 1000, 800, 1250, 2200, 2600, 2800, 2900, 900, 12, 2100, 1200],
-    "herb":     [1300, 1020, 980, 850, 1350, 1900, 2200, 2350, 2450, 800, 12, 2500, 1600],
-    "forest":   [1200, 880, 780, 480, 850, 1900, 2450, 2600, 2750, 850, 12, 1350, 650],
-    "soil":     [1400, 1200, 1350, 1600, 1800, 2000, 2150, 2250, 2350, 800, 14, 3000, 2500],
-    "water":    [1350, 1050, 800, 550, 480, 400, 370, 315, 290, 120, 8, 160, 110],
-    "asphalt":  [1350, 1150, 1120, 1150, 1180, 1220, 1260, 1300, 1320, 520, 12, 1650, 1500],
+    "crop": [1250, 950, 900, 600, 1100, 2600, 3200, 3400, 3500, 1000, 12, 1900, 1000],
+    "grass": [1280, 1000, 1000, 800, 1250, 2200, 2600, 2800, 2900, 900, 12, 2100, 1200],
+    "herb": [1300, 1020, 980, 850, 1350, 1900, 2200, 2350, 2450, 800, 12, 2500, 1600],
+    "forest": [1200, 880, 780, 480, 850, 1900, 2450, 2600, 2750, 850, 12, 1350, 650],
+    "soil": [1400, 1200, 1350, 1600, 1800, 2000, 2150, 2250, 2350, 800, 14, 3000, 2500],
+    "water": [1350, 1050, 800, 550, 480, 400, 370, 315, 290, 120, 8, 160, 110],
+    "asphalt": [1350, 1150, 1120, 1150, 1180, 1220, 1260, 1300, 1320, 520, 12, 1650, 1500],
     "concrete": [1450, 1250, 1280, 1300, 1400, 1550, 1650, 1750, 1800, 650, 13, 2600, 2400],
-    "roof":     [1400, 1080, 1050, 1500, 1650, 1750, 1800, 1850, 1900, 650, 13, 2300, 2000],
+    "roof": [1400, 1080, 1050, 1500, 1650, 1750, 1800, 1850, 1900, 650, 13, 2300, 2000],
 }
 
 # Fine-grained texture amplitude (relative): canopy is rough, open water smooth. Members of a
 # confusable group share one value, so texture never gives their identity away.
 SURFACE_TEXTURE: dict[str, float] = {
-    "crop": 0.06, "grass": 0.06, "herb": 0.06, "forest": 0.18, "soil": 0.05,
-    "water": 0.015, "asphalt": 0.04, "concrete": 0.04, "roof": 0.06,
+    "crop": 0.06,
+    "grass": 0.06,
+    "herb": 0.06,
+    "forest": 0.18,
+    "soil": 0.05,
+    "water": 0.015,
+    "asphalt": 0.04,
+    "concrete": 0.04,
+    "roof": 0.06,
 }
 
 # Surfaces that real RGB barely separates; rgb_ambiguity pulls their visible bands together.

@@ -3,6 +3,7 @@
 Writes georeferenced GeoTIFFs in EuroSAT's folder layout (one folder per class) for each
 modality, per-pixel land-cover masks, and a manifest. See README "Data model".
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -13,12 +14,12 @@ from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
 from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
+from ms2rgb.tasks.config import SynthConfig
 from ms2rgb.tasks.data.classes import SCENE_NAMES
 from ms2rgb.tasks.data.geotiff import PIXEL_SIZE, TILE_SIZE, sha256_of, tile_bounds, write_tile
-from ms2rgb.tasks.data.render import render_rgb
 from ms2rgb.tasks.data.manifest import MANIFEST_NAME, SPLIT_MODALITIES, make_manifest, write_manifest
+from ms2rgb.tasks.data.render import render_rgb
 from ms2rgb.tasks.data.sources.spectra import surface_spectra
-from ms2rgb.tasks.config import SynthConfig
 from ms2rgb.tasks.data.sources.synth_scene import render_location
 
 
@@ -29,8 +30,9 @@ def _location_transform(index: int, origin: tuple[float, float] = (400000.0, 520
     return from_origin(origin[0] + col * step, origin[1] - row * step, PIXEL_SIZE, PIXEL_SIZE)
 
 
-def _rows_for(out: Path, loc_id: str, scene_class: str, split: str, transform, crs: CRS,
-              ms: np.ndarray, mask: np.ndarray) -> list[dict]:
+def _rows_for(
+    out: Path, loc_id: str, scene_class: str, split: str, transform, crs: CRS, ms: np.ndarray, mask: np.ndarray
+) -> list[dict]:
     mask_rel = Path("tiles/mask") / scene_class / f"{loc_id}.tif"
     write_tile(out / mask_rel, mask[None], crs, transform, ("surface",))
     rows = []
@@ -39,11 +41,24 @@ def _rows_for(out: Path, loc_id: str, scene_class: str, split: str, transform, c
         array, names = (ms, S2_BANDS) if modality == "ms" else (render_rgb(ms), RGB_BANDS)
         write_tile(out / rel, array, crs, transform, names)
         left, bottom, right, top = tile_bounds(transform)
-        rows.append(dict(id=f"{loc_id}-{modality}", modality=modality, path=rel.as_posix(),
-                         mask_path=mask_rel.as_posix(), **{"class": scene_class}, split=split,
-                         source="synth", location_id=loc_id, crs=crs.to_string(),
-                         bounds_left=left, bounds_bottom=bottom, bounds_right=right, bounds_top=top,
-                         sha256=sha256_of(out / rel)))
+        rows.append(
+            dict(
+                id=f"{loc_id}-{modality}",
+                modality=modality,
+                path=rel.as_posix(),
+                mask_path=mask_rel.as_posix(),
+                **{"class": scene_class},
+                split=split,
+                source="synth",
+                location_id=loc_id,
+                crs=crs.to_string(),
+                bounds_left=left,
+                bounds_bottom=bottom,
+                bounds_right=right,
+                bounds_top=top,
+                sha256=sha256_of(out / rel),
+            )
+        )
     return rows
 
 

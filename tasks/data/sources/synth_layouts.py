@@ -4,6 +4,7 @@ Classes that real RGB confuses share one layout family (AnnualCrop / Pasture /
 HerbaceousVegetation all use field parcels; Highway / Industrial both use paved strips and
 blocks), so shape alone cannot separate them and only their surfaces' spectra can.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -16,7 +17,7 @@ S = {name: i for i, name in enumerate(SURFACE_NAMES)}
 Layout = Callable[[np.random.Generator, int], np.ndarray]
 
 
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+def _grid(size: int) -> np.ndarray:
     return np.mgrid[0:size, 0:size].astype(np.float32)  # (2, size, size): rows, cols
 
 
@@ -39,7 +40,7 @@ def _blobs(rng: np.random.Generator, size: int, base: int, spot: int, n: int, ra
     for _ in range(n):
         r, c = rng.uniform(0, size, 2)
         rad = radius * rng.uniform(0.5, 1.5)
-        out[(rows - r) ** 2 + (cols - c) ** 2 < rad ** 2] = spot
+        out[(rows - r) ** 2 + (cols - c) ** 2 < rad**2] = spot
     return out
 
 
@@ -55,7 +56,7 @@ def _strips_and_blocks(rng: np.random.Generator, size: int, paved: int) -> np.nd
     for _ in range(int(rng.integers(2, 6))):
         r, c = rng.integers(0, size - 8, 2)
         h, w = rng.integers(6, 18, 2)
-        out[r:r + h, c:c + w] = paved
+        out[r : r + h, c : c + w] = paved
     return out
 
 
@@ -99,8 +100,12 @@ def residential(rng, size):
     rows, cols = _grid(size)
     phase = rng.integers(0, step, 2)
     street = ((rows + phase[0]) % step < 2) | ((cols + phase[1]) % step < 2)
-    houses = (((rows + phase[0]) % step >= 4) & ((rows + phase[0]) % step < step - 2)
-              & ((cols + phase[1]) % step >= 4) & ((cols + phase[1]) % step < step - 2))
+    houses = (
+        ((rows + phase[0]) % step >= 4)
+        & ((rows + phase[0]) % step < step - 2)
+        & ((cols + phase[1]) % step >= 4)
+        & ((cols + phase[1]) % step < step - 2)
+    )
     out[houses] = S["roof"]
     out[street] = S["asphalt"]
     return out
@@ -129,7 +134,14 @@ def sea_lake(rng, size):
 
 
 LAYOUTS: dict[str, Layout] = {
-    "AnnualCrop": annual_crop, "Forest": forest, "HerbaceousVegetation": herbaceous,
-    "Highway": highway, "Industrial": industrial, "Pasture": pasture,
-    "PermanentCrop": permanent_crop, "Residential": residential, "River": river, "SeaLake": sea_lake,
+    "AnnualCrop": annual_crop,
+    "Forest": forest,
+    "HerbaceousVegetation": herbaceous,
+    "Highway": highway,
+    "Industrial": industrial,
+    "Pasture": pasture,
+    "PermanentCrop": permanent_crop,
+    "Residential": residential,
+    "River": river,
+    "SeaLake": sea_lake,
 }

@@ -3,6 +3,7 @@
 Pure numpy/torch (no raster I/O): `tasks/synth.py` writes the results as GeoTIFFs, and
 `bench/rgb_ambiguity_sweep.py` uses it directly, also on GPU hosts without GDAL.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,12 +24,13 @@ def _noise_field(rng: np.random.Generator, cells: int) -> np.ndarray:
     return field[0, 0].numpy()
 
 
-def render_location(rng: np.random.Generator, scene_class: str, spectra: np.ndarray,
-                    cfg: SynthConfig) -> tuple[np.ndarray, np.ndarray]:
+def render_location(
+    rng: np.random.Generator, scene_class: str, spectra: np.ndarray, cfg: SynthConfig
+) -> tuple[np.ndarray, np.ndarray]:
     """Draw one location: (13, 64, 64) uint16 MS reflectance and its (64, 64) surface mask."""
     mask = LAYOUTS[scene_class](rng, TILE)
     jitter = rng.normal(1.0, cfg.spectral_jitter, spectra.shape).astype(np.float32)
-    image = (spectra * jitter)[mask].transpose(2, 0, 1)  # (13, H, W)
+    image: np.ndarray = (spectra * jitter)[mask].transpose(2, 0, 1)  # (13, H, W)
     image = image * (1 + cfg.texture * _noise_field(rng, 8))  # broad, surface-independent shading
     image = image * (1 + surface_texture()[mask] * _noise_field(rng, 32))  # surface roughness
     image = image * rng.uniform(1 - cfg.illumination, 1 + cfg.illumination)

@@ -1,0 +1,84 @@
+"""A training stage killed with SIGKILL keeps the stored outputs and resumes to the same result."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers_method_a import staged_project
+from mlflow.tracking import MlflowClient
+
+from ms2rgb.flows.stages import run_stage
+from ms2rgb.tasks import tracking
+
+pytestmark = pytest.mark.slow
+MS2RGB = str(Path(sys.executable).parent / "ms2rgb")
+EPOCHS = 300  # long enough on the tiny data to be killed mid-way
+
+
+def _longer_teacher(root: Path) -> None:
+    text = (root / "params.yaml").read_text()
+    old = "teacher: {width: 8, epochs: 20,"
+    assert old in text
+    (root / "params.yaml").write_text(text.replace(old, f"teacher: {{width: 8, epochs: {EPOCHS},"))
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _kill_mid_training(root: Path) -> None:
+    """Start `ms2rgb stage teacher` and SIGKILL it once a few epochs are checkpointed."""
+    proc = subprocess.Popen(
+        [MS2RGB, "--root", str(root), "stage", "teacher"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    checkpoints = root / "artifacts" / "teacher.partial" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = [int(p.stem.split("_")[1]) for p in checkpoints.glob("epoch_*.pt")]
+        if done and max(done) >= 5:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the teacher finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_killed_teacher_keeps_the_stored_model_and_resumes_to_the_uninterrupted_result(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    reference = staged_project(tmp_path_factory, "teacher", tmp_path / "reference")
+    _longer_teacher(reference)
+    uninterrupted = run_stage("teacher", reference)
+
+    root = staged_project(tmp_path_factory, "teacher", tmp_path / "project")
+    run_stage("teacher", root)  # the stored teacher and a registered version, before the change
+    _longer_teacher(root)
+    stored = {p: _digest(root / p) for p in ("artifacts/teacher/model.pt", "reports/teacher.json")}
+    tracking.configure(root)
+    versions = len(MlflowClient().search_model_versions("name='ms2rgb-teacher'"))
+
+    _kill_mid_training(root)
+    assert {p: _digest(root / p) for p in stored} == stored  # nothing stored was touched
+    assert len(MlflowClient().search_model_versions("name='ms2rgb-teacher'")) == versions
+    left = [
+        r
+        for r in MlflowClient().search_runs([MlflowClient().get_experiment_by_name("ms2rgb").experiment_id])
+        if r.info.status == "RUNNING"
+    ]
+    assert len(left) == 1  # the killed stage's run
+
+    resumed = run_stage("teacher", root)
+    assert MlflowClient().get_run(left[0].info.run_id).info.status == "KILLED"
+    same = {k: v for k, v in uninterrupted.items() if k not in ("seconds", "model_version")}
+    assert {k: v for k, v in resumed.items() if k not in ("seconds", "model_version")} == same
+    assert json.loads((root / "reports" / "teacher.json").read_text())["test_accuracy"] == same["test_accuracy"]
+    assert not (root / "artifacts" / "teacher.partial").exists()  # swapped in
+    assert len(list((root / "artifacts" / "teacher" / "checkpoints").glob("epoch_*.pt"))) == 1
