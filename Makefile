@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export MPLBACKEND := Agg
 
-.PHONY: run test quick lint format typecheck install bench clean
+.PHONY: run test quick lint format typecheck install bench clean serve stop
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,16 @@ typecheck: $(STAMP)
 	mkdir -p .typecheck/ms2rgb
 	for d in tasks models flows; do ln -sfn ../../$$d .typecheck/ms2rgb/$$d; done
 	$(BIN)/mypy -p ms2rgb
+
+# A local Prefect server (127.0.0.1, SQLite in .prefect/, analytics off; skipped when PREFECT_API_URL is set)
+# and one process serving pipeline/default, watch/landing and retrain/on-new-scenes, in the background.
+# Pid files and logs: .prefect/serve/. `make stop` ends both.
+PREFECT_PORT ?= 4200
+serve: $(STAMP)
+	$(BIN)/ms2rgb serve --detach --port $(PREFECT_PORT)
+
+stop:
+	$(BIN)/ms2rgb serve --stop
 
 bench: $(STAMP)
 	$(BIN)/python bench/data_loading.py

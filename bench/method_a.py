@@ -25,12 +25,11 @@ from ms2rgb.models.classifier import SceneCNN
 from ms2rgb.tasks.config import load_params
 from ms2rgb.tasks.data.classes import SCENE_NAMES
 from ms2rgb.tasks.data.pairing import load_true_pairs
-from ms2rgb.tasks.matcher import retrieval
 from ms2rgb.tasks.matcher import train as train_matcher
 from ms2rgb.tasks.student import StudentInputs, student_arch
 from ms2rgb.tasks.teacher import fit_config, labelled_ms
 from ms2rgb.tasks.training.distill import FULL_METHOD, VARIANTS, budget_epochs, train_student
-from ms2rgb.tasks.training.inference import predict_logits
+from ms2rgb.tasks.training.inference import predict_logits, retrieval
 from ms2rgb.tasks.training.loop import fit_classifier, seed_everything
 from ms2rgb.tasks.training.metrics import accuracy_report
 

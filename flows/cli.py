@@ -53,6 +53,60 @@ def _cmd_run(args: argparse.Namespace) -> None:
     print(f"  data docs:   {root / 'reports' / 'validate' / 'data_docs'} (open index.html)")
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
     print(f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {uri} (then http://127.0.0.1:5000)")
+    page = root / "reports" / "index.html"
+    if page.exists():
+        print(f"  the report:  {page} (open it in a browser)")
+
+
+def _cmd_watch(args: argparse.Namespace) -> None:
+    import time
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from ms2rgb.tasks.config import load_params
+
+    root = Path(args.root).resolve()
+    cfg = load_params(root).landing
+    from ms2rgb.flows.watch import watch
+
+    if not args.verbose:
+        _quiet_prefect_console()
+    polls = args.polls or cfg.stable_polls
+    for number in range(1, polls + 1):
+        summary = watch(root=str(root), wait=args.wait)
+        if summary["status"] == "busy" or not summary["settling"] or number == polls:
+            break
+        time.sleep(args.every)  # let the settling scenes show an unchanged size once more
+    for status in ("ingested", "quarantined", "duplicate", "settling", "refused"):
+        if summary.get(status):
+            print(f"{status:12s} {', '.join(summary[status])}")
+    if summary["status"] == "busy":
+        print("the project is busy (a retrain or another command holds it): not polled; try again later")
+    elif summary["announced"]:
+        served = "a served retrain/on-new-scenes starts on it"
+        alone = "no PREFECT_API_URL, so no served retrain hears it: `ms2rgb run` trains on them now"
+        then = served if "PREFECT_API_URL" in os.environ else alone
+        print(f"announced {summary['announced']} (ms2rgb.scene.landed): {then}")
+    else:
+        print(f"nothing new in {cfg.location}")
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from ms2rgb.flows import serve as serving
+
+    root = Path(args.root).resolve()
+    if args.stop:
+        stopped = serving.stop(root)
+        for name, pid in stopped.items():
+            print(f"{name}: {'stopped pid ' + str(pid) if pid else 'was not running'}")
+        return
+    if args.detach:
+        info = serving.detach(root, args.port, ui=not args.no_ui)
+        print(f"Prefect API: {info['api_url']} ({'started here' if info['server_started'] else 'PREFECT_API_URL'})")
+        print(f"serving {', '.join(serving.DEPLOYMENTS)} (pid {info['serve_pid']}); logs in {info['logs']}")
+        print(f"UI: {info['api_url'].removesuffix('/api')}   stop: make stop")
+        return
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    serving.serve(root)
 
 
 def _cmd_stage(args: argparse.Namespace) -> None:
@@ -99,9 +153,39 @@ def _cmd_detect(args: argparse.Namespace) -> None:
         Path(args.image), args.classes, Path(args.out), root=Path(args.root), model_uri=args.model, stride=args.stride
     )
     print(f"model: {result['model']}")
+    if result.get("model_note"):
+        print(f"note: {result['model_note']}")
     print("class shares: " + ", ".join(f"{name} {share:.1%}" for name, share in result["shares"].items()))
     for kind, path in result["outputs"].items():
         print(f"{kind:16s} {path}")
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from ms2rgb.tasks.prediction.scene_map import predict
+
+    result = predict(Path(args.image), Path(args.out), root=Path(args.root), model_uri=args.model)
+    print(f"model: {result['model']}")
+    if result["model_note"]:
+        print(f"note: {result['model_note']}")
+    grid = result["grid"]
+    print(f"grid: {grid['rows']} x {grid['cols']} cells of {grid['cell_px']} px ({grid['nodata_cells']} without data)")
+    shares = sorted(result["shares"].items(), key=lambda item: -item[1])
+    print("class shares: " + ", ".join(f"{name} {share:.1%}" for name, share in shares if share > 0))
+    for kind, path in result["outputs"].items():
+        print(f"{kind:18s} {path}")
+
+
+def _cmd_promote(args: argparse.Namespace) -> None:
+    from ms2rgb.tasks.config import load_params
+    from ms2rgb.tasks.evaluate import promote_by_hand
+
+    root = Path(args.root).resolve()
+    params = load_params(root)
+    with project_lock(root, f"ms2rgb promote {args.model} {args.version}", args.wait):
+        decision = promote_by_hand(root, params, args.model, args.version, args.force)
+    print(f"{args.model}: {decision.decision}; champion is v{decision.champion}")
+    for reason in decision.reasons:
+        print(f"  - {reason}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +204,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--until", help="last stage to run")
     run.add_argument("--force", action="store_true", help="run stages even when DVC says they are fresh")
     run.set_defaults(func=_cmd_run)
+    serve = sub.add_parser(
+        "serve", help="serve the deployments pipeline/default, watch/landing, retrain/on-new-scenes (blocks)"
+    )
+    serve.add_argument(
+        "--detach",
+        action="store_true",
+        help="start a local Prefect server if PREFECT_API_URL is unset, then serve in the background (`make serve`)",
+    )
+    serve.add_argument("--stop", action="store_true", help="stop what --detach started (what `make stop` runs)")
+    serve.add_argument("--port", type=int, default=4200, help="port of the local server --detach starts (default 4200)")
+    serve.add_argument("--no-ui", action="store_true", help="start the local server without its web UI")
+    serve.set_defaults(func=_cmd_serve)
+    watch = sub.add_parser("watch", help="poll the landing location: ingest new scenes, quarantine bad ones")
+    watch.add_argument(
+        "--polls", type=int, default=0, help="polls at most, until nothing is settling (default: landing.stable_polls)"
+    )
+    watch.add_argument("--every", type=float, default=5.0, help="seconds between polls (default 5)")
+    watch.set_defaults(func=_cmd_watch)
     stage = sub.add_parser("stage", help="run one stage without Prefect (what dvc.yaml calls)")
     stage.add_argument("name")
     stage.set_defaults(func=_cmd_stage)
@@ -137,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("scene", nargs="+", help="one 13-band GeoTIFF, or the per-band files of one scene")
     ingest.add_argument("--scene-id", help="name of the scene folder (default: derived from the file names)")
     ingest.set_defaults(func=_cmd_ingest)
+    promote = sub.add_parser("promote", help="make a registered version the champion if it beats the current one")
+    promote.add_argument("model", help="registered model, e.g. ms2rgb-student")
+    promote.add_argument("version", type=int, help="its version number")
+    promote.add_argument("--force", action="store_true", help="skip the check (recorded as 'forced')")
+    promote.set_defaults(func=_cmd_promote)
     det = sub.add_parser(
         "detect", help="land-cover class map of an RGB (or 13-band MS) GeoTIFF with the tuned detector"
     )
@@ -147,11 +254,26 @@ def build_parser() -> argparse.ArgumentParser:
         help='comma-separated surface/scene names or free descriptions, e.g. "water,forest,red tiled roofs"',
     )
     det.add_argument("--out", default="detections", help="output folder (default: detections)")
-    det.add_argument("--model", help="MLflow model URI, e.g. models:/ms2rgb-detector/1 (default: artifacts/detector/)")
+    det.add_argument(
+        "--model",
+        help="MLflow model URI, e.g. models:/ms2rgb-detector/1 (default: models:/ms2rgb-detector@champion, "
+        "else artifacts/detector/)",
+    )
     det.add_argument(
         "--stride", type=int, default=32, help="window step in px; < 64 overlaps and averages (default 32)"
     )
     det.set_defaults(func=_cmd_detect)
+    pred = sub.add_parser(
+        "predict", help="scene-class map (one class per 64-px cell) of an RGB (or 13-band MS) GeoTIFF with the student"
+    )
+    pred.add_argument("image", help="GeoTIFF: 3-band uint8 RGB or 13-band uint16 Sentinel-2, any size, with a CRS")
+    pred.add_argument("--out", default="predictions", help="output folder (default: predictions)")
+    pred.add_argument(
+        "--model",
+        help="MLflow model URI, e.g. models:/ms2rgb-student/3 (default: models:/ms2rgb-student@champion, "
+        "else artifacts/student/model.pt)",
+    )
+    pred.set_defaults(func=_cmd_predict)
     return parser
 
 

@@ -25,6 +25,7 @@ STAGE_MODULES: dict[str, str] = {
     "pairs": "ms2rgb.tasks.pairs",
     "student": "ms2rgb.tasks.student",
     "detector": "ms2rgb.tasks.detector",
+    "evaluate": "ms2rgb.tasks.evaluate",
 }
 REPORTS_DIR = "reports"
 

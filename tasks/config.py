@@ -239,6 +239,40 @@ class DetectorConfig(Section):
         return template
 
 
+class EvaluateConfig(Section):
+    bootstrap: int = Field(ge=100, le=100_000)  # resamples of the test tiles for the 95 % interval
+    ece_bins: int = Field(ge=2, le=100)  # equal-width confidence bins of the calibration error
+    overlays: int = Field(ge=0, le=32)  # detector test tiles drawn with their predicted maps
+    batch_size: int = Field(ge=1)  # tiles per inference batch
+
+
+class PromoteConfig(Section):
+    min_gain: float = Field(ge=0, le=1)  # the headline metric must improve by at least this
+    max_regression: float = Field(ge=0, le=1)  # no other tracked metric may get worse by more
+
+
+class LandingConfig(Section):
+    location: str  # folder (relative to the project) or fsspec URL where new scenes are dropped
+    quarantine: str  # folder (relative to the project) or fsspec URL that receives bad scenes
+    poll_seconds: int = Field(ge=1, le=86_400)  # interval of the watch/landing schedule
+    stable_polls: int = Field(ge=1, le=100)  # consecutive polls with an unchanged size before a scene is taken
+
+    @field_validator("location", "quarantine")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("give a folder (relative to the project) or an fsspec URL such as s3://bucket/drop")
+        return value
+
+    @model_validator(mode="after")
+    def _quarantine_apart(self) -> LandingConfig:
+        if self.quarantine.rstrip("/") == self.location.rstrip("/"):
+            raise ParamsError(
+                "landing.quarantine", self.quarantine, "must differ from landing.location (bad scenes move out of it)"
+            )
+        return self
+
+
 class Params(Section):
     """Every section of params.yaml after the profile's overrides."""
 
@@ -253,6 +287,9 @@ class Params(Section):
     pairs: PairsConfig
     student: StudentConfig
     detector: DetectorConfig
+    evaluation: EvaluateConfig = Field(alias="evaluate")  # named like the stage
+    promote: PromoteConfig
+    landing: LandingConfig
 
     @model_validator(mode="after")
     def _heads_divide_features(self) -> Params:

@@ -42,6 +42,7 @@ from ms2rgb.tasks.detection.report import BASELINES, FULL_MODE, aggregate, log_f
 from ms2rgb.tasks.detection.tune import evaluate, tune
 from ms2rgb.tasks.errors import ParamsError
 from ms2rgb.tasks.tracking import StageTracker
+from ms2rgb.tasks.tracking.pyfunc import LandCoverPyfunc, detector_artifacts
 from ms2rgb.tasks.training.loop import pick_device, seed_everything
 
 DETECTOR_MODEL = "ms2rgb-detector"
@@ -224,6 +225,14 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     log_figures(results, shots, settings.tune.loss_threshold, (test_images, test_masks), settings.examples, tracker)
     report = summarise(results, shots, info)
     example = test_images[:1].numpy().astype(np.float32)  # serving input: RGB 0..255, any multiple of 8
-    version = tracker.log_torch_model(head, example, DETECTOR_MODEL, **SERVING)
+    version = tracker.log_pyfunc_model(  # weights as detector.pt (+ backbone.pt) artifacts; serves class ids
+        LandCoverPyfunc(),
+        detector_artifacts(ctx.out_dir / DETECTOR_FILE, root),
+        example,
+        DETECTOR_MODEL,
+        any_size=True,
+        metadata={"class_names": list(head.class_names)},
+        extra_requirements=SERVING["extra_requirements"],
+    )
     report.update(registered_model=f"{DETECTOR_MODEL}/{version}", stage_seconds=round(time.perf_counter() - start, 1))
     return report

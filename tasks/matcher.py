@@ -26,7 +26,7 @@ from ms2rgb.tasks.data.pairing import PairSet, load_true_pairs
 from ms2rgb.tasks.data.validated import require_validated
 from ms2rgb.tasks.tracking import StageTracker
 from ms2rgb.tasks.training.augment import random_dihedral
-from ms2rgb.tasks.training.inference import embed
+from ms2rgb.tasks.training.inference import retrieval
 from ms2rgb.tasks.training.loop import (
     EpochStats,
     FitConfig,
@@ -60,20 +60,6 @@ def contrastive_step(matcher: CrossModalMatcher, pairs: PairSet, cfg: MatcherSta
         return loss, int((pos > hardest).sum())
 
     return step
-
-
-def retrieval(matcher: CrossModalMatcher, pairs: PairSet) -> dict[str, float]:
-    """Rank of each RGB tile's true MS partner among all MS tiles of the set."""
-    scores = matcher.score(embed(matcher, pairs.rgb, "rgb"), embed(matcher, pairs.ms, "ms"))  # (N, N)
-    true = scores.diagonal().unsqueeze(1)  # (N, 1)
-    rank = (scores > true).sum(1)  # (N,) 0 = partner scored best
-    best = scores.argmax(1).numpy()
-    return {
-        "pair_top1": float((rank < 1).float().mean()),
-        "pair_top5": float((rank < 5).float().mean()),
-        "pair_same_class_rate": float((pairs.labels[best] == pairs.labels).mean()),
-        "pair_chance_top1": 1.0 / len(pairs.labels),
-    }
 
 
 def train(

@@ -28,6 +28,7 @@ from ms2rgb.tasks.data.pairing import PAIRS_FILE, load_true_pairs, read_pairs
 from ms2rgb.tasks.data.validated import require_validated
 from ms2rgb.tasks.errors import DataError
 from ms2rgb.tasks.tracking import StageTracker
+from ms2rgb.tasks.tracking.pyfunc import MODEL_ARTIFACT, SceneClassifierPyfunc
 from ms2rgb.tasks.training import plots
 from ms2rgb.tasks.training.distill import (
     FULL_METHOD,
@@ -224,8 +225,12 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     product, product_report = firsts[FULL_METHOD]
     save_model(out / MODEL_FILE, "scene_cnn", product.model, product.model.cfg)
     log_product(tracker, product, product_report, summaries)
-    version = tracker.log_torch_model(
-        product.model, to_tensor(inputs.test.images, np.arange(2)).numpy(), REGISTERED_NAME
+    version = tracker.log_pyfunc_model(  # weights as the model.pt artifact; serves softmax probabilities
+        SceneClassifierPyfunc(),
+        {MODEL_ARTIFACT: out / MODEL_FILE},
+        to_tensor(inputs.test.images, np.arange(2)).numpy(),
+        REGISTERED_NAME,
+        metadata={"class_names": list(SCENE_NAMES)},
     )
     full, rgb_only = summaries[FULL_METHOD], summaries["rgb_only"]
     gain, spread = full["mean"] - rgb_only["mean"], full["std"] + rgb_only["std"]

@@ -28,5 +28,5 @@ def config(section: str, profile: str = "default", **overrides: Any) -> Any:
     prefix = section.replace(".", "__")
     node: Any = repo_params(profile, **{f"{prefix}__{k}": v for k, v in overrides.items()})
     for part in section.split("."):
-        node = getattr(node, "validation" if part == "validate" else part)
+        node = getattr(node, {"validate": "validation", "evaluate": "evaluation"}.get(part, part))
     return node

@@ -12,6 +12,7 @@ from ms2rgb.flows.cli import main
 from ms2rgb.flows.stages import run_stage
 
 
+@pytest.mark.slow
 def test_ingested_real_scene_joins_the_pool_and_validates(project: Path) -> None:
     bands = sorted(str(p) for p in S2_DIR.glob("s2_B*.jp2"))
     assert main(["--root", str(project), "data", "ingest", *bands, "--scene-id", "s2crop"]) == 0

@@ -28,6 +28,8 @@ from ms2rgb.tasks.detection.pretrain import prepare_backbone
 from ms2rgb.tasks.errors import ParamsError, RasterError, UnknownClassError
 from ms2rgb.tasks.tracking import load_torch_model
 
+pytestmark = pytest.mark.slow  # trains the detector stage once per module (about a minute)
+
 REQUIRED = (
     "miou",
     "pixel_accuracy",

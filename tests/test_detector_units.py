@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 import torch
 from helpers_params import config
+from helpers_rasters import recorded_reads, smooth_rgb, write_raster
 
 from ms2rgb.models.clip_backbone import TINY_MODEL, load_clip
 from ms2rgb.models.clip_detector import ClassMapDetector, ClipPixels
 from ms2rgb.models.clip_prompt import PromptConfig, PromptedCLIP
 from ms2rgb.tasks.data.cache import CachedSplit
 from ms2rgb.tasks.data.classes import SURFACE_CLASSES, SURFACE_NAMES
+from ms2rgb.tasks.data.windows import ImageReader, plan_blocks
 from ms2rgb.tasks.detection.captions import caption, composition
-from ms2rgb.tasks.detection.detect import resolve_classes, sliding_logits, window_starts
+from ms2rgb.tasks.detection.detect import block_logits, resolve_classes, sliding_logits, window_starts
 from ms2rgb.tasks.detection.pretrain import multi_positive_clip_loss, pretrain_clip
 from ms2rgb.tasks.detection.tune import STOP_MAX_STEPS, STOP_THRESHOLD, stop_reason, tune
 from ms2rgb.tasks.errors import Ms2rgbError, UnknownClassError
@@ -258,3 +260,76 @@ def test_sliding_logits_average_overlapping_windows() -> None:
     assert logits[0, 40, 3] == pytest.approx(4.0) and logits[0, 10, 3] == 0.0 and logits[0, 80, 3] == 8.0
     small = sliding_logits(score, np.full((3, 20, 30), 5, np.uint8), 2, 32, 4, CPU)
     assert small.shape == (2, 20, 30) and np.all(small[0] == 5)  # edge-padded to one window, cropped back
+
+
+# ---------------------------------------------------------------- windowed detect
+
+
+def content_score(tiles: torch.Tensor) -> torch.Tensor:
+    """Class 0: red plus the window's corner green (so the window mean matters); class 1: blue."""
+    x = tiles.float()
+    return torch.stack([x[:, 0] + x[:, 1, :1, :1], x[:, 2]], dim=1)
+
+
+@pytest.mark.parametrize("budget, stride", [(190 * 190, 32), (200 * 230, 20), (10**7, 32)])
+def test_block_logits_equal_the_whole_image_within_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, budget: int, stride: int
+) -> None:
+    rgb = smooth_rgb(300, 230, seed=4)
+    image = write_raster(tmp_path / "img.tif", rgb)
+    whole = sliding_logits(content_score, rgb, 2, stride, 16, CPU)
+    got = np.full_like(whole, np.nan)
+    with recorded_reads(monkeypatch) as calls, ImageReader(image) as reader:
+        for block in plan_blocks(300, 230, budget, halo=63, align=64):
+            logits, block_rgb, valid = block_logits(content_score, reader, block, 2, stride, 16, CPU)
+            r, c, h, w = int(block.row_off), int(block.col_off), int(block.height), int(block.width)
+            assert np.array_equal(block_rgb, rgb[:, r : r + h, c : c + w]) and valid.all()
+            got[:, r : r + h, c : c + w] = logits
+    assert max(rows * cols for _, rows, cols in calls) <= budget
+    assert (sum(name == "read" for name, _, _ in calls) > 1) == (budget < 300 * 230)  # one read when it fits
+    np.testing.assert_allclose(got, whole, rtol=1e-6)
+
+
+def test_detect_reads_by_windows_and_writes_the_same_map(
+    clip_and_tokenizer: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rasterio
+
+    from ms2rgb.tasks.detection import detect as detect_module
+
+    detector = make_detector(clip_and_tokenizer)
+    monkeypatch.setattr(detect_module, "choose_detector", lambda root, uri: (detector, "test detector", None))
+    image = write_raster(tmp_path / "scene.tif", smooth_rgb(300, 260, seed=5))
+    whole = detect_module.detect(image, "water,forest,roof", tmp_path / "whole", root=tmp_path)
+    budget = 190 * 190
+    with recorded_reads(monkeypatch) as calls:
+        windowed = detect_module.detect(
+            image, "water,forest,roof", tmp_path / "windowed", root=tmp_path, window_px=budget
+        )
+    assert max(rows * cols for _, rows, cols in calls) <= budget < 300 * 260
+    assert whole["reads"] == 1 and windowed["reads"] > 1 and windowed["largest_read_px"] <= budget
+    with (
+        rasterio.open(whole["outputs"]["classes.tif"]) as a,
+        rasterio.open(windowed["outputs"]["classes.tif"]) as b,
+        rasterio.open(image) as src,
+    ):
+        assert (b.crs, b.transform, b.height, b.width) == (src.crs, src.transform, src.height, src.width)
+        assert np.array_equal(a.read(), b.read()) and b.colormap(1)[0] != b.colormap(1)[1]
+    assert whole["shares"] == windowed["shares"] and windowed["polygons"] >= whole["polygons"] > 0
+    assert Path(windowed["outputs"]["overlay.png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_detect_prefers_the_champion_and_falls_back_to_the_artifacts(
+    clip_and_tokenizer: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ms2rgb.tasks import tracking
+    from ms2rgb.tasks.detection.detect import CHAMPION_URI, choose_detector
+
+    detector = make_detector(clip_and_tokenizer)
+    monkeypatch.setattr(tracking, "load_registered_module", lambda root, uri: detector)
+    assert choose_detector(tmp_path, None) == (detector, CHAMPION_URI, None)
+    monkeypatch.undo()  # the real loader: this project has no MLflow store, and no artifacts either
+    with pytest.raises(Ms2rgbError, match=r"no detector: models:/ms2rgb-detector@champion is not available") as caught:
+        choose_detector(tmp_path, None)
+    message = str(caught.value)
+    assert "\n" not in message and "no MLflow store" in message and "detector.pt does not exist" in message

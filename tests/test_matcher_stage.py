@@ -17,7 +17,7 @@ from ms2rgb.flows.stages import run_stage
 from ms2rgb.models.matcher import CrossModalMatcher, MatcherConfig
 from ms2rgb.tasks.data.pairing import PairSet, load_true_pairs
 from ms2rgb.tasks.errors import DataError
-from ms2rgb.tasks.matcher import retrieval
+from ms2rgb.tasks.training.inference import retrieval
 from ms2rgb.tasks.training.store import load_model
 
 

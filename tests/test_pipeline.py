@@ -20,6 +20,8 @@ from ms2rgb.tasks import tracking
 from ms2rgb.tasks.data.manifest import SPLITS, make_manifest, write_manifest
 from ms2rgb.tasks.errors import ValidationFailed
 
+pytestmark = pytest.mark.slow  # whole pipelines under Prefect and DVC
+
 
 @pytest.fixture(scope="module", autouse=True)
 def prefect_server() -> Iterator[None]:

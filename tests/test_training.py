@@ -63,11 +63,10 @@ def test_trainer_is_seeded_and_checkpoints_are_complete(tmp_path: Path) -> None:
     again, _ = _toy_trainer(tmp_path / "b", seed=3)
     assert [h.loss for h in first.history] == [h.loss for h in again.history]
     assert first.history[-1].loss < first.history[0].loss
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["epoch_000.pt", "epoch_001.pt", "epoch_002.pt"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["epoch_002.pt"]  # only the newest is kept
     state = torch.load(tmp_path / "a" / "epoch_002.pt", weights_only=False)
-    assert {"epoch", "epochs", "module", "optimizer", "scheduler", "generator", "torch_rng", "history", "extra"} <= set(
-        state
-    )
+    keys = {"fingerprint", "epoch", "epochs", "module", "optimizer", "scheduler", "generator", "torch_rng", "history"}
+    assert keys | {"extra"} <= set(state)
     assert state["epoch"] == 2 and state["extra"] == {"note": "caller state"} and len(state["history"]) == 3
     torch.testing.assert_close(state["module"]["weight"], model.weight.detach())
     assert state["optimizer"]["state"]  # AdamW moments are there, so a resume continues the same run

@@ -2,45 +2,52 @@
 
 Input: a 3-band uint8 RGB GeoTIFF (bands red, green, blue — EuroSAT's / our tiles' B04, B03,
 B02 rendering) or a 13-band uint16 Sentinel-2 L1C GeoTIFF, which is rendered to RGB exactly
-as the training tiles were (``tasks.render.render_rgb``; band descriptions, when they name
+as the training tiles were (``tasks/data/windows.py``; band descriptions, when they name
 all 13 bands, give the order). It needs a CRS. Classes: land-cover surface names
 (``crop``, ``water``, ...), scene names (``River`` -> its description) or free descriptions
 of two or more words (``"red tiled roofs"``); one unknown word is an error.
 
 The image is scored in 64-px windows (the tiles' size) with overlap; each pixel gets the mean
-of the logits of every window covering it, which hides window seams. The logits of the whole
-image are held in memory: K x H x W float32 (9 classes on 5000 x 5000 px is about 900 MB).
+of the logits of every window covering it, which hides window seams. It is read and written
+block by block: a block is read with the 63-px margin its windows need, each read at most
+``window_px`` pixels, so memory follows that budget (about 3 + 4 K bytes per pixel of it for K
+classes) and not the image. Every pixel sees the same windows as in a whole-image pass.
+
+Model: the registered champion ``models:/ms2rgb-detector@champion`` when the project has an
+MLflow store with one, else ``artifacts/detector/`` (the result says why); ``model_uri`` picks
+a registered version.
 
 Outputs in ``out_dir``: ``<stem>_classes.tif`` (uint8 class ids, 255 = no data, same CRS and
-transform, a colour table), ``<stem>_overlay.png`` (image, class colours, legend) and
-``<stem>_classes.geojson`` (one polygon per connected region, WGS84 as RFC 7946 requires).
+transform, a colour table), ``<stem>_overlay.png`` (image, class colours, legend; downsampled
+to at most 1024 px a side) and ``<stem>_classes.geojson`` (one polygon per connected region
+within a block, WGS84 as RFC 7946 requires; a region crossing a block border is cut there,
+which happens only on images larger than one block).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio
 import rasterio.features
 import rasterio.warp
+import rasterio.windows
 import torch
-from rasterio.errors import RasterioIOError
+from rasterio.windows import Window
 
-from ms2rgb.models.bands import S2_BANDS
+from ms2rgb.models.clip_detector import ClassMapDetector
 from ms2rgb.tasks.data.classes import MASK_NODATA, SCENE_CLASSES, SURFACE_CLASSES
-from ms2rgb.tasks.data.render import render_rgb
+from ms2rgb.tasks.data.windows import DEFAULT_WINDOW_PX, ImageReader, Thumbnail, create_geotiff, plan_blocks, staged
 from ms2rgb.tasks.detection.model import load_detector, tokenizer_for
-from ms2rgb.tasks.errors import Ms2rgbError, RasterError, UnknownClassError
+from ms2rgb.tasks.errors import Ms2rgbError, UnknownClassError
 from ms2rgb.tasks.training.loop import autocast, pick_device
 
 WINDOW = 64
-INPUT_FIX = (
-    "give a 3-band uint8 RGB GeoTIFF (red, green, blue) or a 13-band uint16 Sentinel-2 L1C GeoTIFF "
-    "(bands B01..B12 with B8A after B08)"
-)
+CHAMPION_URI = "models:/ms2rgb-detector@champion"
+Score = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _key(name: str) -> str:
@@ -71,31 +78,6 @@ def resolve_classes(spec: str) -> tuple[list[str], list[str]]:
     return names, texts
 
 
-def read_image(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """(RGB uint8 (3, H, W), valid-pixel mask (H, W), georeference) of an RGB or 13-band MS GeoTIFF."""
-    if not path.is_file():
-        raise RasterError(path, "file does not exist", "check the path of the image to annotate")
-    try:
-        with rasterio.open(path) as src:
-            array, valid = src.read(), src.dataset_mask() > 0
-            geo = {"crs": src.crs, "transform": src.transform, "descriptions": src.descriptions}
-    except RasterioIOError as exc:
-        raise RasterError(path, f"cannot be read as a raster ({exc})", INPUT_FIX) from exc
-    if geo["crs"] is None:
-        raise RasterError(
-            path,
-            "has no CRS",
-            "georeference it first, e.g. gdal_edit.py -a_srs EPSG:32633 "
-            "-a_ullr ... (outputs must share the input's georeference)",
-        )
-    if array.shape[0] == 3 and array.dtype == np.uint8:
-        return array, valid, geo
-    if array.shape[0] == len(S2_BANDS) and array.dtype == np.uint16:
-        named = tuple(d or "" for d in geo["descriptions"])
-        return render_rgb(array, named if set(named) == set(S2_BANDS) else S2_BANDS), valid, geo
-    raise RasterError(path, f"has {array.shape[0]} band(s) of {array.dtype}", INPUT_FIX)
-
-
 def window_starts(size: int, window: int, stride: int) -> list[int]:
     """Window offsets covering 0..size with the last window flush with the end."""
     if size <= window:
@@ -104,55 +86,82 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
     return starts if starts[-1] == size - window else starts + [size - window]
 
 
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line, without its own fix (the caller's message gives one)."""
+    text = " ".join(str(err).split()).split(". Fix:")[0] or type(err).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 @torch.no_grad()
-def sliding_logits(
-    score: Any, rgb: np.ndarray, n_classes: int, stride: int, batch_size: int, device: torch.device
+def _mean_logits(
+    score: Score,
+    region: np.ndarray,
+    corners: Sequence[tuple[int, int]],
+    n_classes: int,
+    batch_size: int,
+    device: torch.device,
 ) -> np.ndarray:
-    """Mean logits (K, H, W) of 64-px windows; images smaller than a window are edge-padded."""
-    height, width = rgb.shape[1:]
-    padded = np.pad(rgb, ((0, 0), (0, max(0, WINDOW - height)), (0, max(0, WINDOW - width))), mode="edge")
-    ph, pw = padded.shape[1:]
-    acc = np.zeros((n_classes, ph, pw), np.float32)
-    hits = np.zeros((ph, pw), np.float32)
-    corners = [(r, c) for r in window_starts(ph, WINDOW, stride) for c in window_starts(pw, WINDOW, stride)]
+    """Mean logits (K, h, w) over `region` (3, h, w) of the 64-px windows whose top-left corners
+    (region coordinates) are `corners`, scored in batches in the order given."""
+    _, height, width = region.shape
+    acc = np.zeros((n_classes, height, width), np.float32)
+    hits = np.zeros((height, width), np.float32)
     for i in range(0, len(corners), batch_size):
         chunk = corners[i : i + batch_size]
-        tiles = torch.from_numpy(np.stack([padded[:, r : r + WINDOW, c : c + WINDOW] for r, c in chunk]))
+        tiles = torch.from_numpy(np.stack([region[:, r : r + WINDOW, c : c + WINDOW] for r, c in chunk]))
         with autocast(device):
             logits = score(tiles.to(device)).float().cpu().numpy()  # (B, K, 64, 64)
         for (r, c), tile_logits in zip(chunk, logits):
             acc[:, r : r + WINDOW, c : c + WINDOW] += tile_logits
             hits[r : r + WINDOW, c : c + WINDOW] += 1
-    return (acc / hits)[:, :height, :width]
+    return acc / hits
 
 
-def write_classes_tif(
-    path: Path, classes: np.ndarray, geo: dict[str, Any], names: list[str], colours: np.ndarray
-) -> None:
-    """uint8 class ids with the input's CRS/transform, 255 as nodata, a colour table and the names."""
-    profile = dict(
-        driver="GTiff",
-        width=classes.shape[1],
-        height=classes.shape[0],
-        count=1,
-        dtype="uint8",
-        crs=geo["crs"],
-        transform=geo["transform"],
-        nodata=MASK_NODATA,
-        compress="deflate",
-    )
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(classes, 1)
-        dst.set_band_description(1, "class id")
-        dst.update_tags(classes=json.dumps(dict(enumerate(names))))
-        dst.write_colormap(1, {i: tuple(int(v * 255) for v in c) + (255,) for i, c in enumerate(colours)})
+def sliding_logits(
+    score: Score, rgb: np.ndarray, n_classes: int, stride: int, batch_size: int, device: torch.device
+) -> np.ndarray:
+    """Mean logits (K, H, W) of 64-px windows over a whole image in memory; images smaller than
+    a window are edge-padded. `block_logits` gives the same values block by block."""
+    height, width = rgb.shape[1:]
+    padded = np.pad(rgb, ((0, 0), (0, max(0, WINDOW - height)), (0, max(0, WINDOW - width))), mode="edge")
+    ph, pw = padded.shape[1:]
+    corners = [(r, c) for r in window_starts(ph, WINDOW, stride) for c in window_starts(pw, WINDOW, stride)]
+    return _mean_logits(score, padded, corners, n_classes, batch_size, device)[:, :height, :width]
 
 
-def write_geojson(path: Path, classes: np.ndarray, geo: dict[str, Any], names: list[str], texts: list[str]) -> int:
-    """Polygons of connected same-class regions, reprojected to WGS84; returns how many."""
-    shapes = list(rasterio.features.shapes(classes, mask=classes != MASK_NODATA, transform=geo["transform"]))
-    geometries = rasterio.warp.transform_geom(geo["crs"], "EPSG:4326", [g for g, _ in shapes]) if shapes else []
-    features = [
+def block_logits(
+    score: Score,
+    reader: ImageReader,
+    block: Window,
+    n_classes: int,
+    stride: int,
+    batch_size: int,
+    device: torch.device,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean logits (K, h, w), RGB (3, h, w), valid mask (h, w)) of one block of the image.
+
+    Only the windows of the whole-image grid that touch the block are scored, on one read of
+    the region they span (the block plus at most 63 px a side), so each pixel of the block gets
+    the mean over exactly the windows `sliding_logits` would give it.
+    """
+    row, col, rows, cols = int(block.row_off), int(block.col_off), int(block.height), int(block.width)
+    row_starts = [s for s in window_starts(max(reader.height, WINDOW), WINDOW, stride) if row - WINDOW < s < row + rows]
+    col_starts = [s for s in window_starts(max(reader.width, WINDOW), WINDOW, stride) if col - WINDOW < s < col + cols]
+    top, left = row_starts[0], col_starts[0]
+    region, valid = reader.read_padded(top, left, row_starts[-1] + WINDOW - top, col_starts[-1] + WINDOW - left)
+    corners = [(r - top, c - left) for r in row_starts for c in col_starts]
+    logits = _mean_logits(score, region, corners, n_classes, batch_size, device)
+    inner = (slice(row - top, row - top + rows), slice(col - left, col - left + cols))
+    return logits[(slice(None), *inner)], region[(slice(None), *inner)], valid[inner]
+
+
+def block_features(
+    classes: np.ndarray, transform: Any, crs: Any, names: list[str], texts: list[str]
+) -> list[dict[str, Any]]:
+    """GeoJSON features of the connected same-class regions of one block, reprojected to WGS84."""
+    shapes = list(rasterio.features.shapes(classes, mask=classes != MASK_NODATA, transform=transform))
+    geometries = rasterio.warp.transform_geom(crs, "EPSG:4326", [g for g, _ in shapes]) if shapes else []
+    return [
         {
             "type": "Feature",
             "geometry": geometry,
@@ -160,8 +169,32 @@ def write_geojson(path: Path, classes: np.ndarray, geo: dict[str, Any], names: l
         }
         for geometry, (_, value) in zip(geometries, shapes)
     ]
-    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
-    return len(features)
+
+
+def choose_detector(root: Path, model_uri: str | None) -> tuple[ClassMapDetector, str, str | None]:
+    """(detector, where it came from, why the champion was not used or None).
+
+    `model_uri` given: that registered model. Else the registered champion, else the detector
+    stage's artifacts, else an error naming both and the fix.
+    """
+    if model_uri is not None:
+        model, source = load_detector(root, model_uri)
+        return model, source, None
+    from ms2rgb.tasks import tracking
+
+    try:
+        module = tracking.load_registered_module(root, CHAMPION_URI)
+    except Ms2rgbError as err:  # no store, no champion alias yet, or an unreachable server
+        reason = _one_line(err)
+    else:
+        if isinstance(module, ClassMapDetector):
+            return module, CHAMPION_URI, None
+        reason = f"it holds a {type(module).__name__}, not a ClassMapDetector"
+    try:
+        model, source = load_detector(root, None)
+    except Ms2rgbError as err:
+        raise Ms2rgbError(f"no detector: {CHAMPION_URI} is not available ({reason}); and {err}") from err
+    return model, source, f"no champion {CHAMPION_URI} ({reason}); used {source}"
 
 
 def write_overlay(path: Path, rgb: np.ndarray, classes: np.ndarray, names: list[str], colours: np.ndarray) -> None:
@@ -182,7 +215,7 @@ def write_overlay(path: Path, rgb: np.ndarray, classes: np.ndarray, names: list[
     )
     ax.set_axis_off()
     fig.legend(handles=legend_handles(names), loc="lower center", ncol=min(5, len(names)), fontsize=7, frameon=False)
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, format="png")
 
 
 def detect(
@@ -193,30 +226,72 @@ def detect(
     model_uri: str | None = None,
     stride: int = 32,
     batch_size: int = 64,
+    window_px: int = DEFAULT_WINDOW_PX,
 ) -> dict[str, Any]:
-    """Annotate `image`; write the class GeoTIFF, overlay PNG and GeoJSON; return paths and class shares."""
+    """Annotate `image` block by block; write the class GeoTIFF, overlay PNG and GeoJSON.
+
+    Returns the output paths, the polygon count, where the model came from (and why, when not
+    the champion), the share of each class over valid pixels and the largest read in pixels.
+    """
     from ms2rgb.tasks.detection.plots import class_colours
 
     if not 1 <= stride <= WINDOW:
         raise Ms2rgbError(f"--stride {stride} must lie in 1..{WINDOW} so windows overlap or touch")
     names, texts = resolve_classes(classes)
-    rgb, valid, geo = read_image(image)
-    device = pick_device()
-    model, source = load_detector(root, model_uri)
-    model.to(device).eval()
-    tokens = tokenizer_for(model)(texts).to(device)
-    logits = sliding_logits(lambda x: model.logits_for(x, tokens), rgb, len(names), stride, batch_size, device)
-    class_ids = np.where(valid, logits.argmax(0), MASK_NODATA).astype(np.uint8)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    colours = class_colours(names)
-    paths = {kind: out_dir / f"{image.stem}_{kind}" for kind in ("classes.tif", "overlay.png", "classes.geojson")}
-    write_classes_tif(paths["classes.tif"], class_ids, geo, names, colours)
-    write_overlay(paths["overlay.png"], rgb, class_ids, names, colours)
-    polygons = write_geojson(paths["classes.geojson"], class_ids, geo, names, texts)
-    counts = np.bincount(class_ids[valid], minlength=len(names))
-    return {
-        "outputs": {k: str(p) for k, p in paths.items()},
-        "polygons": polygons,
-        "model": source,
-        "shares": {n: round(float(c) / max(1, valid.sum()), 4) for n, c in zip(names, counts)},
-    }
+    image = Path(image)
+    with ImageReader(image) as reader:
+        blocks = plan_blocks(reader.height, reader.width, window_px, halo=WINDOW - 1, align=WINDOW)
+        model, source, note = choose_detector(root, model_uri)
+        device = pick_device()
+        model.to(device).eval()
+        tokens = tokenizer_for(model)(texts).to(device)
+
+        def score(tiles: torch.Tensor) -> torch.Tensor:
+            return model.logits_for(tiles, tokens)
+
+        colours = class_colours(names)
+        thumb = Thumbnail(reader.height, reader.width)
+        step = thumb.factor
+        small_classes = np.full(thumb.rgb.shape[1:], MASK_NODATA, np.uint8)
+        counts, n_valid, features = np.zeros(len(names), np.int64), 0, []
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = {kind: out_dir / f"{image.stem}_{kind}" for kind in ("classes.tif", "overlay.png", "classes.geojson")}
+        with staged(list(paths.values())) as (tmp_tif, tmp_png, tmp_json):
+            with create_geotiff(
+                tmp_tif,
+                height=reader.height,
+                width=reader.width,
+                count=1,
+                dtype="uint8",
+                crs=reader.crs,
+                transform=reader.transform,
+                nodata=MASK_NODATA,
+                band_names=["class id"],
+                tags={"classes": json.dumps(dict(enumerate(names)))},
+                colormap={i: (int(r * 255), int(g * 255), int(b * 255), 255) for i, (r, g, b) in enumerate(colours)},
+            ) as dst:
+                for block in blocks:
+                    logits, rgb, valid = block_logits(score, reader, block, len(names), stride, batch_size, device)
+                    ids = np.where(valid, logits.argmax(0), MASK_NODATA).astype(np.uint8)
+                    dst.write(ids, 1, window=block)
+                    row, col = int(block.row_off), int(block.col_off)
+                    thumb.add(row, col, rgb)
+                    small = ids[::step, ::step]
+                    small_classes[
+                        row // step : row // step + small.shape[0], col // step : col // step + small.shape[1]
+                    ] = small
+                    counts += np.bincount(ids[valid], minlength=len(names))
+                    n_valid += int(valid.sum())
+                    transform = rasterio.windows.transform(block, reader.transform)
+                    features += block_features(ids, transform, reader.crs, names, texts)
+            write_overlay(tmp_png, thumb.rgb, small_classes, names, colours)
+            tmp_json.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+        return {
+            "outputs": {k: str(p) for k, p in paths.items()},
+            "polygons": len(features),
+            "model": source,
+            "model_note": note,
+            "shares": {n: round(float(c) / max(1, n_valid), 4) for n, c in zip(names, counts)},
+            "largest_read_px": max(r * c for r, c in reader.reads),
+            "reads": len(reader.reads),
+        }

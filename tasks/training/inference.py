@@ -10,6 +10,7 @@ from torch import nn
 
 from ms2rgb.models.classifier import SceneCNN
 from ms2rgb.models.matcher import CrossModalMatcher
+from ms2rgb.tasks.data.pairing import PairSet
 from ms2rgb.tasks.training.loop import autocast, batches, pick_device
 
 
@@ -45,3 +46,17 @@ def teacher_probs(teacher: SceneCNN, images: np.ndarray, batch_size: int) -> tor
     """(N, n_classes) teacher class distribution of every MS tile (T = 1)."""
     device = pick_device()
     return predict(teacher.to(device).eval(), images, device, batch_size).softmax(dim=1)
+
+
+def retrieval(matcher: CrossModalMatcher, pairs: PairSet) -> dict[str, float]:
+    """Rank of each RGB tile's true MS partner among all MS tiles of the set."""
+    scores = matcher.score(embed(matcher, pairs.rgb, "rgb"), embed(matcher, pairs.ms, "ms"))  # (N, N)
+    true = scores.diagonal().unsqueeze(1)  # (N, 1)
+    rank = (scores > true).sum(1)  # (N,) 0 = partner scored best
+    best = scores.argmax(1).numpy()
+    return {
+        "pair_top1": float((rank < 1).float().mean()),
+        "pair_top5": float((rank < 5).float().mean()),
+        "pair_same_class_rate": float((pairs.labels[best] == pairs.labels).mean()),
+        "pair_chance_top1": 1.0 / len(pairs.labels),
+    }

@@ -1,4 +1,4 @@
-"""Scores from one confusion matrix: classification accuracy, and segmentation IoU/mIoU/pixel accuracy."""
+"""Scores: confusion matrix, accuracy, macro-F1, calibration, bootstrap intervals, segmentation IoU."""
 
 from __future__ import annotations
 
@@ -49,3 +49,54 @@ def iou_report(conf: np.ndarray, names: Sequence[str]) -> dict:
         "pixel_accuracy": float(inter.sum() / total) if total else 0.0,
         "per_class_iou": {name: round(float(v), 4) for name, v in zip(names, iou) if not np.isnan(v)},
     }
+
+
+def macro_f1(conf: np.ndarray) -> float:
+    """Mean F1 over the classes that occur in the truth (a class never true would only add noise)."""
+    conf = np.asarray(conf, dtype=np.float64)
+    tp, true, predicted = np.diag(conf), conf.sum(1), conf.sum(0)
+    present = true > 0
+    f1 = 2 * tp / np.maximum(true + predicted, 1)
+    return float(f1[present].mean()) if present.any() else 0.0
+
+
+def calibration(probs: np.ndarray, labels: np.ndarray, bins: int) -> dict:
+    """Expected calibration error over `bins` equal-width confidence bins, and the reliability table.
+
+    ECE = sum over bins of (share of tiles in the bin) * |accuracy - mean confidence| (Guo et al. 2017).
+    """
+    confidence, pred = probs.max(1), probs.argmax(1)
+    correct = (pred == labels).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    acc: list[float | None] = []
+    conf: list[float | None] = []
+    count: list[int] = []
+    ece = 0.0
+    for b in range(bins):
+        rows = which == b
+        count.append(int(rows.sum()))
+        if not rows.any():
+            acc.append(None)
+            conf.append(None)
+            continue
+        acc.append(float(correct[rows].mean()))
+        conf.append(float(confidence[rows].mean()))
+        ece += rows.mean() * abs(correct[rows].mean() - confidence[rows].mean())
+    return {
+        "ece": float(ece),
+        "reliability": {"bin_edges": edges.tolist(), "accuracy": acc, "confidence": conf, "count": count},
+    }
+
+
+def bootstrap_ci(correct: np.ndarray, samples: int, seed: int, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-item scores (e.g. 1 = tile classified right).
+
+    Resamples items with replacement; seeded, so the same data and seed give the same interval.
+    """
+    correct = np.asarray(correct, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = correct[rng.integers(0, len(correct), (samples, len(correct)))].mean(1)  # (samples,)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)

@@ -15,9 +15,9 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import pandas as pd
@@ -25,17 +25,26 @@ from mlflow.tracking import MlflowClient
 
 from ms2rgb.tasks.errors import Ms2rgbError
 
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from ms2rgb.tasks.tracking.pyfunc import TorchPyfunc
+
 EXPERIMENT = "ms2rgb"
 TIMEOUT_ENV = "MS2RGB_TRACKING_TIMEOUT"  # seconds to wait for a tracking server before giving up
 # Tags that let a later process tell a run left RUNNING by a killed process from a live one.
 PID_TAG, HOST_TAG = "ms2rgb.pid", "ms2rgb.host"
+# Registry aliases: every newly registered version becomes the challenger; whoever promotes a
+# version (the evaluate stage, a person) moves `champion`, which serving reads (models:/NAME@champion).
+CHALLENGER, CHAMPION = "challenger", "champion"
 
 
 class TrackingUnreachable(Ms2rgbError):
     """MLFLOW_TRACKING_URI names a server that does not answer."""
 
 
-_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"  # shipped beside logged models
+_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"  # shipped beside logged models
 
 
 _embedded_uri: str | None = None  # the last embedded store configure() chose
@@ -275,21 +284,175 @@ class StageTracker:
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", *extra_requirements],
                 serialization_format=serialization_format,
             )
-        return info.registered_model_version
+        return self._registered(registered_name, info.registered_model_version)
+
+    def log_pyfunc_model(
+        self,
+        python_model: TorchPyfunc,
+        artifacts: dict[str, Path],
+        input_example: np.ndarray,
+        registered_name: str,
+        name: str = "model",
+        any_size: bool = False,
+        metadata: dict[str, Any] | None = None,
+        extra_requirements: tuple[str, ...] = (),
+    ) -> int | None:
+        """Log a pyfunc model whose weights are `artifacts` (files), register it, return its version.
+
+        `python_model` (a class of tasks/tracking/pyfunc.py) rebuilds its torch module from the files
+        on load; the model's code is tasks/tracking/model_code.py, which names the class, so nothing
+        is pickled. It is loaded here once to compute the example's output, so the signature is what
+        serving answers. The input is float32 (N, C, H, W) with the example's C, H, W, or any H, W when
+        `any_size` (the output's last two axes follow them). `metadata` lands in the MLmodel file
+        (e.g. class_names, to name the output's indices).
+        """
+        import mlflow.pyfunc
+        import numpy as np
+        import torch
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        from ms2rgb.tasks.tracking.pyfunc import MODEL_CODE, PYFUNCS
+
+        if type(python_model).__name__ not in PYFUNCS:
+            raise ValueError(
+                f"{type(python_model).__name__} is not one of {sorted(PYFUNCS)} (tasks/tracking/pyfunc.py)"
+            )
+        example = np.ascontiguousarray(input_example, dtype=np.float32)
+        output = python_model.loaded(artifacts).predict(None, example)
+        in_shape: tuple[int, ...] = (-1, *example.shape[1:])
+        out_shape: tuple[int, ...] = (-1, *output.shape[1:])
+        if any_size:
+            in_shape = (*in_shape[:2], -1, -1)
+            out_shape = (*out_shape[:-2], -1, -1) if output.ndim >= 3 else out_shape
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), in_shape)]),
+            outputs=Schema([TensorSpec(output.dtype, out_shape)]),
+        )
+        with self._active():
+            info = mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(MODEL_CODE),  # models from code: the class is named, not pickled
+                model_config={"pyfunc": type(python_model).__name__},
+                artifacts={key: str(path) for key, path in artifacts.items()},
+                signature=signature,
+                input_example=example,
+                registered_model_name=registered_name,
+                metadata=metadata,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", *extra_requirements],
+            )
+        return self._registered(registered_name, info.registered_model_version)
+
+    def _registered(self, registered_name: str, version: int | None) -> int | None:
+        """A newly registered version becomes the `challenger` at once (MLflow moves the alias to it)."""
+        if version is not None:
+            self._client.set_registered_model_alias(registered_name, CHALLENGER, str(version))
+        return version
 
 
-def load_torch_model(root: Path, uri: str) -> Any:
-    """Load a logged PyTorch model, e.g. ``models:/ms2rgb-detector/3``, from this project's store."""
-    import mlflow.pytorch
+def _has_store(root: Path) -> bool:
+    """Whether there is a store to read: a user's URI, or the project's embedded SQLite file."""
+    return _user_uri() is not None or (root / "mlflow.db").exists()
 
-    if _user_uri() is None and not (root / "mlflow.db").exists():  # reading must not create a store
+
+def _open_store(root: Path, what: str) -> None:
+    """configure() for a command that reads or edits the registry: never creates an embedded store."""
+    if not _has_store(root):
         raise Ms2rgbError(
-            f"{root / 'mlflow.db'}: no MLflow store in this project, so {uri} cannot be loaded. "
+            f"{root / 'mlflow.db'}: no MLflow store in this project, so {what}. "
             "Fix: run the pipeline first (`make run`), or set MLFLOW_TRACKING_URI to the store "
             "that holds the model"
         )
     configure(root)
-    return mlflow.pytorch.load_model(uri, map_location="cpu")
+
+
+def load_torch_model(root: Path, uri: str) -> Any:
+    """Load a registered model's torch module, e.g. ``models:/ms2rgb-detector/3``, from this project's store.
+
+    Same as load_registered_module (registered models are torch- or pyfunc-flavoured).
+    """
+    return load_registered_module(root, uri)
+
+
+def load_registered_module(root: Path, uri: str) -> torch.nn.Module:
+    """The torch module behind a registered model, ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``.
+
+    Torch-flavoured versions load with mlflow.pytorch; pyfunc versions (tasks/tracking/pyfunc.py)
+    rebuild their module from the logged weight files. On CPU, in eval mode. Raises Ms2rgbError
+    when the project has no store (none is created), the URI resolves to nothing, or the model
+    holds no torch module. Torch versions logged in the default pt2 format come back as the
+    exported program's module (its traced forward only).
+    """
+    import mlflow.models
+    import mlflow.pyfunc
+    import mlflow.pytorch
+    import torch
+    from mlflow.exceptions import MlflowException
+
+    from ms2rgb.tasks.tracking.pyfunc import TorchPyfunc
+
+    _open_store(root, f"{uri} cannot be loaded")
+    try:
+        if "pytorch" in mlflow.models.get_model_info(uri).flavors:
+            module = mlflow.pytorch.load_model(uri, map_location="cpu")
+        else:
+            python_model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+            if not isinstance(python_model, TorchPyfunc):
+                raise Ms2rgbError(
+                    f"{uri} is a {type(python_model).__name__} pyfunc model, not one of ms2rgb's torch models"
+                )
+            module = python_model.module
+    except MlflowException as err:
+        raise Ms2rgbError(f"{uri} could not be loaded: {err.message}") from err
+    if not isinstance(module, torch.nn.Module):
+        raise Ms2rgbError(f"{uri} holds a {type(module).__name__}, not a torch module")
+    with suppress(NotImplementedError):  # a pt2-exported program's module was exported in eval mode, refuses eval()
+        module.eval()
+    return module
+
+
+def set_alias(root: Path, name: str, alias: str, version: int) -> None:
+    """Point `alias` of registered model `name` at `version` (moving it from any other version)."""
+    from mlflow.exceptions import MlflowException
+
+    _open_store(root, f"alias {alias!r} of {name} cannot be set")
+    try:
+        MlflowClient().set_registered_model_alias(name, alias, str(version))
+    except MlflowException as err:
+        raise Ms2rgbError(f"{name} version {version}: alias {alias!r} could not be set: {err.message}") from err
+
+
+def version_by_alias(root: Path, name: str, alias: str) -> int | None:
+    """The version of `name` that `alias` points at; None when the alias, the model or the store does not exist."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    if not _has_store(root):  # reading must not create a store
+        return None
+    configure(root)
+    try:
+        return int(MlflowClient().get_model_version_by_alias(name, alias).version)
+    except MlflowException as err:
+        # An unknown model is RESOURCE_DOES_NOT_EXIST; an unknown alias of a known model, a "not found"
+        # INVALID_PARAMETER_VALUE.
+        if err.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST) or (
+            err.error_code == ErrorCode.Name(INVALID_PARAMETER_VALUE) and "not found" in err.message
+        ):
+            return None
+        raise
+
+
+def tag_version(root: Path, name: str, version: int, tags: dict[str, str]) -> None:
+    """Set tags on one registered model version (e.g. the evaluation that promoted or rejected it)."""
+    from mlflow.exceptions import MlflowException
+
+    _open_store(root, f"{name} version {version} cannot be tagged")
+    client = MlflowClient()
+    try:
+        for key, value in tags.items():
+            client.set_model_version_tag(name, str(version), key, str(value))
+    except MlflowException as err:
+        raise Ms2rgbError(f"{name} version {version} could not be tagged: {err.message}") from err
 
 
 def _has_tabulate() -> bool:

@@ -1,0 +1,139 @@
+"""The Prefect `retrain` flow: what new scenes make stale, run again, promoted only if better.
+
+`retrain` adds no stage logic: it runs the `pipeline` flow (flows/pipeline.py) as a subflow, which
+asks DVC before each stage and runs only the stale ones. Scenes ingested into `data/scenes/` (by
+`watch`) make stale exactly `prepare` (the scenes join the prepared MS pool), `validate`, `pairs`
+(teacher pseudo-labels and pairs), `student` and `evaluate`, which scores the new versions and moves
+`champion` only for a real gain; teacher, matcher and detector stay fresh and are skipped.
+
+Around that run, under the project lock (one writer per project, so `watch` cannot ingest mid-run):
+- the ledger (tasks/data/landing.py) records which scenes this retrain took and whether it finished
+  with them; a retrain killed midway leaves them untrained, and since DVC still finds the stages
+  stale the next retrain takes them again. Evaluation moves aliases last, so a kill leaves every
+  champion where it was;
+- each stage that ran is recorded in dvc.lock (the pipeline's `dvc_state.record`); afterwards the
+  data version (the `data/prepared` hash in dvc.lock) is pushed to the configured DVC remote, and
+  every MLflow run this retrain made gets the tags `ms2rgb.data_version`, `ms2rgb.scenes` and
+  `ms2rgb.retrain` (this flow run's id).
+The deployment `retrain/on-new-scenes` (flows/serve.py) allows one run at a time; others queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger
+
+from ms2rgb.flows.lock import project_lock
+from ms2rgb.flows.pipeline import pipeline
+from ms2rgb.tasks.config import load_params
+from ms2rgb.tasks.data import landing
+
+PREPARED = "data/prepared"  # the prepare stage's output that every training stage reads
+
+
+def data_versions(root: Path) -> dict[str, str]:
+    """The DVC hashes of the data as dvc.lock records it: `data/prepared` (an output of `prepare`,
+    what `dvc pull` restores) and `data/scenes` (its dependency); empty before prepare ever ran."""
+    lock = root / "dvc.lock"
+    if not lock.exists():
+        return {}
+    prepare = ((yaml.safe_load(lock.read_text()) or {}).get("stages") or {}).get("prepare") or {}
+    hashes = {e["path"]: str(e.get("md5", "")) for e in prepare.get("outs", []) + prepare.get("deps", [])}
+    return {k: hashes[k] for k in (PREPARED, "data/scenes") if k in hashes}
+
+
+def push(root: Path) -> str:
+    """`dvc push` to the configured default remote; a sentence saying what happened."""
+    from dvc.repo import Repo
+
+    with contextlib.chdir(root), Repo(".") as repo:
+        remote = repo.config["core"].get("remote")
+        if not remote:
+            return "no default DVC remote configured (core.remote): nothing pushed"
+        try:
+            count = repo.push()
+        except Exception as exc:  # a push failure must not hide that the models were trained and judged
+            return f"dvc push to {remote!r} failed: {type(exc).__name__}: {exc}"
+    return f"dvc push to {remote!r}: {count} file(s) transferred"
+
+
+def tag_runs(root: Path, since_ms: int, tags: dict[str, str]) -> int:
+    """Put `tags` on every MLflow run of the project's experiment started at or after `since_ms`.
+
+    Under the project lock every such run is this retrain's. (MLflow belongs in tasks/tracking;
+    this lives here until tracking offers it.)
+    """
+    from mlflow.tracking import MlflowClient
+
+    from ms2rgb.tasks import tracking
+
+    tracking.configure(root)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
+    if experiment is None:
+        return 0
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string=f"attributes.start_time >= {since_ms}", max_results=5000
+    )
+    for run in runs:
+        for key, value in tags.items():
+            client.set_tag(run.info.run_id, key, value)
+    return len(runs)
+
+
+def _flow_run_id() -> str | None:
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.id
+    return str(run_id) if run_id else None
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(root: str = ".", scene_ids: list[str] | None = None, wait: float = 3600.0) -> dict[str, Any]:
+    """Run the stages DVC finds stale (new scenes: prepare, validate, pairs, student, evaluate), record
+    the data version in dvc.lock, push it, and tag the MLflow runs with it."""
+    logger = get_run_logger()
+    path = Path(root).resolve()
+    load_params(path)  # every section checked before anything starts
+    run_id = _flow_run_id()
+    with project_lock(path, f"retrain {run_id or ''}".strip(), wait):
+        taken = landing.start_retrain(path, run_id)
+        logger.info("retrain: announced %s; untrained scenes in the pool: %s", scene_ids or [], taken)
+        since_ms = int(time.time() * 1000)
+        try:
+            reports = pipeline(root=str(path))
+        except Exception as exc:  # a kill never gets here: then the scenes stay `running` and are retried
+            landing.finish_retrain(path, taken, "failed", reason=f"{type(exc).__name__}: {exc}"[:4000])
+            raise
+        ran = [name for name, report in reports.items() if report is not None]
+        versions = data_versions(path)
+        version = versions.get(PREPARED, "")
+        pushed = push(path) if ran else "nothing ran: nothing to push"
+        tagged = 0
+        if ran:
+            tags = {
+                "ms2rgb.data_version": version,
+                "ms2rgb.data_version.scenes": versions.get("data/scenes", ""),
+                "ms2rgb.scenes": ",".join(taken or scene_ids or [])[:5000],
+                "ms2rgb.retrain": run_id or "",
+            }
+            tagged = tag_runs(path, since_ms, tags)
+        landing.finish_retrain(path, taken, "trained", data_version=version, run_id=run_id)
+    evaluation = reports.get("evaluate") or {}
+    promotion = {name: d.get("decision") for name, d in (evaluation.get("promotion") or {}).items()}
+    logger.info("retrain: ran %s; data version %s; %s; tagged %d MLflow run(s)", ran, version, pushed, tagged)
+    if promotion:
+        logger.info("retrain: promotion decisions %s", promotion)
+    return {
+        "ran": ran,
+        "scenes": taken,
+        "data_version": version,
+        "pushed": pushed,
+        "tagged_runs": tagged,
+        "promotion": promotion,
+    }

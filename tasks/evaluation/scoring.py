@@ -1,0 +1,87 @@
+"""Score each kind of model on its held-out test set, the same way for a challenger and a champion.
+
+One function per model kind; each returns the figures `evaluate` reports and promotion compares.
+HEADLINE names, per registered model, the metric that must improve and the metrics that must not
+regress (a leading "-" marks one where lower is better).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ms2rgb.models.matcher import CrossModalMatcher, PairScorer
+from ms2rgb.tasks.config import EvaluateConfig
+from ms2rgb.tasks.data.cache import CachedSplit
+from ms2rgb.tasks.data.classes import SCENE_NAMES
+from ms2rgb.tasks.data.pairing import PairSet
+from ms2rgb.tasks.training.inference import predict_logits, retrieval
+from ms2rgb.tasks.training.metrics import accuracy_report, bootstrap_ci, calibration, macro_f1
+
+# registered model -> (headline metric, other tracked metrics; "-" = lower is better)
+HEADLINE: dict[str, tuple[str, tuple[str, ...]]] = {
+    "ms2rgb-teacher": ("accuracy", ("macro_f1",)),
+    "ms2rgb-matcher": ("pair_top1", ("pair_top5",)),
+    "ms2rgb-student": ("accuracy", ("macro_f1", "-ece")),
+    "ms2rgb-detector": ("miou", ("pixel_accuracy",)),
+}
+
+
+@dataclass
+class TestData:
+    """Every held-out set the evaluate stage scores on, loaded once."""
+
+    ms_test: CachedSplit  # test, MS: the teacher
+    rgb_test: CachedSplit  # test, RGB: the student
+    pairs: PairSet  # pair_test: the matcher
+    seg_images: torch.Tensor  # seg_test (N, 3, H, W) uint8: the detector
+    seg_masks: torch.Tensor  # seg_test (N, H, W) uint8 surface ids
+
+
+def score_classifier(model: nn.Module, split: CachedSplit, cfg: EvaluateConfig, seed: int) -> dict[str, Any]:
+    """Accuracy with a bootstrap interval, macro-F1, calibration, per-class accuracy, confusion."""
+    logits = predict_logits(model, split.images)
+    probs = logits.softmax(1).numpy()
+    report = accuracy_report(logits, split.labels, SCENE_NAMES)
+    correct = probs.argmax(1) == split.labels
+    calib = calibration(probs, split.labels, cfg.ece_bins)
+    return {
+        "accuracy": report["accuracy"],
+        "accuracy_ci95": list(bootstrap_ci(correct, cfg.bootstrap, seed)),
+        "macro_f1": macro_f1(np.asarray(report["confusion"])),
+        "ece": calib["ece"],
+        "reliability": calib["reliability"],
+        "per_class": report["per_class"],
+        "confusion": report["confusion"],
+        "class_names": list(SCENE_NAMES),
+        "test_tiles": len(split.labels),
+    }
+
+
+def score_matcher(model: nn.Module, pairs: PairSet) -> dict[str, Any]:
+    """Retrieval of each RGB tile's true MS partner among the held-out pairs."""
+    matcher = model.matcher if isinstance(model, PairScorer) else model  # the registry holds the scorer
+    if not isinstance(matcher, CrossModalMatcher):
+        raise TypeError(f"expected a matcher, got {type(model).__name__}")
+    found = retrieval(matcher.eval(), pairs)
+    return {"pair_top1": found["pair_top1"], "pair_top5": found["pair_top5"], "test_pairs": len(pairs.labels)}
+
+
+def score_detector(model: nn.Module, data: TestData, cfg: EvaluateConfig) -> tuple[dict[str, Any], np.ndarray]:
+    """mIoU, pixel accuracy and per-class IoU on seg_test; also the predicted class maps."""
+    from ms2rgb.tasks.detection.tune import evaluate  # the detector's own scoring, one definition
+    from ms2rgb.tasks.training.loop import pick_device
+
+    scores, preds = evaluate(model, data.seg_images, data.seg_masks, pick_device(), cfg.batch_size)  # type: ignore[arg-type]
+    keep = ("miou", "pixel_accuracy", "per_class_iou")
+    return {k: scores[k] for k in keep} | {"test_tiles": len(data.seg_images)}, preds
+
+
+def headline(name: str, metrics: dict[str, Any]) -> dict[str, float]:
+    """The figures promotion compares for one registered model."""
+    head, others = HEADLINE[name]
+    return {m.lstrip("-"): float(metrics[m.lstrip("-")]) for m in (head, *others)}

@@ -1,0 +1,251 @@
+"""`ms2rgb predict`: a scene-class map of a GeoTIFF of any size with the RGB student (method A's product).
+
+Input: a 3-band uint8 RGB GeoTIFF or a 13-band uint16 Sentinel-2 L1C GeoTIFF, rendered to RGB the
+way the tiles were (`tasks/data/windows.py`); it needs a CRS. It is read block by block, each read
+at most `window_px` pixels, so memory follows that budget and not the image.
+
+Cells: the image is cut into 64-px cells (the student's tile size) from its top-left pixel, giving
+ceil(H / 64) x ceil(W / 64) cells. Partial cells at the bottom and right borders are **padded**
+(the last row / column repeated, as `detect` pads small images) and classified; a cell holding no
+valid pixel (all outside the input's data mask) is no data.
+
+Model: by default the registered champion `models:/ms2rgb-student@champion`; while there is none
+(no MLflow store yet, or no champion alias) `artifacts/student/model.pt`, and the result says so.
+`model_uri` picks a registered version, e.g. `models:/ms2rgb-student/3`.
+
+Outputs in `out_dir`, one pixel per cell (the input's transform scaled by 64, same CRS):
+`<stem>_scenes.tif` (uint8 scene class ids, 255 = no data, a colour table, class names in the
+`classes` tag), `<stem>_scene_probs.tif` (float32 softmax probabilities, one band per class named
+after it, NaN = no data) and `<stem>_scenes.png` (the image, the class of each cell, a legend).
+They appear together, only when all are complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rasterio.transform import Affine
+from rasterio.windows import Window
+from torch import nn
+
+from ms2rgb.models.bands import RGB_BANDS
+from ms2rgb.models.classifier import SceneCNN
+from ms2rgb.tasks.data.artifacts import model_path
+from ms2rgb.tasks.data.classes import MASK_NODATA, SCENE_NAMES
+from ms2rgb.tasks.data.geotiff import TILE_SIZE
+from ms2rgb.tasks.data.windows import DEFAULT_WINDOW_PX, ImageReader, Thumbnail, create_geotiff, plan_blocks, staged
+from ms2rgb.tasks.errors import Ms2rgbError
+from ms2rgb.tasks.training.loop import autocast, pick_device
+from ms2rgb.tasks.training.store import load_model
+
+CELL = TILE_SIZE  # px per output pixel: the student's tile size
+REGISTERED_NAME = "ms2rgb-student"
+CHAMPION_URI = f"models:/{REGISTERED_NAME}@champion"
+SUFFIXES = {"scenes.tif": "scenes.tif", "probabilities.tif": "scene_probs.tif", "preview.png": "scenes.png"}
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line, without its own fix (the caller's message gives one)."""
+    text = " ".join(str(err).split()).split(". Fix:")[0] or type(err).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def check_student(model: nn.Module, where: str) -> nn.Module:
+    """The model in eval mode, if it reads 3-band RGB tiles and scores the scene classes."""
+    if isinstance(model, SceneCNN) and model.bands != RGB_BANDS:
+        raise Ms2rgbError(
+            f"{where} reads bands {model.bands}, not the RGB bands {RGB_BANDS}; "
+            f"pass a version of {REGISTERED_NAME} (the RGB student)"
+        )
+    with contextlib.suppress(NotImplementedError):  # a torch.export graph (MLflow's default) is traced in eval mode
+        model.eval()
+    with torch.no_grad():
+        try:
+            width = model(torch.zeros(1, len(RGB_BANDS), CELL, CELL)).shape[-1]
+        except Exception as err:  # wrong channels or tile size: torch raises RuntimeError, export guards others
+            raise Ms2rgbError(
+                f"{where} does not take (N, 3, {CELL}, {CELL}) RGB tiles ({_one_line(err)}); "
+                f"pass a version of {REGISTERED_NAME}"
+            ) from err
+    if width != len(SCENE_NAMES):
+        raise Ms2rgbError(
+            f"{where} scores {width} classes, not the {len(SCENE_NAMES)} scene classes {SCENE_NAMES}; "
+            f"pass a version of {REGISTERED_NAME}"
+        )
+    return model
+
+
+def load_student(root: Path, model_uri: str | None = None) -> tuple[nn.Module, str, str | None]:
+    """(student, where it came from, why the champion was not used or None).
+
+    `model_uri` given: that registered model, or an error. Else the champion, else the student
+    stage's model file, else an error naming both and the fix.
+    """
+    from ms2rgb.tasks import tracking
+
+    if model_uri is not None:
+        try:
+            module = tracking.load_registered_module(root, model_uri)
+        except Ms2rgbError as err:  # no store, no such name / version / alias, not a torch model
+            message = " ".join(str(err).split())
+            if "Fix:" not in message:
+                message += (
+                    f". Fix: use models:/{REGISTERED_NAME}/<version> or {CHAMPION_URI} from this project's "
+                    "MLflow store, or leave --model out"
+                )
+            raise Ms2rgbError(f"--model {model_uri!r}: {message}") from err
+        return check_student(module, f"--model {model_uri!r}"), model_uri, None
+    try:
+        module = tracking.load_registered_module(root, CHAMPION_URI)
+    except Ms2rgbError as err:  # no store, no champion alias yet, or an unreachable server
+        reason = _one_line(err)
+    else:
+        return check_student(module, CHAMPION_URI), CHAMPION_URI, None
+    local = model_path(root, "student")
+    if not local.is_file():
+        raise Ms2rgbError(
+            f"no student model: {CHAMPION_URI} is not available ({reason}) and {local} does not exist. "
+            "Fix: run the student stage (`ms2rgb stage student` or `ms2rgb run`), or pass "
+            f"--model models:/{REGISTERED_NAME}/<version>"
+        )
+    model = load_model(local, "scene_cnn", "student")
+    return check_student(model, str(local)), str(local), f"no champion {CHAMPION_URI} ({reason}); used {local}"
+
+
+@torch.no_grad()
+def classify_cells(model: nn.Module, rgb: np.ndarray, device: torch.device, batch_size: int) -> np.ndarray:
+    """(K, rows, cols) class probabilities of the 64-px cells of a (3, rows*64, cols*64) uint8 block."""
+    _, height, width = rgb.shape
+    rows, cols = height // CELL, width // CELL
+    cells = rgb.reshape(3, rows, CELL, cols, CELL).transpose(1, 3, 0, 2, 4).reshape(-1, 3, CELL, CELL)
+    out = []
+    for start in range(0, len(cells), batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(cells[start : start + batch_size], dtype=np.float32))
+        with autocast(device):
+            logits = model(batch.to(device))
+        out.append(logits.float().softmax(dim=1).cpu().numpy())
+    return np.concatenate(out).reshape(rows, cols, -1).transpose(2, 0, 1)
+
+
+def scene_colours() -> np.ndarray:
+    """(K, 3) RGB floats of the scene classes, the colours `detect` gives the same names."""
+    from ms2rgb.tasks.detection.plots import class_colours
+
+    return class_colours(SCENE_NAMES)
+
+
+def write_preview(path: Path, thumb: Thumbnail, classes: np.ndarray, colours: np.ndarray) -> None:
+    """The image beside its scene-class map (one colour per 64-px cell), with a legend of the classes present."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    image = thumb.rgb.transpose(1, 2, 0)
+    side = CELL // thumb.factor  # thumbnail px per cell
+    cells = np.repeat(np.repeat(classes, side, axis=0), side, axis=1)[: image.shape[0], : image.shape[1]]
+    table = np.vstack([colours, np.zeros((256 - len(colours), 3))])
+    table[MASK_NODATA] = 1.0  # no data: white
+    height, width = cells.shape
+    scale = max(1.0, 300 / max(height, width))  # small images are enlarged so the legend stays readable
+    dpi, legend = 100, 0.9
+    fig = Figure(figsize=(2 * width * scale / dpi + 0.2, height * scale / dpi + legend), dpi=dpi)
+    bottom = legend / (height * scale / dpi + legend)
+    for i, (picture, title) in enumerate(((image, "image"), (table[cells], "scene class per 64-px cell"))):
+        ax = fig.add_axes((i * 0.5 + 0.005, bottom, 0.49, 1 - bottom - 0.06))
+        ax.imshow(picture, interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+        ax.set_axis_off()
+    present = [int(c) for c in np.unique(classes) if c != MASK_NODATA]
+    handles = [Patch(color=colours[c], label=SCENE_NAMES[c]) for c in present]
+    if (classes == MASK_NODATA).any():
+        handles.append(Patch(facecolor="white", edgecolor="grey", label="no data"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(5, max(1, len(handles))), fontsize=7, frameon=False)
+    fig.savefig(path, dpi=dpi, format="png")
+
+
+def predict(
+    image: Path,
+    out_dir: Path,
+    root: Path = Path("."),
+    model_uri: str | None = None,
+    batch_size: int = 256,
+    window_px: int = DEFAULT_WINDOW_PX,
+) -> dict[str, Any]:
+    """Classify every 64-px cell of `image`; write the class and probability GeoTIFFs and the preview.
+
+    Returns the output paths, where the model came from (and why, when not the champion), the
+    grid, the share of each class over valid cells and the largest read in pixels.
+    """
+    image = Path(image)
+    with ImageReader(image) as reader:
+        height, width = reader.height, reader.width
+        grid = (-(-height // CELL), -(-width // CELL))
+        blocks = plan_blocks(height, width, window_px, align=CELL)
+        model, source, note = load_student(root, model_uri)
+        device = pick_device()
+        model.to(device)
+        colours = scene_colours()
+        classes = np.full(grid, MASK_NODATA, np.uint8)  # 1/4096 of the image's pixels, kept for the preview
+        thumb = Thumbnail(height, width)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = {kind: out_dir / f"{image.stem}_{suffix}" for kind, suffix in SUFFIXES.items()}
+        georef = dict(height=grid[0], width=grid[1], crs=reader.crs, transform=reader.transform @ Affine.scale(CELL))
+        names = json.dumps(dict(enumerate(SCENE_NAMES)))
+        colormap = {i: (int(r * 255), int(g * 255), int(b * 255), 255) for i, (r, g, b) in enumerate(colours)}
+        with staged(list(paths.values())) as (tmp_classes, tmp_probs, tmp_preview):
+            with (
+                create_geotiff(
+                    tmp_classes,
+                    count=1,
+                    dtype="uint8",
+                    nodata=MASK_NODATA,
+                    band_names=["scene class id"],
+                    tags={"classes": names, "model": source, "cell_px": str(CELL)},
+                    colormap=colormap,
+                    **georef,
+                ) as class_tif,
+                create_geotiff(
+                    tmp_probs,
+                    count=len(SCENE_NAMES),
+                    dtype="float32",
+                    nodata=float("nan"),
+                    band_names=SCENE_NAMES,
+                    tags={"model": source, "cell_px": str(CELL)},
+                    **georef,
+                ) as prob_tif,
+            ):
+                for block in blocks:
+                    row, col, rows, cols = int(block.row_off), int(block.col_off), int(block.height), int(block.width)
+                    padded_rows, padded_cols = -(-rows // CELL) * CELL, -(-cols // CELL) * CELL
+                    rgb, valid = reader.read_padded(row, col, padded_rows, padded_cols)
+                    thumb.add(row, col, rgb[:, :rows, :cols])
+                    probs = classify_cells(model, rgb, device, batch_size)
+                    cell_rows, cell_cols = probs.shape[1:]
+                    has_data = valid.reshape(cell_rows, CELL, cell_cols, CELL).any(axis=(1, 3))
+                    ids = np.where(has_data, probs.argmax(0), MASK_NODATA).astype(np.uint8)
+                    probs[:, ~has_data] = np.nan
+                    out = Window(col // CELL, row // CELL, cell_cols, cell_rows)
+                    class_tif.write(ids, 1, window=out)
+                    prob_tif.write(probs.astype(np.float32), window=out)
+                    classes[row // CELL : row // CELL + cell_rows, col // CELL : col // CELL + cell_cols] = ids
+            write_preview(tmp_preview, thumb, classes, colours)
+        valid_cells = classes[classes != MASK_NODATA]
+        counts = np.bincount(valid_cells, minlength=len(SCENE_NAMES))
+        return {
+            "outputs": {kind: str(path) for kind, path in paths.items()},
+            "model": source,
+            "model_note": note,
+            "grid": {
+                "rows": grid[0],
+                "cols": grid[1],
+                "cell_px": CELL,
+                "nodata_cells": int(classes.size - valid_cells.size),
+            },
+            "shares": {n: round(float(c) / max(1, valid_cells.size), 4) for n, c in zip(SCENE_NAMES, counts)},
+            "largest_read_px": max(r * c for r, c in reader.reads),
+            "reads": len(reader.reads),
+        }

@@ -1,0 +1,28 @@
+"""Which MLflow runs produced the current outputs: the newest run of each stage, for the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from ms2rgb.tasks.tracking import EXPERIMENT, configure
+
+
+def latest_stage_runs(root: Path) -> dict[str, str]:
+    """stage -> id of its newest run in this project's store (stages never run are absent)."""
+    configure(root)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return {}
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string="tags.`ms2rgb.stage` != ''",
+        order_by=["attributes.start_time DESC"],
+        max_results=500,
+    )
+    newest: dict[str, str] = {}
+    for run in runs:
+        newest.setdefault(run.data.tags["ms2rgb.stage"], run.info.run_id)
+    return newest

@@ -1,0 +1,319 @@
+"""The evaluation report (tasks/report/): figures from a constructed evaluation, and the HTML page.
+
+Fast and hermetic: no pipeline, no browser (bench/report_screenshot.sh renders the page in
+headless Chromium by hand). The sample dicts below have the shapes of reports/evaluate.json,
+reports/student.json, reports/detector.json and reports/validate.json.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ms2rgb.tasks.data.classes import SCENE_NAMES, SURFACE_NAMES
+from ms2rgb.tasks.report.figures import FIGURE_CAPTIONS, detector_overlays, write_figures
+from ms2rgb.tasks.report.html import SECTIONS, build_report
+
+SECTION_IDS = ("summary", "method-a", "method-b", "figures", "validation", "promotion", "lineage")
+
+
+def _per_class(rng: np.random.Generator, low: float, high: float) -> dict[str, float]:
+    return {c: round(float(rng.uniform(low, high)), 3) for c in SCENE_NAMES}
+
+
+def sample_evaluation(seed: int = 0) -> dict[str, Any]:
+    """An evaluate.json-shaped dict with plausible numbers."""
+    rng = np.random.default_rng(seed)
+    n = len(SCENE_NAMES)
+    confusion = (np.eye(n, dtype=int) * 40 + rng.integers(0, 5, (n, n))).tolist()
+    edges = [round(0.1 * i, 1) for i in range(11)]
+    count = [0, 0, 3, 12, 25, 40, 61, 88, 130, 241]
+    confidence = [None, None, 0.27, 0.36, 0.45, 0.55, 0.65, 0.75, 0.85, 0.96]
+    accuracy = [None, None, 0.33, 0.3, 0.41, 0.5, 0.62, 0.71, 0.84, 0.95]
+    return {
+        "student": {
+            "version": 3,
+            "accuracy": 0.812,
+            "accuracy_ci95": [0.789, 0.834],
+            "macro_f1": 0.803,
+            "ece": 0.041,
+            "per_class": _per_class(rng, 0.6, 0.95),
+            "confusion": confusion,
+            "class_names": SCENE_NAMES,
+            "reliability": {"bin_edges": edges, "accuracy": accuracy, "confidence": confidence, "count": count},
+            "test_tiles": 600,
+        },
+        "rgb_only": {"accuracy": 0.801, "std": 0.012, "per_class": _per_class(rng, 0.55, 0.95)},
+        "teacher": {
+            "version": 2,
+            "accuracy": 0.951,
+            "accuracy_ci95": [0.933, 0.966],
+            "macro_f1": 0.949,
+            "per_class": _per_class(rng, 0.85, 1.0),
+            "confusion": (np.eye(n, dtype=int) * 55 + rng.integers(0, 2, (n, n))).tolist(),
+            "class_names": SCENE_NAMES,
+            "test_tiles": 600,
+        },
+        "matcher": {"version": 1, "pair_top1": 0.42, "pair_top5": 0.77},
+        "detector": {
+            "version": 4,
+            "miou": 0.512,
+            "pixel_accuracy": 0.744,
+            "per_class_iou": {
+                s: (None if s == "roof" else round(float(rng.uniform(0.2, 0.8)), 3)) for s in SURFACE_NAMES
+            },
+            "miou_by_k": {"1": 0.31, "4": 0.42, "16": 0.512},
+        },
+        "promotion": {
+            "ms2rgb-student": {
+                "decision": "promoted",
+                "champion": 3,
+                "challenger": 3,
+                "reasons": ["accuracy 0.812 >= champion 0.797 - 0.005", "ECE 0.041 <= 0.1"],
+                "metrics": {
+                    "challenger": {"accuracy": 0.812, "ece": 0.041},
+                    "champion": {"accuracy": 0.797, "ece": 0.05},
+                },
+            },
+            "ms2rgb-teacher": {
+                "decision": "first",
+                "champion": 2,
+                "challenger": 2,
+                "reasons": ["no champion yet"],
+                "metrics": {"challenger": {"accuracy": 0.951}, "champion": None},
+            },
+            "ms2rgb-detector": {
+                "decision": "held",
+                "champion": 2,
+                "challenger": 4,
+                "reasons": ["mIoU 0.512 < champion 0.530 - 0.005"],
+                "metrics": {"challenger": {"miou": 0.512}, "champion": {"miou": 0.53}},
+            },
+        },
+        "lineage": {
+            "git_commit": "0123456789abcdef0123456789abcdef01234567",
+            "dvc_data": {
+                "data/prepared": "6f1ed002ab5595859014ebf0951522d9.dir",
+                "data/raw": "d41d8cd98f00b204e9800998ecf8427e.dir",
+            },
+            "params": {"seed": 7, "profile": "default", "student": {"epochs": 12, "w_kd": 1.0}},
+            "mlflow_run_ids": {"teacher": "a" * 32, "student": "b" * 32, "evaluate": "c" * 32},
+            "clip_weights": "fallback:ms2rgb-clip-backbone v1 (400 contrastive steps on captions)",
+        },
+        "seconds": 12.3,
+    }
+
+
+def _variant(mean: float, std: float, rng: np.random.Generator) -> dict[str, Any]:
+    return {
+        "mean": mean,
+        "std": std,
+        "per_seed": [round(mean + d, 4) for d in (-std, 0.0, std)],
+        "per_class": _per_class(rng, mean - 0.15, min(1.0, mean + 0.15)),
+    }
+
+
+def sample_student_report() -> dict[str, Any]:
+    rng = np.random.default_rng(1)
+    names = {
+        "rgb_only": 0.801,
+        "kd_random_pairs": 0.805,
+        "no_feature_loss": 0.807,
+        "no_rematch": 0.809,
+        "paired_kd": 0.79,
+    }
+    return {
+        "test_accuracy": 0.812,
+        "test_accuracy_std": 0.01,
+        "seeds": [7, 8, 9],
+        "gain_over_rgb_only": 0.011,
+        "seed_spread": 0.022,
+        "beats_rgb_only": False,
+        "full_method": _variant(0.812, 0.01, rng),
+        "baselines": {name: _variant(mean, 0.012, rng) for name, mean in names.items()},
+    }
+
+
+def sample_detector_report() -> dict[str, Any]:
+    def brief(miou: float, std: float, seeds: int, params: int) -> dict[str, Any]:
+        return {
+            "miou": miou,
+            "miou_std": std,
+            "pixel_accuracy": miou + 0.2,
+            "seeds": seeds,
+            "trainable_params": params,
+            "stopped_by": "max_steps",
+            "steps": 200,
+            "per_class_iou": {s: round(miou + 0.01 * i, 3) for i, s in enumerate(SURFACE_NAMES)},
+            "runs": [],
+        }
+
+    return {
+        "weights": "fallback:ms2rgb-clip-backbone v1",
+        "clip_model": "ms2rgb-tiny-vit",
+        "shots": 16,
+        "seeds": 3,
+        "miou": 0.512,
+        "miou_std": 0.01,
+        "by_shots": {"1": brief(0.31, 0.0, 1, 9000), "4": brief(0.42, 0.0, 1, 9000), "16": brief(0.512, 0.01, 3, 9000)},
+        "baselines": {"zero_shot": 0.12, "text_prompts": 0.44, "visual_prompts": 0.40, "independent": 0.47},
+        "baseline_details": {
+            "zero_shot": brief(0.12, 0.0, 1, 0),
+            "text_prompts": brief(0.44, 0.02, 3, 2048),
+            "visual_prompts": brief(0.40, 0.03, 3, 4096),
+            "independent": brief(0.47, 0.02, 3, 6144),
+        },
+        "goal": {"beats_every_baseline": True, "points_over_zero_shot": 39.2, "met": True},
+    }
+
+
+def sample_validate_report(passed: bool = True) -> dict[str, Any]:
+    failed = (
+        []
+        if passed
+        else [
+            {
+                "batch": "tile_stats",
+                "expectation": "expect_column_values_to_be_between",
+                "column": "nan_share",
+                "offending": ["t1", "t2"],
+                "count": 9,
+                "files": ["tiles/ms/Forest/t1.tif", "tiles/ms/Forest/t2.tif"],
+            }
+        ]
+    )
+    return {
+        "passed": passed,
+        "expectations": 57,
+        "failed": failed,
+        "failed_count": len(failed),
+        "docs_index": "reports/validate/data_docs/index.html",
+    }
+
+
+def sample_overlays(n: int = 4, size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8)
+    masks = np.repeat(np.arange(size)[None, :, None] * len(SURFACE_NAMES) // size, size, axis=2)
+    masks = np.broadcast_to(masks, (n, size, size)).astype(np.uint8).copy()
+    masks[:, :4, :4] = 255  # no data
+    preds = masks.copy()
+    preds[:, size // 2 :, : size // 3] = 0
+    preds[masks == 255] = 1
+    return images, preds, masks, list(SURFACE_NAMES)
+
+
+def write_sample_project(root: Path, *, student: bool = True, detector: bool = True, passed: bool = True) -> Path:
+    """reports/{student,detector,validate}.json under `root`, as the stages would leave them."""
+    reports = root / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    if student:
+        (reports / "student.json").write_text(json.dumps(sample_student_report()))
+    if detector:
+        (reports / "detector.json").write_text(json.dumps(sample_detector_report()))
+    (reports / "validate.json").write_text(json.dumps(sample_validate_report(passed)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def figures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_figures(sample_evaluation(), tmp_path_factory.mktemp("figures"), sample_overlays())
+
+
+def test_every_figure_is_written_as_a_png(figures: dict[str, Path]) -> None:
+    assert list(figures) == list(FIGURE_CAPTIONS)  # all of them, in report order
+    for name, path in figures.items():
+        assert path.name == f"{name}.png"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert path.stat().st_size > 5000, f"{name} looks empty"
+
+
+def test_missing_sections_draw_no_figure(tmp_path: Path) -> None:
+    evaluation = sample_evaluation()
+    evaluation["detector"] = None
+    del evaluation["teacher"]
+    written = write_figures(evaluation, tmp_path, None)
+    assert set(written) == {"student_confusion", "per_class", "reliability"}
+    assert write_figures({}, tmp_path / "empty", None) == {}
+
+
+def test_overlays_show_a_few_tiles_and_check_their_inputs() -> None:
+    images, preds, masks, names = sample_overlays(n=9)
+    fig = detector_overlays(images, preds, masks, names, tiles=3)
+    assert len(fig.axes) == 3 * 4  # RGB | truth | prediction | errors per tile
+    with pytest.raises(ValueError, match="as many"):
+        detector_overlays(images, preds[:2], masks, names)
+
+
+def test_page_holds_every_section_and_embeds_its_figures(tmp_path: Path, figures: dict[str, Path]) -> None:
+    root = write_sample_project(tmp_path, passed=False)
+    page = build_report(root, sample_evaluation(), figures)
+    assert page == root / "reports" / "index.html"
+    html = page.read_text(encoding="utf-8")
+    for sid in SECTION_IDS:
+        assert f'<section id="{sid}"><h2>' in html, sid
+        assert SECTIONS[sid].split(":")[0] in html
+    assert html.count("data:image/png;base64,") == len(figures)
+    sources = re.findall(r'\bsrc="([^"]*)"', html)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert not re.search(r"<script|<link|href=\"https?:|url\(", html), "the page loads nothing from outside"
+    assert "not run" not in html
+    # the numbers made it in: headline CI, a baseline's mean ± std, the detector goal, a promotion, lineage
+    assert "[0.789, 0.834]" in html
+    assert "0.801 ± 0.012" in html
+    assert "paired_kd" in html and "visual_prompts" in html and "39.2" in html
+    assert "ms2rgb-detector" in html and "held" in html and "mIoU 0.512 &lt; champion" in html
+    assert "0123456789abcdef0123456789abcdef01234567" in html and "6f1ed002ab5595859014ebf0951522d9.dir" in html
+    assert "<details><summary>params" in html and "fallback:ms2rgb-clip-backbone v1" in html
+    assert "expect_column_values_to_be_between" in html and "(+7 more)" in html
+
+
+def test_text_from_reports_is_escaped(tmp_path: Path) -> None:
+    evil = '<script>alert("x")</script>'
+    evaluation = sample_evaluation()
+    evaluation["promotion"]["ms2rgb-student"]["reasons"] = [evil]
+    evaluation["lineage"]["params"] = {"note": evil}
+    evaluation["lineage"]["clip_weights"] = evil
+    evaluation["student"]["per_class"] = {evil: 0.5}
+    root = write_sample_project(tmp_path)
+    student = sample_student_report()
+    student["baselines"][evil] = student["baselines"]["rgb_only"]
+    (root / "reports" / "student.json").write_text(json.dumps(student))
+    html = build_report(root, evaluation, {}).read_text(encoding="utf-8")
+    assert "<script" not in html
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in html
+
+
+def test_missing_reports_show_not_run(tmp_path: Path) -> None:
+    root = write_sample_project(tmp_path, student=False, detector=False)
+    (root / "reports" / "validate.json").unlink()
+    evaluation = sample_evaluation()
+    evaluation["detector"] = None
+    del evaluation["promotion"]
+    html = build_report(root, evaluation, {}).read_text(encoding="utf-8")
+    for sid in ("method-a", "method-b", "figures", "validation", "promotion"):
+        body = html.split(f'<section id="{sid}">')[1].split("</section>")[0]
+        assert "not run" in body, sid
+    assert "reports/student.json is missing" in html
+    # a page from nothing at all still has every section
+    empty = build_report(tmp_path / "nothing", {}, {}).read_text(encoding="utf-8")
+    assert all(f'<section id="{sid}">' in empty for sid in SECTION_IDS)
+
+
+def test_unreadable_reports_and_odd_shapes_do_not_break_the_page(tmp_path: Path) -> None:
+    root = write_sample_project(tmp_path)
+    (root / "reports" / "student.json").write_text("{not json")
+    (root / "reports" / "detector.json").write_text(json.dumps({"by_shots": "oops", "baselines": {"zero_shot": 0.1}}))
+    evaluation = sample_evaluation()
+    evaluation["promotion"] = {"ms2rgb-student": {"decision": "promoted", "reasons": "not a list", "metrics": []}}
+    missing = {"student_confusion": tmp_path / "gone.png"}
+    html = build_report(root, evaluation, missing).read_text(encoding="utf-8")
+    method_a = html.split('<section id="method-a">')[1].split("</section>")[0]
+    assert "student.json could not be read" in method_a and "not run" not in method_a  # it ran; its file is bad
+    assert "figure student_confusion is missing" in html
+    assert all(f'<section id="{sid}">' in html for sid in SECTION_IDS)
