@@ -28,6 +28,7 @@ from ms2rgb.tasks.data.pairing import load_true_pairs
 from ms2rgb.tasks.data.validated import require_validated
 from ms2rgb.tasks.detection.data import load_tiles
 from ms2rgb.tasks.detection.model import load_local
+from ms2rgb.tasks.detection.pretrain import BACKBONE_MODEL
 from ms2rgb.tasks.errors import Ms2rgbError
 from ms2rgb.tasks.evaluation.promotion import Decision, decide
 from ms2rgb.tasks.evaluation.scoring import TestData, headline, score_classifier, score_detector, score_matcher
@@ -115,6 +116,13 @@ def apply(root: Path, name: str, decision: Decision) -> None:
     tracking.set_alias(root, name, "champion", decision.champion)
 
 
+def follow_backbone(root: Path) -> None:
+    """The fallback CLIP backbone registered with a detector becomes champion with that detector."""
+    version = tracking.version_by_alias(root, BACKBONE_MODEL, "challenger")
+    if version is not None:
+        tracking.set_alias(root, BACKBONE_MODEL, "champion", version)
+
+
 def lineage(root: Path, params: Params) -> dict[str, Any]:
     """Where this evaluation's numbers come from: code, data, params, runs, CLIP weights."""
     try:
@@ -177,6 +185,8 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     report_page(root, evaluation, overlays, tracker)
     for name, decision in decisions.items():  # last: a champion only ever points at an evaluated version
         apply(root, name, decision)
+        if name == MODELS["detector"] and decision.champion == decision.challenger:
+            follow_backbone(root)
         print(
             f"evaluate: {name}: {decision.decision} (champion v{decision.champion}, challenger "
             f"v{decision.challenger}): {'; '.join(decision.reasons)}",

@@ -111,7 +111,10 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     save_model(out / MODEL_FILE, "matcher", matcher, matcher.cfg)
     log_curves(tracker, trainer.history, "matcher (group InfoNCE)", "matcher/training_curves.png")
     example = torch.cat([to_tensor(test_pairs.rgb, np.arange(2)), to_tensor(test_pairs.ms, np.arange(2))], 1)
-    version = tracker.log_torch_model(PairScorer(matcher), example.numpy(), REGISTERED_NAME)
+    # Pickled (not exported): `evaluate` re-scores a champion's retrieval through its towers.
+    version = tracker.log_torch_model(
+        PairScorer(matcher), example.numpy(), REGISTERED_NAME, serialization_format="pickle"
+    )
     return {
         **metrics,
         "train_pairs": len(train_pairs.labels),

@@ -76,7 +76,9 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     save_model(out / MODEL_FILE, "scene_cnn", model, model.cfg)
     log_curves(tracker, history, "teacher (MS)", "teacher/training_curves.png")
     log_evaluation(tracker, report, "teacher (MS test)", "teacher")
-    version = tracker.log_torch_model(model, to_tensor(test.images, np.arange(2)).numpy(), REGISTERED_NAME)
+    # Pickled (not exported): `evaluate` re-scores a champion as the SceneCNN it is.
+    example = to_tensor(test.images, np.arange(2)).numpy()
+    version = tracker.log_torch_model(model, example, REGISTERED_NAME, serialization_format="pickle")
     return {
         "test_accuracy": report["accuracy"],
         "per_class": report["per_class"],

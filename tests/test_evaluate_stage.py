@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 from conftest import DVC
 from helpers_method_a import staged_project
+from mlflow.tracking import MlflowClient
 
 from ms2rgb.flows.stages import run_stage
 from ms2rgb.tasks import evaluate as evaluate_stage
 from ms2rgb.tasks import tracking
+from ms2rgb.tasks.config import load_params
 
 pytestmark = pytest.mark.slow
 NAMES = ("ms2rgb-teacher", "ms2rgb-matcher", "ms2rgb-student", "ms2rgb-detector")
@@ -45,6 +47,22 @@ def test_first_evaluation_makes_every_version_champion(evaluated: tuple[Path, di
     assert set(report["detector"]) >= {"miou", "pixel_accuracy", "per_class_iou", "miou_by_k"}
     assert (root / "reports" / "index.html").stat().st_size > 10_000
     assert json.loads((root / "reports" / "evaluate.json").read_text())["student"]["accuracy"] == student["accuracy"]
+
+
+def test_the_fallback_backbone_follows_its_detector(evaluated: tuple[Path, dict]) -> None:
+    root, _ = evaluated
+    backbone = tracking.version_by_alias(root, "ms2rgb-clip-backbone", "challenger")
+    assert backbone is not None and tracking.version_by_alias(root, "ms2rgb-clip-backbone", "champion") == backbone
+
+
+def test_promote_by_hand_force_is_recorded(evaluated: tuple[Path, dict]) -> None:
+    root, _ = evaluated
+    version = run_stage("teacher", root)["model_version"]  # a new version, not yet evaluated
+    decision = evaluate_stage.promote_by_hand(root, load_params(root), "ms2rgb-teacher", version, force=True)
+    assert (decision.decision, decision.champion) == ("forced", version)
+    assert champions(root)["ms2rgb-teacher"] == version
+    tags = MlflowClient().get_model_version("ms2rgb-teacher", str(version)).tags
+    assert tags["ms2rgb.decision"] == "forced"
 
 
 def test_dvc_metrics_and_plots_read_the_evaluation(evaluated: tuple[Path, dict]) -> None:
