@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export MPLBACKEND := Agg
 
-.PHONY: run test quick lint format typecheck install bench clean serve stop
+.PHONY: run test quick lint format typecheck install bench clean serve stop compare
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -53,6 +53,10 @@ serve: $(STAMP)
 
 stop:
 	$(BIN)/ms2rgb serve --stop
+
+# Method A's full comparison (every variant x K in {5, 25, all} x seeds), after `make run`; see README.
+compare: $(STAMP)
+	$(BIN)/ms2rgb compare --grid full
 
 bench: $(STAMP)
 	$(BIN)/python bench/data_loading.py

@@ -1,39 +1,27 @@
-"""Time method A's training on the current project: teacher, matcher and the student (full method, one seed).
+"""Time method A's production path (teacher, matcher, pairs, student) and the compare stage.
 
-Usage: python bench/method_a.py [--root .]
-Needs a prepared project on which the pairs stage has run (e.g. after `ms2rgb run`): the student
-reads the teacher and the pairs table from artifacts/. Trains in process with the params.yaml
-settings and the params seed, without MLflow logging and without writing artifacts, then prints
-seconds per stage, their total against the 5-minute budget, and the peak resident memory.
-The baselines and ablations of the student stage (5 variants x seeds, plus 2 more seeds of the
-full method) come on top; each costs about as much as the full method's run or less.
+Usage: python bench/method_a.py [--root .] [--compare]
+Needs a project whose data is prepared and validated (e.g. after `make run`). The stages run for
+real, as `ms2rgb stage <name>` runs them, but in a scratch copy of the project (data/prepared,
+reports/validate, params.yaml) with its own MLflow store, so the project's models, reports and
+registry are left as they were. Prints seconds and peak resident memory per stage, the production
+path's total against its 3-minute budget and, with --compare, the compare stage's time against
+what is left of `make run`'s 10 minutes.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from ms2rgb.models.bands import S2_BANDS
-from ms2rgb.models.classifier import SceneCNN
-from ms2rgb.tasks.config import load_params
-from ms2rgb.tasks.data.classes import SCENE_NAMES
-from ms2rgb.tasks.data.pairing import load_true_pairs
-from ms2rgb.tasks.matcher import train as train_matcher
-from ms2rgb.tasks.student import StudentInputs, student_arch
-from ms2rgb.tasks.teacher import fit_config, labelled_ms
-from ms2rgb.tasks.training.distill import FULL_METHOD, VARIANTS, budget_epochs, train_student
-from ms2rgb.tasks.training.inference import predict_logits, retrieval
-from ms2rgb.tasks.training.loop import fit_classifier, seed_everything
-from ms2rgb.tasks.training.metrics import accuracy_report
-
-BUDGET_S = 300.0
+PRODUCTION = ("teacher", "matcher", "pairs", "student")
+PRODUCTION_BUDGET_S = 180.0
+COPIED = ("data/prepared", "reports/validate", "params.yaml")
 
 
 def peak_rss_mib() -> float:
@@ -41,64 +29,54 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timed(name: str, fn: Callable[[], str], results: dict[str, float]) -> None:
-    start = time.perf_counter()
-    outcome = fn()
-    results[name] = time.perf_counter() - start
-    print(f"{name:8s} {results[name]:7.1f} s  peak RSS {peak_rss_mib():7.0f} MiB  {outcome}", flush=True)
+def scratch_project(root: Path, into: Path) -> Path:
+    """A copy of what the stages read, with a fresh MLflow store inside it."""
+    for rel in COPIED:
+        source, target = root / rel, into / rel
+        if not source.exists():
+            raise SystemExit(f"{source} is missing: run `make run` (or `ms2rgb run --until validate`) first")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if source.is_dir() else shutil.copy2)(source, target)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{into / 'mlflow.db'}"
+    return into
 
 
-def bench_teacher(prepared: Path, params: dict[str, Any], seed: int) -> str:
-    cfg = params.teacher
-    train, test = labelled_ms(prepared, "ms_train"), labelled_ms(prepared, "test")
-    seed_everything(seed)
-    model = SceneCNN(cfg.model(S2_BANDS))
-    fit_classifier(model, np.asarray(train.images), train.labels, fit_config(cfg), seed, augment=cfg.augment)
-    report = accuracy_report(predict_logits(model, test.images), test.labels, SCENE_NAMES)
-    return f"MS test accuracy {report['accuracy']:.3f} ({cfg.epochs} epochs)"
-
-
-def bench_matcher(prepared: Path, params: dict[str, Any], seed: int) -> str:
-    cfg = params.matcher
-    matcher, _ = train_matcher(load_true_pairs(prepared, "pair_train"), cfg, seed)
-    metrics = retrieval(matcher, load_true_pairs(prepared, "pair_test"))
-    return f"pair_top1 {metrics['pair_top1']:.3f}, pair_top5 {metrics['pair_top5']:.3f} ({cfg.epochs} epochs)"
-
-
-def bench_student(root: Path, params: dict[str, Any], seed: int) -> str:
-    cfg = params.student
-    inputs = StudentInputs(root, params)
-    full = next(v for v in VARIANTS if v.name == FULL_METHOD)
-    data = inputs.data_for(full, seed)
-    run = train_student(
-        full,
-        data,
-        cfg,
-        student_arch(inputs.teacher.cfg),
-        seed,
-        budget_epochs(cfg, len(inputs.rgb.labels), len(data.labels)),
-    )
-    report = accuracy_report(predict_logits(run.model, inputs.test.images), inputs.test.labels, SCENE_NAMES)
-    return f"RGB test accuracy {report['accuracy']:.3f} ({cfg.epochs} epochs, {len(run.rounds)} re-matching rounds)"
+def headline(name: str, report: dict) -> str:
+    """The one number of each stage worth printing beside its time."""
+    picks = {
+        "teacher": ("MS test accuracy", "test_accuracy"),
+        "matcher": ("pair top-1", "pair_top1"),
+        "pairs": ("same-class rate", "same_class_rate"),
+        "student": ("RGB test accuracy", "test_accuracy"),
+    }
+    if name not in picks:
+        return ""
+    label, key = picks[name]
+    value = report.get(key)
+    return f"{label} {value:.3f}" if isinstance(value, float) else ""
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default=".")
+    parser.add_argument("--compare", action="store_true", help="time the compare stage (its params grid) too")
     args = parser.parse_args()
-    root = Path(args.root).resolve()
-    params = load_params(root)
-    prepared, seed = root / params.data.prepared_dir, params.seed
-    results: dict[str, float] = {}
-    timed("teacher", lambda: bench_teacher(prepared, params, seed), results)
-    timed("matcher", lambda: bench_matcher(prepared, params, seed), results)
-    timed("student", lambda: bench_student(root, params, seed), results)
-    total = sum(results.values())
-    verdict = "within" if total <= BUDGET_S else "OVER"
-    print(
-        f"total    {total:7.1f} s  ({verdict} the {BUDGET_S:.0f} s budget; profile {params.get('profile')}, "
-        f"peak RSS {peak_rss_mib():.0f} MiB)"
-    )
+    from ms2rgb.flows.stages import run_stage  # after MLFLOW_TRACKING_URI points at the scratch store
+
+    stages = (*PRODUCTION, "compare") if args.compare else PRODUCTION
+    with tempfile.TemporaryDirectory(prefix="ms2rgb-bench-") as tmp:
+        project = scratch_project(Path(args.root).resolve(), Path(tmp))
+        seconds: dict[str, float] = {}
+        for name in stages:
+            start = time.perf_counter()
+            report = run_stage(name, project)
+            seconds[name] = time.perf_counter() - start
+            print(f"{name:8s} {seconds[name]:7.1f} s  peak RSS {peak_rss_mib():6.0f} MiB  {headline(name, report)}")
+    production = sum(seconds[n] for n in PRODUCTION)
+    verdict = "within" if production <= PRODUCTION_BUDGET_S else "OVER"
+    print(f"production path {production:.1f} s ({verdict} its {PRODUCTION_BUDGET_S:.0f} s budget)")
+    if args.compare:
+        print(f"compare stage {seconds['compare']:.1f} s")
 
 
 if __name__ == "__main__":

@@ -117,6 +117,27 @@ def _cmd_stage(args: argparse.Namespace) -> None:
         run_stage(args.name, root)
 
 
+def _cmd_compare(args: argparse.Namespace) -> None:
+    """A grid of the compare section outside DVC (`make compare` runs `full`): reports/compare-<grid>.json."""
+    from ms2rgb.flows.stages import write_report
+    from ms2rgb.tasks import tracking
+    from ms2rgb.tasks.compare import compare
+    from ms2rgb.tasks.config import load_params
+    from ms2rgb.tasks.errors import ParamsError
+    from ms2rgb.tasks.training.loop import make_deterministic
+
+    root = Path(args.root).resolve()
+    params = load_params(root)
+    if args.grid not in params.compare.grids:
+        raise ParamsError("compare.grids", args.grid, f"choose one of {sorted(params.compare.grids)}")
+    make_deterministic(params.threads)
+    lock = project_lock(root, f"ms2rgb compare --grid {args.grid}", args.wait)
+    with lock, tracking.stage_run(root, "compare", tags={"ms2rgb.grid": args.grid}) as tracker:
+        report = compare(root, params, tracker, args.grid, staged=False)
+        tracker.log_artifact(write_report(root, f"compare-{args.grid}", report))
+    print(f"comparison written to {root / 'reports'}/compare-{args.grid}.json and compare-{args.grid}/")
+
+
 def _cmd_synth(args: argparse.Namespace) -> None:
     from ms2rgb.tasks.config import load_params
     from ms2rgb.tasks.data.sources.synth import generate
@@ -225,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     stage = sub.add_parser("stage", help="run one stage without Prefect (what dvc.yaml calls)")
     stage.add_argument("name")
     stage.set_defaults(func=_cmd_stage)
+    comp = sub.add_parser("compare", help="method A against its baselines on a grid of params.yaml's compare.grids")
+    comp.add_argument("--grid", default="full", help="entry of compare.grids (default: full)")
+    comp.set_defaults(func=_cmd_compare)
     data = sub.add_parser("data", help="make or ingest data").add_subparsers(dest="source", required=True)
     synth = data.add_parser("synth", help="generate the embedded synthetic data set")
     synth.add_argument("--out", default="data/synth")

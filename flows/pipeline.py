@@ -37,10 +37,12 @@ def stages_until(until: str | None) -> list[str]:
 
 
 @flow(name="pipeline", log_prints=True)
-def pipeline(root: str = ".", until: str | None = None, force: bool = False) -> dict[str, Any]:
-    """Run every stale stage (all with force=True) up to `until`; return the stage reports."""
+def pipeline(
+    root: str = ".", until: str | None = None, force: bool = False, skip: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Run every stale stage (all with force=True) up to `until`, except those in `skip`; return the reports."""
     root = str(Path(root).resolve())
-    names = stages_until(until)
+    names = [n for n in stages_until(until) if n not in skip]
     if not force and not any(dvc_state.is_stale(Path(root), name) for name in names):
         get_run_logger().info("every stage is fresh according to dvc.lock: nothing to run, no MLflow run made")
         return dict.fromkeys(names)

@@ -30,10 +30,14 @@ from prefect import flow, get_run_logger
 
 from ms2rgb.flows.lock import project_lock
 from ms2rgb.flows.pipeline import pipeline
+from ms2rgb.tasks import tracking
 from ms2rgb.tasks.config import load_params
 from ms2rgb.tasks.data import landing
 
 PREPARED = "data/prepared"  # the prepare stage's output that every training stage reads
+# The comparison of baselines answers a research question, not a production one: new scenes leave it stale
+# until the next `make run` / `dvc repro`, and a retrain stays a few minutes.
+RETRAIN_SKIPS = ("compare",)
 
 
 def data_versions(root: Path) -> dict[str, str]:
@@ -62,30 +66,6 @@ def push(root: Path) -> str:
     return f"dvc push to {remote!r}: {count} file(s) transferred"
 
 
-def tag_runs(root: Path, since_ms: int, tags: dict[str, str]) -> int:
-    """Put `tags` on every MLflow run of the project's experiment started at or after `since_ms`.
-
-    Under the project lock every such run is this retrain's. (MLflow belongs in tasks/tracking;
-    this lives here until tracking offers it.)
-    """
-    from mlflow.tracking import MlflowClient
-
-    from ms2rgb.tasks import tracking
-
-    tracking.configure(root)
-    client = MlflowClient()
-    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
-    if experiment is None:
-        return 0
-    runs = client.search_runs(
-        [experiment.experiment_id], filter_string=f"attributes.start_time >= {since_ms}", max_results=5000
-    )
-    for run in runs:
-        for key, value in tags.items():
-            client.set_tag(run.info.run_id, key, value)
-    return len(runs)
-
-
 def _flow_run_id() -> str | None:
     from prefect.runtime import flow_run
 
@@ -106,7 +86,7 @@ def retrain(root: str = ".", scene_ids: list[str] | None = None, wait: float = 3
         logger.info("retrain: announced %s; untrained scenes in the pool: %s", scene_ids or [], taken)
         since_ms = int(time.time() * 1000)
         try:
-            reports = pipeline(root=str(path))
+            reports = pipeline(root=str(path), skip=RETRAIN_SKIPS)
         except Exception as exc:  # a kill never gets here: then the scenes stay `running` and are retried
             landing.finish_retrain(path, taken, "failed", reason=f"{type(exc).__name__}: {exc}"[:4000])
             raise
@@ -122,7 +102,7 @@ def retrain(root: str = ".", scene_ids: list[str] | None = None, wait: float = 3
                 "ms2rgb.scenes": ",".join(taken or scene_ids or [])[:5000],
                 "ms2rgb.retrain": run_id or "",
             }
-            tagged = tag_runs(path, since_ms, tags)
+            tagged = tracking.tag_runs_since(path, since_ms, tags)
         landing.finish_retrain(path, taken, "trained", data_version=version, run_id=run_id)
     evaluation = reports.get("evaluate") or {}
     promotion = {name: d.get("decision") for name, d in (evaluation.get("promotion") or {}).items()}

@@ -24,6 +24,7 @@ STAGE_MODULES: dict[str, str] = {
     "matcher": "ms2rgb.tasks.matcher",
     "pairs": "ms2rgb.tasks.pairs",
     "student": "ms2rgb.tasks.student",
+    "compare": "ms2rgb.tasks.compare",
     "detector": "ms2rgb.tasks.detector",
     "evaluate": "ms2rgb.tasks.evaluate",
 }

@@ -89,8 +89,10 @@ def _rbf_mmd2(x: torch.Tensor, y: torch.Tensor, scales: tuple[float, ...]) -> to
     return kernel_mean(dxx) + kernel_mean(dyy) - 2 * kernel_mean(dxy)
 
 
-def domain_shift_loss(a: torch.Tensor, b: torch.Tensor, scales: tuple[float, ...] = (0.25, 1.0, 4.0)) -> torch.Tensor:
-    """Multi-bandwidth RBF MMD^2 between two (B, C, h, w) maps, averaged over the batch.
+def domain_shift_loss(
+    a: torch.Tensor, b: torch.Tensor, scales: tuple[float, ...] = (0.25, 1.0, 4.0), reduction: str = "mean"
+) -> torch.Tensor:
+    """Multi-bandwidth RBF MMD^2 between two (B, C, h, w) maps: the batch mean, or (B,) with reduction="none".
 
     Why MMD rather than CORAL or normalised MSE: pairs in this method share a scene
     class, not a location, so position-by-position agreement (MSE) would ask the
@@ -99,27 +101,51 @@ def domain_shift_loss(a: torch.Tensor, b: torch.Tensor, scales: tuple[float, ...
     distribution-level loss of the three, and unlike CORAL it sees more than second
     moments. It is computed per pair over its h*w tokens, so each student tile is held
     to its own teacher tile. Several bandwidths around the median distance keep the
-    loss informative whether the maps are far apart (early) or close (late).
+    loss informative whether the maps are far apart (early) or close (late). Always
+    computed in fp32: under bf16 autocast the Gram-form distances lose too many digits.
     """
     if a.shape != b.shape or a.ndim != 4:
         raise ValueError(f"maps must share a (B, C, h, w) shape; got {tuple(a.shape)}, {tuple(b.shape)}")
-    x = a.flatten(2).transpose(1, 2)  # (B, h*w, C)
-    y = b.flatten(2).transpose(1, 2)  # (B, h*w, C)
-    # Clamp: the biased estimator is >= 0 in exact arithmetic, rounding can dip below.
-    return _rbf_mmd2(x, y, scales).clamp_min(0).mean()
+    with torch.autocast(a.device.type, enabled=False):
+        x = a.float().flatten(2).transpose(1, 2)  # (B, h*w, C)
+        y = b.float().flatten(2).transpose(1, 2)  # (B, h*w, C)
+        # Clamp: the biased estimator is >= 0 in exact arithmetic, rounding can dip below.
+        per_sample = _rbf_mmd2(x, y, scales).clamp_min(0)  # (B,)
+    return per_sample if reduction == "none" else per_sample.mean()
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton KD: KL(teacher_T || student_T) * T^2, batch mean; the teacher is detached.
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, reduction: str = "mean"
+) -> torch.Tensor:
+    """Hinton KD: KL(teacher_T || student_T) * T^2, the batch mean (or (B,) with reduction="none");
+    the teacher is detached.
 
     The T^2 factor keeps the gradient magnitude comparable across temperatures.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.detach() / temperature, dim=-1)
-    kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
-    return kl * temperature**2
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    kl = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(-1)  # (B,)
+    per_sample = kl * temperature**2
+    return per_sample if reduction == "none" else per_sample.mean()
+
+
+def self_training_loss(strong_logits: torch.Tensor, weak_logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """FixMatch: cross-entropy of the strong view against the weak view's confident argmax -> scalar.
+
+    Tiles under `threshold` confidence count as zero, and the mean runs over all tiles given, as
+    in FixMatch, so a batch with few confident tiles pulls little.
+    """
+    probs = weak_logits.detach().float().softmax(-1)
+    confidence, pseudo = probs.max(-1)
+    ce = F.cross_entropy(strong_logits.float(), pseudo, reduction="none")
+    return (ce * (confidence >= threshold).float()).mean()
+
+
+def _weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the batch of per-sample values, each scaled by its weight (confidence) when given."""
+    return values.mean() if weights is None else (values * weights.to(values.dtype)).mean()
 
 
 @dataclass
@@ -143,13 +169,14 @@ class DistillLoss(nn.Module):
         w_ce: float = 1.0,
         temperature: float = 4.0,
         heads: int = 4,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         if min(w_feat, w_kd, w_ce) < 0:
             raise ValueError(f"loss weights must be >= 0; got {w_feat=}, {w_kd=}, {w_ce=}")
         self.attention = CrossModalAttention(channels, heads)
         self.w_feat, self.w_kd, self.w_ce = w_feat, w_kd, w_ce
-        self.temperature = temperature
+        self.temperature, self.label_smoothing = temperature, label_smoothing
 
     def forward(
         self,
@@ -158,29 +185,38 @@ class DistillLoss(nn.Module):
         student_logits: torch.Tensor,
         teacher_logits: torch.Tensor | None,
         labels: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
     ) -> LossTerms:
         """A weight of 0 skips its term (reported as 0) and lets its input be None: a student
-        without a teacher (the RGB-only baseline) passes None for both teacher tensors."""
-        zero = student_logits.new_zeros(())
+        without a teacher (the RGB-only baseline) passes None for both teacher tensors.
+
+        `labels` of -1 are unlabelled tiles: they get no cross-entropy (the mean runs over the
+        labelled ones). `weights` (B,) scale each pair's feature and KD terms (its confidence).
+        """
+        zero = student_logits.new_zeros((), dtype=torch.float32)
         feat = kd = ce = zero
         if self.w_feat > 0:
             if teacher_feat is None:
                 raise ValueError("teacher_feat is required when w_feat > 0; pass it or set w_feat=0")
             first, second = self.attention(student_feat, teacher_feat.detach())
-            feat = domain_shift_loss(first, second)
+            feat = _weighted_mean(domain_shift_loss(first, second, reduction="none"), weights)
         if self.w_kd > 0:
             if teacher_logits is None:
                 raise ValueError("teacher_logits are required when w_kd > 0; pass them or set w_kd=0")
-            kd = kd_loss(student_logits, teacher_logits.detach(), self.temperature)
+            kd = _weighted_mean(
+                kd_loss(student_logits, teacher_logits.detach(), self.temperature, reduction="none"), weights
+            )
         if self.w_ce > 0:
             if labels is None:
                 raise ValueError("labels are required when w_ce > 0; pass them or set w_ce=0")
-            ce = F.cross_entropy(student_logits, labels)
+            known = labels >= 0
+            if bool(known.any()):
+                ce = F.cross_entropy(student_logits[known].float(), labels[known], label_smoothing=self.label_smoothing)
         total = self.w_feat * feat + self.w_kd * kd + self.w_ce * ce
         return LossTerms(total=total, feat=feat, kd=kd, ce=ce)
 
 
-def _js_to_pool(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Jensen-Shannon divergence (nats) between every row of p (n, C) and q (M, C) -> (n, M)."""
     m = 0.5 * (p.unsqueeze(1) + q.unsqueeze(0))  # (n, M, C)
     # JS = H(m) - (H(p) + H(q)) / 2; xlogy gives 0*log0 = 0 for one-hot teachers.
@@ -188,44 +224,3 @@ def _js_to_pool(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     h_p = -torch.special.xlogy(p, p).sum(-1)  # (n,)
     h_q = -torch.special.xlogy(q, q).sum(-1)  # (M,)
     return h_m - 0.5 * (h_p.unsqueeze(1) + h_q.unsqueeze(0))
-
-
-_METRICS = {"js": _js_to_pool}
-
-
-@torch.no_grad()
-def rematch(
-    student_probs: torch.Tensor,
-    pool_teacher_probs: torch.Tensor,
-    metric: str = "js",
-    max_chunk_elems: int = 1 << 22,
-) -> torch.Tensor:
-    """Index of the MS pool tile whose teacher distribution is closest to each RGB tile's.
-
-    student_probs (N, C) and pool_teacher_probs (M, C) are class probabilities (rows
-    sum to 1). Rows of the student side are processed in chunks of about
-    ``max_chunk_elems`` / (M*C) so that N, M of several thousand stay within ~100 MB.
-    Returns a LongTensor (N,) of indices into the pool.
-    """
-    if metric not in _METRICS:
-        raise ValueError(f"unknown metric {metric!r}; valid metrics are {sorted(_METRICS)}")
-    if pool_teacher_probs.ndim != 2 or pool_teacher_probs.shape[0] == 0:
-        raise ValueError(
-            f"the MS pool is empty or not (M, C): shape {tuple(pool_teacher_probs.shape)}; "
-            "re-matching needs at least one teacher-classified MS tile"
-        )
-    if student_probs.ndim != 2 or student_probs.shape[1] != pool_teacher_probs.shape[1]:
-        raise ValueError(
-            f"class counts differ: student_probs {tuple(student_probs.shape)} vs pool "
-            f"{tuple(pool_teacher_probs.shape)}; both must be (·, C) over the same classes"
-        )
-    for name, t in (("student_probs", student_probs), ("pool_teacher_probs", pool_teacher_probs)):
-        if t.numel() and (t.min() < 0 or (t.sum(dim=1) - 1).abs().max() > 1e-3):
-            raise ValueError(f"{name} rows must be probabilities; apply softmax to logits first")
-    M, C = pool_teacher_probs.shape
-    rows = max(1, max_chunk_elems // (M * C))
-    q = pool_teacher_probs.float()
-    out = [_METRICS[metric](chunk.float(), q).argmin(dim=1) for chunk in student_probs.split(rows, dim=0)]
-    if not out:  # N == 0
-        return torch.empty(0, dtype=torch.long, device=student_probs.device)
-    return torch.cat(out)

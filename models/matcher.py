@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ms2rgb.models.bands import RGB_BANDS, S2_BANDS, BandNormalize, check_bands
+from ms2rgb.models.classifier import SceneCNN, SceneCNNConfig
 
 
 @dataclass(frozen=True)
@@ -23,10 +24,21 @@ class MatcherConfig:
 
     rgb_bands: tuple[str, ...] = field(default=RGB_BANDS)  # RGB tower input (8-bit renders)
     ms_bands: tuple[str, ...] = field(default=S2_BANDS)  # MS tower input (reflectance)
-    embed_dim: int = 64  # size of the shared embedding space
+    embed_dim: int = 64  # size of the shared embedding space (4 * teacher width with a teacher tower)
     width: int = 16  # channels of each tower's first stage
     temperature: float = 0.1  # InfoNCE temperature; CLIP-style contrastive default range
     stem_stride: int = 1  # stride of each tower's first conv; 2 quarters the full-resolution cost
+    teacher: SceneCNNConfig | None = None  # set: the MS tower is this frozen teacher's encoder
+
+    def __post_init__(self) -> None:
+        if isinstance(self.teacher, dict):  # read back from a saved model.pt (asdict flattens it)
+            cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in self.teacher.items()}
+            object.__setattr__(self, "teacher", SceneCNNConfig(**cfg))
+        if self.teacher is not None and self.embed_dim != 4 * self.teacher.width:
+            raise ValueError(
+                f"embed_dim={self.embed_dim}: with a teacher MS tower the embedding is the teacher's pooled "
+                f"feature, so embed_dim must be 4 * teacher width = {4 * self.teacher.width}"
+            )
 
 
 class _Tower(nn.Module):
@@ -58,10 +70,36 @@ class _Tower(nn.Module):
         return F.normalize(self.proj(self.body(self.normalize(x))), dim=-1)
 
 
+class TeacherTower(nn.Module):
+    """A frozen teacher's encoder as the MS tower: pooled (B, 4w) teacher features, unit length.
+
+    Why (docs/methods.md §A.2): the teacher already separates the scene classes in this space, so
+    an MS tile's embedding carries its class for free and only the RGB tower has to learn, from the
+    few true pairs, to land next to its partner. Its BatchNorm stays in eval mode whatever
+    ``train()`` says, and its weights never reach an optimiser (requires_grad is off).
+    """
+
+    def __init__(self, teacher: SceneCNN) -> None:
+        super().__init__()
+        self.teacher = teacher
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> TeacherTower:
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.teacher.encode(x).mean(dim=(2, 3)), dim=-1)  # (B, 4w)
+
+
 class CrossModalMatcher(nn.Module):
     """RGB tower + MS tower sharing one cosine-similarity embedding space."""
 
-    def __init__(self, cfg: MatcherConfig | None = None) -> None:
+    def __init__(self, cfg: MatcherConfig | None = None, teacher: SceneCNN | None = None) -> None:
+        """With ``cfg.teacher`` set the MS tower is that teacher's encoder: pass the trained
+        teacher, or nothing when the weights come from a saved matcher's state dict."""
         super().__init__()
         self.cfg = cfg or MatcherConfig()
         c = self.cfg
@@ -69,7 +107,13 @@ class CrossModalMatcher(nn.Module):
         if c.stem_stride not in (1, 2):
             raise ValueError(f"stem_stride={c.stem_stride} is not supported; use 1 or 2")
         self.rgb_tower = _Tower(c.rgb_bands, True, c.width, c.embed_dim, c.stem_stride)
-        self.ms_tower = _Tower(c.ms_bands, False, c.width, c.embed_dim, c.stem_stride)
+        self.ms_tower: nn.Module
+        if c.teacher is None:
+            self.ms_tower = _Tower(c.ms_bands, False, c.width, c.embed_dim, c.stem_stride)
+        else:
+            if teacher is not None and teacher.cfg != c.teacher:
+                raise ValueError(f"the teacher's config {teacher.cfg} differs from the matcher's {c.teacher}")
+            self.ms_tower = TeacherTower(teacher or SceneCNN(c.teacher))
 
     def embed_rgb(self, x: torch.Tensor) -> torch.Tensor:
         """(B, len(rgb_bands), H, W) uint8-range tiles -> (B, embed_dim) unit vectors."""

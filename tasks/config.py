@@ -132,36 +132,86 @@ class MatcherStageConfig(Section):
     lr: float = Field(ge=1e-6, le=1)
     weight_decay: float = Field(ge=0, le=1)
     augment: bool  # one flip/rotation per pair, shared by both tiles
+    ms_tower: Literal["teacher", "cnn"]  # teacher: the frozen teacher encoder (embed_dim = 4 * teacher.width)
 
-    def model(self) -> MatcherConfig:
+    def model(self, teacher: SceneCNNConfig | None = None) -> MatcherConfig:
+        """The architecture; `teacher` (the trained teacher's config) is needed for ms_tower=teacher."""
+        if self.ms_tower == "teacher" and teacher is None:
+            raise ValueError("matcher.ms_tower=teacher needs the teacher's config")
+        tower = teacher if self.ms_tower == "teacher" else None
         return MatcherConfig(
             rgb_bands=RGB_BANDS,
             ms_bands=S2_BANDS,
-            embed_dim=self.embed_dim,
+            embed_dim=4 * tower.width if tower else self.embed_dim,
             width=self.width,
             temperature=self.temperature,
             stem_stride=self.stem_stride,
+            teacher=tower,
         )
 
 
 class PairsConfig(Section):
     batch_size: int = Field(ge=1, le=65536)  # tiles per inference batch (teacher and matcher)
+    temperature: float = Field(ge=1e-3, le=10)  # matcher scores / this enter the Sinkhorn assignment
+    sinkhorn_iters: int = Field(ge=1, le=10_000)  # balancing rounds: no MS tile absorbs most RGB tiles
 
 
 class StudentConfig(Section):
-    epochs: int = Field(ge=1, le=10_000)  # passes over rgb_train (smaller sets get as many steps)
+    steps: int = Field(ge=1, le=1_000_000)  # optimiser steps, the same for every variant whatever its set size
     batch_size: int = Field(ge=2, le=4096)
     lr: float = Field(ge=1e-6, le=1)  # AdamW peak (one-cycle), also for the attention module
     weight_decay: float = Field(ge=0, le=1)
     augment: bool
+    rgb_labels_per_class: int | None = Field(ge=1)  # labelled rgb_train tiles per class; null: all
+    labelled_share: float = Field(gt=0, le=1)  # least share of each epoch drawn from the labelled tiles
     w_feat: float = Field(ge=0, le=100)  # feature loss (cross-modal attention + MMD)
     w_kd: float = Field(ge=0, le=100)  # KL to the partner's teacher distribution at `temperature`
-    w_ce: float = Field(ge=0, le=100)  # cross-entropy with the true RGB label
-    temperature: float = Field(ge=0.05, le=100)
+    w_ce: float = Field(ge=0, le=100)  # cross-entropy with the true label (labelled tiles only)
+    temperature: float = Field(ge=0.05, le=100)  # KD and re-matching temperature
     heads: int = Field(ge=1, le=64)  # attention heads; must divide 4 * teacher.width
-    rematch_every: int = Field(ge=0, le=10_000)  # epochs between re-matching rounds; 0: off
-    rematch_scope: Literal["class", "pool"]  # candidates: the tile's class, or the whole pool
-    seeds: int = Field(ge=1, le=100)  # seeds per variant: seed, seed+1, ...
+    rematch_rounds: int = Field(ge=0, le=1000)  # re-matching rounds, evenly spread over training; 0: off
+    rematch_epsilon: float = Field(gt=0, le=10)  # entropy of the balanced re-matching (Sinkhorn on JS / this)
+    self_training_threshold: float = Field(gt=0, le=1)  # FixMatch: confidence a pseudo-label needs
+    w_self_training: float = Field(ge=0, le=100)  # FixMatch term of the variants that use it
+
+
+# The student variants tasks/training/variants.py defines (a test keeps the two lists equal); named
+# here so that a bad name stops the run before any stage, without the config loading training code.
+VariantName = Literal[
+    "rgb_only",
+    "label_smoothing",
+    "self_training",
+    "paired_kd",
+    "full_method",
+    "full_method_self_training",
+    "oracle",
+    "no_feature_loss",
+    "no_rematch",
+    "kd_random_pairs",
+]
+
+
+class CompareGrid(Section):
+    shots: Annotated[tuple[Annotated[int, Field(ge=1)] | None, ...], Field(strict=False, min_length=1)]
+    variants: Annotated[tuple[VariantName, ...], Field(strict=False, min_length=1)]
+
+
+class CompareConfig(Section):
+    grid: str  # the entry of `grids` that the compare stage runs (`make compare` runs `full`)
+    grids: dict[str, CompareGrid]  # labelled tiles per class (null: all) x variants
+    seeds: int = Field(ge=1, le=100)  # seeds per variant and K: seed, seed+1, ...
+    bootstrap: int = Field(ge=100, le=100_000)  # paired resamples of the difference to rgb_only
+
+    @model_validator(mode="after")
+    def _grid_known(self) -> CompareConfig:
+        if self.grid not in self.grids:
+            raise ParamsError("compare.grid", self.grid, f"choose one of {sorted(self.grids)}")
+        for name, grid in self.grids.items():
+            if "rgb_only" not in grid.variants:
+                raise ParamsError(
+                    f"compare.grids.{name}.variants", list(grid.variants), "include rgb_only, the baseline"
+                )
+        return self
 
 
 class ClipConfig(Section):
@@ -286,6 +336,7 @@ class Params(Section):
     matcher: MatcherStageConfig
     pairs: PairsConfig
     student: StudentConfig
+    compare: CompareConfig
     detector: DetectorConfig
     evaluation: EvaluateConfig = Field(alias="evaluate")  # named like the stage
     promote: PromoteConfig

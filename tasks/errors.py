@@ -41,6 +41,10 @@ class RasterError(DataError):
         self.path = path
 
 
+class SceneAlreadyInPool(Ms2rgbError):
+    """Every tile of a scene is in the pool already (under any scene id): nothing to ingest."""
+
+
 class DatasetLayoutError(Ms2rgbError):
     """A dataset folder does not have the expected layout."""
 

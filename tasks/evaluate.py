@@ -7,6 +7,8 @@ champion moves only for a real gain with no real regression (`tasks/evaluation/p
 Aliases and version tags change last, after every score, figure and the report are written,
 so a failed or killed evaluation leaves every champion where it was.
 Outputs: reports/evaluate.json (DVC metrics), reports/evaluate/*.png, reports/index.html.
+The report shows the compare stage's summary (reports/compare.json) when it exists: a retrain after
+new scenes skips compare, so its last comparison is shown as it was.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ MODELS = {
     "detector": "ms2rgb-detector",
 }
 FIGURES_DIR = Path("reports") / "evaluate"
+COMPARE_REPORT = Path("reports") / "compare.json"
 
 
 def load_test_data(prepared: Path) -> TestData:
@@ -150,17 +153,21 @@ def lineage(root: Path, params: Params) -> dict[str, Any]:
 def summary(root: Path, scores: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The evaluation dict (reports/evaluate.json) from the scores and the training reports."""
     student = json.loads((root / "reports" / "student.json").read_text())
-    rgb_only = student.get("baselines", {}).get("rgb_only", {})
+    rgb_only = rgb_only_at(read_compare(root), student.get("rgb_labels_per_class"))
     detector = json.loads((root / "reports" / "detector.json").read_text())
     by_k = {str(k): v.get("miou") if isinstance(v, dict) else v for k, v in detector.get("by_shots", {}).items()}
     out = {stage: {"version": challenger_version(root, stage), **scores[stage]} for stage in MODELS}
     out["detector"]["miou_by_k"] = by_k
-    out["rgb_only"] = {
-        "accuracy": rgb_only.get("mean"),
-        "std": rgb_only.get("std"),
-        "per_class": rgb_only.get("per_class", {}),
-    }
+    if rgb_only:
+        out["rgb_only"] = {"accuracy": rgb_only.get("mean"), "std": rgb_only.get("std"), "k": rgb_only["k"]}
     return out
+
+
+def rgb_only_at(compare: dict[str, Any] | None, k: int | None) -> dict[str, Any]:
+    """The compare stage's rgb_only at the production student's label budget, or {} when not compared."""
+    key = "all" if k is None else str(k)
+    found = ((compare or {}).get("by_k") or {}).get(key, {}).get("rgb_only")
+    return {**found, "k": key} if found else {}
 
 
 def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
@@ -218,14 +225,21 @@ def promote_by_hand(root: Path, params: Params, name: str, version: int, force: 
     return decision
 
 
+def read_compare(root: Path) -> dict[str, Any] | None:
+    """The compare stage's summary, or None when it has not run."""
+    path = root / COMPARE_REPORT
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def report_page(root: Path, evaluation: dict[str, Any], overlays: tuple[Any, ...], tracker: StageTracker) -> Path:
     """Figures and the self-contained HTML page, logged to MLflow too."""
     from ms2rgb.tasks.report.figures import write_figures
     from ms2rgb.tasks.report.html import build_report
 
+    compare = read_compare(root)
     write_plot_data(evaluation, root / FIGURES_DIR)
-    figures = write_figures(evaluation, root / FIGURES_DIR, overlays)
-    page = build_report(root, evaluation, figures)
+    figures = write_figures(evaluation, root / FIGURES_DIR, overlays, compare)
+    page = build_report(root, evaluation, figures, compare)
     for path in figures.values():
         tracker.log_artifact(path, "evaluate")
     tracker.log_artifact(page)

@@ -2,7 +2,9 @@
 
 Each training group holds one true pair (same location, from pair_train) and `n_neg` MS tiles of
 *other* scene classes drawn from the same batch; the loss is InfoNCE over the group. Evaluation:
-retrieval of the true MS partner of held-out pairs (pair_test). The stage reads only the paired
+retrieval of the true MS partner of held-out pairs (pair_test). With `matcher.ms_tower: teacher` the
+MS tower is the frozen teacher's encoder (pooled features), so only the RGB tower learns to land in
+the teacher's space; the stage then also reads artifacts/teacher. The stage reads only the paired
 splits (pair_train, pair_test), so a scene ingested into ms_pool leaves it fresh; how often a
 match within the pool has the right class is the pairs stage's `same_class_rate_true`.
 Outputs: artifacts/matcher/model.pt, artifacts/matcher/checkpoints/, reports/matcher.json;
@@ -19,9 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ms2rgb.models.classifier import SceneCNN
 from ms2rgb.models.matcher import CrossModalMatcher, PairScorer, build_groups, group_contrastive_loss
 from ms2rgb.tasks.config import MatcherStageConfig, Params
-from ms2rgb.tasks.data.artifacts import MODEL_FILE, staging_dir
+from ms2rgb.tasks.data.artifacts import MODEL_FILE, model_path, staging_dir
+from ms2rgb.tasks.data.geotiff import sha256_of
 from ms2rgb.tasks.data.pairing import PairSet, load_true_pairs
 from ms2rgb.tasks.data.validated import require_validated
 from ms2rgb.tasks.tracking import StageTracker
@@ -37,7 +41,7 @@ from ms2rgb.tasks.training.loop import (
     to_tensor,
 )
 from ms2rgb.tasks.training.progress import epoch_printer, log_curves
-from ms2rgb.tasks.training.store import save_model
+from ms2rgb.tasks.training.store import load_model, save_model
 
 REGISTERED_NAME = "ms2rgb-matcher"
 READS = {"pair_train": ("ms", "rgb"), "pair_test": ("ms", "rgb")}  # split -> modalities (dvc.yaml deps)
@@ -66,13 +70,16 @@ def train(
     pairs: PairSet,
     cfg: MatcherStageConfig,
     seed: int,
+    teacher: SceneCNN | None = None,
     checkpoint_dir: Path | None = None,
     on_epoch: Callable[[Trainer, EpochStats], None] | None = None,
     fingerprint: str = "",
 ) -> tuple[CrossModalMatcher, Trainer]:
-    """Fit a matcher on true pairs; `on_epoch(trainer, stats)` after every epoch."""
+    """Fit a matcher on true pairs (its MS tower the frozen `teacher` when ms_tower=teacher);
+    `on_epoch(trainer, stats)` after every epoch."""
     seed_everything(seed)
-    matcher = CrossModalMatcher(cfg.model()).to(pick_device())
+    arch = cfg.model(teacher.cfg if teacher is not None else None)
+    matcher = CrossModalMatcher(arch, teacher if arch.teacher is not None else None).to(pick_device())
     trainer = Trainer(
         matcher,
         len(pairs.labels),
@@ -104,8 +111,13 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     train_pairs, test_pairs = load_true_pairs(prepared, "pair_train"), load_true_pairs(prepared, "pair_test")
     tracker.log_params({"matcher": cfg.model_dump(), "seed": seed})
     out = staging_dir(root, "matcher")  # swapped in whole by the stage runner after success
-    run_id = fingerprint(cfg.model_dump(), seed, data_digest)
-    matcher, trainer = train(train_pairs, cfg, seed, out / "checkpoints", epoch_printer("matcher"), run_id)
+    teacher = None
+    upstream = ""
+    if cfg.ms_tower == "teacher":
+        teacher = load_model(model_path(root, "teacher"), "scene_cnn", "teacher")
+        upstream = sha256_of(model_path(root, "teacher"))
+    run_id = fingerprint(cfg.model_dump(), seed, data_digest, upstream)
+    matcher, trainer = train(train_pairs, cfg, seed, teacher, out / "checkpoints", epoch_printer("matcher"), run_id)
     metrics = {**retrieval(matcher, test_pairs), "train_pair_top1": retrieval(matcher, train_pairs)["pair_top1"]}
     print("matcher: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if v is not None), flush=True)
     save_model(out / MODEL_FILE, "matcher", matcher, matcher.cfg)

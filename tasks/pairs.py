@@ -1,16 +1,21 @@
-"""pairs stage (docs/methods.md §A.3): pair every RGB training tile with a same-class MS pool tile.
+"""pairs stage (docs/methods.md §A.3): give every RGB training tile an MS pool partner, with and without its label.
 
-Same class means the RGB tile's true label and the MS tile's *teacher* class, so unlabelled pool
-tiles (ingested scenes) take part through their teacher pseudo-label. Among the candidates of its
-class, each RGB tile takes the MS tile with the best matcher score. The table also records the
-teacher's class distribution of the MS tile (for inspection; the student re-runs the teacher over
-the pool itself). Outputs: artifacts/pairs/pairs.parquet, reports/pairs.json. The table's schema
-and reader live in tasks/data/pairing.py, below both this stage and the student.
+Without the label (what an unlabelled RGB tile gets): the matcher scores the tile against the whole
+pool, and a balanced assignment (Sinkhorn with uniform marginals, `models/assignment.py`) picks the
+partner, so no MS tile absorbs most matches; the plan's mass per teacher class is the matcher's class
+posterior, and the pair's confidence is that posterior at the partner's teacher class times the
+teacher's confidence in it. With the label (a labelled tile): the best-scoring MS tile whose teacher
+class is that label. MS classes are the teacher's, so unlabelled pool tiles (ingested scenes) take
+part through their pseudo-label. The labels of rgb_train are read for the second column and to
+report how often the label-free partner has the right class (the pseudo-label accuracy); the student
+hides them from training for the unlabelled tiles. Outputs: artifacts/pairs/pairs.parquet,
+reports/pairs.json. The table's schema and reader live in tasks/data/pairing.py.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +23,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ms2rgb.models.assignment import class_posterior, sinkhorn_plan
 from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
 from ms2rgb.models.matcher import CrossModalMatcher
-from ms2rgb.tasks.config import Params
+from ms2rgb.tasks.config import PairsConfig, Params
 from ms2rgb.tasks.data.artifacts import model_path, staging_dir
 from ms2rgb.tasks.data.cache import CachedSplit, open_split, require_bands
 from ms2rgb.tasks.data.classes import SCENE_NAMES
@@ -49,16 +55,44 @@ def match_within_class(
     return best, best_score
 
 
+@dataclass
+class Assignment:
+    """The label-free pairing of every RGB tile."""
+
+    partner: np.ndarray  # (N,) pool row
+    score: np.ndarray  # (N,) matcher score of the pair
+    confidence: np.ndarray  # (N,) class posterior at the partner's class x teacher confidence
+
+
+def assign_without_labels(scores: torch.Tensor, teacher: torch.Tensor, cfg: PairsConfig) -> Assignment:
+    """Balanced matcher assignment over the whole pool; `teacher` (M, n_classes) the pool's teacher probs."""
+    plan = sinkhorn_plan(scores / cfg.temperature, cfg.sinkhorn_iters)  # (N, M), rows sum to 1
+    partner = plan.argmax(1)
+    ms_class = teacher.argmax(1)
+    posterior = class_posterior(plan, ms_class, teacher.shape[1])  # (N, n_classes)
+    chosen = ms_class[partner]
+    confidence = posterior.gather(1, chosen.view(-1, 1)).squeeze(1) * teacher.max(1).values[partner]
+    return Assignment(
+        partner.numpy(),
+        scores.gather(1, partner.view(-1, 1)).squeeze(1).numpy(),
+        confidence.numpy().astype(np.float32),
+    )
+
+
 def pairs_frame(
-    rgb: CachedSplit, pool: CachedSplit, best: np.ndarray, score: np.ndarray, probs: torch.Tensor
+    rgb: CachedSplit, pool: CachedSplit, free: Assignment, same_class: np.ndarray, probs: torch.Tensor
 ) -> pd.DataFrame:
     """The pairs table, one row per RGB training tile."""
+    best = free.partner
     true = [SCENE_NAMES[c] if c >= 0 else None for c in pool.labels[best]]
     return pd.DataFrame(
         {
             "rgb_id": rgb.ids,
             "ms_id": [pool.ids[i] for i in best],
-            "score": score.astype(np.float64),
+            "score": free.score.astype(np.float64),
+            "confidence": free.confidence.astype(np.float64),
+            "match_class": [SCENE_NAMES[c] for c in probs[best].argmax(1).numpy()],
+            "ms_id_same_class": [pool.ids[i] for i in same_class],
             "class": [SCENE_NAMES[c] for c in rgb.labels],
             "teacher_probs": list(probs[best].numpy().astype(np.float64)),
             "ms_true_class": pd.Series(true, dtype="string"),
@@ -69,6 +103,27 @@ def pairs_frame(
 def _agreement(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float | None:
     """Share of rows in `where` with a == b; None when no row qualifies (e.g. an unlabelled pool)."""
     return float((a[where] == b[where]).mean()) if where.any() else None
+
+
+def pairing_report(frame: pd.DataFrame, free: Assignment, rgb: CachedSplit, pool: CachedSplit, ms_class: np.ndarray):
+    """How good the label-free pairing is, scored with the labels it did not use."""
+    best, labelled = free.partner, pool.labels >= 0
+    right = ms_class[best] == rgb.labels
+    confident = free.confidence >= np.median(free.confidence)
+    return {
+        "pairs": len(frame),
+        "distinct_ms_tiles": int(frame["ms_id"].nunique()),
+        "distinct_ms_tiles_same_class": int(frame["ms_id_same_class"].nunique()),
+        "largest_share_of_one_ms_tile": float(frame["ms_id"].value_counts().iloc[0] / len(frame)),
+        "pool_tiles": len(pool.ids),
+        "pseudo_labelled_tiles": int((~labelled).sum()),
+        "same_class_rate": float(right.mean()),  # = pseudo-label accuracy of the label-free pairs
+        "same_class_rate_confident_half": float(right[confident].mean()),
+        "mean_confidence": float(free.confidence.mean()),
+        "mean_score": float(free.score.mean()),
+        "same_class_rate_true": _agreement(pool.labels[best], rgb.labels, pool.labels[best] >= 0),
+        "pool_teacher_accuracy": _agreement(ms_class, pool.labels, labelled),
+    }
 
 
 def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
@@ -87,35 +142,29 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
             f"{int((rgb.labels < 0).sum())} RGB training tile(s) have no class",
             "the student set must be labelled; re-run prepare",
         )
-    tracker.log_params({"pairs": {"batch_size": cfg.batch_size}})
+    tracker.log_params({"pairs": cfg.model_dump()})
     probs = teacher_probs(teacher, pool.images, cfg.batch_size)
     ms_class = probs.argmax(1).numpy()
     matcher.to(pick_device())
     scores = matcher.score(embed(matcher, rgb.images, "rgb"), embed(matcher, pool.images, "ms"))  # (N, M)
-    best, score = match_within_class(scores, rgb.labels, ms_class)
-    frame = pairs_frame(rgb, pool, best, score, probs)
+    free = assign_without_labels(scores, probs, cfg)
+    same_class, _ = match_within_class(scores, rgb.labels, ms_class)
+    frame = pairs_frame(rgb, pool, free, same_class, probs)
     path = write_pairs(frame, staging_dir(root, "pairs") / PAIRS_FILE)
     tracker.log_artifact(path, "pairs")
-    known, labelled = pool.labels[best] >= 0, pool.labels >= 0
     per_class = (
-        frame.groupby("class")
-        .agg(pairs=("rgb_id", "size"), ms_tiles=("ms_id", "nunique"), mean_score=("score", "mean"))
+        frame.assign(right=frame["match_class"] == frame["class"])
+        .groupby("class")
+        .agg(pairs=("rgb_id", "size"), ms_tiles=("ms_id", "nunique"), same_class_rate=("right", "mean"))
         .reset_index()
     )
     tracker.log_table(per_class, "pairs_per_class")
-    report = {
-        "pairs": len(frame),
-        "distinct_ms_tiles": int(frame["ms_id"].nunique()),
-        "pool_tiles": len(pool.ids),
-        "pseudo_labelled_tiles": int((~labelled).sum()),
-        "mean_score": float(score.mean()),
-        "same_class_rate_true": _agreement(pool.labels[best], rgb.labels, known),
-        "pool_teacher_accuracy": _agreement(ms_class, pool.labels, labelled),
-        "seconds": round(time.perf_counter() - start, 2),
-    }
+    report = pairing_report(frame, free, rgb, pool, ms_class) | {"seconds": round(time.perf_counter() - start, 2)}
     print(
-        f"pairs: {report['pairs']} pairs over {report['distinct_ms_tiles']} MS tiles, "
-        f"true same-class rate {report['same_class_rate_true']}",
+        f"pairs: {report['pairs']} RGB tiles paired without labels over {report['distinct_ms_tiles']} MS tiles "
+        f"(largest share {report['largest_share_of_one_ms_tile']:.3f}); "
+        f"same-class rate {report['same_class_rate']:.3f}, "
+        f"{report['same_class_rate_confident_half']:.3f} on the confident half",
         flush=True,
     )
     return report

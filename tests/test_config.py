@@ -68,8 +68,8 @@ def test_unknown_split_in_per_class(project: Path) -> None:
         ("  eurosat_rgb_dir: null", "  eurosat_rgb_dir: 3", "data.eurosat_rgb_dir=3"),
         ("    model: ms2rgb-tiny-vit", "    model: no-such-model", "detector.clip.model='no-such-model'"),
         (
-            "student: {epochs: 2, batch_size: 16, heads: 2,",
-            "student: {epochs: 2, batch_size: 16, heads: 3,",
+            "student: {steps: 6, batch_size: 16, heads: 2,",
+            "student: {steps: 6, batch_size: 16, heads: 3,",
             "student.heads=3",
         ),
         ("  augment: true            # random flips", "  augment: 1            # random flips", "teacher.augment=1"),

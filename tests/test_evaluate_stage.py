@@ -82,7 +82,7 @@ def test_a_new_student_is_a_judged_challenger(evaluated: tuple[Path, dict]) -> N
     root, first = evaluated
     before = champions(root)
     text = (root / "params.yaml").read_text()
-    (root / "params.yaml").write_text(text.replace("student: {epochs: 2,", "student: {epochs: 3,", 1))
+    (root / "params.yaml").write_text(text.replace("student: {steps: 6,", "student: {steps: 9,", 1))
     retrained = run_stage("student", root)
     again = run_stage("evaluate", root)
     decision = again["promotion"]["ms2rgb-student"]

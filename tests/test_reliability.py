@@ -140,8 +140,8 @@ def test_a_user_error_under_run_is_one_clean_line_and_exit_2(project: Path) -> N
     [
         ("    model: ms2rgb-tiny-vit", "    model: no-such-model", "detector.clip.model='no-such-model'"),
         (
-            "student: {epochs: 2, batch_size: 16, heads: 2,",
-            "student: {epochs: 2, batch_size: 16, heads: 3,",
+            "student: {steps: 6, batch_size: 16, heads: 2,",
+            "student: {steps: 6, batch_size: 16, heads: 3,",
             "student.heads=3",
         ),
     ],

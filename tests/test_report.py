@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 
 from ms2rgb.tasks.data.classes import SCENE_NAMES, SURFACE_NAMES
+from ms2rgb.tasks.report.compare import compare_summary
 from ms2rgb.tasks.report.figures import FIGURE_CAPTIONS, detector_overlays, write_figures
 from ms2rgb.tasks.report.html import SECTIONS, build_report
 
-SECTION_IDS = ("summary", "method-a", "method-b", "figures", "validation", "promotion", "lineage")
+SECTION_IDS = ("summary", "method-a", "compare", "method-b", "figures", "validation", "promotion", "lineage")
 
 
 def _per_class(rng: np.random.Generator, low: float, high: float) -> dict[str, float]:
@@ -48,7 +49,7 @@ def sample_evaluation(seed: int = 0) -> dict[str, Any]:
             "reliability": {"bin_edges": edges, "accuracy": accuracy, "confidence": confidence, "count": count},
             "test_tiles": 600,
         },
-        "rgb_only": {"accuracy": 0.801, "std": 0.012, "per_class": _per_class(rng, 0.55, 0.95)},
+        "rgb_only": {"accuracy": 0.801, "std": 0.012, "k": "25"},
         "teacher": {
             "version": 2,
             "accuracy": 0.951,
@@ -109,33 +110,34 @@ def sample_evaluation(seed: int = 0) -> dict[str, Any]:
     }
 
 
-def _variant(mean: float, std: float, rng: np.random.Generator) -> dict[str, Any]:
-    return {
-        "mean": mean,
-        "std": std,
-        "per_seed": [round(mean + d, 4) for d in (-std, 0.0, std)],
-        "per_class": _per_class(rng, mean - 0.15, min(1.0, mean + 0.15)),
-    }
-
-
 def sample_student_report() -> dict[str, Any]:
     rng = np.random.default_rng(1)
-    names = {
-        "rgb_only": 0.801,
-        "kd_random_pairs": 0.805,
-        "no_feature_loss": 0.807,
-        "no_rematch": 0.809,
-        "paired_kd": 0.79,
-    }
     return {
         "test_accuracy": 0.812,
-        "test_accuracy_std": 0.01,
-        "seeds": [7, 8, 9],
-        "gain_over_rgb_only": 0.011,
-        "seed_spread": 0.022,
-        "beats_rgb_only": False,
-        "full_method": _variant(0.812, 0.01, rng),
-        "baselines": {name: _variant(mean, 0.012, rng) for name, mean in names.items()},
+        "test_accuracy_ci95": [0.79, 0.833],
+        "test_tiles": 1500,
+        "per_class": _per_class(rng, 0.6, 0.95),
+        "labelled_tiles": 250,
+        "unlabelled_tiles": 2750,
+        "rgb_labels_per_class": 25,
+        "seed": 7,
+        "steps": 600,
+        "rematch_rounds": [
+            {
+                "epoch": 3,
+                "changed": 0.412,
+                "same_class_rate": 0.733,
+                "pseudo_label_accuracy": 0.7071,
+                "mean_weight": 0.6,
+            },
+            {
+                "epoch": 6,
+                "changed": 0.118,
+                "same_class_rate": 0.771,
+                "pseudo_label_accuracy": 0.7493,
+                "mean_weight": 0.7,
+            },
+        ],
     }
 
 
@@ -208,6 +210,23 @@ def sample_overlays(n: int = 4, size: int = 32) -> tuple[np.ndarray, np.ndarray,
     return images, preds, masks, list(SURFACE_NAMES)
 
 
+def sample_compare() -> dict[str, Any]:
+    """A reports/compare.json-shaped summary: 2 K, 3 variants, 2 seeds, 40 tiles.
+
+    rgb_only gets 24 and 26 tiles right (0.625 ± 0.035), full_method 4 more on each seed (Δ +0.100),
+    no_rematch the same tiles as rgb_only (Δ +0.000); at "all" no_rematch did not run.
+    """
+
+    def first(*counts: int) -> np.ndarray:
+        return (np.arange(40)[None, :] < np.array(counts)[:, None]).astype(float)  # (seeds, tiles)
+
+    correct = {
+        "5": {"rgb_only": first(24, 26), "full_method": first(28, 30), "no_rematch": first(24, 26)},
+        "all": {"rgb_only": first(32, 32), "full_method": first(36, 36)},
+    }
+    return compare_summary(correct, "rgb_only", samples=300, seed=0)
+
+
 def write_sample_project(root: Path, *, student: bool = True, detector: bool = True, passed: bool = True) -> Path:
     """reports/{student,detector,validate}.json under `root`, as the stages would leave them."""
     reports = root / "reports"
@@ -222,7 +241,7 @@ def write_sample_project(root: Path, *, student: bool = True, detector: bool = T
 
 @pytest.fixture(scope="module")
 def figures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return write_figures(sample_evaluation(), tmp_path_factory.mktemp("figures"), sample_overlays())
+    return write_figures(sample_evaluation(), tmp_path_factory.mktemp("figures"), sample_overlays(), sample_compare())
 
 
 def test_every_figure_is_written_as_a_png(figures: dict[str, Path]) -> None:
@@ -252,7 +271,7 @@ def test_overlays_show_a_few_tiles_and_check_their_inputs() -> None:
 
 def test_page_holds_every_section_and_embeds_its_figures(tmp_path: Path, figures: dict[str, Path]) -> None:
     root = write_sample_project(tmp_path, passed=False)
-    page = build_report(root, sample_evaluation(), figures)
+    page = build_report(root, sample_evaluation(), figures, sample_compare())
     assert page == root / "reports" / "index.html"
     html = page.read_text(encoding="utf-8")
     for sid in SECTION_IDS:
@@ -266,7 +285,8 @@ def test_page_holds_every_section_and_embeds_its_figures(tmp_path: Path, figures
     # the numbers made it in: headline CI, a baseline's mean ± std, the detector goal, a promotion, lineage
     assert "[0.789, 0.834]" in html
     assert "0.801 ± 0.012" in html
-    assert "paired_kd" in html and "visual_prompts" in html and "39.2" in html
+    assert "no_rematch" in html and "visual_prompts" in html and "39.2" in html  # a compared variant, a baseline
+    assert "250 / 2750" in html and "0.749" in html  # the student's label budget and a re-matching round
     assert "ms2rgb-detector" in html and "held" in html and "mIoU 0.512 &lt; champion" in html
     assert "0123456789abcdef0123456789abcdef01234567" in html and "6f1ed002ab5595859014ebf0951522d9.dir" in html
     assert "<details><summary>params" in html and "fallback:ms2rgb-clip-backbone v1" in html
@@ -282,7 +302,7 @@ def test_text_from_reports_is_escaped(tmp_path: Path) -> None:
     evaluation["student"]["per_class"] = {evil: 0.5}
     root = write_sample_project(tmp_path)
     student = sample_student_report()
-    student["baselines"][evil] = student["baselines"]["rgb_only"]
+    student["per_class"][evil] = 0.5
     (root / "reports" / "student.json").write_text(json.dumps(student))
     html = build_report(root, evaluation, {}).read_text(encoding="utf-8")
     assert "<script" not in html
@@ -296,9 +316,10 @@ def test_missing_reports_show_not_run(tmp_path: Path) -> None:
     evaluation["detector"] = None
     del evaluation["promotion"]
     html = build_report(root, evaluation, {}).read_text(encoding="utf-8")
-    for sid in ("method-a", "method-b", "figures", "validation", "promotion"):
+    for sid in ("method-a", "compare", "method-b", "figures", "validation", "promotion"):
         body = html.split(f'<section id="{sid}">')[1].split("</section>")[0]
         assert "not run" in body, sid
+    assert "not run (make compare)" in html
     assert "reports/student.json is missing" in html
     # a page from nothing at all still has every section
     empty = build_report(tmp_path / "nothing", {}, {}).read_text(encoding="utf-8")
@@ -317,3 +338,42 @@ def test_unreadable_reports_and_odd_shapes_do_not_break_the_page(tmp_path: Path)
     assert "student.json could not be read" in method_a and "not run" not in method_a  # it ran; its file is bad
     assert "figure student_confusion is missing" in html
     assert all(f'<section id="{sid}">' in html for sid in SECTION_IDS)
+
+
+def _section_body(html: str, sid: str) -> str:
+    return html.split(f'<section id="{sid}">')[1].split("</section>")[0]
+
+
+def test_comparison_section_shows_every_k_and_variant(tmp_path: Path, figures: dict[str, Path]) -> None:
+    root = write_sample_project(tmp_path)
+    summary = sample_compare()
+    html = build_report(root, sample_evaluation(), figures, summary).read_text(encoding="utf-8")
+    body = _section_body(html, "compare")
+    assert "not run" not in body
+    rows = re.findall(r"<tr( class=highlight)?>(.*?)</tr>", body)
+    cells = [re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row) for _, row in rows]
+    assert cells[0][:2] == ["K", "variant"]
+    assert [c[:2] for c in cells[1:]] == [
+        ["5", "rgb_only"],
+        ["5", "full_method"],
+        ["5", "no_rematch"],
+        ["all", "rgb_only"],
+        ["all", "full_method"],
+    ]
+    low, high = summary["by_k"]["5"]["full_method"]["diff_vs_rgb_only"]["ci95"]
+    assert low > 0
+    assert cells[2][2:] == ["0.725 ± 0.035", "2", f"+0.100 [{low:+.3f}, {high:+.3f}]", "✓"]
+    assert cells[1][4] == "baseline" and cells[3][4] == "+0.000 [+0.000, +0.000]" and cells[3][5] == ""
+    low_all = summary["by_k"]["all"]["full_method"]["diff_vs_rgb_only"]["ci95"][0]
+    assert low_all > 0 and cells[5][5] == "✓"
+    assert [bool(marked) for marked, _ in rows[1:]] == [False, True, False, False, True]  # those that beat it
+    # the accuracy-vs-K figure sits in this section, once, and not again among the other figures
+    assert body.count("data:image/png;base64,") == 1 and 'id="fig-accuracy_by_k"' in body
+    assert 'id="fig-accuracy_by_k"' not in _section_body(html, "figures")
+
+
+def test_comparison_without_its_figure_says_so(tmp_path: Path) -> None:
+    root = write_sample_project(tmp_path)
+    html = build_report(root, sample_evaluation(), {}, sample_compare()).read_text(encoding="utf-8")
+    body = _section_body(html, "compare")
+    assert "figure accuracy_by_k was not drawn" in body and "full_method" in body

@@ -44,7 +44,7 @@ from ms2rgb.tasks.config import Params, ValidateConfig
 from ms2rgb.tasks.data.atomic import write_json_atomic, write_text_atomic
 from ms2rgb.tasks.data.sources.scenes import RASTER_SUFFIXES, band_from_filename, ingest_scene
 from ms2rgb.tasks.data.tile_stats import compute_tile_stats
-from ms2rgb.tasks.errors import Ms2rgbError
+from ms2rgb.tasks.errors import Ms2rgbError, SceneAlreadyInPool
 
 Progress = Callable[[str], None]
 STATE_DIR = Path("data") / ".landing"  # ledger and staging copies of remote scenes, under the project
@@ -52,8 +52,6 @@ LEDGER_NAME = "ledger.json"
 MAX_RETRAIN_ATTEMPTS = 3  # a scene whose retrain was killed this often is no longer re-announced
 LOST_EVENT_S = 600.0  # a scene announced this long ago that no retrain has taken yet is announced again
 _CHUNK = 1 << 20
-# ingest_scene's refusal of a scene whose every tile is in the pool already (not a fault of the file).
-_ALREADY_IN_POOL = "tiles are already in the pool"
 _SCENE_ID_BAD = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -343,11 +341,11 @@ def _take(ctx: _Poll, entry: _Entry, sha: str) -> Outcome:
         ctx.progress(f"landing: {entry.name}: new scene (sha256 {sha[:12]}), ingesting as {scene_id}")
         try:
             frame = ingest_scene([source], ctx.scenes_dir, scene_id=scene_id, progress=ctx.progress)
+        except SceneAlreadyInPool as exc:  # not a fault of the file: recorded, never quarantined
+            _record(ctx, entry, sha, "duplicate", scene_id=None, reason=str(exc))
+            ctx.progress(f"landing: {entry.name}: {exc}")
+            return Outcome(entry.name, "duplicate", None, sha, str(exc))
         except (Ms2rgbError, RasterioError) as exc:
-            if isinstance(exc, Ms2rgbError) and _ALREADY_IN_POOL in str(exc):
-                _record(ctx, entry, sha, "duplicate", scene_id=None, reason=str(exc))
-                ctx.progress(f"landing: {entry.name}: {exc}")
-                return Outcome(entry.name, "duplicate", None, sha, str(exc))
             return _quarantine(ctx, entry, sha, str(exc))
         problems = tile_problems(frame, ctx.scenes_dir, ctx.params.validation)
         if problems:

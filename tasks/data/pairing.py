@@ -22,16 +22,28 @@ PAIRS_FILE = "pairs.parquet"
 # Column -> what it holds. `teacher_probs` is a list of len(SCENE_NAMES) floats in SCENE_NAMES order.
 PAIRS_SCHEMA: dict[str, str] = {
     "rgb_id": "id of the RGB training tile (rgb_train)",
-    "ms_id": "id of the paired MS pool tile (ms_pool)",
-    "score": "matcher cosine score of the pair",
-    "class": "scene class: the RGB tile's label and the MS tile's teacher class",
-    "teacher_probs": "teacher class distribution of the MS tile",
-    "ms_true_class": "the MS tile's own label where it has one (null for ingested scenes)",
+    "ms_id": "MS pool partner chosen without the RGB label: the balanced matcher assignment over the whole pool",
+    "score": "matcher cosine score of (rgb_id, ms_id)",
+    "confidence": "matcher class posterior of ms_id's teacher class x the teacher's confidence in it",
+    "match_class": "teacher class of ms_id: the pseudo-label an unlabelled RGB tile learns from",
+    "ms_id_same_class": "best-scoring MS tile whose teacher class is the RGB tile's label (for labelled tiles)",
+    "class": "the RGB tile's label (hidden from training for unlabelled tiles; kept to report pseudo-label accuracy)",
+    "teacher_probs": "teacher class distribution of ms_id",
+    "ms_true_class": "ms_id's own label where it has one (null for ingested scenes)",
 }
 
 
-def read_pairs(path: Path, rgb_ids: list[str], ms_ids: list[str]) -> np.ndarray:
-    """Row in `ms_ids` of each RGB tile's partner, in `rgb_ids` order; raises on a stale or broken table."""
+@dataclass(frozen=True)
+class Pairing:
+    """Each RGB tile's partners as rows of the MS pool, in the order of the RGB ids asked for."""
+
+    free: np.ndarray  # (N,) partner found without the label (ms_id)
+    same_class: np.ndarray  # (N,) partner of the tile's own class (ms_id_same_class)
+    confidence: np.ndarray  # (N,) float32 confidence of the free partner
+
+
+def read_pairs(path: Path, rgb_ids: list[str], ms_ids: list[str]) -> Pairing:
+    """The pairs table aligned to `rgb_ids` and `ms_ids`; raises on a stale or broken table."""
     fix = "re-run the pairs stage (`ms2rgb stage pairs` or `dvc repro pairs`) after prepare/teacher/matcher"
     if not path.exists():
         raise PairsTableError(path, "the pairs table is missing", fix)
@@ -40,17 +52,22 @@ def read_pairs(path: Path, rgb_ids: list[str], ms_ids: list[str]) -> np.ndarray:
     if missing_cols:
         raise PairsTableError(path, f"columns {missing_cols} are missing", fix)
     ms_row = {ms_id: i for i, ms_id in enumerate(ms_ids)}
-    for column, known in (("rgb_id", set(rgb_ids)), ("ms_id", ms_row)):
+    for column, known in (("rgb_id", set(rgb_ids)), ("ms_id", ms_row), ("ms_id_same_class", ms_row)):
         unknown = sorted(set(table[column]) - set(known))
         if unknown:
             raise PairsTableError(
                 path, f"{len(unknown)} {column}(s) are not in the prepared data, e.g. {unknown[:5]}", fix
             )
-    partner = dict(zip(table["rgb_id"], table["ms_id"]))
-    unpaired = [i for i in rgb_ids if i not in partner]
+    table = table.set_index("rgb_id")
+    unpaired = [i for i in rgb_ids if i not in table.index]
     if unpaired:
         raise PairsTableError(path, f"{len(unpaired)} RGB training tile(s) have no pair, e.g. {unpaired[:5]}", fix)
-    return np.array([ms_row[partner[i]] for i in rgb_ids], dtype=np.int64)
+    rows = table.loc[rgb_ids]
+    return Pairing(
+        np.array([ms_row[i] for i in rows["ms_id"]], dtype=np.int64),
+        np.array([ms_row[i] for i in rows["ms_id_same_class"]], dtype=np.int64),
+        rows["confidence"].to_numpy(dtype=np.float32),
+    )
 
 
 def write_pairs(frame: pd.DataFrame, path: Path) -> Path:

@@ -1,4 +1,5 @@
-"""Figures of the evaluation report, drawn from the `evaluate` stage's dict (reports/evaluate.json).
+"""Figures of the evaluation report, drawn from the `evaluate` stage's dict (reports/evaluate.json)
+and, when the compare stage ran, its summary (reports/compare.json).
 
 Built on `matplotlib.figure.Figure` rather than pyplot (as tasks/training/plots.py): no GUI backend
 and no global figure state, so the stage may run in a Prefect worker thread. The plots that the
@@ -21,6 +22,7 @@ from matplotlib.figure import Figure
 from ms2rgb.tasks.data.atomic import write_atomic
 from ms2rgb.tasks.data.classes import MASK_NODATA
 from ms2rgb.tasks.detection import plots as detection_plots
+from ms2rgb.tasks.report.compare import accuracy_by_k_figure
 from ms2rgb.tasks.training import plots as training_plots
 
 # name -> caption, in the order the report shows them; write_figures uses these names.
@@ -33,6 +35,9 @@ FIGURE_CAPTIONS: dict[str, str] = {
     "miou_vs_k": "Detector mIoU on the held-out segmentation tiles against K labelled tiles per scene class.",
     "detector_overlays": "Detector on a few test tiles: RGB, ground truth, prediction over the RGB and the "
     "pixels it gets wrong (red); no-data is black.",
+    # drawn from reports/compare.json when the compare stage ran; shown in the report's comparison section
+    "accuracy_by_k": "Method A: RGB test accuracy (mean ± std over seeds) against the RGB labels per class K, "
+    "one line per student variant; the baseline dashed.",
 }
 DPI = 110
 
@@ -181,8 +186,10 @@ def save_png(figure: Figure, path: Path) -> Path:
     return write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=DPI))
 
 
-def build_figures(evaluation: Mapping[str, Any], overlays: Overlays | None = None) -> dict[str, Figure]:
-    """Every figure whose inputs `evaluation` holds, by name (see FIGURE_CAPTIONS), in report order."""
+def build_figures(
+    evaluation: Mapping[str, Any], overlays: Overlays | None = None, compare: Mapping[str, Any] | None = None
+) -> dict[str, Figure]:
+    """Every figure whose inputs `evaluation` (and the compare summary) hold, by name (FIGURE_CAPTIONS), in order."""
     student = evaluation.get("student") or {}
     detector = evaluation.get("detector") or {}
     built: dict[str, Figure | None] = {
@@ -194,17 +201,20 @@ def build_figures(evaluation: Mapping[str, Any], overlays: Overlays | None = Non
         ),
         "miou_vs_k": miou_vs_k(detector["miou_by_k"]) if detector.get("miou_by_k") else None,
         "detector_overlays": detector_overlays(*overlays) if overlays is not None else None,
+        "accuracy_by_k": accuracy_by_k_figure(compare) if compare is not None else None,
     }
     return {name: figure for name, figure in built.items() if figure is not None}
 
 
-def write_figures(evaluation: dict, out_dir: Path, overlays: tuple | None) -> dict[str, Path]:
+def write_figures(
+    evaluation: dict, out_dir: Path, overlays: tuple | None, compare: Mapping[str, Any] | None = None
+) -> dict[str, Path]:
     """Save the report's figures as `out_dir/<name>.png`; returns name -> path (only those drawn).
 
     `overlays` is (images (N,3,H,W) uint8, predicted maps (N,H,W), true masks (N,H,W), class names)
-    or None for no overlay figure.
+    or None for no overlay figure; `compare` the compare stage's summary (reports/compare.json) or None.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    figures = build_figures(evaluation, overlays)
+    figures = build_figures(evaluation, overlays, compare)
     return {name: save_png(figure, out_dir / f"{name}.png") for name, figure in figures.items()}

@@ -5,9 +5,10 @@ JavaScript at all, and a Content-Security-Policy that forbids loading anything e
 from disk, from an MLflow artifact or an e-mail attachment, with no server and no network.
 
 It reads the `evaluate` stage's dict plus reports/student.json, reports/detector.json and
-reports/validate.json. A report that is missing or unreadable, or a section whose shape is not
-what this module expects, shows as a short "not run" / "could not be shown" note; building the
-page never fails because a stage did not run. All text from the reports is escaped.
+reports/validate.json, and the compare stage's summary when its caller has one. A report that
+is missing or unreadable, or a section whose shape is not what this module expects, shows as a
+short "not run" / "could not be shown" note; building the page never fails because a stage did
+not run. All text from the reports is escaped.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ms2rgb.tasks.data.atomic import write_text_atomic
+from ms2rgb.tasks.report.compare import compare_cells
 from ms2rgb.tasks.report.figures import FIGURE_CAPTIONS
 
 REPORTS_DIR = "reports"
@@ -28,14 +30,14 @@ INDEX_FILE = "index.html"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SECTIONS: dict[str, str] = {  # id -> heading, in page order
     "summary": "Headline",
-    "method-a": "Method A: MS→RGB distillation, baselines and ablations",
+    "method-a": "Method A: the production student, distilled from the MS teacher",
+    "compare": "Method A comparison: student variants under several RGB label budgets",
     "method-b": "Method B: few-shot prompt tuning of a frozen CLIP",
     "figures": "Figures",
     "validation": "Data validation",
     "promotion": "Model promotion",
     "lineage": "Lineage",
 }
-FULL_METHOD_LABEL = "full method (distilled student)"
 DECISIONS = ("first", "promoted", "held", "forced")
 MISSING = "is missing"
 
@@ -96,7 +98,8 @@ pre { background:var(--band); border:1px solid var(--line); border-radius:6px; p
       font-size:12px; }
 code { font-family:ui-monospace,"DejaVu Sans Mono",monospace; font-size:12.5px; }
 """
-WIDE_FIGURES = {"per_class", "detector_overlays"}
+WIDE_FIGURES = {"per_class", "detector_overlays", "accuracy_by_k"}
+COMPARE_FIGURE = "accuracy_by_k"  # shown in the comparison section, beside its table, not among the figures
 
 
 # ---------------------------------------------------------------- small pieces
@@ -250,7 +253,7 @@ def headline(evaluation: Mapping[str, Any]) -> str:
     if rgb_only:
         rows.append(
             [
-                "RGB-only baseline",
+                f"RGB-only baseline (compare, K = {esc(rgb_only.get('k'))})",
                 "–",
                 "accuracy, mean ± std over seeds",
                 pm(rgb_only.get("accuracy"), rgb_only.get("std")),
@@ -303,48 +306,45 @@ def per_class_table(columns: Mapping[str, Mapping[str, Any]], digits: int = 3) -
 
 
 def method_a(student: Mapping[str, Any] | None, why: str) -> str:
-    """Full method and every baseline/ablation: mean ± std over seeds, per seed, difference to RGB-only."""
+    """The production student: test accuracy with its interval, the label budget, the re-matching rounds."""
     if student is None:
         return unavailable("student stage", why)
-    variants: dict[str, Mapping[str, Any]] = {}
-    if student.get("full_method"):
-        variants[FULL_METHOD_LABEL] = student["full_method"]
-    variants.update(student.get("baselines") or {})
-    if not variants:
-        return note("the student report holds no full_method or baselines", "error")
-    base = (student.get("baselines") or {}).get("rgb_only") or {}
-    rows = []
-    for name, s in variants.items():
-        diff = s.get("mean", math.nan) - base["mean"] if _is_number(base.get("mean")) else None
-        seeds = s.get("per_seed") or []
-        rows.append(
-            [
-                esc(name),
-                pm(s.get("mean"), s.get("std")),
-                esc(len(seeds)),
-                " ".join(num(a) for a in seeds),
-                f"{diff:+.3f}" if _is_number(diff) else "–",
-            ]
-        )
-    parts = [
-        table(
-            ["variant", "RGB test accuracy (mean ± std)", "seeds", "per seed", "Δ vs rgb_only"],
-            rows,
-            (1, 2, 4),
-            highlighted=[i for i, name in enumerate(variants) if name == FULL_METHOD_LABEL],
-        )
+    if "test_accuracy" not in student:
+        return note("the student report holds no test_accuracy: run the student stage again", "error")
+    k = student.get("rgb_labels_per_class")
+    rows = [
+        ["RGB test accuracy", num(student.get("test_accuracy")), interval(student.get("test_accuracy_ci95"))],
+        ["test tiles", esc(student.get("test_tiles")), ""],
+        ["labels per class (K)", esc("all" if k is None else k), ""],
+        [
+            "labelled / unlabelled training tiles",
+            f"{esc(student.get('labelled_tiles'))} / {esc(student.get('unlabelled_tiles'))}",
+            "",
+        ],
+        ["optimiser steps, seed", f"{esc(student.get('steps'))}, {esc(student.get('seed'))}", ""],
     ]
-    if "beats_rgb_only" in student:
+    parts = [table(["full method (production student)", "value", "95 % interval"], rows, (1, 2))]
+    rounds = student.get("rematch_rounds") or []
+    if rounds:
+        body = [
+            [
+                esc(r.get("epoch")),
+                num(r.get("changed")),
+                num(r.get("same_class_rate")),
+                num(r.get("pseudo_label_accuracy")),
+            ]
+            for r in rounds
+        ]
         parts.append(
-            f"<p>Beats RGB-only by more than the seeds' spread: {yes_no(student.get('beats_rgb_only'))} "
-            f"(gain {num(student.get('gain_over_rgb_only'))}, spread {num(student.get('seed_spread'))}, "
-            f"std over {esc(len(student.get('seeds') or []))} seeds, sample std).</p>"
+            "<p>Re-matching rounds: share of RGB tiles given a new MS partner, share of pairs whose partner's "
+            "teacher class is the tile's hidden true class, and the pseudo-labels' accuracy on the unlabelled "
+            "tiles.</p>"
+            + table(["round", "share changed", "same-class rate", "pseudo-label accuracy"], body, (1, 2, 3))
         )
-    per_class = {name: s.get("per_class") or {} for name, s in variants.items()}
-    if any(per_class.values()):
+    if student.get("per_class"):
         parts.append(
-            "<details><summary>per-class test accuracy (mean over seeds)</summary>"
-            + per_class_table(per_class)
+            "<details><summary>per-class test accuracy</summary>"
+            + per_class_table({"full method": student["per_class"]})
             + "</details>"
         )
     return "".join(parts)
@@ -419,24 +419,44 @@ def method_b(detector: Mapping[str, Any] | None, why: str) -> str:
     return "".join(parts)
 
 
+def method_a_comparison(compare: Mapping[str, Any] | None, figure: Path | None) -> str:
+    """Every variant at every label budget K against the baseline (paired Δ with its interval), and the figure."""
+    if compare is None:
+        return note("not run (make compare)")
+    headers, rows = compare_cells(compare)
+    beats = [i for i, row in enumerate(rows) if row[-1]]
+    parts = [
+        f'<p class="muted">Δ: mean accuracy difference to <code>{esc(compare["baseline"])}</code> with a paired '
+        "95 % bootstrap interval over seeds and test tiles; ✓ (and bold) where the interval lies above 0.</p>",
+        table(headers, ([esc(c) for c in row] for row in rows), numeric=(2, 3, 4), highlighted=beats),
+    ]
+    if figure is None:
+        parts.append(note(f"figure {COMPARE_FIGURE} was not drawn", "error"))
+    else:
+        parts.append(f'<div class="figures">{figure_html(COMPARE_FIGURE, figure)}</div>')
+    return "".join(parts)
+
+
+def figure_html(name: str, path: Path) -> str:
+    """One <figure>: the PNG as a data URI with its caption, or a note when the file is missing."""
+    uri = png_data_uri(path)
+    caption = FIGURE_CAPTIONS.get(name, name)
+    wide = ' class="wide"' if name in WIDE_FIGURES else ""
+    if uri is None:
+        return f"<figure{wide}>{note(f'figure {name} is missing or not a PNG', 'error')}</figure>"
+    return (
+        f'<figure id="fig-{esc(name)}"{wide}><img src="{uri}" alt="{esc(caption)}">'
+        f"<figcaption>{esc(caption)}</figcaption></figure>"
+    )
+
+
 def figures_section(figures: Mapping[str, Path]) -> str:
     """Each figure embedded as a data URI with its caption, in FIGURE_CAPTIONS order (others after)."""
+    figures = {name: path for name, path in figures.items() if name != COMPARE_FIGURE}
     if not figures:
         return not_run("figures", "no figures were drawn")
     order = [n for n in FIGURE_CAPTIONS if n in figures] + [n for n in figures if n not in FIGURE_CAPTIONS]
-    items = []
-    for name in order:
-        uri = png_data_uri(figures[name])
-        caption = FIGURE_CAPTIONS.get(name, name)
-        wide = ' class="wide"' if name in WIDE_FIGURES else ""
-        if uri is None:
-            items.append(f"<figure{wide}>{note(f'figure {name} is missing or not a PNG', 'error')}</figure>")
-            continue
-        items.append(
-            f'<figure id="fig-{esc(name)}"{wide}><img src="{uri}" alt="{esc(caption)}">'
-            f"<figcaption>{esc(caption)}</figcaption></figure>"
-        )
-    return f'<div class="figures">{"".join(items)}</div>'
+    return f'<div class="figures">{"".join(figure_html(name, figures[name]) for name in order)}</div>'
 
 
 def _offending(failure: Mapping[str, Any], shown: int = 5) -> str:
@@ -560,14 +580,20 @@ def render(
     evaluation: Mapping[str, Any],
     figures: Mapping[str, Path],
     reports: Mapping[str, tuple[dict[str, Any] | None, str]],
+    compare: Mapping[str, Any] | None = None,
 ) -> str:
-    """The whole page as text. `reports` maps student/detector/validate to (report or None, why not)."""
+    """The whole page as text.
+
+    `reports` maps student/detector/validate to (report or None, why not); `compare` is the compare
+    stage's summary, or None when it has not run.
+    """
     evaluation = evaluation or {}
     lineage_info = evaluation.get("lineage") or {}
     commit = lineage_info.get("git_commit")
     bodies: dict[str, Callable[[], str]] = {
         "summary": lambda: headline(evaluation),
         "method-a": lambda: method_a(*reports["student"]),
+        "compare": lambda: method_a_comparison(compare, figures.get(COMPARE_FIGURE)),
         "method-b": lambda: method_b(*reports["detector"]),
         "figures": lambda: figures_section(figures),
         "validation": lambda: validation(*reports["validate"]),
@@ -590,9 +616,14 @@ def render(
     )
 
 
-def build_report(root: Path, evaluation: dict, figures: dict[str, Path]) -> Path:
-    """Write reports/index.html under `root` from the evaluation, the figures and the stage reports."""
+def build_report(
+    root: Path, evaluation: dict, figures: dict[str, Path], compare: Mapping[str, Any] | None = None
+) -> Path:
+    """Write reports/index.html under `root` from the evaluation, the figures and the stage reports.
+
+    `compare` is the compare stage's summary (reports/compare.json, read by the caller), or None.
+    """
     root = Path(root)
     reports = {stage: read_report(root, stage) for stage in ("student", "detector", "validate")}
-    page = render(evaluation, figures, reports)
+    page = render(evaluation, figures, reports, compare)
     return write_text_atomic(root / REPORTS_DIR / INDEX_FILE, page)

@@ -455,6 +455,25 @@ def tag_version(root: Path, name: str, version: int, tags: dict[str, str]) -> No
         raise Ms2rgbError(f"{name} version {version} could not be tagged: {err.message}") from err
 
 
+def tag_runs_since(root: Path, since_ms: int, tags: dict[str, str]) -> int:
+    """Put `tags` on every run of the project's experiment started at or after `since_ms`; how many.
+
+    Under the project lock every such run belongs to the caller (a retrain marks its data version so).
+    """
+    configure(root)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return 0
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string=f"attributes.start_time >= {since_ms}", max_results=5000
+    )
+    for run in runs:
+        for key, value in tags.items():
+            client.set_tag(run.info.run_id, key, value)
+    return len(runs)
+
+
 def _has_tabulate() -> bool:
     try:
         import tabulate  # noqa: F401

@@ -51,3 +51,31 @@ def random_dihedral(
     else:
         codes = torch.randint(0, N_SYMMETRIES, (n,), generator=generator)
     return apply_dihedral(tensors, codes)
+
+
+def strong_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """FixMatch's strong view of (B, 3, H, W) 0..255 RGB tiles: a dihedral symmetry, per-channel gain,
+    brightness and contrast jitter, sensor noise, and one cut-out square filled with mid grey.
+
+    Photometric changes that RGB imagery really shows (sun angle, haze, sensor gain); no hue
+    rotation, which would turn vegetation into something else.
+    """
+    (x,) = random_dihedral((x,), generator)
+    b, c, h, w = x.shape
+
+    def uniform(lo: float, hi: float, *shape: int) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(shape, generator=generator)
+
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+    x = (x - mean) * uniform(0.7, 1.3, b, 1, 1, 1) + mean * uniform(0.7, 1.3, b, 1, 1, 1)
+    x = x * uniform(0.9, 1.1, b, c, 1, 1) + 8.0 * torch.randn(x.shape, generator=generator)
+    side = max(1, h // 4)
+    top, left = (
+        torch.randint(0, h - side + 1, (b,), generator=generator),
+        torch.randint(0, w - side + 1, (b,), generator=generator),
+    )
+    rows, cols = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
+    hole = (rows >= top.view(b, 1, 1)) & (rows < (top + side).view(b, 1, 1))
+    hole = hole & (cols >= left.view(b, 1, 1)) & (cols < (left + side).view(b, 1, 1))  # (B, H, W)
+    x = torch.where(hole.unsqueeze(1), torch.full_like(x, 127.5), x)
+    return x.clamp(0, 255)

@@ -1,14 +1,17 @@
 """Training one RGB student (docs/methods.md §A.4–§A.7): the full method or one of its baselines/ablations.
 
-A student is trained on RGB tiles, each with a partner row in a bank of frozen teacher outputs
-(features and logits of MS tiles). Variants differ only in where partners come from, which loss
-terms are on and whether partners are re-matched, so every comparison shares data and budget.
+A student trains on RGB tiles, some labelled (label >= 0) and some not (label -1: the label exists
+in the manifest but is hidden from training). Each tile may have a partner row in a bank of frozen
+teacher outputs (features and logits of MS tiles) and a confidence weight for that pair. Variants
+(tasks/training/variants.py) differ only in the set, the partners and the loss terms, so every
+comparison shares data, optimiser steps and seeds.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ms2rgb.models.assignment import sinkhorn_plan
 from ms2rgb.models.classifier import SceneCNN, SceneCNNConfig
-from ms2rgb.models.distill import DistillLoss, rematch
+from ms2rgb.models.distill import DistillLoss, js_divergence, self_training_loss
 from ms2rgb.tasks.config import StudentConfig
 from ms2rgb.tasks.data.pool import candidates_by_class
-from ms2rgb.tasks.training.augment import random_dihedral
+from ms2rgb.tasks.training.augment import N_SYMMETRIES, dihedral, random_dihedral, strong_augment
 from ms2rgb.tasks.training.inference import predict
 from ms2rgb.tasks.training.loop import (
     EpochStats,
@@ -32,28 +36,9 @@ from ms2rgb.tasks.training.loop import (
     seed_everything,
     to_tensor,
 )
+from ms2rgb.tasks.training.variants import Variant
 
-
-@dataclass(frozen=True)
-class Variant:
-    """One row of the comparison: where partners come from and which parts of the method are on."""
-
-    name: str
-    partners: str  # matched (pairs table) | random (same-class pool tile) | true (same location) | none
-    feature_loss: bool  # attention + domain-shift term
-    kd: bool  # KL to the partner's teacher distribution
-    rematch: bool  # iterative re-matching (A.6)
-
-
-FULL_METHOD = "full_method"
-VARIANTS: tuple[Variant, ...] = (
-    Variant(FULL_METHOD, "matched", feature_loss=True, kd=True, rematch=True),
-    Variant("rgb_only", "none", feature_loss=False, kd=False, rematch=False),
-    Variant("kd_random_pairs", "random", feature_loss=False, kd=True, rematch=False),
-    Variant("no_feature_loss", "matched", feature_loss=False, kd=True, rematch=True),
-    Variant("no_rematch", "matched", feature_loss=True, kd=True, rematch=False),
-    Variant("paired_kd", "true", feature_loss=True, kd=True, rematch=False),
-)
+CHECKPOINTS_PER_RUN = 50  # small sets train for hundreds of short epochs: a checkpoint every epoch would dominate
 
 
 @dataclass
@@ -62,139 +47,227 @@ class TeacherBank:
 
     feats: torch.Tensor  # (M, C, 8, 8) on the training device
     logits: torch.Tensor  # (M, n_classes) on the training device
-    probs: torch.Tensor  # (M, n_classes) on CPU, T = 1: the teacher's classification, for re-matching
     classes: np.ndarray  # (M,) teacher class
-    true: np.ndarray  # (M,) the tile's own label, -1 where unknown
+    confidence: np.ndarray  # (M,) teacher max probability (T = 1)
+
+    def probs(self, temperature: float) -> torch.Tensor:
+        """(M, n_classes) teacher distributions at `temperature`, on CPU."""
+        return (self.logits.float() / temperature).softmax(1).cpu()
 
 
 @dataclass
 class StudentSet:
-    """RGB training tiles with their initial partner row in `bank` (None: no teacher at all)."""
+    """RGB training tiles, their labels (-1: hidden) and, with a teacher bank, partners and pair weights."""
 
     rgb: np.ndarray  # (N, 3, H, W) uint8
-    labels: np.ndarray  # (N,) int64
+    labels: np.ndarray  # (N,) int64, -1 for tiles trained without their label
     bank: TeacherBank | None
     partners: np.ndarray | None  # (N,) int64 rows into bank
+    weights: np.ndarray | None  # (N,) float32 confidence of each pair (1 for labelled tiles)
+    labelled_share: float = 0.25  # least share of each epoch's visits that are labelled tiles
+
+    def visits(self) -> np.ndarray:
+        """Rows one epoch visits: every tile once, labelled ones repeated up to `labelled_share`.
+
+        Why: with 5 labels per class against thousands of unlabelled tiles, a plain pass would show
+        the cross-entropy a labelled tile about once per epoch; FixMatch-style training keeps a fixed
+        share of each batch labelled instead.
+        """
+        labelled, unlabelled = np.flatnonzero(self.labels >= 0), np.flatnonzero(self.labels < 0)
+        if len(unlabelled) == 0 or len(labelled) == 0:
+            return np.arange(len(self.labels))
+        share = self.labelled_share
+        repeats = max(1, math.ceil(share * len(unlabelled) / ((1 - share) * len(labelled)))) if share < 1 else 1
+        return np.concatenate([unlabelled, np.tile(labelled, repeats)])
 
 
 @dataclass(frozen=True)
 class RematchRound:
     epoch: int  # 1-based epoch after which the round ran
     changed: float  # share of RGB tiles whose partner changed
-    same_class_rate: float  # share whose new partner's teacher class is the RGB label
-    same_true_class_rate: float | None  # same, with the partner's own label where it has one
+    same_class_rate: float  # share whose partner's teacher class is the tile's true class
+    pseudo_label_accuracy: float | None  # the same over the unlabelled tiles only
+    mean_weight: float  # mean confidence weight of the unlabelled tiles' pairs
 
 
 @dataclass
 class StudentRun:
     model: SceneCNN
     history: list[EpochStats]
-    terms: list[dict[str, float]] = field(default_factory=list)  # per-epoch mean of feat/kd/ce
+    terms: list[dict[str, float]] = field(default_factory=list)  # per-epoch mean of feat/kd/ce/st
     rounds: list[RematchRound] = field(default_factory=list)
 
 
 @torch.no_grad()
-def teacher_bank(teacher: SceneCNN, ms: np.ndarray, true: np.ndarray) -> TeacherBank:
+def teacher_bank(teacher: SceneCNN, ms: np.ndarray) -> TeacherBank:
     """Run the frozen teacher once over `ms` tiles."""
     device = pick_device()
     teacher.to(device).eval()
     feats = predict(teacher.encode, ms, device).to(device)  # (M, C, 8, 8)
     logits = teacher.classify(feats).float()
     probs = logits.softmax(1).cpu()
-    return TeacherBank(feats, logits, probs, probs.argmax(1).numpy(), np.asarray(true))
+    return TeacherBank(feats, logits, probs.argmax(1).numpy(), probs.max(1).values.numpy())
 
 
-def random_partners(labels: np.ndarray, bank: TeacherBank, seed: int) -> np.ndarray:
-    """A uniformly drawn MS tile of the same (teacher) class for every RGB tile."""
+def join_banks(a: TeacherBank, b: TeacherBank) -> TeacherBank:
+    """One bank holding a's rows, then b's."""
+    return TeacherBank(
+        torch.cat([a.feats, b.feats]),
+        torch.cat([a.logits, b.logits]),
+        np.concatenate([a.classes, b.classes]),
+        np.concatenate([a.confidence, b.confidence]),
+    )
+
+
+def random_partners(classes: np.ndarray, bank: TeacherBank, seed: int) -> np.ndarray:
+    """A uniformly drawn MS tile of the given (teacher) class for every RGB tile."""
     rng = np.random.default_rng(seed)
-    partners = np.empty(len(labels), dtype=np.int64)
-    for c, rows in candidates_by_class(bank.classes, labels, "ms_pool").items():
-        where = np.flatnonzero(labels == c)
+    partners = np.empty(len(classes), dtype=np.int64)
+    for c, rows in candidates_by_class(bank.classes, classes, "ms_pool").items():
+        where = np.flatnonzero(classes == c)
         partners[where] = rng.choice(rows, size=len(where))
     return partners
 
 
-def rematch_partners(student: SceneCNN, data: StudentSet, scope: str) -> np.ndarray:
-    """A.6: each RGB tile's new partner is the MS tile whose teacher distribution is closest
-    (Jensen-Shannon) to the student's. `class` scope keeps the candidates to the tile's class,
-    the method's premise (same-class pairs): unrestricted, a misclassified tile would be paired
-    with a teacher that confirms the student's mistake."""
-    bank = data.bank
-    assert bank is not None, "re-matching needs a teacher bank"
+@torch.no_grad()
+def smoothed_logits(student: SceneCNN, rgb: np.ndarray) -> torch.Tensor:
+    """(N, n_classes) student logits averaged over the 8 flips/rotations: a steadier prediction to
+    re-match on than one view, so a round does not chase one augmentation's noise."""
     device = next(student.parameters()).device
-    probs = predict(student.eval(), data.rgb, device).softmax(1)  # (N, n_classes)
-    if scope == "pool":
-        return rematch(probs, bank.probs).numpy()
-    new = np.empty(len(data.labels), dtype=np.int64)
-    for c, cols in candidates_by_class(bank.classes, data.labels, "ms_pool").items():
+    student.eval()
+
+    def view(k: int) -> torch.Tensor:
+        return predict(lambda x: student(dihedral(x, k)), rgb, device)
+
+    return torch.stack([view(k) for k in range(N_SYMMETRIES)]).mean(0)
+
+
+def rematch_partners(student: SceneCNN, data: StudentSet, cfg: StudentConfig) -> tuple[np.ndarray, np.ndarray]:
+    """A.6: new partners and weights from the student's smoothed prediction, at the KD temperature.
+
+    Labelled tiles keep the method's premise: the closest (Jensen-Shannon) MS tile of their class.
+    Unlabelled tiles are matched over the whole pool by a balanced assignment (Sinkhorn on -JS /
+    rematch_epsilon), so no MS tile takes most of them; their weight becomes the student's
+    (flip-averaged, T = 1) probability of the new partner's class times the teacher's confidence.
+    """
+    bank, partners, weights = data.bank, data.partners, data.weights
+    assert bank is not None and partners is not None and weights is not None, "re-matching needs partners"
+    logits = smoothed_logits(student, data.rgb)
+    student_t, teacher_t = (logits / cfg.temperature).softmax(1), bank.probs(cfg.temperature)
+    new, new_weights = partners.copy(), weights.copy()
+    labelled = data.labels >= 0
+    for c, cols in candidates_by_class(bank.classes, data.labels[labelled], "ms_pool").items():
         rows = np.flatnonzero(data.labels == c)
-        new[rows] = cols[rematch(probs[rows], bank.probs[cols]).numpy()]
-    return new
+        new[rows] = cols[js_divergence(student_t[rows], teacher_t[cols]).argmin(1).numpy()]
+    free = np.flatnonzero(~labelled)
+    if len(free):
+        plan = sinkhorn_plan(-js_divergence(student_t[free], teacher_t) / cfg.rematch_epsilon, 50)
+        new[free] = plan.argmax(1).numpy()
+        probs = logits[free].softmax(1).numpy()
+        new_weights[free] = probs[np.arange(len(free)), bank.classes[new[free]]] * bank.confidence[new[free]]
+    return new, new_weights.astype(np.float32)
 
 
-def _round(epoch: int, old: np.ndarray, new: np.ndarray, data: StudentSet) -> RematchRound:
-    bank = data.bank
-    assert bank is not None, "re-matching needs a teacher bank"
-    true = bank.true[new]
-    known = true >= 0
+def _round(epoch: int, old: np.ndarray, data: StudentSet, truth: np.ndarray) -> RematchRound:
+    """What a round did, scored with the true classes (`truth`), which training never sees."""
+    assert data.bank is not None and data.partners is not None and data.weights is not None
+    right = data.bank.classes[data.partners] == truth
+    free = data.labels < 0
     return RematchRound(
         epoch,
-        float((old != new).mean()),
-        float((bank.classes[new] == data.labels).mean()),
-        float((true[known] == data.labels[known]).mean()) if known.any() else None,
+        float((old != data.partners).mean()),
+        float(right.mean()),
+        float(right[free].mean()) if free.any() else None,
+        float(data.weights[free].mean()) if free.any() else 1.0,
     )
+
+
+def rematch_epochs(epochs: int, rounds: int) -> set[int]:
+    """Epochs (1-based) after which a re-matching round runs: `rounds` of them, evenly spread, never the last."""
+    return {e for r in range(1, rounds + 1) if 0 < (e := round(r * epochs / (rounds + 1))) < epochs}
 
 
 def distill_step(
     student: SceneCNN,
     loss_fn: DistillLoss,
     data: StudentSet,
-    partners: np.ndarray | None,
+    visits: np.ndarray,
+    variant: Variant,
+    cfg: StudentConfig,
     augment: torch.Generator | None,
+    strong_draws: torch.Generator,
     meter: dict[str, float],
 ) -> StepFn:
-    """The Trainer step; reads `partners` at call time, so re-matching in place takes effect."""
+    """The Trainer step; reads `data.partners`/`data.weights` at call time, so re-matching in place takes effect."""
     device = next(student.parameters()).device
     labels = torch.as_tensor(np.array(data.labels))  # a copy: cached labels are read-only
 
     def step(idx: np.ndarray) -> tuple[torch.Tensor, int]:
-        x = to_tensor(data.rgb, idx)
+        rows = visits[idx]
+        x = to_tensor(data.rgb, rows)
         if augment is not None:
             (x,) = random_dihedral((x,), augment)
-        y = labels[idx].to(device)
+        y = labels[rows].to(device)
         feat = student.encode(x.to(device))  # (B, C, 8, 8)
         logits = student.classify(feat)
-        t_feat = t_logits = None
+        t_feat = t_logits = w = None
         if data.bank is not None:
-            assert partners is not None, "a student set with a teacher bank has partners"
-            rows = torch.as_tensor(partners[idx], device=device)
-            t_feat, t_logits = data.bank.feats[rows], data.bank.logits[rows]
-        terms = loss_fn(feat, t_feat, logits, t_logits, y)
-        for name in ("feat", "kd", "ce"):
-            meter[name] = meter.get(name, 0.0) + float(getattr(terms, name).detach()) * len(idx)
-        return terms.total, int((logits.argmax(1) == y).sum())
+            assert data.partners is not None and data.weights is not None, "a bank comes with partners"
+            pick = torch.as_tensor(data.partners[rows], device=device)
+            t_feat, t_logits = data.bank.feats[pick], data.bank.logits[pick]
+            w = torch.as_tensor(data.weights[rows], device=device)
+        terms = loss_fn(feat, t_feat, logits, t_logits, y, w)
+        total, st = terms.total, torch.zeros(())
+        unlabelled = y < 0
+        if variant.self_training and bool(unlabelled.any()):
+            strong = strong_augment(x[unlabelled.cpu()], strong_draws).to(device)
+            st = self_training_loss(student(strong), logits[unlabelled], cfg.self_training_threshold)
+            total = total + cfg.w_self_training * st
+        for name, value in (("feat", terms.feat), ("kd", terms.kd), ("ce", terms.ce), ("st", st)):
+            meter[name] = meter.get(name, 0.0) + float(value.detach()) * len(idx)
+        known = ~unlabelled
+        return total, int((logits.argmax(1)[known] == y[known]).sum())
 
     return step
 
 
-def budget_epochs(cfg: StudentConfig, n_reference: int, n_items: int) -> int:
-    """Epochs that give `n_items` tiles as many optimiser steps as `cfg.epochs` over `n_reference`."""
-    steps = cfg.epochs * len(batch_bounds(n_reference, cfg.batch_size))
-    return max(1, round(steps / len(batch_bounds(n_items, cfg.batch_size))))
+def epochs_for(cfg: StudentConfig, n_visits: int) -> int:
+    """Epochs that make `cfg.steps` optimiser steps over an epoch of `n_visits` rows."""
+    return max(1, round(cfg.steps / len(batch_bounds(n_visits, cfg.batch_size))))
 
 
 def _restore(
-    saved: dict[str, Any], run: StudentRun, flips: torch.Generator | None, partners: np.ndarray | None
+    saved: dict[str, Any], run: StudentRun, draws: tuple[torch.Generator | None, torch.Generator], data: StudentSet
 ) -> None:
-    """Put a resumed run's own state back: augmentation draws, current partners, rounds, loss terms."""
+    """Put a resumed run's own state back: augmentation draws, current partners and weights, rounds, terms."""
     if not saved:
         return
+    flips, strong = draws
     if flips is not None and saved.get("augment_rng") is not None:
         flips.set_state(saved["augment_rng"])
-    if partners is not None and saved.get("partners") is not None:
-        partners[:] = saved["partners"].numpy()
+    strong.set_state(saved["strong_rng"])
+    if data.partners is not None and saved.get("partners") is not None:
+        data.partners[:] = saved["partners"].numpy()
+        assert data.weights is not None
+        data.weights[:] = saved["weights"].numpy()
     run.rounds[:] = [RematchRound(**r) for r in saved.get("rounds", [])]
     run.terms[:] = list(saved.get("terms", []))
+
+
+def _state(
+    variant: Variant, draws: tuple[torch.Generator | None, torch.Generator], data: StudentSet, run: StudentRun
+) -> dict[str, Any]:
+    """The student's own part of a checkpoint."""
+    flips, strong = draws
+    return {
+        "variant": variant.name,
+        "augment_rng": None if flips is None else flips.get_state(),
+        "strong_rng": strong.get_state(),
+        "partners": None if data.partners is None else torch.as_tensor(data.partners.copy()),
+        "weights": None if data.weights is None else torch.as_tensor(data.weights.copy()),
+        "rounds": [r.__dict__ for r in run.rounds],
+        "terms": run.terms,
+    }
 
 
 def train_student(
@@ -203,12 +276,13 @@ def train_student(
     cfg: StudentConfig,
     arch: SceneCNNConfig,
     seed: int,
-    epochs: int,
+    truth: np.ndarray,
     checkpoint_dir: Path | None = None,
     on_epoch: Callable[[Trainer, EpochStats], None] | None = None,
     fingerprint: str = "",
 ) -> StudentRun:
-    """Train one student; re-matching runs after every `rematch_every` epochs except the last."""
+    """Train one student for `cfg.steps` steps. `truth` (every tile's true class) only scores the
+    re-matching rounds; the loss sees `data.labels`, where hidden labels are -1."""
     device = pick_device()
     seed_everything(seed)
     student = SceneCNN(arch).to(device)
@@ -219,40 +293,41 @@ def train_student(
         w_ce=cfg.w_ce,
         temperature=cfg.temperature,
         heads=cfg.heads,
+        label_smoothing=variant.label_smoothing,
     ).to(device)
+    data = replace(  # re-matching edits partners and weights: never the caller's
+        data,
+        partners=None if data.partners is None else data.partners.copy(),
+        weights=None if data.weights is None else data.weights.copy(),
+    )
+    visits = data.visits()
+    epochs = epochs_for(cfg, len(visits))
     trainer = Trainer(
         nn.ModuleDict({"student": student, "distill": loss_fn}),
-        len(data.labels),
-        FitConfig(cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay),
+        len(visits),
+        FitConfig(epochs, cfg.batch_size, cfg.lr, cfg.weight_decay),
         seed,
-        epochs=epochs,
         checkpoint_dir=checkpoint_dir,
         fingerprint=fingerprint,
     )
-    partners = None if data.partners is None else data.partners.copy()
     meter: dict[str, float] = {}
     flips = torch.Generator().manual_seed(seed + 1) if cfg.augment else None
+    strong = torch.Generator().manual_seed(seed + 2)  # FixMatch's strong views
     run = StudentRun(student, trainer.history)
-    _restore(trainer.resume(), run, flips, partners)
-    step = distill_step(student, loss_fn, data, partners, flips, meter)
+    _restore(trainer.resume(), run, (flips, strong), data)
+    step = distill_step(student, loss_fn, data, visits, variant, cfg, flips, strong, meter)
+    rounds = rematch_epochs(epochs, cfg.rematch_rounds) if variant.rematch else set()
+    save_every = max(1, epochs // CHECKPOINTS_PER_RUN)
     for epoch in trainer.remaining:
         stats = trainer.run_epoch(step)
-        run.terms.append({k: v / len(data.labels) for k, v in meter.items()})
+        run.terms.append({k: v / len(visits) for k, v in meter.items()})
         meter.clear()
-        if variant.rematch and cfg.rematch_every and epoch % cfg.rematch_every == 0 and epoch < epochs:
-            assert partners is not None, "re-matching variants have partners"
-            new = rematch_partners(student, data, cfg.rematch_scope)
-            run.rounds.append(_round(epoch, partners, new, data))
-            partners[:] = new
-        trainer.save_checkpoint(
-            {
-                "variant": variant.name,
-                "augment_rng": None if flips is None else flips.get_state(),
-                "partners": None if partners is None else torch.as_tensor(partners.copy()),
-                "rounds": [r.__dict__ for r in run.rounds],
-                "terms": run.terms,
-            }
-        )
+        if epoch in rounds:
+            old = data.partners.copy() if data.partners is not None else np.empty(0)
+            data.partners, data.weights = rematch_partners(student, data, cfg)
+            run.rounds.append(_round(epoch, old, data, truth))
+        if epoch % save_every == 0 or epoch == epochs:
+            trainer.save_checkpoint(_state(variant, (flips, strong), data, run))
         if on_epoch:
             on_epoch(trainer, stats)
     student.eval()

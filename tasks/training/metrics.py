@@ -1,8 +1,9 @@
-"""Scores: confusion matrix, accuracy, macro-F1, calibration, bootstrap intervals, segmentation IoU."""
+"""Scores: confusion matrix, accuracy, macro-F1, calibration, (paired) bootstrap intervals, segmentation IoU."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -89,6 +90,20 @@ def calibration(probs: np.ndarray, labels: np.ndarray, bins: int) -> dict:
     }
 
 
+# Resampled index arrays are built this many elements at a time, so memory stays bounded (about
+# 8 MB per array) however many tiles and samples are asked for.
+BOOTSTRAP_CHUNK = 1 << 20
+
+
+def percentile_interval(estimates: np.ndarray, level: float) -> tuple[float, float]:
+    """The central `level` percentile interval of bootstrap estimates."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie strictly between 0 and 1, got {level}")
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(estimates, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def bootstrap_ci(correct: np.ndarray, samples: int, seed: int, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of per-item scores (e.g. 1 = tile classified right).
 
@@ -97,6 +112,46 @@ def bootstrap_ci(correct: np.ndarray, samples: int, seed: int, level: float = 0.
     correct = np.asarray(correct, dtype=np.float64)
     rng = np.random.default_rng(seed)
     means = correct[rng.integers(0, len(correct), (samples, len(correct)))].mean(1)  # (samples,)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(low), float(high)
+    return percentile_interval(means, level)
+
+
+def _resample_counts(rng: np.random.Generator, rows: int, size: int) -> np.ndarray:
+    """(rows, size) float counts: how often each of `size` items is drawn in `size` draws with replacement."""
+    drawn = rng.integers(0, size, (rows, size)) + size * np.arange(rows)[:, None]  # row r's items offset by r*size
+    return np.bincount(drawn.ravel(), minlength=rows * size).reshape(rows, size).astype(np.float64)
+
+
+class PairedDiff(TypedDict):
+    """Difference of two variants' mean scores and its bootstrap interval (JSON-ready)."""
+
+    mean: float
+    ci95: list[float]  # [low, high]
+
+
+def paired_bootstrap_diff(a: np.ndarray, b: np.ndarray, samples: int, seed: int, level: float = 0.95) -> PairedDiff:
+    """Mean of `a` minus mean of `b` with a paired percentile bootstrap interval.
+
+    `a` and `b` are (S, N) per-tile scores of two variants for S seeds on the same N test tiles,
+    seed s of `a` paired with seed s of `b`. Each resample draws seeds and tiles with replacement,
+    the same indices for both variants, so what the two share (hard tiles, a lucky seed) cancels
+    and only their difference varies; tiles and seeds are the two sources of noise, both resampled.
+    Returns {"mean": float, "ci95": [low, high]}; seeded, so the same data and seed give the same result.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.ndim != 2 or a.shape != b.shape or a.size == 0:
+        raise ValueError(f"a and b must be non-empty (seeds, tiles) arrays of one shape, got {a.shape} and {b.shape}")
+    if samples < 1:
+        raise ValueError(f"samples must be at least 1, got {samples}")
+    diff = a - b  # (S, N)
+    seeds, tiles = diff.shape
+    rng = np.random.default_rng(seed)
+    means = np.empty(samples)
+    chunk = max(1, BOOTSTRAP_CHUNK // tiles)
+    for start in range(0, samples, chunk):
+        rows = min(chunk, samples - start)
+        seed_counts = _resample_counts(rng, rows, seeds)  # (rows, S)
+        tile_counts = _resample_counts(rng, rows, tiles)  # (rows, N)
+        # the mean over the resampled seed x tile grid, weighting each original cell by its draw counts
+        means[start : start + rows] = ((seed_counts @ diff) * tile_counts).sum(1) / (seeds * tiles)
+    low, high = percentile_interval(means, level)
+    return PairedDiff(mean=float(diff.mean()), ci95=[low, high])

@@ -30,7 +30,7 @@ from ms2rgb.models.bands import S2_BANDS
 from ms2rgb.tasks.data.atomic import swap_in_dir
 from ms2rgb.tasks.data.geotiff import PIXEL_SIZE, TILE_SIZE, sha256_of, tile_bounds, write_tile
 from ms2rgb.tasks.data.manifest import MANIFEST_NAME, make_manifest, write_manifest
-from ms2rgb.tasks.errors import Ms2rgbError, RasterError
+from ms2rgb.tasks.errors import Ms2rgbError, RasterError, SceneAlreadyInPool
 
 Progress = Callable[[str], None] | None
 Datasets = dict[Path, rasterio.DatasetReader]
@@ -368,7 +368,7 @@ def _drop_known_tiles(
     dup = frame["sha256"].isin(list(known))
     if dup.all():
         owners = sorted({known[h] for h in frame["sha256"]})
-        raise Ms2rgbError(
+        raise SceneAlreadyInPool(
             f"{scene_id}: all {len(frame)} tiles are already in the pool (scene(s) {owners}); "
             "nothing was added. Fix: nothing to do, or remove that scene folder first to re-ingest"
         )

@@ -1,0 +1,130 @@
+"""compare stage (docs/methods.md §A.8): method A against its baselines and ablations, at every label budget.
+
+Every variant of the chosen grid (`compare.grid` in params.yaml: K labels per class x variants)
+trains for `compare.seeds` seeds on the same data with the same optimiser steps, and is scored on
+the same RGB test tiles. The difference of each variant to rgb_only comes with a 95 % paired
+bootstrap interval over test tiles and seeds. Outputs: reports/compare.json (`by_k`), and in
+reports/compare/ a markdown and a CSV table and the accuracy-against-K figure, all logged to MLflow.
+`make run` runs the reduced grid; `make compare` the full one (`ms2rgb compare --grid full`).
+The stage trains no production model and registers nothing; a retrain after new scenes skips it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ms2rgb.tasks.config import CompareGrid, Params
+from ms2rgb.tasks.data.atomic import write_atomic
+from ms2rgb.tasks.data.validated import require_validated
+from ms2rgb.tasks.report.compare import accuracy_by_k_figure, compare_markdown, compare_summary, compare_table
+from ms2rgb.tasks.tracking import StageTracker
+from ms2rgb.tasks.training.distill import train_student
+from ms2rgb.tasks.training.inference import predict_logits
+from ms2rgb.tasks.training.loop import fingerprint
+from ms2rgb.tasks.training.progress import epoch_printer
+from ms2rgb.tasks.training.student_data import READS, StudentInputs, upstream_identity
+from ms2rgb.tasks.training.variants import BASELINE, VARIANTS
+
+REPORTS = Path("reports")
+STAGE_GRID_FOLDER = "compare"  # the stage's outputs (DVC); another grid writes reports/compare-<grid>/
+
+
+def out_folder(root: Path, grid_name: str, staged: bool) -> Path:
+    """Where a grid's tables and figure go: the stage's own folder, or one per grid run by hand."""
+    return root / REPORTS / (STAGE_GRID_FOLDER if staged else f"compare-{grid_name}")
+
+
+def k_name(k: int | None) -> str:
+    """The report key of a label budget: "5", "25", ..., "all"."""
+    return "all" if k is None else str(k)
+
+
+def correctness(
+    inputs: StudentInputs, name: str, k: int | None, seed: int, params: Params, scratch: Path
+) -> np.ndarray:
+    """Train one (variant, K, seed) and return its (N,) per-test-tile correctness."""
+    variant = VARIANTS[name]
+    data, truth = inputs.data_for(variant, seed, k)
+    label = f"{name}/k{k_name(k)}/seed{seed}"
+    run = train_student(
+        variant,
+        data,
+        params.student,
+        inputs.arch,
+        seed,
+        truth,
+        scratch / label,  # resumable after a kill, like the production student
+        epoch_printer(label) if params.student.steps >= 200 else None,
+        fingerprint(inputs.identity, label),
+    )
+    pred = predict_logits(run.model, inputs.test.images).argmax(1).numpy()
+    right = (pred == inputs.test.labels).astype(np.float64)
+    print(f"compare: {label}: RGB test accuracy {right.mean():.3f}", flush=True)
+    return right
+
+
+def run_grid(
+    inputs: StudentInputs, grid: CompareGrid, params: Params, scratch: Path
+) -> dict[str, dict[str, np.ndarray]]:
+    """K name -> variant -> (seeds, N) correctness. The oracle ignores K, so it trains once per seed."""
+    seeds = [params.seed + s for s in range(params.compare.seeds)]
+    cache: dict[tuple[str, int | None], np.ndarray] = {}
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for k in grid.shots:
+        out[k_name(k)] = {}
+        for name in grid.variants:
+            key = (name, None if VARIANTS[name].every_label else k)
+            if key not in cache:
+                cache[key] = np.stack([correctness(inputs, name, key[1], s, params, scratch) for s in seeds])
+            out[k_name(k)][name] = cache[key]
+    return out
+
+
+def write_outputs(folder: Path, summary: dict[str, Any], tracker: StageTracker) -> dict[str, Path]:
+    """The markdown and CSV tables and the figure in `folder`, each logged to the stage run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    table = compare_table(summary)
+    paths = {
+        "markdown": write_atomic(folder / "compare.md", lambda tmp: tmp.write_text(compare_markdown(summary))),
+        "csv": write_atomic(folder / "compare.csv", lambda tmp: table.to_csv(tmp, index=False)),
+    }
+    figure = accuracy_by_k_figure(summary)
+    paths["figure"] = write_atomic(folder / "accuracy_by_k.png", lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+    tracker.log_figure(figure, "compare/accuracy_by_k.png")
+    tracker.log_table(table, "compare")
+    for path in paths.values():
+        tracker.log_artifact(path, "compare")
+    return paths
+
+
+def compare(root: Path, params: Params, tracker: StageTracker, grid_name: str, staged: bool = True) -> dict[str, Any]:
+    """Run grid `grid_name` of params.yaml's compare section; the report (compare.json's content).
+    `staged`: the DVC stage's run, whose tables go to reports/compare/."""
+    start = time.perf_counter()
+    data_digest = require_validated(root, root / params.data.prepared_dir, READS)
+    grid = params.compare.grids[grid_name]
+    tracker.log_params({"compare": params.compare.model_dump(), "student": params.student.model_dump()})
+    inputs = StudentInputs(root, params)
+    inputs.identity = upstream_identity(root, params, data_digest)
+    scratch = root / "artifacts" / f"compare-{grid_name}.partial"  # checkpoints only; removed after success
+    correct = run_grid(inputs, grid, params, scratch)
+    summary = compare_summary(correct, BASELINE, params.compare.bootstrap, params.seed)
+    write_outputs(out_folder(root, grid_name, staged), summary, tracker)
+    print(compare_markdown(summary), flush=True)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return summary | {
+        "grid": grid_name,
+        "seeds": params.compare.seeds,
+        "test_tiles": len(inputs.test.labels),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
+    """Stage entry point (DVC and Prefect call this alike): the grid named by compare.grid."""
+    return compare(root, params, tracker, params.compare.grid)
