@@ -216,11 +216,18 @@ class DistillLoss(nn.Module):
         return LossTerms(total=total, feat=feat, kd=kd, ce=ce)
 
 
-def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Jensen-Shannon divergence (nats) between every row of p (n, C) and q (M, C) -> (n, M)."""
-    m = 0.5 * (p.unsqueeze(1) + q.unsqueeze(0))  # (n, M, C)
-    # JS = H(m) - (H(p) + H(q)) / 2; xlogy gives 0*log0 = 0 for one-hot teachers.
-    h_m = -torch.special.xlogy(m, m).sum(-1)  # (n, M)
-    h_p = -torch.special.xlogy(p, p).sum(-1)  # (n,)
+def js_divergence(p: torch.Tensor, q: torch.Tensor, max_chunk_elems: int = 1 << 24) -> torch.Tensor:
+    """Jensen-Shannon divergence (nats) between every row of p (n, C) and q (M, C) -> (n, M).
+
+    Rows of p go in chunks of about `max_chunk_elems` / (M * C), so the (rows, M, C) mixture stays
+    near 64 MB however large the pool grows."""
     h_q = -torch.special.xlogy(q, q).sum(-1)  # (M,)
-    return h_m - 0.5 * (h_p.unsqueeze(1) + h_q.unsqueeze(0))
+    rows = max(1, max_chunk_elems // max(1, q.shape[0] * q.shape[1]))
+    out = []
+    for chunk in p.split(rows):
+        m = 0.5 * (chunk.unsqueeze(1) + q.unsqueeze(0))  # (rows, M, C)
+        # JS = H(m) - (H(p) + H(q)) / 2; xlogy gives 0*log0 = 0 for one-hot teachers.
+        h_m = -torch.special.xlogy(m, m).sum(-1)  # (rows, M)
+        h_p = -torch.special.xlogy(chunk, chunk).sum(-1)  # (rows,)
+        out.append(h_m - 0.5 * (h_p.unsqueeze(1) + h_q.unsqueeze(0)))
+    return torch.cat(out) if out else p.new_zeros((0, q.shape[0]))

@@ -1,16 +1,19 @@
 """compare stage (docs/methods.md §A.8): method A against its baselines and ablations, at every label budget.
 
 Every variant of the chosen grid (`compare.grid` in params.yaml: K labels per class x variants)
-trains for `compare.seeds` seeds on the same data with the same optimiser steps, and is scored on
+trains for the grid's `seeds` seeds on the same data with the same optimiser steps, and is scored on
 the same RGB test tiles. The difference of each variant to rgb_only comes with a 95 % paired
 bootstrap interval over test tiles and seeds. Outputs: reports/compare.json (`by_k`), and in
 reports/compare/ a markdown and a CSV table and the accuracy-against-K figure, all logged to MLflow.
 `make run` runs the reduced grid; `make compare` the full one (`ms2rgb compare --grid full`).
-The stage trains no production model and registers nothing; a retrain after new scenes skips it.
+The full method at the student's K and the params seed is the production student itself (same run
+identity), read from artifacts/student rather than trained again. The stage registers nothing; a
+retrain after new scenes skips it.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -18,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from ms2rgb.models.classifier import SceneCNN
 from ms2rgb.tasks.config import CompareGrid, Params
+from ms2rgb.tasks.data.artifacts import model_path
 from ms2rgb.tasks.data.atomic import write_atomic
 from ms2rgb.tasks.data.validated import require_validated
 from ms2rgb.tasks.report.compare import accuracy_by_k_figure, compare_markdown, compare_summary, compare_table
@@ -27,8 +32,9 @@ from ms2rgb.tasks.training.distill import train_student
 from ms2rgb.tasks.training.inference import predict_logits
 from ms2rgb.tasks.training.loop import fingerprint
 from ms2rgb.tasks.training.progress import epoch_printer
+from ms2rgb.tasks.training.store import load_model
 from ms2rgb.tasks.training.student_data import READS, StudentInputs, upstream_identity
-from ms2rgb.tasks.training.variants import BASELINE, VARIANTS
+from ms2rgb.tasks.training.variants import BASELINE, FULL_METHOD, VARIANTS
 
 REPORTS = Path("reports")
 STAGE_GRID_FOLDER = "compare"  # the stage's outputs (DVC); another grid writes reports/compare-<grid>/
@@ -44,13 +50,28 @@ def k_name(k: int | None) -> str:
     return "all" if k is None else str(k)
 
 
+def production_student(inputs: StudentInputs, name: str, k: int | None, seed: int) -> SceneCNN | None:
+    """The student stage's model when it is exactly this (variant, K, seed) on this data and
+    config (same run identity), so the comparison does not train it a second time."""
+    report, model = inputs.root / REPORTS / "student.json", model_path(inputs.root, "student")
+    if name != FULL_METHOD or not report.is_file() or not model.is_file():
+        return None
+    if json.loads(report.read_text()).get("run_identity") != fingerprint(inputs.identity, name, seed, k):
+        return None
+    return load_model(model, "scene_cnn", "student")
+
+
 def correctness(
     inputs: StudentInputs, name: str, k: int | None, seed: int, params: Params, scratch: Path
 ) -> np.ndarray:
-    """Train one (variant, K, seed) and return its (N,) per-test-tile correctness."""
+    """Train one (variant, K, seed), or reuse the production student, and return its (N,) per-test-tile correctness."""
+    label = f"{name}/k{k_name(k)}/seed{seed}"
+    reused = production_student(inputs, name, k, seed)
+    if reused is not None:
+        print(f"compare: {label}: the production student (same data, config and seed), not trained again", flush=True)
+        return score(reused, inputs, label)
     variant = VARIANTS[name]
     data, truth = inputs.data_for(variant, seed, k)
-    label = f"{name}/k{k_name(k)}/seed{seed}"
     run = train_student(
         variant,
         data,
@@ -62,7 +83,12 @@ def correctness(
         epoch_printer(label) if params.student.steps >= 200 else None,
         fingerprint(inputs.identity, label),
     )
-    pred = predict_logits(run.model, inputs.test.images).argmax(1).numpy()
+    return score(run.model, inputs, label)
+
+
+def score(model: SceneCNN, inputs: StudentInputs, label: str) -> np.ndarray:
+    """(N,) 1.0 where `model` gets an RGB test tile right."""
+    pred = predict_logits(model, inputs.test.images).argmax(1).numpy()
     right = (pred == inputs.test.labels).astype(np.float64)
     print(f"compare: {label}: RGB test accuracy {right.mean():.3f}", flush=True)
     return right
@@ -72,7 +98,7 @@ def run_grid(
     inputs: StudentInputs, grid: CompareGrid, params: Params, scratch: Path
 ) -> dict[str, dict[str, np.ndarray]]:
     """K name -> variant -> (seeds, N) correctness. The oracle ignores K, so it trains once per seed."""
-    seeds = [params.seed + s for s in range(params.compare.seeds)]
+    seeds = [params.seed + s for s in range(grid.seeds)]
     cache: dict[tuple[str, int | None], np.ndarray] = {}
     out: dict[str, dict[str, np.ndarray]] = {}
     for k in grid.shots:
@@ -119,7 +145,7 @@ def compare(root: Path, params: Params, tracker: StageTracker, grid_name: str, s
     shutil.rmtree(scratch, ignore_errors=True)
     return summary | {
         "grid": grid_name,
-        "seeds": params.compare.seeds,
+        "seeds": grid.seeds,
         "test_tiles": len(inputs.test.labels),
         "seconds": round(time.perf_counter() - start, 1),
     }

@@ -171,6 +171,7 @@ class StudentConfig(Section):
     heads: int = Field(ge=1, le=64)  # attention heads; must divide 4 * teacher.width
     rematch_rounds: int = Field(ge=0, le=1000)  # re-matching rounds, evenly spread over training; 0: off
     rematch_epsilon: float = Field(gt=0, le=10)  # entropy of the balanced re-matching (Sinkhorn on JS / this)
+    rematch_views: int = Field(ge=1, le=8)  # flips/rotations averaged into the prediction re-matching reads
     self_training_threshold: float = Field(gt=0, le=1)  # FixMatch: confidence a pseudo-label needs
     w_self_training: float = Field(ge=0, le=100)  # FixMatch term of the variants that use it
 
@@ -194,12 +195,12 @@ VariantName = Literal[
 class CompareGrid(Section):
     shots: Annotated[tuple[Annotated[int, Field(ge=1)] | None, ...], Field(strict=False, min_length=1)]
     variants: Annotated[tuple[VariantName, ...], Field(strict=False, min_length=1)]
+    seeds: int = Field(ge=1, le=100)  # seeds per variant and K: seed, seed+1, ...
 
 
 class CompareConfig(Section):
     grid: str  # the entry of `grids` that the compare stage runs (`make compare` runs `full`)
     grids: dict[str, CompareGrid]  # labelled tiles per class (null: all) x variants
-    seeds: int = Field(ge=1, le=100)  # seeds per variant and K: seed, seed+1, ...
     bootstrap: int = Field(ge=100, le=100_000)  # paired resamples of the difference to rgb_only
 
     @model_validator(mode="after")

@@ -17,7 +17,6 @@ are the class texts. Tuned variants read the bare description after their learne
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ import torch
 from ms2rgb.models.clip_detector import ClassMapDetector
 from ms2rgb.models.clip_prompt import PromptedCLIP
 from ms2rgb.tasks.config import DetectorConfig, Params
-from ms2rgb.tasks.data.artifacts import staging_dir
+from ms2rgb.tasks.data.artifacts import resumable_staging_dir
 from ms2rgb.tasks.data.atomic import write_atomic
 from ms2rgb.tasks.data.cache import CachedSplit, open_split
 from ms2rgb.tasks.data.classes import SURFACE_CLASSES, SURFACE_NAMES
@@ -39,11 +38,11 @@ from ms2rgb.tasks.detection.data import first_k_per_class, load_tiles
 from ms2rgb.tasks.detection.model import DETECTOR_FILE, resolve_pretrained
 from ms2rgb.tasks.detection.pretrain import SERVING, prepare_backbone
 from ms2rgb.tasks.detection.report import BASELINES, FULL_MODE, aggregate, log_figures, summarise
-from ms2rgb.tasks.detection.tune import evaluate, tune
+from ms2rgb.tasks.detection.tune import evaluate, latest_checkpoint, tune
 from ms2rgb.tasks.errors import ParamsError
 from ms2rgb.tasks.tracking import StageTracker
 from ms2rgb.tasks.tracking.pyfunc import LandCoverPyfunc, detector_artifacts
-from ms2rgb.tasks.training.loop import pick_device, seed_everything
+from ms2rgb.tasks.training.loop import fingerprint, pick_device, seed_everything
 
 DETECTOR_MODEL = "ms2rgb-detector"
 # split -> modalities; the detector alone reads the masks too (dvc.yaml lists exactly these files).
@@ -119,6 +118,7 @@ def score_seed(
     if variant.mode != "zero_shot":
         label = f"{variant.name} seed {seed}"
         images, masks = load_tiles(ctx.fewshot, first_k_per_class(ctx.fewshot, variant.shots))
+        checkpoints = ctx.out_dir / "checkpoints" / variant.name / f"seed{seed}"
         result = tune(
             detector,
             images,
@@ -126,7 +126,8 @@ def score_seed(
             ctx.settings.tune,
             seed,
             ctx.device,
-            checkpoint_dir=ctx.out_dir / "checkpoints" / variant.name / f"seed{seed}",
+            checkpoint_dir=checkpoints,
+            resume_from=latest_checkpoint(checkpoints),
             on_step=_step_printer(label, ctx.settings.tune.max_steps),
         )
         child.log_metric_series(f"train_loss_seed{seed}", result.losses)
@@ -190,11 +191,11 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     start = time.perf_counter()
     settings, seed, device = params.detector, params.seed, pick_device()
     prepared = root / params.data.prepared_dir
-    require_validated(root, prepared, READS)
+    data_digest = require_validated(root, prepared, READS)
     tracker.log_params({"detector": settings.model_dump(), "seed": seed, "device": str(device)})
-    out_dir = staging_dir(root, "detector")  # swapped in whole by the stage runner after success
-    shutil.rmtree(out_dir, ignore_errors=True)  # the stored detector stays until this run succeeds
-    out_dir.mkdir(parents=True)
+    # Swapped in whole by the stage runner after success; what a killed run of these params and
+    # data left here (backbone, tuning checkpoints) is picked up again.
+    out_dir = resumable_staging_dir(root, "detector", fingerprint(settings.model_dump(), data_digest, seed))
     clip_cfg = settings.clip.model_copy(update={"pretrained": resolve_pretrained(root, settings.clip.pretrained)})
     clip, tokenizer, info = prepare_backbone(
         clip_cfg,

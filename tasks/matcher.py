@@ -52,7 +52,7 @@ def contrastive_step(matcher: CrossModalMatcher, pairs: PairSet, cfg: MatcherSta
     device = next(matcher.parameters()).device
     labels = torch.as_tensor(np.array(pairs.labels))  # a copy: cached labels are read-only
 
-    def step(idx: np.ndarray) -> tuple[torch.Tensor, int]:
+    def step(idx: np.ndarray) -> tuple[torch.Tensor, int, int]:
         rgb, ms = to_tensor(pairs.rgb, idx), to_tensor(pairs.ms, idx)
         if cfg.augment:
             rgb, ms = random_dihedral((rgb, ms), generator)
@@ -61,7 +61,7 @@ def contrastive_step(matcher: CrossModalMatcher, pairs: PairSet, cfg: MatcherSta
         loss = group_contrastive_loss(r, e, e[neg], cfg.temperature)
         pos = (r * e).sum(-1)  # (B,)
         hardest = torch.einsum("bd,bkd->bk", r, e[neg]).amax(1)  # (B,)
-        return loss, int((pos > hardest).sum())
+        return loss, int((pos > hardest).sum()), len(idx)
 
     return step
 

@@ -104,6 +104,7 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
         "seed": seed,
         "rematch_rounds": [r.__dict__ for r in run.rounds],
         "steps": cfg.steps,
+        "run_identity": identity,  # lets the compare stage reuse this run as full_method's
         "model_version": int(version or 0),
         "seconds": round(time.perf_counter() - start, 2),
     }

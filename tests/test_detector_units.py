@@ -19,7 +19,7 @@ from ms2rgb.tasks.data.windows import ImageReader, plan_blocks
 from ms2rgb.tasks.detection.captions import caption, composition
 from ms2rgb.tasks.detection.detect import block_logits, resolve_classes, sliding_logits, window_starts
 from ms2rgb.tasks.detection.pretrain import multi_positive_clip_loss, pretrain_clip
-from ms2rgb.tasks.detection.tune import STOP_MAX_STEPS, STOP_THRESHOLD, stop_reason, tune
+from ms2rgb.tasks.detection.tune import STOP_MAX_STEPS, STOP_THRESHOLD, latest_checkpoint, stop_reason, tune
 from ms2rgb.tasks.errors import Ms2rgbError, UnknownClassError
 from ms2rgb.tasks.training.metrics import confusion_matrix, iou_report
 
@@ -100,9 +100,20 @@ def test_resume_from_checkpoint_reproduces_uninterrupted_run(
     cfg = config("detector.tune", max_steps=4, batch_size=2, loss_threshold=0.0, checkpoint_every=2)
     straight = make_detector(clip_and_tokenizer)
     full = tune(straight, *tiles, cfg, 1, CPU, checkpoint_dir=tmp_path / "a")
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["last.pt", "step00002.pt", "step00004.pt"]
+    # older step checkpoints go once a newer one (here the final one) is whole
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["last.pt"]
+    assert latest_checkpoint(tmp_path / "a") == tmp_path / "a" / "last.pt"
+
+    def killed_at_step_3(step: int, loss: float) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tune(make_detector(clip_and_tokenizer), *tiles, cfg, 1, CPU, tmp_path / "b", on_step=killed_at_step_3)
+    assert latest_checkpoint(tmp_path / "b") == tmp_path / "b" / "step00002.pt"
+    assert latest_checkpoint(tmp_path / "none") is None
     resumed = make_detector(clip_and_tokenizer, seed=99)  # other init: the checkpoint must overwrite it
-    rest = tune(resumed, *tiles, cfg, 123, CPU, resume_from=tmp_path / "a" / "step00002.pt")
+    rest = tune(resumed, *tiles, cfg, 123, CPU, resume_from=latest_checkpoint(tmp_path / "b"))
     assert rest.losses == full.losses
     for key, value in straight.prompted.prompt_state_dict().items():
         assert torch.equal(value, resumed.prompted.prompt_state_dict()[key]), key

@@ -202,3 +202,9 @@ def test_js_divergence_is_zero_on_equal_rows_symmetric_and_bounded() -> None:
     assert d.shape == (2, 2) and d[1, 1].abs() < 1e-6
     torch.testing.assert_close(d[0, 0], torch.tensor(math.log(2)))  # disjoint supports: the maximum
     torch.testing.assert_close(js_divergence(q, p), d.T)
+
+
+def test_js_divergence_in_chunks_equals_one_pass() -> None:
+    torch.manual_seed(0)
+    p, q = torch.rand(7, 4).softmax(1), torch.rand(5, 4).softmax(1)
+    torch.testing.assert_close(js_divergence(p, q, max_chunk_elems=20), js_divergence(p, q))  # 1 row per chunk

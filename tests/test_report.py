@@ -319,7 +319,7 @@ def test_missing_reports_show_not_run(tmp_path: Path) -> None:
     for sid in ("method-a", "compare", "method-b", "figures", "validation", "promotion"):
         body = html.split(f'<section id="{sid}">')[1].split("</section>")[0]
         assert "not run" in body, sid
-    assert "not run (make compare)" in html
+    assert "not run: the compare stage runs with" in html
     assert "reports/student.json is missing" in html
     # a page from nothing at all still has every section
     empty = build_report(tmp_path / "nothing", {}, {}).read_text(encoding="utf-8")

@@ -82,3 +82,72 @@ def test_killed_teacher_keeps_the_stored_model_and_resumes_to_the_uninterrupted_
     assert json.loads((root / "reports" / "teacher.json").read_text())["test_accuracy"] == same["test_accuracy"]
     assert not (root / "artifacts" / "teacher.partial").exists()  # swapped in
     assert len(list((root / "artifacts" / "teacher" / "checkpoints").glob("epoch_*.pt"))) == 1
+
+
+TUNE_STEPS = 40  # per tuned seed: the tiny detector then runs long enough to be killed mid-way
+
+
+def _longer_tuning(root: Path) -> None:
+    text = (root / "params.yaml").read_text()
+    old = "tune: {max_steps: 2, batch_size: 4, checkpoint_every: 1}"
+    assert old in text
+    new = f"tune: {{max_steps: {TUNE_STEPS}, batch_size: 4, checkpoint_every: 1, loss_threshold: 0.0}}"
+    (root / "params.yaml").write_text(text.replace(old, new))
+
+
+def _kill_mid_tuning(root: Path) -> None:
+    """Start `ms2rgb stage detector`, SIGKILL it once one seed has finished and another is mid-way."""
+    proc = subprocess.Popen(
+        [MS2RGB, "--root", str(root), "stage", "detector"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    checkpoints = root / "artifacts" / "detector.partial" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        finished = {p.parent for p in checkpoints.rglob("last.pt")}
+        midway = [p for p in checkpoints.rglob("step*.pt") if p.parent not in finished and int(p.stem[4:]) >= 5]
+        if finished and midway:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the detector finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _scores(report: dict) -> dict:
+    """What a detector run measured, without timings and registry versions."""
+    return {
+        "miou": report["miou"],
+        "baselines": report["baselines"],
+        "by_shots": {k: (v["miou"], v["pixel_accuracy"]) for k, v in report["by_shots"].items()},
+    }
+
+
+def _versions(name: str) -> int:
+    return len(MlflowClient().search_model_versions(f"name='{name}'"))
+
+
+def test_killed_detector_keeps_the_stored_one_and_resumes_without_pretraining_again(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    reference = staged_project(tmp_path_factory, "validate", tmp_path / "reference")
+    _longer_tuning(reference)
+    uninterrupted = run_stage("detector", reference)
+
+    root = staged_project(tmp_path_factory, "validate", tmp_path / "project")
+    run_stage("detector", root)  # the stored detector and registered versions, before the change
+    _longer_tuning(root)
+    stored = {p: _digest(root / p) for p in ("artifacts/detector/detector.pt", "reports/detector.json")}
+    tracking.configure(root)
+    detectors = _versions("ms2rgb-detector")
+
+    _kill_mid_tuning(root)
+    assert {p: _digest(root / p) for p in stored} == stored  # nothing stored was touched
+    assert _versions("ms2rgb-detector") == detectors
+    backbones = _versions("ms2rgb-clip-backbone")  # the killed run pretrained and registered its backbone
+
+    resumed = run_stage("detector", root)
+    assert _versions("ms2rgb-clip-backbone") == backbones  # taken from the killed run, not pretrained again
+    assert _scores(resumed) == _scores(uninterrupted)
+    assert _versions("ms2rgb-detector") == detectors + 1
+    assert json.loads((root / "reports" / "detector.json").read_text())["miou"] == uninterrupted["miou"]
+    assert not (root / "artifacts" / "detector.partial").exists()  # swapped in

@@ -90,16 +90,6 @@ def test_the_configs_variant_names_are_the_trainers_variants() -> None:
     assert set(get_args(VariantName)) == set(VARIANTS)
 
 
-def _constant_student(probs: list[float]) -> SceneCNN:
-    """A student whose every prediction is `probs` (all weights zero, head bias = log probs)."""
-    student = SceneCNN(SceneCNNConfig(bands=RGB_BANDS, width=4, from_8bit=True)).eval()
-    with torch.no_grad():
-        for p in student.parameters():
-            p.zero_()
-        student.head[-1].bias.copy_(torch.tensor(probs).log())
-    return student
-
-
 def _bank(probs: list[list[float]]) -> TeacherBank:
     p = torch.tensor(probs)
     return TeacherBank(torch.zeros(len(probs), 16, 8, 8), p.log(), p.argmax(1).numpy(), p.max(1).values.numpy())
@@ -110,19 +100,32 @@ def _dist(a: float, b: float, eps: float = 1e-3) -> list[float]:
     return [a, b] + [eps] * 8
 
 
+class _TableStudent(torch.nn.Module):
+    """Predicts row v of a table for a tile whose pixels all equal v (so every flip agrees)."""
+
+    def __init__(self, rows: list[list[float]]) -> None:
+        super().__init__()
+        self.log_probs = torch.nn.Parameter(torch.tensor(rows).log())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.log_probs[x[:, 0, 0, 0].long()]
+
+
 def test_rematch_keeps_labelled_tiles_in_class_and_spreads_the_unlabelled_ones() -> None:
     bank = _bank([_dist(0.9, 0.092), _dist(0.6, 0.392), _dist(0.3, 0.692), _dist(0.45, 0.542)])  # 0, 0, 1, 1
-    student = _constant_student(_dist(0.5, 0.492))  # every tile looks the same: closest is row 3 (class 1)
+    rows = [_dist(0.5, 0.492), _dist(0.48, 0.512), _dist(0.52, 0.472), _dist(0.46, 0.532), _dist(0.5, 0.492)]
+    student = _TableStudent(rows)  # every tile is closest to bank row 3
+    rgb = np.broadcast_to(np.arange(5, dtype=np.uint8)[:, None, None, None], (5, 3, 8, 8)).copy()
     labels = np.array([0, -1, -1, -1, -1])
-    data = StudentSet(np.zeros((5, 3, 8, 8), np.uint8), labels, bank, np.zeros(5, np.int64), np.ones(5, np.float32))
+    data = StudentSet(rgb, labels, bank, np.zeros(5, np.int64), np.ones(5, np.float32))
     cfg = config("student", temperature=1.0, rematch_epsilon=0.05)
-    partners, weights = rematch_partners(student, data, cfg)
+    partners, weights = rematch_partners(student, data, cfg)  # type: ignore[arg-type]
     assert partners[0] == 1  # labelled class 0: the closest tile of its own class, not row 3
     # a plain nearest match would send all four unlabelled tiles to row 3; the balanced one does not
     assert len(set(partners[1:].tolist())) >= 2
     assert weights[0] == 1.0 and (weights[1:] < 1).all() and (weights[1:] > 0).all()
-    expected = [_dist(0.5, 0.492)[bank.classes[p]] * bank.confidence[p] for p in partners[1:]]
-    np.testing.assert_allclose(weights[1:], np.array(expected) / np.sum(_dist(0.5, 0.492)), rtol=1e-4)
+    expected = [rows[i][bank.classes[p]] * bank.confidence[p] for i, p in enumerate(partners) if i > 0]
+    np.testing.assert_allclose(weights[1:], expected, rtol=1e-4)
 
 
 def test_rematch_rounds_are_spread_and_never_after_the_last_epoch() -> None:
@@ -236,3 +239,14 @@ def test_a_crashed_student_resumes_to_the_uninterrupted_result_re_matching_inclu
     # Another run (other fingerprint) never picks up these checkpoints: it starts from scratch.
     other = train_student(full, data, cfg, arch, 5, truth, tmp_path, fingerprint="run-b")
     assert [h.loss for h in other.history] == [h.loss for h in straight.history]
+
+
+def test_training_accuracy_counts_only_the_tiles_with_a_label() -> None:
+    _, data, truth, cfg, arch = _toy_setup(labelled=3)
+    run = train_student(VARIANTS[FULL_METHOD], data, cfg, arch, 0, truth)
+    # 3 labelled tiles: visited several times per epoch, so the share right is a multiple of 1/visits
+    visits = data.visits()
+    labelled_visits = int((data.labels[visits] >= 0).sum())
+    for stats in run.history:
+        assert 0.0 <= stats.accuracy <= 1.0
+        assert (stats.accuracy * labelled_visits) == pytest.approx(round(stats.accuracy * labelled_visits))

@@ -48,9 +48,9 @@ def _toy_trainer(tmp_path: Path, seed: int) -> tuple[Trainer, nn.Module]:
         model, 20, FitConfig(epochs=3, batch_size=8, lr=0.05, weight_decay=1e-4), seed, checkpoint_dir=tmp_path
     )
 
-    def step(idx: np.ndarray) -> tuple[torch.Tensor, int]:
+    def step(idx: np.ndarray) -> tuple[torch.Tensor, int, int]:
         logits = model(x[idx])
-        return nn.functional.cross_entropy(logits, y[idx]), int((logits.argmax(1) == y[idx]).sum())
+        return nn.functional.cross_entropy(logits, y[idx]), int((logits.argmax(1) == y[idx]).sum()), len(idx)
 
     for _ in range(3):
         trainer.run_epoch(step)

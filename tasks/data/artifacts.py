@@ -5,10 +5,12 @@ Downstream stages find upstream outputs here, never by importing the upstream st
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 ARTIFACTS = Path("artifacts")
 MODEL_FILE = "model.pt"
+RUN_IDENTITY_FILE = "run-identity.txt"  # names the run a staging folder belongs to
 
 
 def stage_dir(root: Path, stage: str) -> Path:
@@ -21,6 +23,18 @@ def staging_dir(root: Path, stage: str) -> Path:
     success, so a failed or killed run leaves the stored outputs as they were. What a killed run
     left here (its checkpoints) is what the next run resumes from."""
     return root / ARTIFACTS / f"{stage}.partial"
+
+
+def resumable_staging_dir(root: Path, stage: str, identity: str) -> Path:
+    """staging_dir(), kept as a killed run of the same `identity` (params, data, seed) left it, so
+    its checkpoints resume; emptied when another run left it, whose checkpoints would not fit."""
+    out = staging_dir(root, stage)
+    stamp = out / RUN_IDENTITY_FILE
+    if not (stamp.is_file() and stamp.read_text() == identity):
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        stamp.write_text(identity)
+    return out
 
 
 def model_path(root: Path, stage: str) -> Path:

@@ -9,6 +9,7 @@ state dict that ``clip.pretrained`` accepts), registered as ``ms2rgb-clip-backbo
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -127,6 +128,53 @@ def pretrain_clip(
     return losses
 
 
+BACKBONE_INFO = "backbone.json"  # written last: a backbone.pt without it is from a run killed mid-registration
+
+
+def _resumed_backbone(clip: nn.Module, out_dir: Path) -> dict[str, Any] | None:
+    """The fallback a killed run of the same params already pretrained and registered, or None."""
+    if not ((out_dir / BACKBONE_FILE).is_file() and (out_dir / BACKBONE_INFO).is_file()):
+        return None
+    clip.load_state_dict(torch.load(out_dir / BACKBONE_FILE, map_location="cpu", weights_only=True))
+    info: dict[str, Any] = json.loads((out_dir / BACKBONE_INFO).read_text())
+    print(f"detector: fallback backbone taken from the interrupted run ({info['weights']})", flush=True)
+    return info
+
+
+def _pretrain_fallback(
+    clip: nn.Module,
+    tokenizer: Callable[..., torch.Tensor],
+    captions_split: Callable[[], CachedSplit],
+    cfg: PretrainConfig,
+    model_name: str,
+    out_dir: Path,
+    seed: int,
+    device: torch.device,
+    tracker: StageTracker,
+) -> dict[str, Any]:
+    """Pretrain the fallback CLIP on the captions split, save and register it; its info."""
+    with tracker.child("pretrain", tags={"ms2rgb.variant": "pretrain"}) as child:
+        child.log_params({"pretrain": vars(cfg), "clip_model": model_name})
+        start = time.perf_counter()
+        losses = pretrain_clip(clip, tokenizer, captions_split(), cfg, seed, device)
+        seconds = time.perf_counter() - start
+        child.log_metric_series("pretrain_loss", losses)
+        write_atomic(out_dir / BACKBONE_FILE, lambda tmp: torch.save(clip.state_dict(), tmp))
+        version = child.log_torch_model(
+            ImageEmbedder(clip), np.zeros((1, 3, 64, 64), np.float32), BACKBONE_MODEL, **SERVING
+        )
+        clip.to(device)  # log_torch_model moved it to the CPU
+    info = {
+        "weights": f"fallback:{BACKBONE_MODEL} v{version} ({cfg.steps} contrastive steps on the captions split)",
+        "pretrain_seconds": round(seconds, 2),
+        "pretrain_final_loss": losses[-1],
+        "backbone_file": BACKBONE_FILE,
+        "backbone_version": version,
+    }
+    write_atomic(out_dir / BACKBONE_INFO, lambda tmp: tmp.write_text(json.dumps(info)))
+    return info
+
+
 def prepare_backbone(
     clip_cfg: ClipConfig,
     pretrain_cfg: PretrainConfig,
@@ -151,24 +199,11 @@ def prepare_backbone(
                 "with clip.pretrained: null the fallback must "
                 "pretrain (steps >= 1), or name weights in detector.clip.pretrained",
             )
-        with tracker.child("pretrain", tags={"ms2rgb.variant": "pretrain"}) as child:
-            child.log_params({"pretrain": vars(pretrain_cfg), "clip_model": clip_cfg.model})
-            start = time.perf_counter()
-            losses = pretrain_clip(clip, tokenizer, captions_split(), pretrain_cfg, seed, device)
-            seconds = time.perf_counter() - start
-            child.log_metric_series("pretrain_loss", losses)
-            write_atomic(out_dir / BACKBONE_FILE, lambda tmp: torch.save(clip.state_dict(), tmp))
-            version = child.log_torch_model(
-                ImageEmbedder(clip), np.zeros((1, 3, 64, 64), np.float32), BACKBONE_MODEL, **SERVING
-            )
-            clip.to(device)  # log_torch_model moved it to the CPU
         info.update(
-            weights=f"fallback:{BACKBONE_MODEL} v{version} ({pretrain_cfg.steps} contrastive steps "
-            f"on the captions split)",
-            pretrain_seconds=round(seconds, 2),
-            pretrain_final_loss=losses[-1],
-            backbone_file=BACKBONE_FILE,
-            backbone_version=version,
+            _resumed_backbone(clip, out_dir)
+            or _pretrain_fallback(
+                clip, tokenizer, captions_split, pretrain_cfg, clip_cfg.model, out_dir, seed, device, tracker
+            )
         )
     tracker.log_params({"clip.weights": info["weights"]})
     return freeze(clip.to(device)), tokenizer, info

@@ -20,6 +20,7 @@ import torch
 from ms2rgb.models.clip_detector import ClassMapDetector
 from ms2rgb.models.seg_losses import segmentation_loss
 from ms2rgb.tasks.config import TuneConfig
+from ms2rgb.tasks.data.atomic import write_atomic
 from ms2rgb.tasks.data.classes import MASK_NODATA
 from ms2rgb.tasks.detection.data import sample_batch
 from ms2rgb.tasks.errors import Ms2rgbError
@@ -46,27 +47,45 @@ def stop_reason(losses: list[float], cfg: TuneConfig) -> str | None:
     return STOP_MAX_STEPS if len(losses) >= cfg.max_steps else None
 
 
+LAST = "last.pt"  # written when a run ends: resuming from it only re-evaluates
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint a resumed tune() starts from: the finished run's, else the newest step's."""
+    if (folder / LAST).is_file():
+        return folder / LAST
+    steps = sorted(folder.glob("step*.pt"))
+    return steps[-1] if steps else None
+
+
 def save_checkpoint(
     path: Path, detector: ClassMapDetector, opt: torch.optim.Optimizer, rng: np.random.Generator, losses: list[float]
 ) -> None:
-    """Everything :func:`tune` needs to continue exactly where it stopped."""
+    """Everything :func:`tune` needs to continue exactly where it stopped; older step checkpoints
+    go once this one is whole (a kill in between leaves at least one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "step": len(losses),
-            "losses": list(losses),
-            "prompt_state": detector.prompted.prompt_state_dict(),
-            "optimizer": opt.state_dict(),
-            "rng": rng.bit_generator.state,
-        },
+    write_atomic(
         path,
+        lambda tmp: torch.save(
+            {
+                "step": len(losses),
+                "losses": list(losses),
+                "prompt_state": detector.prompted.prompt_state_dict(),
+                "optimizer": opt.state_dict(),
+                "rng": rng.bit_generator.state,
+            },
+            tmp,
+        ),
     )
+    for older in path.parent.glob("step*.pt"):
+        if older != path:
+            older.unlink(missing_ok=True)
 
 
 def _resume(
     path: Path, detector: ClassMapDetector, opt: torch.optim.Optimizer
 ) -> tuple[np.random.Generator, list[float]]:
-    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds the numpy rng state
+    state = torch.load(path, map_location="cpu", weights_only=True)
     missing = set(detector.prompted.prompt_state_dict()) - set(state["prompt_state"])
     if missing:
         raise Ms2rgbError(f"checkpoint {path} lacks {sorted(missing)}: it was written for another prompt mode")

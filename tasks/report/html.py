@@ -422,7 +422,7 @@ def method_b(detector: Mapping[str, Any] | None, why: str) -> str:
 def method_a_comparison(compare: Mapping[str, Any] | None, figure: Path | None) -> str:
     """Every variant at every label budget K against the baseline (paired Δ with its interval), and the figure."""
     if compare is None:
-        return note("not run (make compare)")
+        return note("not run: the compare stage runs with `ms2rgb run` / `dvc repro` (reports/compare.json)")
     headers, rows = compare_cells(compare)
     beats = [i for i, row in enumerate(rows) if row[-1]]
     parts = [

@@ -24,7 +24,7 @@ from ms2rgb.models.classifier import SceneCNN, SceneCNNConfig
 from ms2rgb.models.distill import DistillLoss, js_divergence, self_training_loss
 from ms2rgb.tasks.config import StudentConfig
 from ms2rgb.tasks.data.pool import candidates_by_class
-from ms2rgb.tasks.training.augment import N_SYMMETRIES, dihedral, random_dihedral, strong_augment
+from ms2rgb.tasks.training.augment import dihedral, random_dihedral, strong_augment
 from ms2rgb.tasks.training.inference import predict
 from ms2rgb.tasks.training.loop import (
     EpochStats,
@@ -38,6 +38,8 @@ from ms2rgb.tasks.training.loop import (
 )
 from ms2rgb.tasks.training.variants import Variant
 
+# Balancing rounds of a re-matching assignment; as pairs.sinkhorn_iters, which converges well before.
+REMATCH_SINKHORN_ITERS = 50
 CHECKPOINTS_PER_RUN = 50  # small sets train for hundreds of short epochs: a checkpoint every epoch would dominate
 
 
@@ -129,17 +131,23 @@ def random_partners(classes: np.ndarray, bank: TeacherBank, seed: int) -> np.nda
     return partners
 
 
+# Symmetry codes in the order views are added: identity, mirror, half turn, ... (augment.dihedral).
+VIEW_ORDER = (0, 4, 2, 6, 1, 5, 3, 7)
+
+
 @torch.no_grad()
-def smoothed_logits(student: SceneCNN, rgb: np.ndarray) -> torch.Tensor:
-    """(N, n_classes) student logits averaged over the 8 flips/rotations: a steadier prediction to
-    re-match on than one view, so a round does not chase one augmentation's noise."""
+def smoothed_logits(student: SceneCNN, rgb: np.ndarray, views: int) -> torch.Tensor:
+    """(N, n_classes) student logits averaged over `views` flips/rotations: a steadier prediction to
+    re-match on than one view, so a round does not chase one augmentation's noise. Each view is a
+    pass over every tile; the training-time augmentation already makes the student near invariant,
+    so two views (identity and mirror) buy most of the steadiness."""
     device = next(student.parameters()).device
     student.eval()
 
     def view(k: int) -> torch.Tensor:
         return predict(lambda x: student(dihedral(x, k)), rgb, device)
 
-    return torch.stack([view(k) for k in range(N_SYMMETRIES)]).mean(0)
+    return torch.stack([view(k) for k in VIEW_ORDER[:views]]).mean(0)
 
 
 def rematch_partners(student: SceneCNN, data: StudentSet, cfg: StudentConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -152,7 +160,7 @@ def rematch_partners(student: SceneCNN, data: StudentSet, cfg: StudentConfig) ->
     """
     bank, partners, weights = data.bank, data.partners, data.weights
     assert bank is not None and partners is not None and weights is not None, "re-matching needs partners"
-    logits = smoothed_logits(student, data.rgb)
+    logits = smoothed_logits(student, data.rgb, cfg.rematch_views)
     student_t, teacher_t = (logits / cfg.temperature).softmax(1), bank.probs(cfg.temperature)
     new, new_weights = partners.copy(), weights.copy()
     labelled = data.labels >= 0
@@ -161,7 +169,7 @@ def rematch_partners(student: SceneCNN, data: StudentSet, cfg: StudentConfig) ->
         new[rows] = cols[js_divergence(student_t[rows], teacher_t[cols]).argmin(1).numpy()]
     free = np.flatnonzero(~labelled)
     if len(free):
-        plan = sinkhorn_plan(-js_divergence(student_t[free], teacher_t) / cfg.rematch_epsilon, 50)
+        plan = sinkhorn_plan(-js_divergence(student_t[free], teacher_t) / cfg.rematch_epsilon, REMATCH_SINKHORN_ITERS)
         new[free] = plan.argmax(1).numpy()
         probs = logits[free].softmax(1).numpy()
         new_weights[free] = probs[np.arange(len(free)), bank.classes[new[free]]] * bank.confidence[new[free]]
@@ -202,7 +210,7 @@ def distill_step(
     device = next(student.parameters()).device
     labels = torch.as_tensor(np.array(data.labels))  # a copy: cached labels are read-only
 
-    def step(idx: np.ndarray) -> tuple[torch.Tensor, int]:
+    def step(idx: np.ndarray) -> tuple[torch.Tensor, int, int]:
         rows = visits[idx]
         x = to_tensor(data.rgb, rows)
         if augment is not None:
@@ -226,7 +234,7 @@ def distill_step(
         for name, value in (("feat", terms.feat), ("kd", terms.kd), ("ce", terms.ce), ("st", st)):
             meter[name] = meter.get(name, 0.0) + float(value.detach()) * len(idx)
         known = ~unlabelled
-        return total, int((logits.argmax(1)[known] == y[known]).sum())
+        return total, int((logits.argmax(1)[known] == y[known]).sum()), int(known.sum())
 
     return step
 

@@ -70,8 +70,8 @@ class EpochStats:
     seconds: float
 
 
-# Batch indices -> (loss to minimise, number of correct predictions in the batch).
-StepFn = Callable[[np.ndarray], tuple[torch.Tensor, int]]
+# Batch indices -> (loss to minimise, correct predictions, items with a label to be right about).
+StepFn = Callable[[np.ndarray], tuple[torch.Tensor, int, int]]
 
 
 def batch_bounds(n_items: int, batch_size: int, min_batch: int = 1) -> list[tuple[int, int]]:
@@ -125,19 +125,20 @@ class Trainer:
         """One pass over the items in a fresh seeded order."""
         device = next(self.module.parameters()).device
         self.module.train()
-        start, total, correct = time.perf_counter(), 0.0, 0
+        start, total, correct, scored = time.perf_counter(), 0.0, 0, 0
         order = torch.randperm(self.n_items, generator=self.generator).numpy()
         for begin, end in self.bounds:
             idx = order[begin:end]
             with autocast(device):
-                loss, hits = step(idx)
+                loss, hits, labelled = step(idx)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             self.scheduler.step()
             total += float(loss.detach()) * len(idx)
-            correct += hits
-        stats = EpochStats(len(self.history), total / self.n_items, correct / self.n_items, time.perf_counter() - start)
+            correct, scored = correct + hits, scored + labelled
+        accuracy = correct / max(scored, 1)  # of the labelled items: hidden labels cannot be right or wrong
+        stats = EpochStats(len(self.history), total / self.n_items, accuracy, time.perf_counter() - start)
         self.history.append(stats)
         return stats
 
@@ -243,13 +244,13 @@ def fit_classifier(
         flips.set_state(saved["augment_rng"])
     y_all = torch.as_tensor(np.array(labels), dtype=torch.long)  # a copy: memmap labels are read-only
 
-    def step(idx: np.ndarray) -> tuple[torch.Tensor, int]:
+    def step(idx: np.ndarray) -> tuple[torch.Tensor, int, int]:
         x = to_tensor(images, idx)
         if augment:
             (x,) = random_dihedral((x,), flips)
         y = y_all[idx].to(device)
         logits = model(x.to(device))
-        return nn.functional.cross_entropy(logits, y), int((logits.argmax(1) == y).sum())
+        return nn.functional.cross_entropy(logits, y), int((logits.argmax(1) == y).sum()), len(idx)
 
     for _ in trainer.remaining:
         stats = trainer.run_epoch(step)

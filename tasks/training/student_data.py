@@ -67,6 +67,7 @@ class StudentInputs:
     """The teacher, the RGB train/test tiles, the teacher bank of the MS pool and the pairs table."""
 
     def __init__(self, root: Path, params: Params) -> None:
+        self.root = root
         prepared = root / params.data.prepared_dir
         self.labelled_share = params.student.labelled_share
         self.teacher: SceneCNN = load_model(model_path(root, "teacher"), "scene_cnn", "teacher")
