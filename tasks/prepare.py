@@ -7,6 +7,8 @@ the old ones and swapped in only when complete, so a failed run loses nothing st
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import time
 from pathlib import Path
@@ -21,15 +23,44 @@ from ms2rgb.tasks.data.manifest import MANIFEST_NAME, read_manifest, write_manif
 from ms2rgb.tasks.data.sources.synth import generate
 from ms2rgb.tasks.tracking import StageTracker
 
+SOURCE_IDENTITY = "source-identity.txt"  # in <raw_dir>: what made the synthetic tiles there
+GENERATOR_CODE = Path(__file__).parent / "data"  # the synthetic tiles depend on this code and the synth params
+
+
+def synth_identity(params: Params) -> str:
+    """Names the synthetic data set: its params, the seed and the generator's code."""
+    digest = hashlib.sha256(json.dumps([params.synth.model_dump(), params.seed], sort_keys=True).encode())
+    for path in sorted(GENERATOR_CODE.rglob("*.py")):
+        digest.update(path.relative_to(GENERATOR_CODE).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def kept_synth(final: Path, identity: str) -> bool:
+    """Whether <raw_dir> holds a whole synthetic set of this identity (stamp matches, every file there)."""
+    stamp, manifest = final / SOURCE_IDENTITY, final / MANIFEST_NAME
+    if not (manifest.is_file() and stamp.is_file() and stamp.read_text() == identity):
+        return False
+    frame = read_manifest(manifest)
+    return all((final / p).is_file() for column in ("path", "mask_path") for p in frame[column].dropna())
+
 
 def make_source(root: Path, params: Params) -> Path:
-    """Write the source's tiles into <raw_dir>.tmp, swap it in, return the manifest path."""
+    """Write the source's tiles into <raw_dir>.tmp, swap it in, return the manifest path.
+
+    The synthetic set is kept when it was made from the same params, seed and code: a retrain after
+    a new scene (which changes only the pool) then does not spend half a minute drawing it again."""
     data = params.data
     final = root / data.raw_dir
+    if data.source == "synth":
+        identity = synth_identity(params)
+        if kept_synth(final, identity):
+            print(f"prepare: {data.raw_dir} holds the synthetic set of these params and code: kept", flush=True)
+            return final / MANIFEST_NAME
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if data.source == "synth":
         generate(tmp, params.synth, params.seed)
+        (tmp / SOURCE_IDENTITY).write_text(identity)
     else:
         from ms2rgb.tasks.data.sources.eurosat import ingest_eurosat
 

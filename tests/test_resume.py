@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,21 +35,23 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _kill_mid_training(root: Path) -> None:
-    """Start `ms2rgb stage teacher` and SIGKILL it once a few epochs are checkpointed."""
+def _kill_stage_when(root: Path, stage: str, ready: Callable[[Path], bool]) -> None:
+    """Start `ms2rgb stage <stage>` and SIGKILL it once `ready(artifacts/<stage>.partial/checkpoints)`."""
     proc = subprocess.Popen(
-        [MS2RGB, "--root", str(root), "stage", "teacher"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [MS2RGB, "--root", str(root), "stage", stage], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    checkpoints = root / "artifacts" / "teacher.partial" / "checkpoints"
+    checkpoints = root / "artifacts" / f"{stage}.partial" / "checkpoints"
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        done = [int(p.stem.split("_")[1]) for p in checkpoints.glob("epoch_*.pt")]
-        if done and max(done) >= 5:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the teacher finished before it could be killed"
+    while time.monotonic() < deadline and proc.poll() is None and not ready(checkpoints):
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the {stage} stage finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def _five_epochs_done(checkpoints: Path) -> bool:
+    done = [int(p.stem.split("_")[1]) for p in checkpoints.glob("epoch_*.pt")]
+    return bool(done) and max(done) >= 5
 
 
 def test_killed_teacher_keeps_the_stored_model_and_resumes_to_the_uninterrupted_result(
@@ -65,7 +68,7 @@ def test_killed_teacher_keeps_the_stored_model_and_resumes_to_the_uninterrupted_
     tracking.configure(root)
     versions = len(MlflowClient().search_model_versions("name='ms2rgb-teacher'"))
 
-    _kill_mid_training(root)
+    _kill_stage_when(root, "teacher", _five_epochs_done)
     assert {p: _digest(root / p) for p in stored} == stored  # nothing stored was touched
     assert len(MlflowClient().search_model_versions("name='ms2rgb-teacher'")) == versions
     left = [
@@ -95,22 +98,10 @@ def _longer_tuning(root: Path) -> None:
     (root / "params.yaml").write_text(text.replace(old, new))
 
 
-def _kill_mid_tuning(root: Path) -> None:
-    """Start `ms2rgb stage detector`, SIGKILL it once one seed has finished and another is mid-way."""
-    proc = subprocess.Popen(
-        [MS2RGB, "--root", str(root), "stage", "detector"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    checkpoints = root / "artifacts" / "detector.partial" / "checkpoints"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        finished = {p.parent for p in checkpoints.rglob("last.pt")}
-        midway = [p for p in checkpoints.rglob("step*.pt") if p.parent not in finished and int(p.stem[4:]) >= 5]
-        if finished and midway:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the detector finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+def _one_seed_done_and_another_midway(checkpoints: Path) -> bool:
+    finished = {p.parent for p in checkpoints.rglob("last.pt")}
+    midway = [p for p in checkpoints.rglob("step*.pt") if p.parent not in finished and int(p.stem[4:]) >= 5]
+    return bool(finished and midway)
 
 
 def _scores(report: dict) -> dict:
@@ -140,7 +131,7 @@ def test_killed_detector_keeps_the_stored_one_and_resumes_without_pretraining_ag
     tracking.configure(root)
     detectors = _versions("ms2rgb-detector")
 
-    _kill_mid_tuning(root)
+    _kill_stage_when(root, "detector", _one_seed_done_and_another_midway)
     assert {p: _digest(root / p) for p in stored} == stored  # nothing stored was touched
     assert _versions("ms2rgb-detector") == detectors
     backbones = _versions("ms2rgb-clip-backbone")  # the killed run pretrained and registered its backbone
