@@ -96,7 +96,7 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     final = root / data.prepared_dir
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    indexed, unreadable = build_cache(manifest, root, tmp)
+    indexed, unreadable = build_cache(manifest, root, tmp, previous=final if final.is_dir() else None)
     write_manifest(indexed, tmp / MANIFEST_NAME)
     swap_in_dir(tmp, final)
     tracker.log_dataset(manifest, "manifest", final / MANIFEST_NAME, context="prepare")

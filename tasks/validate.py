@@ -35,7 +35,7 @@ from ms2rgb.tasks.config import Params, ValidateConfig
 from ms2rgb.tasks.data.atomic import write_json_atomic
 from ms2rgb.tasks.data.expectations import ID_COLUMN, Check, dataset_checks
 from ms2rgb.tasks.data.manifest import read_manifest
-from ms2rgb.tasks.data.tile_stats import compute_tile_stats
+from ms2rgb.tasks.data.tile_stats import MEMO, compute_tile_stats
 from ms2rgb.tasks.data.validated import clear_stamps, write_stamps
 from ms2rgb.tasks.errors import Ms2rgbError, ValidationFailed
 
@@ -204,16 +204,22 @@ def summarise_failures(
 
 
 def validate_dataset(
-    manifest_path: Path, data_root: Path, out_dir: Path, cfg: ValidateConfig, progress: Callable[[str], None] = print
+    manifest_path: Path,
+    data_root: Path,
+    out_dir: Path,
+    cfg: ValidateConfig,
+    progress: Callable[[str], None] = print,
+    memo: Path | None = None,
 ) -> ValidationOutcome:
     """Validate the manifest and every tile; write the GX result, Data Docs and validate.json.
+    `memo`: where tile facts are kept by content between runs (tasks/data/tile_stats.py).
 
     Raises only when validation cannot run (no manifest, unsafe out_dir), never for failed checks.
     """
     outputs = _Outputs(Path(out_dir))
     outputs.prepare(Path(manifest_path))
     manifest = read_manifest(Path(manifest_path))
-    stats = compute_tile_stats(manifest, Path(data_root), progress)
+    stats = compute_tile_stats(manifest, Path(data_root), progress, memo)
     checks = dataset_checks(manifest, stats, cfg)
     progress(f"validate: {sum(len(c.expectations) for c in checks)} expectations over {len(checks)} batches")
     context = _context(outputs.docs.resolve())
@@ -282,7 +288,7 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     out_dir = root / "reports" / "validate"
     clear_stamps(root)
     manifest_path = root / data.prepared_dir / "manifest.parquet"
-    outcome = validate_dataset(manifest_path, root, out_dir, cfg)
+    outcome = validate_dataset(manifest_path, root, out_dir, cfg, memo=root / MEMO)
     if outcome.passed:
         write_stamps(root, read_manifest(manifest_path))
     tracker.log_artifact(outcome.result_json, "validation")

@@ -21,12 +21,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import rasterio
 import yaml
 from conftest import DVC, REPO
 from helpers_data import make_dataset
 
 from ms2rgb.flows.stages import STAGE_MODULES
 from ms2rgb.tasks.data.cache import build_cache, cache_name, index_name, open_split
+from ms2rgb.tasks.data.geotiff import sha256_of
 from ms2rgb.tasks.data.manifest import read_manifest
 from ms2rgb.tasks.data.validated import PASSED_DIR, require_validated, stamp_path, write_stamps
 from ms2rgb.tasks.errors import DataError
@@ -308,6 +310,35 @@ def test_a_split_cache_and_index_change_only_with_that_split(tmp_path: Path) -> 
     assert open_split(grown, "test", "rgb", masks=True).masks is not None
     index = pd.read_parquet(grown / index_name("test", "ms"))
     assert index["cache_row"].tolist() == list(range(len(index))) and index["id"].is_monotonic_increasing
+
+
+def test_a_rebuild_reads_only_the_splits_that_changed(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    manifest = read_manifest(make_dataset(data, n_locations=12))
+    first, grown, fresh = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    build_cache(manifest, data, first, progress=lambda _: None)
+    pool = manifest[manifest["modality"] == "ms"].head(2).copy()
+    pool["id"], pool["split"], pool["location_id"] = ["scene-a", "scene-b"], "ms_pool", ["scene-a", "scene-b"]
+    # One test tile changes content (its manifest sha256 with it): that split must be read again.
+    changed = manifest.copy()
+    row = changed.index[(changed["split"] == "test") & (changed["modality"] == "rgb")][0]
+    tile_path = data / changed.loc[row, "path"]
+    with rasterio.open(tile_path, "r+") as tile:
+        tile.write(tile.read() // 2)
+    changed.loc[row, "sha256"] = sha256_of(tile_path)
+    grown_manifest = pd.concat([changed, pool], ignore_index=True)
+    lines: list[str] = []
+    build_cache(grown_manifest, data, grown, progress=lines.append, previous=first)
+    build_cache(grown_manifest, data, fresh, progress=lambda _: None)
+    assert _cache_bytes(grown) == _cache_bytes(fresh)  # reuse changes no byte
+    kept = {line.split(":")[1].strip() for line in lines if line.endswith("(unchanged: kept)")}
+    assert "ms_pool/ms" not in kept and "test/rgb" not in kept and {"test/ms", "ms_train/ms"} <= kept
+    # A split that had an unreadable tile is read again (the file may have been mended since).
+    (grown / "unreadable.json").write_text(json.dumps([manifest[manifest["split"] == "ms_train"]["id"].iloc[0]]))
+    lines.clear()
+    build_cache(grown_manifest, data, tmp_path / "d", progress=lines.append, previous=grown)
+    assert not any(line.startswith("cache: ms_train/ms") and line.endswith("kept)") for line in lines)
+    assert any(line.startswith("cache: test/ms") and line.endswith("kept)") for line in lines)
 
 
 def test_training_refuses_splits_without_a_passed_validation(tmp_path: Path) -> None:

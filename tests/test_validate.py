@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from helpers_data import first_id, make_dataset, replace_tile, tile_path, update_rows
 from helpers_params import config
@@ -83,6 +84,28 @@ def test_tile_stats_record_bad_files_without_raising(manifest: Path) -> None:
     good = stats.drop(index=[ms_id, rgb_id])
     assert good["readable"].all() and good["sha_matches"].all() and good["mask_ok"].all()
     assert (good["nan_share"] == 0).all() and (good["max_value"] > 0).all()
+
+
+def test_the_memo_decodes_only_tiles_it_has_not_seen_and_never_serves_changed_bytes(
+    manifest: Path, tmp_path: Path
+) -> None:
+    memo, frame = tmp_path / "memo" / "facts.parquet", read_manifest(manifest)
+    lines: list[str] = []
+    first = compute_tile_stats(frame, manifest.parent, progress=lambda _: None, memo=memo)
+    again = compute_tile_stats(frame, manifest.parent, progress=lines.append, memo=memo)
+    pd.testing.assert_frame_equal(first, again)
+    assert lines[-1].endswith(f"({len(frame)} known by content)")
+    # A tile truncated on disk (manifest unchanged) is decoded again, not taken from the memo.
+    tile_id = first_id(manifest, "ms")
+    path = tile_path(manifest, tile_id)
+    path.write_bytes(path.read_bytes()[:600])
+    changed = compute_tile_stats(frame, manifest.parent, progress=lines.append, memo=memo).set_index("id")
+    assert not changed.loc[tile_id, "readable"] and not changed.loc[tile_id, "sha_matches"]
+    assert lines[-1].endswith(f"({len(frame) - 1} known by content)")
+    memo.write_bytes(b"not parquet")  # a broken memo costs time, never a wrong answer
+    pd.testing.assert_frame_equal(
+        compute_tile_stats(frame, manifest.parent, progress=lambda _: None, memo=memo).set_index("id"), changed
+    )
 
 
 def test_truncated_tile_fails(manifest: Path) -> None:

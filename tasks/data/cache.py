@@ -5,10 +5,18 @@ Beside each array lies its index, `<split>-<modality>-index.parquet`: the rows o
 modality in cache order. A split's array and index are written from that split's rows alone, so
 their bytes change only when the split changes, and a stage that depends on them (dvc.yaml) is
 made stale only by the splits it reads.
+
+A rebuild reuses the previous cache split by split: a split whose index would come out the same
+(same ids, classes, locations and tile sha256 in the same order) and whose tiles were all read last
+time is linked from the old folder instead of read again, so a scene landing in `ms_pool` re-reads
+only the pool. `unreadable.json` lists the tiles that could not be read (validate reports them).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +25,7 @@ import numpy as np
 import pandas as pd
 from numpy.lib.format import open_memmap
 
+from ms2rgb.tasks.data.atomic import write_json_atomic
 from ms2rgb.tasks.data.classes import MASK_NODATA, SCENE_NAMES
 from ms2rgb.tasks.data.geotiff import TILE_SIZE, read_tile
 from ms2rgb.tasks.data.manifest import MODALITY_FORMATS
@@ -40,10 +49,42 @@ def index_name(split: str, modality: str) -> str:
     return f"{split}-{modality}-index.parquet"
 
 
-def write_index(rows: pd.DataFrame, path: Path) -> None:
-    """One split's index in cache_row order; its bytes depend on these rows only (no pandas index)."""
-    frame = rows.sort_values("cache_row")[list(INDEX_COLUMNS)].astype(INDEX_COLUMNS).reset_index(drop=True)
-    frame.to_parquet(path, index=False)
+UNREADABLE_NAME = "unreadable.json"  # ids of the tiles the last build could not read, sorted
+
+
+def index_frame(rows: pd.DataFrame) -> pd.DataFrame:
+    """One split's index in cache_row order; depends on these rows only (no pandas index)."""
+    return rows.sort_values("cache_row")[list(INDEX_COLUMNS)].astype(INDEX_COLUMNS).reset_index(drop=True)
+
+
+def _unreadable_before(previous: Path | None) -> set[str] | None:
+    """Ids the previous build could not read; None when there is no whole previous build to reuse."""
+    try:
+        return set(json.loads((previous / UNREADABLE_NAME).read_text())) if previous else None
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _reusable(previous: Path, index: pd.DataFrame, split: str, modality: str, with_masks: bool) -> list[Path]:
+    """The old files of this split to link, or [] when the old cache of it differs from what is asked."""
+    names = [cache_name(split, modality)] + ([cache_name(split, modality, "mask")] if with_masks else [])
+    old_index = previous / index_name(split, modality)
+    if not old_index.is_file() or (previous / cache_name(split, modality, "mask")).is_file() != with_masks:
+        return []
+    try:
+        same = pd.read_parquet(old_index).astype(INDEX_COLUMNS).equals(index)
+        rows = [np.load(previous / name, mmap_mode="r").shape[0] for name in names]
+    except (OSError, ValueError):
+        return []
+    return [previous / name for name in names] if same and rows == [len(index)] * len(names) else []
+
+
+def _link(source: Path, target: Path) -> None:
+    """Hard-link when the file system allows (no copy of a large array), else copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def _fill(arrays: np.ndarray, masks: np.ndarray | None, group: pd.DataFrame, root: Path, modality: str) -> list[str]:
@@ -62,37 +103,60 @@ def _fill(arrays: np.ndarray, masks: np.ndarray | None, group: pd.DataFrame, roo
     return bad
 
 
+def _write_split(group: pd.DataFrame, root: Path, out_dir: Path, split: str, modality: str) -> list[str]:
+    """Read one split's tiles (and masks) into fresh arrays; return the ids that could not be read."""
+    tile = MODALITY_FORMATS[modality]
+    arrays = open_memmap(
+        out_dir / cache_name(split, modality),
+        mode="w+",
+        dtype=tile.dtype,
+        shape=(len(group), len(tile.bands), TILE_SIZE, TILE_SIZE),
+    )
+    masks = None
+    if group["mask_path"].notna().any():
+        masks = open_memmap(
+            out_dir / cache_name(split, modality, "mask"),
+            mode="w+",
+            dtype="uint8",
+            shape=(len(group), TILE_SIZE, TILE_SIZE),
+        )
+    bad = _fill(arrays, masks, group, root, modality)
+    arrays.flush()
+    if masks is not None:
+        masks.flush()
+    return bad
+
+
 def build_cache(
-    manifest: pd.DataFrame, root: Path, out_dir: Path, progress: Callable[[str], None] = print
+    manifest: pd.DataFrame,
+    root: Path,
+    out_dir: Path,
+    progress: Callable[[str], None] = print,
+    previous: Path | None = None,
 ) -> tuple[pd.DataFrame, list[str]]:
-    """Write the cache; return the manifest with cache_file/cache_row columns and unreadable ids."""
+    """Write the cache into out_dir, reusing from the `previous` cache folder the splits that did not
+    change; return the manifest with cache_file/cache_row columns and the unreadable ids."""
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = manifest.sort_values(["split", "modality", "id"]).reset_index(drop=True)
     manifest["cache_file"] = ""
     manifest["cache_row"] = -1
+    unreadable_before = _unreadable_before(previous)
     bad: list[str] = []
     for (split, modality), group in manifest.groupby(["split", "modality"], sort=True):
-        tile = MODALITY_FORMATS[modality]
-        arrays = open_memmap(
-            out_dir / cache_name(split, modality),
-            mode="w+",
-            dtype=tile.dtype,
-            shape=(len(group), len(tile.bands), TILE_SIZE, TILE_SIZE),
-        )
-        masks = None
-        if group["mask_path"].notna().any():
-            masks = open_memmap(
-                out_dir / cache_name(split, modality, "mask"),
-                mode="w+",
-                dtype="uint8",
-                shape=(len(group), TILE_SIZE, TILE_SIZE),
-            )
-        bad += _fill(arrays, masks, group, root, modality)
-        arrays.flush()
         manifest.loc[group.index, "cache_file"] = cache_name(split, modality)
         manifest.loc[group.index, "cache_row"] = np.arange(len(group))
-        write_index(manifest.loc[group.index], out_dir / index_name(split, modality))
-        progress(f"cache: {split}/{modality}: {len(group)} tiles")
+        index = index_frame(manifest.loc[group.index])
+        with_masks = bool(group["mask_path"].notna().any())
+        reuse = []
+        if previous is not None and unreadable_before is not None and unreadable_before.isdisjoint(group["id"]):
+            reuse = _reusable(previous, index, split, modality, with_masks)
+        for source in reuse:
+            _link(source, out_dir / source.name)
+        if not reuse:
+            bad += _write_split(group, root, out_dir, split, modality)
+        index.to_parquet(out_dir / index_name(split, modality), index=False)
+        progress(f"cache: {split}/{modality}: {len(group)} tiles{' (unchanged: kept)' if reuse else ''}")
+    write_json_atomic(out_dir / UNREADABLE_NAME, sorted(bad))
     return manifest, bad
 
 

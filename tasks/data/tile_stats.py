@@ -3,6 +3,12 @@ and carry the bands, dtype, values, CRS and mask the manifest promises.
 
 Nothing here judges a tile: bad files become rows with False/NA facts, and the expectations in
 tasks/expectations.py decide what fails. So one corrupt tile never hides the other problems.
+
+Decoding is most of the cost (two GDAL opens a tile), and the facts of a tile are a function of its
+bytes and its mask's bytes alone. So a memo (`data/.memo/tile-facts.parquet`, not versioned: losing
+it costs only time) keeps them by the two sha256 values, and validating the pool after a new scene
+decodes only the new tiles. Every file is still hashed on every run, so a tile changed on disk is
+never served from the memo.
 """
 
 from __future__ import annotations
@@ -15,10 +21,13 @@ import numpy as np
 import pandas as pd
 import rasterio
 
+from ms2rgb.tasks.data.atomic import write_atomic
 from ms2rgb.tasks.data.classes import MASK_NODATA, SURFACE_NAMES
 from ms2rgb.tasks.data.geotiff import read_tile, sha256_of
 
 PROGRESS_EVERY = 500  # tiles between progress lines
+MEMO = Path("data") / ".memo" / "tile-facts.parquet"  # under the project root
+MEMO_KEY = ["tile_sha256", "mask_sha256"]  # mask_sha256 is "" for a tile without mask
 
 # column -> pandas dtype of the frame compute_tile_stats returns (nullable: unreadable tiles give NA).
 STATS_COLUMNS: dict[str, str] = {
@@ -100,30 +109,80 @@ def _mask_ok(mask_path: object, data_root: Path, shape: tuple[object, object]) -
     return bool(valid.all()) and same_shape
 
 
-def tile_row(row: pd.Series, data_root: Path) -> dict[str, Any]:
-    """Facts about one manifest row's tile and mask (see STATS_COLUMNS)."""
+# Facts that depend on the row rather than on the bytes: never taken from the memo.
+ROW_FACTS = ("id", "file_exists", "sha_matches")
+Key = tuple[str, str]
+
+
+def _content_facts(path: Path, mask_path: object, data_root: Path) -> dict[str, Any]:
+    """The facts of a readable-or-not tile that follow from its bytes and its mask's bytes."""
+    facts: dict[str, Any] = {"readable": False} | _raster_stats(path)
+    shape = (facts.get("height"), facts.get("width"))
+    return facts | {"mask_ok": _mask_ok(mask_path, data_root, shape)}
+
+
+def _mask_sha(mask_path: object, data_root: Path) -> str | None:
+    """ "" without a mask, its sha256, or None when it cannot be read (then no memo for the tile)."""
+    if pd.isna(mask_path):
+        return ""
+    try:
+        return sha256_of(data_root / str(mask_path))
+    except OSError:
+        return None
+
+
+def tile_row(row: pd.Series, data_root: Path, memo: dict[Key, dict[str, Any]]) -> tuple[dict[str, Any], Key | None]:
+    """Facts about one manifest row's tile and mask (see STATS_COLUMNS), and its memo key (None: not
+    memoisable). Content facts come from `memo` when its key is there."""
     path = data_root / str(row["path"])
     facts: dict[str, Any] = {"id": row["id"], "file_exists": path.is_file(), "readable": False, "sha_matches": False}
-    if facts["file_exists"]:
-        facts |= _raster_stats(path)
-        expected = row["sha256"]
-        facts["sha_matches"] = bool(pd.notna(expected) and sha256_of(path) == str(expected))
-    else:
-        facts["error"] = "file does not exist"
-    shape = (facts.get("height"), facts.get("width"))
-    facts["mask_ok"] = _mask_ok(row["mask_path"], data_root, shape)
-    return facts
+    if not facts["file_exists"]:
+        facts |= {"error": "file does not exist", "mask_ok": _mask_ok(row["mask_path"], data_root, (None, None))}
+        return facts, None
+    actual, mask_sha = sha256_of(path), _mask_sha(row["mask_path"], data_root)
+    facts["sha_matches"] = bool(pd.notna(row["sha256"]) and actual == str(row["sha256"]))
+    key = (actual, mask_sha) if mask_sha is not None else None
+    known = memo.get(key) if key else None
+    return facts | (known if known is not None else _content_facts(path, row["mask_path"], data_root)), key
+
+
+def read_memo(path: Path | None) -> dict[Key, dict[str, Any]]:
+    """The memo's facts by key; empty when there is none or it cannot be read (it only saves time)."""
+    try:
+        frame = pd.read_parquet(path).astype({c: STATS_COLUMNS[c] for c in STATS_COLUMNS if c not in ROW_FACTS})
+    except Exception:  # missing, partial or from an older column set: recompute, never fail on it
+        return {}
+    content = [c for c in STATS_COLUMNS if c not in ROW_FACTS]
+    records = frame[content].to_dict("records")
+    return {(str(a), str(b)): r for a, b, r in zip(frame["tile_sha256"], frame["mask_sha256"], records)}
+
+
+def write_memo(path: Path, stats: pd.DataFrame, keys: list[Key | None]) -> None:
+    """Keep the facts of this run's tiles (so the memo never grows past one data set), written whole."""
+    rows = stats[[k is not None for k in keys]].drop(columns=list(ROW_FACTS))
+    known = [k for k in keys if k is not None]
+    rows.insert(0, "mask_sha256", [k[1] for k in known])
+    rows.insert(0, "tile_sha256", [k[0] for k in known])
+    write_atomic(path, lambda tmp: rows.drop_duplicates(MEMO_KEY).to_parquet(tmp, index=False))
 
 
 def compute_tile_stats(
-    manifest: pd.DataFrame, data_root: Path, progress: Callable[[str], None] = print
+    manifest: pd.DataFrame, data_root: Path, progress: Callable[[str], None] = print, memo: Path | None = None
 ) -> pd.DataFrame:
-    """One row of STATS_COLUMNS per manifest row, in manifest order; never raises for a bad file."""
-    rows = []
-    total = len(manifest)
+    """One row of STATS_COLUMNS per manifest row, in manifest order; never raises for a bad file.
+
+    With `memo` (a parquet path), tiles whose bytes were checked before are not decoded again."""
+    known = read_memo(memo)
+    rows, keys = [], []
+    total, reused = len(manifest), 0
     for number, (_, row) in enumerate(manifest.iterrows(), start=1):
-        rows.append(tile_row(row, data_root))
+        facts, key = tile_row(row, data_root, known)
+        rows.append(facts)
+        keys.append(key)
+        reused += key in known
         if number % PROGRESS_EVERY == 0 or number == total:
-            progress(f"tile stats: {number}/{total} tiles checked")
-    frame = pd.DataFrame(rows, columns=list(STATS_COLUMNS))
-    return frame.astype(STATS_COLUMNS)
+            progress(f"tile stats: {number}/{total} tiles checked ({reused} known by content)")
+    frame = pd.DataFrame(rows, columns=list(STATS_COLUMNS)).astype(STATS_COLUMNS)
+    if memo is not None:
+        write_memo(memo, frame, keys)
+    return frame
