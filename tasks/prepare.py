@@ -21,6 +21,7 @@ from ms2rgb.tasks.data.atomic import swap_in_dir
 from ms2rgb.tasks.data.cache import build_cache
 from ms2rgb.tasks.data.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from ms2rgb.tasks.data.sources.synth import generate
+from ms2rgb.tasks.data.tile_stats import MEMO
 from ms2rgb.tasks.tracking import StageTracker
 
 SOURCE_IDENTITY = "source-identity.txt"  # in <raw_dir>: what made the synthetic tiles there
@@ -96,7 +97,7 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     final = root / data.prepared_dir
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    indexed, unreadable = build_cache(manifest, root, tmp, previous=final if final.is_dir() else None)
+    indexed, unreadable = build_cache(manifest, root, tmp, previous=final if final.is_dir() else None, memo=root / MEMO)
     write_manifest(indexed, tmp / MANIFEST_NAME)
     swap_in_dir(tmp, final)
     tracker.log_dataset(manifest, "manifest", final / MANIFEST_NAME, context="prepare")

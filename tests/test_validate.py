@@ -12,6 +12,7 @@ import pytest
 from helpers_data import first_id, make_dataset, replace_tile, tile_path, update_rows
 from helpers_params import config
 
+from ms2rgb.tasks.data.cache import build_cache
 from ms2rgb.tasks.data.manifest import MANIFEST_NAME, read_manifest
 from ms2rgb.tasks.data.tile_stats import compute_tile_stats
 from ms2rgb.tasks.errors import Ms2rgbError, ValidationFailed
@@ -106,6 +107,15 @@ def test_the_memo_decodes_only_tiles_it_has_not_seen_and_never_serves_changed_by
     pd.testing.assert_frame_equal(
         compute_tile_stats(frame, manifest.parent, progress=lambda _: None, memo=memo).set_index("id"), changed
     )
+
+
+def test_tiles_the_cache_build_decoded_are_not_decoded_again_by_validation(manifest: Path, tmp_path: Path) -> None:
+    memo, frame = tmp_path / "facts.parquet", read_manifest(manifest)
+    build_cache(frame, manifest.parent, tmp_path / "prepared", progress=lambda _: None, memo=memo)
+    lines: list[str] = []
+    stats = compute_tile_stats(frame, manifest.parent, progress=lines.append, memo=memo)
+    assert lines[-1].endswith(f"({len(frame)} known by content)")
+    pd.testing.assert_frame_equal(stats, compute_tile_stats(frame, manifest.parent, progress=lambda _: None))
 
 
 def test_truncated_tile_fails(manifest: Path) -> None:

@@ -20,6 +20,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,9 +28,10 @@ from numpy.lib.format import open_memmap
 
 from ms2rgb.tasks.data.atomic import write_json_atomic
 from ms2rgb.tasks.data.classes import MASK_NODATA, SCENE_NAMES
-from ms2rgb.tasks.data.geotiff import TILE_SIZE, read_tile
+from ms2rgb.tasks.data.geotiff import TILE_SIZE
 from ms2rgb.tasks.data.manifest import MODALITY_FORMATS
-from ms2rgb.tasks.errors import Ms2rgbError, RasterError
+from ms2rgb.tasks.data.tile_stats import Key, decode, memo_key, read_memo, write_memo
+from ms2rgb.tasks.errors import Ms2rgbError
 
 # The columns of a split's index (what open_split and the validation stamps read), with dtypes.
 INDEX_COLUMNS: dict[str, str] = {
@@ -87,23 +89,44 @@ def _link(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def _fill(arrays: np.ndarray, masks: np.ndarray | None, group: pd.DataFrame, root: Path, modality: str) -> list[str]:
-    """Copy tiles into the cache; return ids of tiles that could not be read (validate reports them)."""
+def _fill(
+    arrays: np.ndarray,
+    masks: np.ndarray | None,
+    group: pd.DataFrame,
+    root: Path,
+    modality: str,
+    facts: dict[Key, dict[str, Any]],
+) -> list[str]:
+    """Copy tiles into the cache; return ids of tiles that could not be read (validate reports them).
+
+    Each tile is decoded once: its facts go into `facts` by content, so validation need not decode it again."""
     tile = MODALITY_FORMATS[modality]
     bad: list[str] = []
     for i, row in enumerate(group.itertuples(index=False)):
+        path = root / row.path
+        if not path.is_file():
+            bad.append(row.id)
+            continue
+        decoded, key = decode(path, row.mask_path, root), memo_key(path, row.mask_path, root)
+        if key is not None:
+            facts[key] = decoded.facts
+        array, mask = decoded.tile, decoded.mask
+        unusable = array is None or array.shape[0] != len(tile.bands) or array.dtype.name != tile.dtype
+        if array is None or unusable or (mask is None and not pd.isna(row.mask_path)):
+            bad.append(row.id)
+            continue
         try:
-            arrays[i] = read_tile(root / row.path, expect_bands=len(tile.bands), expect_dtype=tile.dtype)[
-                :, :TILE_SIZE, :TILE_SIZE
-            ]
+            arrays[i] = array[:, :TILE_SIZE, :TILE_SIZE]
             if masks is not None:
-                masks[i] = MASK_NODATA if pd.isna(row.mask_path) else read_tile(root / row.mask_path)[0]
-        except (RasterError, ValueError):
+                masks[i] = mask[0] if mask is not None else MASK_NODATA
+        except ValueError:  # smaller than a tile
             bad.append(row.id)
     return bad
 
 
-def _write_split(group: pd.DataFrame, root: Path, out_dir: Path, split: str, modality: str) -> list[str]:
+def _write_split(
+    group: pd.DataFrame, root: Path, out_dir: Path, split: str, modality: str, facts: dict[Key, dict[str, Any]]
+) -> list[str]:
     """Read one split's tiles (and masks) into fresh arrays; return the ids that could not be read."""
     tile = MODALITY_FORMATS[modality]
     arrays = open_memmap(
@@ -120,7 +143,7 @@ def _write_split(group: pd.DataFrame, root: Path, out_dir: Path, split: str, mod
             dtype="uint8",
             shape=(len(group), TILE_SIZE, TILE_SIZE),
         )
-    bad = _fill(arrays, masks, group, root, modality)
+    bad = _fill(arrays, masks, group, root, modality, facts)
     arrays.flush()
     if masks is not None:
         masks.flush()
@@ -133,14 +156,19 @@ def build_cache(
     out_dir: Path,
     progress: Callable[[str], None] = print,
     previous: Path | None = None,
+    memo: Path | None = None,
 ) -> tuple[pd.DataFrame, list[str]]:
     """Write the cache into out_dir, reusing from the `previous` cache folder the splits that did not
-    change; return the manifest with cache_file/cache_row columns and the unreadable ids."""
+    change; return the manifest with cache_file/cache_row columns and the unreadable ids.
+
+    With `memo`, the facts of every tile decoded here are kept there by content (tasks/data/tile_stats.py)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = manifest.sort_values(["split", "modality", "id"]).reset_index(drop=True)
     manifest["cache_file"] = ""
     manifest["cache_row"] = -1
     unreadable_before = _unreadable_before(previous)
+    listed = set(manifest["sha256"].dropna().astype(str))
+    facts = {key: known for key, known in read_memo(memo).items() if key[0] in listed}
     bad: list[str] = []
     for (split, modality), group in manifest.groupby(["split", "modality"], sort=True):
         manifest.loc[group.index, "cache_file"] = cache_name(split, modality)
@@ -153,10 +181,12 @@ def build_cache(
         for source in reuse:
             _link(source, out_dir / source.name)
         if not reuse:
-            bad += _write_split(group, root, out_dir, split, modality)
+            bad += _write_split(group, root, out_dir, split, modality, facts)
         index.to_parquet(out_dir / index_name(split, modality), index=False)
         progress(f"cache: {split}/{modality}: {len(group)} tiles{' (unchanged: kept)' if reuse else ''}")
     write_json_atomic(out_dir / UNREADABLE_NAME, sorted(bad))
+    if memo is not None:
+        write_memo(memo, facts)
     return manifest, bad
 
 

@@ -13,7 +13,8 @@ never served from the memo.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +74,9 @@ def _array_stats(array: np.ndarray) -> dict[str, Any]:
     }
 
 
-def _raster_stats(path: Path) -> dict[str, Any]:
-    """Open and fully decode one tile; any decoding error is recorded, not raised."""
+def _raster_stats(path: Path) -> tuple[dict[str, Any], np.ndarray | None]:
+    """Open and fully decode one tile: its facts and its (C, H, W) array (None when unreadable).
+    Any decoding error is recorded, not raised."""
     try:
         with rasterio.open(path) as src:
             array = src.read()  # (C, H, W); a truncated file usually fails here, not at open
@@ -82,9 +84,9 @@ def _raster_stats(path: Path) -> dict[str, Any]:
     # Why so broad: GDAL reports corrupt data through several exception types (RasterioIOError,
     # CPLE_* errors, ValueError from the driver); each one means "unreadable" to the validator.
     except Exception as exc:
-        return {"readable": False, "error": f"{type(exc).__name__}: {exc}"}
+        return {"readable": False, "error": f"{type(exc).__name__}: {exc}"}, None
     crs_text = crs.to_string() if crs is not None else None
-    return {
+    facts = {
         "readable": True,
         "band_count": array.shape[0],
         "dtype": array.dtype.name,
@@ -94,15 +96,24 @@ def _raster_stats(path: Path) -> dict[str, Any]:
         "crs": crs_text or None,
         **_array_stats(array),
     }
+    return facts, array
 
 
-def _mask_ok(mask_path: object, data_root: Path, shape: tuple[object, object]) -> bool:
-    """True when there is no mask, or it decodes to one band of known surface values in the tile's shape."""
+def _read_mask(mask_path: object, data_root: Path) -> np.ndarray | None:
+    """The mask as decoded, or None when the row has none or it cannot be decoded."""
+    if pd.isna(mask_path):
+        return None
+    try:
+        return read_tile(data_root / str(mask_path))
+    except Exception:
+        return None
+
+
+def _mask_ok(mask_path: object, mask: np.ndarray | None, shape: tuple[object, object]) -> bool:
+    """True when there is no mask, or it decodes to one uint8 band of known surface values in the tile's shape."""
     if pd.isna(mask_path):
         return True
-    try:
-        mask = read_tile(data_root / str(mask_path), expect_bands=1, expect_dtype="uint8")
-    except Exception:
+    if mask is None or mask.shape[0] != 1 or mask.dtype != np.uint8:
         return False
     valid = (mask < len(SURFACE_NAMES)) | (mask == MASK_NODATA)
     same_shape = shape == (None, None) or tuple(mask.shape[1:]) == shape
@@ -114,11 +125,27 @@ ROW_FACTS = ("id", "file_exists", "sha_matches")
 Key = tuple[str, str]
 
 
-def _content_facts(path: Path, mask_path: object, data_root: Path) -> dict[str, Any]:
-    """The facts of a readable-or-not tile that follow from its bytes and its mask's bytes."""
-    facts: dict[str, Any] = {"readable": False} | _raster_stats(path)
+@dataclass(frozen=True)
+class Decoded:
+    """One tile decoded once: what the cache stores and what validation judges."""
+
+    facts: dict[str, Any]  # the content facts (STATS_COLUMNS but ROW_FACTS)
+    tile: np.ndarray | None  # (C, H, W), None when unreadable
+    mask: np.ndarray | None  # (1, H, W) as decoded, None without mask or when unreadable
+
+
+def decode(path: Path, mask_path: object, data_root: Path) -> Decoded:
+    """Read a tile and its mask; the facts that follow from their bytes, and the arrays."""
+    facts, tile = _raster_stats(path)
+    mask = _read_mask(mask_path, data_root)
     shape = (facts.get("height"), facts.get("width"))
-    return facts | {"mask_ok": _mask_ok(mask_path, data_root, shape)}
+    return Decoded(facts | {"mask_ok": _mask_ok(mask_path, mask, shape)}, tile, mask)
+
+
+def memo_key(path: Path, mask_path: object, data_root: Path) -> Key | None:
+    """(tile sha256, mask sha256 or ""), None when the mask cannot be hashed."""
+    mask_sha = _mask_sha(mask_path, data_root)
+    return (sha256_of(path), mask_sha) if mask_sha is not None else None
 
 
 def _mask_sha(mask_path: object, data_root: Path) -> str | None:
@@ -137,13 +164,15 @@ def tile_row(row: pd.Series, data_root: Path, memo: dict[Key, dict[str, Any]]) -
     path = data_root / str(row["path"])
     facts: dict[str, Any] = {"id": row["id"], "file_exists": path.is_file(), "readable": False, "sha_matches": False}
     if not facts["file_exists"]:
-        facts |= {"error": "file does not exist", "mask_ok": _mask_ok(row["mask_path"], data_root, (None, None))}
+        mask = _read_mask(row["mask_path"], data_root)
+        facts |= {"error": "file does not exist", "mask_ok": _mask_ok(row["mask_path"], mask, (None, None))}
         return facts, None
-    actual, mask_sha = sha256_of(path), _mask_sha(row["mask_path"], data_root)
+    actual = sha256_of(path)
     facts["sha_matches"] = bool(pd.notna(row["sha256"]) and actual == str(row["sha256"]))
+    mask_sha = _mask_sha(row["mask_path"], data_root)
     key = (actual, mask_sha) if mask_sha is not None else None
     known = memo.get(key) if key else None
-    return facts | (known if known is not None else _content_facts(path, row["mask_path"], data_root)), key
+    return facts | (known if known is not None else decode(path, row["mask_path"], data_root).facts), key
 
 
 def read_memo(path: Path | None) -> dict[Key, dict[str, Any]]:
@@ -157,13 +186,14 @@ def read_memo(path: Path | None) -> dict[Key, dict[str, Any]]:
     return {(str(a), str(b)): r for a, b, r in zip(frame["tile_sha256"], frame["mask_sha256"], records)}
 
 
-def write_memo(path: Path, stats: pd.DataFrame, keys: list[Key | None]) -> None:
-    """Keep the facts of this run's tiles (so the memo never grows past one data set), written whole."""
-    rows = stats[[k is not None for k in keys]].drop(columns=list(ROW_FACTS))
-    known = [k for k in keys if k is not None]
-    rows.insert(0, "mask_sha256", [k[1] for k in known])
-    rows.insert(0, "tile_sha256", [k[0] for k in known])
-    write_atomic(path, lambda tmp: rows.drop_duplicates(MEMO_KEY).to_parquet(tmp, index=False))
+def write_memo(path: Path, facts: Mapping[Key, Mapping[str, Any]]) -> None:
+    """The memo as exactly these facts by key, written whole (so it never grows past one data set)."""
+    content = [c for c in STATS_COLUMNS if c not in ROW_FACTS]
+    frame = pd.DataFrame([dict(f) for f in facts.values()], columns=content)
+    frame = frame.astype({c: STATS_COLUMNS[c] for c in content})
+    frame.insert(0, "mask_sha256", [k[1] for k in facts])
+    frame.insert(0, "tile_sha256", [k[0] for k in facts])
+    write_atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
 def compute_tile_stats(
@@ -184,5 +214,6 @@ def compute_tile_stats(
             progress(f"tile stats: {number}/{total} tiles checked ({reused} known by content)")
     frame = pd.DataFrame(rows, columns=list(STATS_COLUMNS)).astype(STATS_COLUMNS)
     if memo is not None:
-        write_memo(memo, frame, keys)
+        records = frame.drop(columns=list(ROW_FACTS)).to_dict("records")
+        write_memo(memo, {k: r for k, r in zip(keys, records) if k is not None})
     return frame
