@@ -148,11 +148,13 @@ def _cmd_synth(args: argparse.Namespace) -> None:
 
 
 def _cmd_eurosat(args: argparse.Namespace) -> None:
+    from ms2rgb.tasks.config import load_params
     from ms2rgb.tasks.data.sources.eurosat import ingest_eurosat
 
+    fractions = load_params(Path(args.root)).data.eurosat_split_fractions
     with project_lock(Path(args.root), "ms2rgb data eurosat", args.wait):
         frame = ingest_eurosat(
-            Path(args.ms), Path(args.out), rgb_dir=Path(args.rgb) if args.rgb else None, seed=args.seed
+            Path(args.ms), Path(args.out), Path(args.rgb) if args.rgb else None, fractions, seed=args.seed
         )
     print(f"{len(frame)} tiles; manifest: {Path(args.out) / 'manifest.parquet'}")
 

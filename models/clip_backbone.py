@@ -19,7 +19,9 @@ at K=16 gave mIoU 0.15 with a class token and 0.38 with mean pooling, seed 0).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,9 +120,34 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+class _DropRandomInitNotice(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded ... initialized randomly" record: load_clip
+    builds the architecture with pretrained=None and then loads weights itself, so the notice would
+    be false; load_clip's own description says which weights the model carries."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    notice, root = _DropRandomInitNotice(), logging.getLogger()  # open_clip logs through the root logger
+    root.addFilter(notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
+
+
+def _random_model(model_name: str) -> nn.Module:
+    """The architecture at random init, without open_clip's notice (see _DropRandomInitNotice)."""
+    with _quiet_random_init():
+        return open_clip.create_model(model_name, pretrained=None)
+
+
 def _load_local(model_name: str, path: Path) -> nn.Module:
     """Create the architecture at random and copy the file's weights into it (strict)."""
-    model = open_clip.create_model(model_name, pretrained=None)
+    model = _random_model(model_name)
     state = _read_checkpoint(path)
     try:
         model.load_state_dict(state, strict=True)
@@ -167,7 +194,7 @@ def load_clip(
     """
     _check_model_name(model_name)
     if pretrained is None:
-        model, desc = open_clip.create_model(model_name, pretrained=None), "random-init"
+        model, desc = _random_model(model_name), "random-init"
     else:
         path = Path(pretrained).expanduser()
         if path.is_file():

@@ -21,7 +21,7 @@ from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
 from ms2rgb.models.classifier import SceneCNNConfig
 from ms2rgb.models.clip_prompt import PromptConfig
 from ms2rgb.models.matcher import MatcherConfig
-from ms2rgb.tasks.data.manifest import SPLITS
+from ms2rgb.tasks.data.manifest import EUROSAT_SPLITS, SPLITS
 from ms2rgb.tasks.errors import ParamsError, ParamsFileError
 
 PARAMS_FILE = "params.yaml"
@@ -50,6 +50,18 @@ class DataConfig(Section):
     prepared_dir: str  # merged manifest + memory-mapped cache
     eurosat_ms_dir: str | None  # EuroSAT_MS root when source=eurosat
     eurosat_rgb_dir: str | None  # optional EuroSAT RGB root
+    eurosat_split_fractions: dict[str, Annotated[float, Field(ge=0, le=1)]]  # of each class's locations
+    eurosat_test_list: str | None  # a file of tile names (one per line) or a folder of tiles: the test split
+
+    @field_validator("eurosat_split_fractions")
+    @classmethod
+    def _fractions_fill_known_splits(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = [k for k in value if k not in EUROSAT_SPLITS]
+        if unknown:
+            raise ValueError(f"unknown split(s) {unknown}; EuroSAT fills {list(EUROSAT_SPLITS)}")
+        if abs(sum(value.values()) - 1.0) > 1e-6:
+            raise ValueError(f"the fractions sum to {sum(value.values()):g}; make them sum to 1")
+        return value
 
     @model_validator(mode="after")
     def _eurosat_needs_its_folder(self) -> DataConfig:
@@ -82,7 +94,9 @@ class ValidateConfig(Section):
     max_nodata_share: float = Field(ge=0, le=1)  # per tile, share of pixels 0 in every band (or NaN)
     min_class_share: float = Field(ge=0, le=1)  # class balance bounds among each split's labelled rows
     max_class_share: float = Field(ge=0, le=1)
-    ms_value_max: int = Field(ge=1, le=65535)  # uint16 reflectance x10000 ceiling
+    ms_value_max: int = Field(ge=1, le=65535)  # uint16 reflectance x10000 ceiling (65535: the physical range)
+    max_saturated_share: float = Field(ge=0, le=1)  # per MS tile, share of pixels saturated (65535) in any band
+    severity: dict[str, Literal["fail", "warn"]]  # "<batch>.<column>" -> what a failure does; unlisted: fail
     required_splits: Splits  # splits that must have rows
     balance_splits: Splits  # splits whose class shares are checked
     paired_splits: Splits  # splits that need ms + rgb per location
@@ -108,7 +122,7 @@ class TeacherConfig(Section):
     width: int = Field(ge=4, le=256)  # SceneCNN first-stage channels; the distilled map has 4*width
     stem_stride: int = Field(ge=1, le=2)  # 2: first conv at half resolution, 4x cheaper
     dropout: float = Field(ge=0, le=0.9)  # before the linear head
-    epochs: int = Field(ge=1, le=1000)  # passes over ms_train
+    steps: int = Field(ge=1, le=1_000_000)  # optimiser steps, whatever the size of ms_train
     batch_size: int = Field(ge=2, le=4096)
     lr: float = Field(ge=1e-6, le=1)  # AdamW peak learning rate (one-cycle)
     weight_decay: float = Field(ge=0, le=1)

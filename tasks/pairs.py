@@ -44,15 +44,17 @@ READS = {"rgb_train": ("rgb",), "ms_pool": ("ms",)}  # split -> modalities; dvc.
 
 def match_within_class(
     scores: torch.Tensor, rgb_labels: np.ndarray, ms_classes: np.ndarray, where: str = "ms_pool"
-) -> tuple[np.ndarray, np.ndarray]:
-    """For each RGB row, the MS column of its class with the highest score: (ms_index, score)."""
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """For each RGB row, the MS column of its class with the highest score: (ms_index, score, the
+    classes with no pool tile, whose rows took the best column of the whole pool instead)."""
     best, best_score = np.empty(len(rgb_labels), dtype=np.int64), np.empty(len(rgb_labels), dtype=np.float32)
-    for c, cols in candidates_by_class(ms_classes, rgb_labels, where).items():
+    candidates = candidates_by_class(ms_classes, rgb_labels, where)
+    for c, cols in candidates.rows.items():
         rows = np.flatnonzero(rgb_labels == c)
         block = scores[rows][:, cols]  # (n_rgb_c, n_ms_c)
         score, pick = block.max(dim=1)
         best[rows], best_score[rows] = cols[pick.numpy()], score.numpy()
-    return best, best_score
+    return best, best_score, candidates.fallback
 
 
 @dataclass
@@ -148,7 +150,13 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     matcher.to(pick_device())
     scores = matcher.score(embed(matcher, rgb.images, "rgb"), embed(matcher, pool.images, "ms"))  # (N, M)
     free = assign_without_labels(scores, probs, cfg)
-    same_class, _ = match_within_class(scores, rgb.labels, ms_class)
+    same_class, _, fallback = match_within_class(scores, rgb.labels, ms_class)
+    if fallback:
+        print(
+            f"pairs: warning: the teacher gives no pool tile the class(es) {list(fallback)}; their RGB tiles' "
+            "same-class partners come from the matcher over the whole pool (add MS tiles of those classes)",
+            flush=True,
+        )
     frame = pairs_frame(rgb, pool, free, same_class, probs)
     path = write_pairs(frame, staging_dir(root, "pairs") / PAIRS_FILE)
     tracker.log_artifact(path, "pairs")
@@ -159,7 +167,11 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
         .reset_index()
     )
     tracker.log_table(per_class, "pairs_per_class")
-    report = pairing_report(frame, free, rgb, pool, ms_class) | {"seconds": round(time.perf_counter() - start, 2)}
+    report = pairing_report(frame, free, rgb, pool, ms_class) | {
+        "classes_without_pool_tiles": list(fallback),
+        "pairs_by_fallback": int(frame["class"].isin(fallback).sum()),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
     print(
         f"pairs: {report['pairs']} RGB tiles paired without labels over {report['distinct_ms_tiles']} MS tiles "
         f"(largest share {report['largest_share_of_one_ms_tile']:.3f}); "

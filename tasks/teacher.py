@@ -23,7 +23,14 @@ from ms2rgb.tasks.data.validated import require_validated
 from ms2rgb.tasks.errors import DataError
 from ms2rgb.tasks.tracking import StageTracker
 from ms2rgb.tasks.training.inference import predict_logits
-from ms2rgb.tasks.training.loop import FitConfig, fingerprint, fit_classifier, seed_everything, to_tensor
+from ms2rgb.tasks.training.loop import (
+    FitConfig,
+    batch_bounds,
+    fingerprint,
+    fit_classifier,
+    seed_everything,
+    to_tensor,
+)
 from ms2rgb.tasks.training.metrics import accuracy_report
 from ms2rgb.tasks.training.progress import epoch_printer, log_curves, log_evaluation
 from ms2rgb.tasks.training.store import save_model
@@ -32,8 +39,11 @@ REGISTERED_NAME = "ms2rgb-teacher"
 READS = {"ms_train": ("ms",), "test": ("ms",)}  # split -> modalities; dvc.yaml lists exactly their files
 
 
-def fit_config(cfg: TeacherConfig) -> FitConfig:
-    return FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay)
+def fit_config(cfg: TeacherConfig, n_tiles: int) -> FitConfig:
+    """The budget in steps as epochs over `n_tiles`: a small real set gets as many updates as a large
+    one, rather than a few epochs' worth."""
+    epochs = max(1, round(cfg.steps / len(batch_bounds(n_tiles, cfg.batch_size))))
+    return FitConfig(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def labelled_ms(prepared: Path, split: str) -> CachedSplit:
@@ -64,7 +74,7 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
         model,
         np.asarray(train.images),
         train.labels,
-        fit_config(cfg),
+        fit_config(cfg, len(train.labels)),
         seed,
         on_epoch=epoch_printer("teacher"),
         augment=cfg.augment,
@@ -87,7 +97,8 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
         "train_accuracy": history[-1].accuracy,
         "train_tiles": len(train.labels),
         "test_tiles": len(test.labels),
-        "epochs": cfg.epochs,
+        "steps": cfg.steps,
+        "epochs": len(history),
         "model_version": int(version or 0),
         "seconds": round(time.perf_counter() - start, 2),
     }

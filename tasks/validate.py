@@ -30,6 +30,7 @@ from great_expectations.data_context.types.base import (
     InMemoryStoreBackendDefaults,
     ProgressBarsConfig,
 )
+from great_expectations.expectations.metadata_types import FailureSeverity
 
 from ms2rgb.tasks.config import Params, ValidateConfig
 from ms2rgb.tasks.data.atomic import write_json_atomic
@@ -49,9 +50,9 @@ DOCS_SITE = "ms2rgb_site"
 class ValidationOutcome:
     """What validate_dataset found and where it wrote it; raise_if_failed turns it into an error."""
 
-    passed: bool  # every expectation met
+    passed: bool  # every expectation of severity `fail` met (warnings do not stop the pipeline)
     expectations: int  # how many were evaluated
-    failed: list[dict[str, Any]]  # {batch, expectation, column, offending, count[, files, observed, error]}
+    failed: list[dict[str, Any]]  # {batch, expectation, column, severity, offending, count[, files, observed, error]}
     result_json: Path  # GX checkpoint result
     docs_index: Path  # Data Docs index.html
     summary_json: Path  # out_dir/validate.json, the summary above as a file
@@ -176,6 +177,7 @@ def _failure(batch: str, result: Any, files: dict[str, str] | None, max_listed: 
         "batch": batch,
         "expectation": result.expectation_config.type,
         "column": column or None,
+        "severity": "warn" if result.expectation_config.severity == FailureSeverity.WARNING else "fail",
         "offending": ids,
         "count": int(details.get("unexpected_count") or len(ids)),
     }
@@ -227,7 +229,7 @@ def validate_dataset(
     failed = summarise_failures(result, checks, manifest, cfg.max_listed)
     evaluated = sum(r.statistics["evaluated_expectations"] for r in result.run_results.values())
     outcome = ValidationOutcome(
-        passed=bool(result.success),
+        passed=not any(f["severity"] == "fail" for f in failed),
         expectations=int(evaluated),
         failed=failed,
         result_json=outputs.result_json,
@@ -241,6 +243,7 @@ def validate_dataset(
             "passed": outcome.passed,
             "expectations": outcome.expectations,
             "failed": failed,
+            "warnings": sum(f["severity"] == "warn" for f in failed),
             "tiles": len(manifest),
             "manifest": str(manifest_path),
             "result_json": str(outcome.result_json),
@@ -248,10 +251,11 @@ def validate_dataset(
         },
         default=_json_default,
     )
-    progress(
-        f"validate: {'passed' if outcome.passed else f'{len(failed)} expectation(s) failed'}; "
-        f"Data Docs at {outcome.docs_index}"
-    )
+    warned = [describe_failure(f) for f in failed if f["severity"] == "warn"]
+    for line in warned:
+        progress(f"validate: warning: {line}")
+    verdict = f"passed with {len(warned)} warning(s)" if outcome.passed else f"{len(failed) - len(warned)} failed"
+    progress(f"validate: {verdict}; Data Docs at {outcome.docs_index}")
     return outcome
 
 
@@ -272,7 +276,7 @@ def describe_failure(failure: dict[str, Any]) -> str:
 def raise_if_failed(outcome: ValidationOutcome) -> None:
     """Raise ValidationFailed listing each failed expectation with its offending ids/files."""
     if not outcome.passed:
-        failures = [describe_failure(f) for f in outcome.failed] or ["checkpoint reported failure"]
+        failures = [describe_failure(f) for f in outcome.failed if f["severity"] == "fail"]
         raise ValidationFailed(failures, str(outcome.summary_json))
 
 
@@ -297,10 +301,17 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
         "passed": outcome.passed,
         "expectations": outcome.expectations,
         "failed": outcome.failed,
-        "failed_count": len(outcome.failed),
+        "failed_count": sum(f["severity"] == "fail" for f in outcome.failed),
+        "warnings": [describe_failure(f) for f in outcome.failed if f["severity"] == "warn"],
         "docs_index": str(outcome.docs_index.relative_to(root)),
     }
-    tracker.log_metrics({"passed": float(outcome.passed), "failed_count": len(outcome.failed)})
+    tracker.log_metrics(
+        {
+            "passed": float(outcome.passed),
+            "failed_count": report["failed_count"],
+            "warning_count": len(report["warnings"]),
+        }
+    )
     if not outcome.passed:
         try:
             raise_if_failed(outcome)

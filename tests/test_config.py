@@ -82,8 +82,8 @@ def test_every_field_is_checked_optional_and_cross_field_ones_too(project: Path,
 
 
 def test_an_invalid_base_value_is_an_error_even_under_a_profile_override(project: Path) -> None:
-    _with(project, "  epochs: 15\n", "  epochs: -1\n")  # the tiny profile sets teacher.epochs itself
-    with pytest.raises(ParamsError, match=r"teacher\.epochs=-1"):
+    _with(project, "  steps: 150 ", "  steps: -1 ")  # the tiny profile sets teacher.steps itself
+    with pytest.raises(ParamsError, match=r"teacher\.steps=-1"):
         load_params(project)
 
 

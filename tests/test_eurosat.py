@@ -12,9 +12,9 @@ from rasterio.transform import Affine
 
 from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
 from ms2rgb.tasks.data.geotiff import sha256_of
-from ms2rgb.tasks.data.manifest import COLUMNS, MANIFEST_NAME, SPLIT_MODALITIES, read_manifest
+from ms2rgb.tasks.data.manifest import COLUMNS, EUROSAT_SPLITS, MANIFEST_NAME, SPLIT_MODALITIES, read_manifest
 from ms2rgb.tasks.data.render import render_rgb
-from ms2rgb.tasks.data.sources.eurosat import EUROSAT_FILE_BAND_ORDER, EUROSAT_SPLITS, ingest_eurosat
+from ms2rgb.tasks.data.sources.eurosat import EUROSAT_FILE_BAND_ORDER, ingest_eurosat, test_list_stems
 from ms2rgb.tasks.errors import DatasetLayoutError, Ms2rgbError, UnknownClassError
 
 # EuroSAT jpgs have no georeference by design; rasterio warns each time the test writes or reads one.
@@ -139,8 +139,29 @@ def test_splits_deterministic_per_seed(
 
     again = ingest_eurosat(fake[0], tmp_path / "a", rgb_dir=fake[1], split_fractions=FRACTIONS, seed=3, progress=None)
     pd.testing.assert_frame_equal(again, converted[0])
-    other = ingest_eurosat(fake[0], tmp_path / "b", split_fractions=FRACTIONS, seed=4, progress=None)
+    other = ingest_eurosat(fake[0], tmp_path / "b", rgb_dir=None, split_fractions=FRACTIONS, seed=4, progress=None)
     assert splits(other) != splits(converted[0])
+
+
+def test_a_given_test_list_forms_the_test_split_and_the_rest_follow_the_fractions(
+    fake: tuple[Path, Path], tmp_path: Path
+) -> None:
+    listing = tmp_path / "eurosat-test.txt"
+    listing.write_text("# published split\nForest_1.jpg\nRiver_2.tif\nSeaLake_3\n")  # any extension
+    given = test_list_stems(listing)
+    assert given == {"Forest_1", "River_2", "SeaLake_3"}
+    frame = ingest_eurosat(fake[0], tmp_path / "out", None, FRACTIONS, test_stems=given, progress=None)
+    locations = frame.drop_duplicates("location_id").set_index("location_id")["split"]
+    assert set(locations[locations == "test"].index) == given
+    # The other 11 locations of each class share the other splits in proportion (3:2:1:3:1 of 10).
+    per_class = locations[locations != "test"].groupby(lambda stem: stem.rsplit("_", 1)[0]).size()
+    assert per_class.to_dict() == dict.fromkeys(CLASSES, 11)
+    folder = tmp_path / "test-tiles" / "River"
+    folder.mkdir(parents=True)
+    (folder / "River_5.tif").write_bytes(b"")
+    assert test_list_stems(tmp_path / "test-tiles") == {"River_5"}
+    with pytest.raises(DatasetLayoutError, match="eurosat_test_list not found"):
+        test_list_stems(tmp_path / "missing.txt")
 
 
 def test_rgb_copied_from_jpg_with_ms_georeference(
@@ -160,7 +181,7 @@ def test_rgb_copied_from_jpg_with_ms_georeference(
 
 
 def test_rgb_rendered_without_jpgs(fake: tuple[Path, Path], tmp_path: Path) -> None:
-    frame = ingest_eurosat(fake[0], tmp_path, split_fractions={"test": 1.0}, progress=None)
+    frame = ingest_eurosat(fake[0], tmp_path, rgb_dir=None, split_fractions={"test": 1.0}, progress=None)
     row = frame[(frame["modality"] == "rgb") & (frame["location_id"] == "River_7")].iloc[0]
     with rasterio.open(tmp_path / row["path"]) as tile, rasterio.open(tmp_path / "tiles/ms/River/River_7.tif") as ms:
         assert np.array_equal(tile.read(), render_rgb(ms.read()))
@@ -168,7 +189,7 @@ def test_rgb_rendered_without_jpgs(fake: tuple[Path, Path], tmp_path: Path) -> N
 
 def test_progress_reported(fake: tuple[Path, Path], tmp_path: Path) -> None:
     lines: list[str] = []
-    ingest_eurosat(fake[0], tmp_path, split_fractions={"ms_pool": 1.0}, progress=lines.append)
+    ingest_eurosat(fake[0], tmp_path, rgb_dir=None, split_fractions={"ms_pool": 1.0}, progress=lines.append)
     assert lines[-1] == "eurosat: 36/36 locations converted (36 tiles)"
 
 
@@ -177,7 +198,7 @@ def test_unknown_class_folder(fake: tuple[Path, Path], tmp_path: Path) -> None:
     (ms / "Forest").mkdir(parents=True)
     (ms / "Clouds").mkdir()
     with pytest.raises(UnknownClassError, match=r"'Clouds'.*AnnualCrop"):
-        ingest_eurosat(ms, tmp_path / "out", progress=None)
+        ingest_eurosat(ms, tmp_path / "out", rgb_dir=None, split_fractions=FRACTIONS, progress=None)
 
 
 @pytest.mark.parametrize("make", [False, True])  # missing folder / folder without class folders
@@ -186,14 +207,14 @@ def test_missing_or_empty_ms_dir(tmp_path: Path, make: bool) -> None:
     if make:
         ms.mkdir()
     with pytest.raises(DatasetLayoutError, match=r"expected <ms_dir>/<ClassName>/<ClassName>_<n>\.tif"):
-        ingest_eurosat(ms, tmp_path / "out", progress=None)
+        ingest_eurosat(ms, tmp_path / "out", rgb_dir=None, split_fractions=FRACTIONS, progress=None)
 
 
 def test_bad_split_fractions(fake: tuple[Path, Path], tmp_path: Path) -> None:
     with pytest.raises(Ms2rgbError, match="unknown split"):
-        ingest_eurosat(fake[0], tmp_path, split_fractions={"fewshot": 1.0}, progress=None)
+        ingest_eurosat(fake[0], tmp_path, rgb_dir=None, split_fractions={"fewshot": 1.0}, progress=None)
     with pytest.raises(Ms2rgbError, match="sum to 1"):
-        ingest_eurosat(fake[0], tmp_path, split_fractions={"test": 0.5}, progress=None)
+        ingest_eurosat(fake[0], tmp_path, rgb_dir=None, split_fractions={"test": 0.5}, progress=None)
 
 
 def _tree_digest(root: Path) -> dict[str, str]:

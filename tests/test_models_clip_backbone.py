@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import open_clip
@@ -53,7 +54,9 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("wrap", ["plain", "lightning_ddp"])
-def test_load_clip_from_local_checkpoint_round_trips(tiny: tuple, tmp_path: Path, wrap: str) -> None:
+def test_load_clip_from_local_checkpoint_round_trips(
+    tiny: tuple, tmp_path: Path, wrap: str, caplog: pytest.LogCaptureFixture
+) -> None:
     model, _, _ = tiny
     state = _state(model)
     if wrap == "lightning_ddp":
@@ -63,10 +66,15 @@ def test_load_clip_from_local_checkpoint_round_trips(tiny: tuple, tmp_path: Path
     path = tmp_path / "remote_clip_like.pt"
     torch.save(payload, path)
     torch.manual_seed(123)  # a different random init, so equality proves the file was read
-    loaded, _, desc = load_clip(TINY_MODEL, str(path))
+    with caplog.at_level(logging.WARNING):
+        loaded, _, desc = load_clip(TINY_MODEL, str(path))
     assert desc == "file:remote_clip_like.pt"
     for key, value in loaded.state_dict().items():
         assert torch.equal(value, state[key]), key
+    # open_clip's "initialized randomly" notice would be false here: the file's weights are loaded.
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+    logging.warning("No pretrained weights loaded: a notice logged outside load_clip still gets through")
+    assert caplog.records[-1].getMessage().startswith("No pretrained weights loaded: a notice")
 
 
 def test_checkpoint_that_does_not_fit_raises(tiny: tuple, tmp_path: Path) -> None:

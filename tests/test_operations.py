@@ -44,15 +44,17 @@ PREFECT = str(Path(sys.executable).parent / "prefect")
 # ---------------------------------------------------------------- helpers
 
 
-def scene_array(seed: int, size: int = 128, high: int = 3000) -> np.ndarray:
-    return np.random.default_rng(seed).integers(500, high, (13, size, size), dtype=np.uint16)
+def scene_array(seed: int, size: int = 128) -> np.ndarray:
+    return np.random.default_rng(seed).integers(500, 3000, (13, size, size), dtype=np.uint16)
 
 
 def write_scene(
-    path: Path, seed: int = 7, size: int = 128, bands: int = 13, compress: str | None = None, high: int = 3000
+    path: Path, seed: int = 7, size: int = 128, bands: int = 13, compress: str | None = None, saturated: int = 0
 ) -> Path:
-    """A uint16 GeoTIFF at 10 m, UTM 33N: (size / 64)^2 pool tiles, reflectances in [500, high)."""
-    array = scene_array(seed, size, high)[:bands]
+    """A uint16 GeoTIFF at 10 m, UTM 33N: (size / 64)^2 pool tiles, reflectances in [500, 3000); the
+    first `saturated` rows of the red band at 65535, as L1C marks a saturated detector."""
+    array = scene_array(seed, size)[:bands]
+    array[3, :saturated] = 65535
     path.parent.mkdir(parents=True, exist_ok=True)
     profile: dict[str, Any] = dict(driver="GTiff", width=size, height=size, count=bands, dtype="uint16")
     profile |= dict(crs="EPSG:32633", transform=Affine(10.0, 0.0, 500000.0 + seed * 2000.0, 0.0, -10.0, 5000000.0))
@@ -171,12 +173,14 @@ def test_bad_scenes_are_quarantined_with_a_reason_and_the_good_ones_go_through(p
 
 def test_a_scene_whose_tiles_would_fail_validation_is_quarantined_and_leaves_the_pool(project: Path) -> None:
     drop = project / "data" / "landing"
-    write_scene(drop / "saturated.tif", seed=8, high=40_000)  # reads fine, but not L1C reflectance
+    write_scene(drop / "saturated.tif", seed=8, saturated=32)  # reads fine; the top tiles half saturated
     write_scene(drop / "fine.tif", seed=9)
     set_params(project, stable_polls=1)
     assert poll(project) == {"ingested": ["fine.tif"], "quarantined": ["saturated.tif"]}
     reason = (project / "data" / "quarantine" / "saturated.tif.reason.txt").read_text()
-    assert "4 of 4 tiles exceed validate.ms_value_max=20000 (e.g. saturated_r0_c0-ms" in reason
+    assert (
+        "2 of 4 tiles have a saturated share above validate.max_saturated_share=0.05 (e.g. saturated_r0_c0-ms" in reason
+    )
     assert scene_folders(project) == {"fine"}  # taken out of the pool again, so validate will not fail on it
 
 

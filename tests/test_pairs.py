@@ -66,7 +66,7 @@ def test_unlabelled_pool_tiles_are_paired_through_teacher_pseudo_labels(paired: 
 def test_match_within_class_takes_best_score_of_own_class() -> None:
     scores = torch.tensor([[0.9, 0.1, 0.5, 0.2], [0.8, 0.3, 0.2, 0.7], [0.1, 0.6, 0.9, 0.4]])
     ms_classes = np.array([0, 1, 1, 2])
-    best, score = match_within_class(scores, np.array([1, 2, 1]), ms_classes)
+    best, score, _ = match_within_class(scores, np.array([1, 2, 1]), ms_classes)
     assert best.tolist() == [2, 3, 2]  # row 0 ignores the higher-scoring column 0 (another class)
     assert score.tolist() == pytest.approx([0.5, 0.7, 0.9])
 
@@ -94,9 +94,13 @@ def test_label_free_pairing_follows_the_matcher_and_its_confidence_follows_the_c
     assert torch.allclose(posterior.sum(1), torch.ones(3), atol=1e-5)
 
 
-def test_empty_pool_for_a_class_names_it_and_the_fix() -> None:
-    with pytest.raises(EmptyPoolError, match=r"\['Forest'\].*Fix: add MS tiles"):
-        match_within_class(torch.zeros(2, 2), np.array([0, 1]), np.array([0, 0]))
+def test_a_class_without_pool_tiles_falls_back_to_the_whole_pool_and_is_named() -> None:
+    scores = torch.tensor([[0.9, 0.1, 0.2], [0.1, 0.3, 0.8]])  # RGB tile 1 (Forest) scores pool tile 2 best
+    best, score, fallback = match_within_class(scores, np.array([0, 1]), np.array([0, 0, 0]))
+    assert fallback == ("Forest",) and best.tolist() == [0, 2] and score[1] == pytest.approx(0.8)
+    assert match_within_class(scores, np.array([0, 0]), np.array([0, 0, 0]))[2] == ()
+    with pytest.raises(EmptyPoolError, match=r"pool is empty.*Fix: add MS tiles"):
+        match_within_class(torch.zeros(2, 0), np.array([0, 1]), np.array([], dtype=np.int64))
 
 
 @pytest.mark.parametrize(

@@ -21,14 +21,14 @@ from ms2rgb.tasks import tracking
 
 pytestmark = pytest.mark.slow
 MS2RGB = str(Path(sys.executable).parent / "ms2rgb")
-EPOCHS = 300  # long enough on the tiny data to be killed mid-way
+STEPS = 1500  # 300 epochs of the tiny ms_train: long enough to be killed mid-way
 
 
 def _longer_teacher(root: Path) -> None:
     text = (root / "params.yaml").read_text()
-    old = "teacher: {width: 8, epochs: 20,"
+    old = "teacher: {width: 8, steps: 100,"
     assert old in text
-    (root / "params.yaml").write_text(text.replace(old, f"teacher: {{width: 8, epochs: {EPOCHS},"))
+    (root / "params.yaml").write_text(text.replace(old, f"teacher: {{width: 8, steps: {STEPS},"))
 
 
 def _digest(path: Path) -> str:

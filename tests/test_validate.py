@@ -13,9 +13,9 @@ from helpers_data import first_id, make_dataset, replace_tile, tile_path, update
 from helpers_params import config
 
 from ms2rgb.tasks.data.cache import build_cache
-from ms2rgb.tasks.data.manifest import MANIFEST_NAME, read_manifest
+from ms2rgb.tasks.data.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from ms2rgb.tasks.data.tile_stats import compute_tile_stats
-from ms2rgb.tasks.errors import Ms2rgbError, ValidationFailed
+from ms2rgb.tasks.errors import Ms2rgbError, ParamsError, ValidationFailed
 from ms2rgb.tasks.validate import ValidationOutcome, raise_if_failed, validate_dataset
 
 
@@ -35,12 +35,12 @@ def manifest(valid_source: Path, tmp_path: Path) -> Path:
     return root / MANIFEST_NAME
 
 
-def run(manifest_path: Path) -> ValidationOutcome:
+def run(manifest_path: Path, **overrides: object) -> ValidationOutcome:
     return validate_dataset(
         manifest_path,
         manifest_path.parent,
         manifest_path.parent.parent / "report",
-        config("validate"),
+        config("validate", **overrides),
         progress=lambda _: None,
     )
 
@@ -142,6 +142,43 @@ def test_nan_tile_fails(manifest: Path) -> None:
     outcome = run(manifest)
     assert_named(outcome, "nan_share", tile_id)
     assert_named(outcome, "dtype/expected_dtype", tile_id)
+
+
+def test_bright_genuine_l1c_passes_and_a_saturated_tile_fails(manifest: Path) -> None:
+    bright, saturated = first_id(manifest, "ms"), first_id(manifest, "ms", "test")
+    array = np.full((13, 64, 64), 1500, dtype=np.uint16)
+    array[:, :4, :4] = 21_668  # what a real EuroSAT Industrial roof reaches: above 2.0 reflectance, still L1C
+    replace_tile(manifest, bright, array)
+    assert run(manifest).passed
+    array[3, :16] = 65_535  # a quarter of the tile saturated in the red band
+    replace_tile(manifest, saturated, array)
+    outcome = run(manifest)
+    assert_named(outcome, "saturated_share", saturated)
+    assert failed_columns(outcome) == {"saturated_share"}
+
+
+def test_a_warn_severity_reports_without_stopping_and_fail_stops(manifest: Path) -> None:
+    frame = read_manifest(manifest)
+    rows = frame.index[(frame["split"] == "ms_train") & (frame["class"] != frame["class"].iloc[0])]
+    frame.loc[rows, "class"] = frame.loc[rows[0], "class"]  # two classes left: one holds most of the split
+    write_manifest(frame, manifest)
+    warned = run(manifest)  # params: class_balance.share is `warn`
+    assert warned.passed and {f["severity"] for f in warned.failed} == {"warn"}
+    assert {f["column"] for f in warned.failed} == {"share"}
+    summary = json.loads(warned.summary_json.read_text())
+    assert summary["passed"] is True and summary["warnings"] == len(warned.failed)
+    raise_if_failed(warned)  # warnings never raise
+    stopped = run(manifest, severity={})
+    assert not stopped.passed and {f["severity"] for f in stopped.failed} == {"fail"}
+    with pytest.raises(ValidationFailed, match="share"):
+        raise_if_failed(stopped)
+
+
+def test_a_severity_key_that_names_no_expectation_is_refused_with_the_known_keys(manifest: Path) -> None:
+    with pytest.raises(ParamsError) as caught:
+        run(manifest, severity={"tiles.max_vaule": "warn"})
+    message = str(caught.value)
+    assert "validate.severity.tiles.max_vaule" in message and "tiles.max_value" in message and "\n" not in message
 
 
 def test_missing_file_fails(manifest: Path) -> None:

@@ -10,6 +10,7 @@ an `id` column because a checkpoint applies one result_format (and so one
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -17,10 +18,12 @@ import pandas as pd
 
 os.environ["GX_ANALYTICS_ENABLED"] = "false"  # before the import: the pipeline never reaches the network
 import great_expectations.expectations as gxe
+from great_expectations.expectations.metadata_types import FailureSeverity
 
 from ms2rgb.tasks.data.classes import MASK_NODATA, SCENE_NAMES, SURFACE_NAMES
 from ms2rgb.tasks.data.geotiff import TILE_SIZE
 from ms2rgb.tasks.data.manifest import MODALITIES, MODALITY_FORMATS, SPLITS
+from ms2rgb.tasks.errors import ParamsError
 
 if TYPE_CHECKING:
     from ms2rgb.tasks.config import ValidateConfig
@@ -110,7 +113,13 @@ def tiles_check(frame: pd.DataFrame, cfg: ValidateConfig) -> Check:
             column_B="max_value",
             or_equal=True,
             ignore_row_if="either_value_is_missing",
-            notes="reflectance above ms_value_max is not L1C",
+            notes="MS values above validate.ms_value_max, RGB above 255",
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="saturated_share",
+            min_value=0.0,
+            max_value=cfg.max_saturated_share,
+            notes="MS pixels at 65535 (L1C saturation) in any band; NaN (RGB) is not checked",
         ),
         gxe.ExpectColumnValuesToBeBetween(column="max_value", min_value=1, notes="an all-zero tile is empty"),
         _all_true("has_crs", "tiles must be georeferenced"),
@@ -165,8 +174,36 @@ def locations_frame(manifest: pd.DataFrame, cfg: ValidateConfig) -> pd.DataFrame
     return per.astype({ID_COLUMN: "string"})
 
 
+def expectation_key(batch: str, expectation: gxe.Expectation) -> str:
+    """ "<batch>.<column>" (columns of a pair joined by "/", table-level: the batch alone): how
+    validate.severity names an expectation."""
+    kwargs = expectation.configuration.kwargs
+    column = kwargs.get("column") or "/".join(kwargs[k] for k in ("column_A", "column_B") if k in kwargs)
+    return f"{batch}.{column}" if column else batch
+
+
+def apply_severity(checks: list[Check], severity: Mapping[str, str]) -> list[Check]:
+    """Mark the expectations validate.severity names as warnings (GX WARNING); the rest stay critical.
+    A key that names no expectation is a params error, listing the keys there are."""
+    keys = {expectation_key(c.name, e) for c in checks for e in c.expectations}
+    unknown = sorted(set(severity) - keys)
+    if unknown:
+        raise ParamsError(
+            f"validate.severity.{unknown[0]}", severity[unknown[0]], f"names no expectation; known keys: {sorted(keys)}"
+        )
+    for check in checks:
+        for expectation in check.expectations:
+            if severity.get(expectation_key(check.name, expectation)) == "warn":
+                expectation.severity = FailureSeverity.WARNING
+    return checks
+
+
 def dataset_checks(manifest: pd.DataFrame, stats: pd.DataFrame, cfg: ValidateConfig) -> list[Check]:
-    """All batches and their expectations, in report order."""
+    """All batches and their expectations, in report order, with the severities of params."""
+    return apply_severity(_checks(manifest, stats, cfg), cfg.severity)
+
+
+def _checks(manifest: pd.DataFrame, stats: pd.DataFrame, cfg: ValidateConfig) -> list[Check]:
     balance = class_balance_frame(manifest, cfg)
     return [
         manifest_check(manifest),

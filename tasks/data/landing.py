@@ -385,6 +385,9 @@ def tile_problems(frame: pd.DataFrame, scenes_dir: Path, cfg: ValidateConfig, li
         "hold NaN pixels": stats["nan_share"].fillna(1.0) > 0,
         f"have a no-data share above validate.max_nodata_share={cfg.max_nodata_share}": nodata > cfg.max_nodata_share,
         f"exceed validate.ms_value_max={cfg.ms_value_max}": peak > cfg.ms_value_max,
+        f"have a saturated share above validate.max_saturated_share={cfg.max_saturated_share}": (
+            stats["saturated_share"].fillna(1.0) > cfg.max_saturated_share
+        ),
         "are all zero": peak < 1,
         "have no CRS": ~stats["has_crs"].fillna(False).astype(bool),
     }

@@ -69,6 +69,9 @@ SPLIT_MODALITIES: dict[str, tuple[str, ...]] = {
     "seg_test": ("rgb",),
     "captions": ("rgb",),
 }
+# The splits a labelled tile set without masks (EuroSAT) can fill. This order lays the split
+# boundaries when locations are assigned: reordering it moves locations between splits.
+EUROSAT_SPLITS: tuple[str, ...] = ("ms_train", "ms_pool", "rgb_train", "pair_train", "pair_test", "test")
 MANIFEST_NAME = "manifest.parquet"
 
 

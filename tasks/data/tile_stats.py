@@ -27,6 +27,7 @@ from ms2rgb.tasks.data.classes import MASK_NODATA, SURFACE_NAMES
 from ms2rgb.tasks.data.geotiff import read_tile, sha256_of
 
 PROGRESS_EVERY = 500  # tiles between progress lines
+L1C_SATURATED = 65535  # what Sentinel-2 L1C writes where a detector saturated
 MEMO = Path("data") / ".memo" / "tile-facts.parquet"  # under the project root
 MEMO_KEY = ["tile_sha256", "mask_sha256"]  # mask_sha256 is "" for a tile without mask
 
@@ -46,6 +47,7 @@ STATS_COLUMNS: dict[str, str] = {
     "band_min": "float64",  # smallest per-band minimum
     "band_max": "float64",  # smallest per-band maximum: 0 means some band is entirely 0
     "max_value": "float64",  # largest value in any band
+    "saturated_share": "float64",  # uint16 tiles: share of pixels at 65535 in any band (L1C saturation); else NaN
     "has_crs": "boolean",  # <NA> when unreadable, so a corrupt file is reported once, as unreadable
     "crs": "string",  # CRS of the file as "EPSG:n" or WKT
     "mask_ok": "bool",  # mask exists, decodes, has valid values and the tile's shape (True if no mask)
@@ -58,9 +60,11 @@ def _array_stats(array: np.ndarray) -> dict[str, Any]:
     nan = np.isnan(values)  # (C, H, W)
     pixels = array.shape[1] * array.shape[2]
     nodata = (np.nan_to_num(values, nan=0.0) == 0).all(axis=0) | nan.any(axis=0)  # (H, W)
+    saturated = (array == L1C_SATURATED).any(axis=0) if array.dtype == np.uint16 else None  # (H, W)
     out: dict[str, Any] = {
         "nan_share": float(nan.mean()) if values.size else 0.0,
         "nodata_share": float(nodata.sum() / pixels) if pixels else 1.0,
+        "saturated_share": float(saturated.mean()) if saturated is not None and pixels else np.nan,
     }
     if nan.all() or values.size == 0:  # nothing to take a min/max of
         return out | {"band_min": np.nan, "band_max": np.nan, "max_value": np.nan}

@@ -26,6 +26,11 @@ def resolve_pretrained(root: Path, pretrained: str | None) -> str | None:
 
 def load_local(root: Path) -> ClassMapDetector:
     """Rebuild the detector from artifacts/detector/detector.pt and the backbone weights it names."""
+    return load_local_with_weights(root)[0]
+
+
+def load_local_with_weights(root: Path) -> tuple[ClassMapDetector, str]:
+    """load_local, and which CLIP weights it carries (load_clip's description, e.g. "file:backbone.pt")."""
     path = root / OUT_DIR / DETECTOR_FILE
     if not path.is_file():
         raise Ms2rgbError(
@@ -37,7 +42,7 @@ def load_local(root: Path) -> ClassMapDetector:
     pretrained = (
         str(path.parent / pretrained) if state["pretrained_in_artifacts"] else resolve_pretrained(root, pretrained)
     )
-    clip, tokenizer, _ = load_clip(state["clip_model"], pretrained)
+    clip, tokenizer, weights = load_clip(state["clip_model"], pretrained)
     prompted = PromptedCLIP(clip, PromptConfig(**state["prompt_config"]))
     result = prompted.load_state_dict(state["prompt_state"], strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("clip.")]  # the CLIP came from its own file
@@ -46,15 +51,15 @@ def load_local(root: Path) -> ClassMapDetector:
             f"{path} does not fit its prompt config (missing {missing}, unexpected "
             f"{result.unexpected_keys}); re-run the detector stage"
         )
-    return ClassMapDetector(
-        prompted, tokenizer(state["texts"]), state["class_names"], state["texts"], state["clip_model"]
-    )
+    texts = tokenizer(state["texts"])
+    return ClassMapDetector(prompted, texts, state["class_names"], state["texts"], state["clip_model"]), weights
 
 
 def load_detector(root: Path, model_uri: str | None = None) -> tuple[ClassMapDetector, str]:
     """(detector, where it came from): the stage's artifacts by default, else a registered model URI."""
     if model_uri is None:
-        return load_local(root), str(root / OUT_DIR / DETECTOR_FILE)
+        model, weights = load_local_with_weights(root)
+        return model, f"{root / OUT_DIR / DETECTOR_FILE} (CLIP weights {weights})"
     from ms2rgb.tasks.tracking import load_torch_model
 
     try:

@@ -476,8 +476,10 @@ def validation(report: Mapping[str, Any] | None, why: str) -> str:
         return unavailable("validate stage", why)
     passed = report.get("passed")
     failed = report.get("failed") or []
+    warned = sum(f.get("severity") == "warn" for f in failed)
     badge = '<span class="badge ok">passed</span>' if passed else '<span class="badge bad">failed</span>'
-    parts = [f"<p>{badge} {num(report.get('expectations'))} expectations evaluated, {esc(len(failed))} failed.</p>"]
+    counts = f"{esc(len(failed) - warned)} failed, {esc(warned)} warning(s) (severity warn: reported, not stopping)"
+    parts = [f"<p>{badge} {num(report.get('expectations'))} expectations evaluated, {counts}.</p>"]
     if report.get("docs_index"):
         parts.append(f'<p class="muted">Great Expectations Data Docs: <code>{esc(report["docs_index"])}</code></p>')
     if failed:
@@ -486,12 +488,15 @@ def validation(report: Mapping[str, Any] | None, why: str) -> str:
                 esc(f.get("batch", "–")),
                 esc(f.get("expectation", "–")),
                 esc(f.get("column") or "–"),
+                esc(f.get("severity", "fail")),
                 num(f.get("count")),
                 _offending(f) + (f"<br><span class=muted>{esc(f['error'])}</span>" if f.get("error") else ""),
             ]
             for f in failed
         ]
-        parts.append(table(["batch", "expectation", "column", "count", "offending (ids, files)"], rows, (3,)))
+        parts.append(
+            table(["batch", "expectation", "column", "severity", "count", "offending (ids, files)"], rows, (4,))
+        )
     return "".join(parts)
 
 

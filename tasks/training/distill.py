@@ -125,7 +125,7 @@ def random_partners(classes: np.ndarray, bank: TeacherBank, seed: int) -> np.nda
     """A uniformly drawn MS tile of the given (teacher) class for every RGB tile."""
     rng = np.random.default_rng(seed)
     partners = np.empty(len(classes), dtype=np.int64)
-    for c, rows in candidates_by_class(bank.classes, classes, "ms_pool").items():
+    for c, rows in candidates_by_class(bank.classes, classes, "ms_pool").rows.items():
         where = np.flatnonzero(classes == c)
         partners[where] = rng.choice(rows, size=len(where))
     return partners
@@ -164,7 +164,7 @@ def rematch_partners(student: SceneCNN, data: StudentSet, cfg: StudentConfig) ->
     student_t, teacher_t = (logits / cfg.temperature).softmax(1), bank.probs(cfg.temperature)
     new, new_weights = partners.copy(), weights.copy()
     labelled = data.labels >= 0
-    for c, cols in candidates_by_class(bank.classes, data.labels[labelled], "ms_pool").items():
+    for c, cols in candidates_by_class(bank.classes, data.labels[labelled], "ms_pool").rows.items():
         rows = np.flatnonzero(data.labels == c)
         new[rows] = cols[js_divergence(student_t[rows], teacher_t[cols]).argmin(1).numpy()]
     free = np.flatnonzero(~labelled)

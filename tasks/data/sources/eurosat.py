@@ -29,7 +29,7 @@ from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
 from ms2rgb.tasks.data.atomic import swap_in_dir
 from ms2rgb.tasks.data.classes import SCENE_NAMES
 from ms2rgb.tasks.data.geotiff import TILE_SIZE, read_tile, sha256_of, tile_bounds, write_tile
-from ms2rgb.tasks.data.manifest import MANIFEST_NAME, SPLIT_MODALITIES, make_manifest, write_manifest
+from ms2rgb.tasks.data.manifest import EUROSAT_SPLITS, MANIFEST_NAME, SPLIT_MODALITIES, make_manifest, write_manifest
 from ms2rgb.tasks.data.render import render_rgb
 from ms2rgb.tasks.errors import DatasetLayoutError, Ms2rgbError, RasterError, UnknownClassError
 
@@ -50,18 +50,6 @@ EUROSAT_FILE_BAND_ORDER: tuple[str, ...] = (
     "B12",
     "B8A",
 )
-# Fractions of each class's locations per split; the splits EuroSAT can fill (it has no masks).
-DEFAULT_SPLIT_FRACTIONS: dict[str, float] = {
-    "ms_train": 0.25,
-    "pair_train": 0.04,
-    "pair_test": 0.02,
-    "rgb_train": 0.30,
-    "ms_pool": 0.25,
-    "test": 0.14,
-}
-# The splits EuroSAT can fill (those without masks); the tiles each gets: manifest.SPLIT_MODALITIES.
-# This order lays the split boundaries in assign_splits: reordering it moves locations between splits.
-EUROSAT_SPLITS: tuple[str, ...] = ("ms_train", "ms_pool", "rgb_train", "pair_train", "pair_test", "test")
 _LAYOUT = "<ms_dir>/<ClassName>/<ClassName>_<n>.tif with ClassName one of " + ", ".join(SCENE_NAMES)
 _PROGRESS_EVERY = 500  # locations
 
@@ -78,13 +66,25 @@ def check_split_fractions(fractions: dict[str, float]) -> dict[str, float]:
     return {k: float(fractions.get(k, 0.0)) for k in EUROSAT_SPLITS}
 
 
-def assign_splits(stems: list[str], fractions: dict[str, float], seed: int, key: str) -> dict[str, str]:
+def assign_splits(
+    stems: list[str], fractions: dict[str, float], seed: int, key: str, test: frozenset[str] = frozenset()
+) -> dict[str, str]:
     """Deterministically map each location (stem) to one split.
 
     The stems are sorted first (file-system order must not matter), then permuted by a generator seeded
     from (seed, key) through SHA-256, so the result is stable across runs, machines and Python versions.
     Split sizes come from rounding the cumulative fractions, so they add up to len(stems) exactly.
+    Stems in `test` (a given test split, e.g. a published one) go to test; the others share the
+    remaining splits in proportion to their fractions.
     """
+    if test:
+        given = {stem: "test" for stem in stems if stem in test}
+        rest = {k: v for k, v in fractions.items() if k != "test"}
+        total = sum(rest.values())
+        if total <= 0:
+            raise Ms2rgbError(f"split_fractions={fractions!r}: with a given test split, another split needs a share")
+        others = [stem for stem in stems if stem not in given]
+        return given | assign_splits(others, {k: v / total for k, v in rest.items()}, seed, key)
     digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
     ordered = sorted(stems)
@@ -97,6 +97,21 @@ def assign_splits(stems: list[str], fractions: dict[str, float], seed: int, key:
         splits.update((stem, split) for stem in order[start:stop])
         start = stop
     return splits
+
+
+def test_list_stems(source: Path) -> frozenset[str]:
+    """The locations of a given test split: a text file of tile names, one per line (any extension,
+    e.g. torchgeo's eurosat-test.txt), or a folder whose image files name them."""
+    if source.is_dir():
+        return frozenset(p.stem for p in source.rglob("*") if p.suffix.lower() in {".tif", ".tiff", ".jpg", ".png"})
+    if not source.is_file():
+        raise DatasetLayoutError(
+            f"{source}: data.eurosat_test_list not found; give a text file of tile names or a folder of tiles"
+        )
+    names = [line.strip() for line in source.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not names:
+        raise DatasetLayoutError(f"{source}: data.eurosat_test_list names no tile; list one tile name per line")
+    return frozenset(Path(name).stem for name in names)
 
 
 def find_tiles(ms_dir: Path) -> dict[str, list[Path]]:
@@ -201,9 +216,10 @@ def convert_location(
 def ingest_eurosat(
     ms_dir: Path,
     out_root: Path,
-    rgb_dir: Path | None = None,
-    split_fractions: dict[str, float] | None = None,
+    rgb_dir: Path | None,
+    split_fractions: dict[str, float],
     seed: int = 0,
+    test_stems: frozenset[str] = frozenset(),
     file_band_order: tuple[str, ...] = EUROSAT_FILE_BAND_ORDER,
     progress: Progress = print,
 ) -> pd.DataFrame:
@@ -213,8 +229,9 @@ def ingest_eurosat(
         ms_dir: the EuroSAT_MS folder holding one folder per class.
         out_root: data root; manifest paths are relative to it.
         rgb_dir: the EuroSAT RGB folder (jpgs); None renders RGB from B04/B03/B02 (render_rgb).
-        split_fractions: fraction of each class's locations per split (default DEFAULT_SPLIT_FRACTIONS).
+        split_fractions: fraction of each class's locations per split (params: data.eurosat_split_fractions).
         seed: seeds the per-class permutation; same seed and files give the same splits.
+        test_stems: locations (file stems) that form the test split, e.g. a published one (test_list_stems).
         file_band_order: band order inside the tifs (EuroSAT's: B8A last).
         progress: called with progress lines; None for silence.
     """
@@ -222,7 +239,7 @@ def ingest_eurosat(
     rgb_dir = Path(rgb_dir) if rgb_dir is not None else None
     if sorted(file_band_order) != sorted(S2_BANDS):
         raise Ms2rgbError(f"file_band_order={file_band_order!r} must list each of {list(S2_BANDS)} once")
-    fractions = check_split_fractions(split_fractions or DEFAULT_SPLIT_FRACTIONS)
+    fractions = check_split_fractions(split_fractions)
     if rgb_dir is not None and not rgb_dir.is_dir():
         raise DatasetLayoutError(
             f"{rgb_dir}: EuroSAT RGB folder not found; expected "
@@ -240,7 +257,7 @@ def ingest_eurosat(
     done = 0
     try:
         for cls, paths in tiles.items():
-            splits = assign_splits([p.stem for p in paths], fractions, seed, cls)
+            splits = assign_splits([p.stem for p in paths], fractions, seed, cls, test_stems)
             for path in paths:
                 rows += convert_location(path, cls, splits[path.stem], work, rgb_dir, file_band_order)
                 done += 1
