@@ -63,12 +63,12 @@ def make_source(root: Path, params: Params) -> Path:
         generate(tmp, params.synth, params.seed)
         (tmp / SOURCE_IDENTITY).write_text(identity)
     else:
-        from ms2rgb.tasks.data.sources.eurosat import ingest_eurosat, test_list_stems
+        from ms2rgb.tasks.data.sources.eurosat import given_test_stems, ingest_eurosat
 
         ms_dir = data.eurosat_ms_dir
         assert ms_dir is not None, "DataConfig requires eurosat_ms_dir when source is eurosat"
         rgb = Path(data.eurosat_rgb_dir) if data.eurosat_rgb_dir else None
-        test = test_list_stems(root / data.eurosat_test_list) if data.eurosat_test_list else frozenset()
+        test = given_test_stems(root / data.eurosat_test_list) if data.eurosat_test_list else frozenset()
         ingest_eurosat(Path(ms_dir), tmp, rgb, data.eurosat_split_fractions, params.seed, test)
     swap_in_dir(tmp, final)
     return final / MANIFEST_NAME

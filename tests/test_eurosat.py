@@ -14,7 +14,7 @@ from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
 from ms2rgb.tasks.data.geotiff import sha256_of
 from ms2rgb.tasks.data.manifest import COLUMNS, EUROSAT_SPLITS, MANIFEST_NAME, SPLIT_MODALITIES, read_manifest
 from ms2rgb.tasks.data.render import render_rgb
-from ms2rgb.tasks.data.sources.eurosat import EUROSAT_FILE_BAND_ORDER, ingest_eurosat, test_list_stems
+from ms2rgb.tasks.data.sources.eurosat import EUROSAT_FILE_BAND_ORDER, given_test_stems, ingest_eurosat
 from ms2rgb.tasks.errors import DatasetLayoutError, Ms2rgbError, UnknownClassError
 
 # EuroSAT jpgs have no georeference by design; rasterio warns each time the test writes or reads one.
@@ -148,7 +148,7 @@ def test_a_given_test_list_forms_the_test_split_and_the_rest_follow_the_fraction
 ) -> None:
     listing = tmp_path / "eurosat-test.txt"
     listing.write_text("# published split\nForest_1.jpg\nRiver_2.tif\nSeaLake_3\n")  # any extension
-    given = test_list_stems(listing)
+    given = given_test_stems(listing)
     assert given == {"Forest_1", "River_2", "SeaLake_3"}
     frame = ingest_eurosat(fake[0], tmp_path / "out", None, FRACTIONS, test_stems=given, progress=None)
     locations = frame.drop_duplicates("location_id").set_index("location_id")["split"]
@@ -159,9 +159,9 @@ def test_a_given_test_list_forms_the_test_split_and_the_rest_follow_the_fraction
     folder = tmp_path / "test-tiles" / "River"
     folder.mkdir(parents=True)
     (folder / "River_5.tif").write_bytes(b"")
-    assert test_list_stems(tmp_path / "test-tiles") == {"River_5"}
+    assert given_test_stems(tmp_path / "test-tiles") == {"River_5"}
     with pytest.raises(DatasetLayoutError, match="eurosat_test_list not found"):
-        test_list_stems(tmp_path / "missing.txt")
+        given_test_stems(tmp_path / "missing.txt")
 
 
 def test_rgb_copied_from_jpg_with_ms_georeference(

@@ -99,7 +99,7 @@ def assign_splits(
     return splits
 
 
-def test_list_stems(source: Path) -> frozenset[str]:
+def given_test_stems(source: Path) -> frozenset[str]:
     """The locations of a given test split: a text file of tile names, one per line (any extension,
     e.g. torchgeo's eurosat-test.txt), or a folder whose image files name them."""
     if source.is_dir():
@@ -231,7 +231,7 @@ def ingest_eurosat(
         rgb_dir: the EuroSAT RGB folder (jpgs); None renders RGB from B04/B03/B02 (render_rgb).
         split_fractions: fraction of each class's locations per split (params: data.eurosat_split_fractions).
         seed: seeds the per-class permutation; same seed and files give the same splits.
-        test_stems: locations (file stems) that form the test split, e.g. a published one (test_list_stems).
+        test_stems: locations (file stems) that form the test split, e.g. a published one (given_test_stems).
         file_band_order: band order inside the tifs (EuroSAT's: B8A last).
         progress: called with progress lines; None for silence.
     """
