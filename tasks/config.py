@@ -21,7 +21,8 @@ from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
 from ms2rgb.models.classifier import SceneCNNConfig
 from ms2rgb.models.clip_prompt import PromptConfig
 from ms2rgb.models.matcher import MatcherConfig
-from ms2rgb.tasks.data.manifest import EUROSAT_SPLITS, SPLITS
+from ms2rgb.tasks.data.manifest import EUROSAT_SPLITS, SEGMENTATION_SPLITS, SPLITS
+from ms2rgb.tasks.data.weak_labels import IndexThresholds
 from ms2rgb.tasks.errors import ParamsError, ParamsFileError
 
 PARAMS_FILE = "params.yaml"
@@ -43,6 +44,21 @@ def _known_splits(key: str, splits: tuple[str, ...]) -> tuple[str, ...]:
     return splits
 
 
+class SegmentationConfig(Section):
+    source: Literal["synth", "scenes"]  # where the detector's tiles (captions/fewshot/seg_test) come from
+    block_tiles: int = Field(ge=1, le=64)  # scenes: tiles per side of a block; a block goes to one split whole
+    shares: dict[str, Annotated[float, Field(ge=0, le=1)]]  # scenes: share of the blocks per split
+
+    @field_validator("shares")
+    @classmethod
+    def _shares_fill_the_detector_splits(cls, value: dict[str, float]) -> dict[str, float]:
+        if set(value) != set(SEGMENTATION_SPLITS):
+            raise ValueError(f"give a share for each of {list(SEGMENTATION_SPLITS)}, got {sorted(value)}")
+        if abs(sum(value.values()) - 1.0) > 1e-6 or min(value.values()) <= 0:
+            raise ValueError(f"the shares must be > 0 and sum to 1 (sum {sum(value.values()):g})")
+        return value
+
+
 class DataConfig(Section):
     source: Literal["synth", "eurosat"]  # where the labelled tiles come from
     raw_dir: str  # tiles + manifest of the source
@@ -52,6 +68,7 @@ class DataConfig(Section):
     eurosat_rgb_dir: str | None  # optional EuroSAT RGB root
     eurosat_split_fractions: dict[str, Annotated[float, Field(ge=0, le=1)]]  # of each class's locations
     eurosat_test_list: str | None  # a file of tile names (one per line) or a folder of tiles: the test split
+    segmentation: SegmentationConfig
 
     @field_validator("eurosat_split_fractions")
     @classmethod
@@ -72,6 +89,22 @@ class DataConfig(Section):
                 "set it to the EuroSAT_MS folder (class sub-folders of 13-band tifs)",
             )
         return self
+
+
+class WeakLabelsConfig(Section):
+    """Thresholds of the spectral-index rules that label scene pixels (tasks/data/weak_labels.py)."""
+
+    ndwi_min: float = Field(ge=-1, le=1)
+    mndwi_min: float = Field(ge=-1, le=1)
+    ndvi_dense: float = Field(ge=-1, le=1)
+    ndvi_low: float = Field(ge=-1, le=1)
+    ndvi_bare: float = Field(ge=-1, le=1)
+    ndbi_min: float = Field(ge=-1, le=1)
+    bsi_min: float = Field(ge=-1, le=1)
+    margin: float = Field(ge=0, le=0.5)
+
+    def thresholds(self) -> IndexThresholds:
+        return IndexThresholds(**self.model_dump())
 
 
 class SynthConfig(Section):
@@ -346,6 +379,7 @@ class Params(Section):
     threads: int = Field(ge=1, le=256)  # CPU threads: reductions split by thread count, so it is fixed
     data: DataConfig
     synth: SynthConfig
+    weak_labels: WeakLabelsConfig
     validation: ValidateConfig = Field(alias="validate")  # `validate` is a BaseModel method name
     teacher: TeacherConfig
     matcher: MatcherStageConfig

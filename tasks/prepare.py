@@ -19,11 +19,14 @@ import pandas as pd
 from ms2rgb.tasks.config import DataConfig, Params
 from ms2rgb.tasks.data.atomic import swap_in_dir
 from ms2rgb.tasks.data.cache import build_cache
-from ms2rgb.tasks.data.manifest import MANIFEST_NAME, read_manifest, write_manifest
+from ms2rgb.tasks.data.manifest import MANIFEST_NAME, SEGMENTATION_SPLITS, read_manifest, write_manifest
+from ms2rgb.tasks.data.sources.scene_segmentation import SOURCE_FILE as SEGMENTATION_SOURCE_FILE
+from ms2rgb.tasks.data.sources.scene_segmentation import build_scene_segmentation
 from ms2rgb.tasks.data.sources.synth import generate
 from ms2rgb.tasks.data.tile_stats import MEMO
 from ms2rgb.tasks.tracking import StageTracker
 
+SEGMENTATION_DIR = "data/segmentation"  # the detector's tiles when data.segmentation.source is not synth
 SOURCE_IDENTITY = "source-identity.txt"  # in <raw_dir>: what made the synthetic tiles there
 GENERATOR_CODE = Path(__file__).parent / "data"  # the synthetic tiles depend on this code and the synth params
 
@@ -74,27 +77,57 @@ def make_source(root: Path, params: Params) -> Path:
     return final / MANIFEST_NAME
 
 
-def merged_manifest(root: Path, data: DataConfig) -> pd.DataFrame:
-    """Source manifest plus every ingested scene, with paths relative to the project root."""
+def make_segmentation(root: Path, params: Params) -> Path | None:
+    """Write <segmentation_dir> (swapped in whole); the manifest of its tiles, or None for the synth source."""
+    data, seg = params.data, params.data.segmentation
+    final = root / SEGMENTATION_DIR
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if seg.source == "scenes":
+        thresholds = params.weak_labels.thresholds()
+        build_scene_segmentation(root / data.scenes_dir, tmp, thresholds, seg.block_tiles, seg.shares, params.seed)
+    else:  # the generator's own masks: nothing here but the note of which source it is
+        (tmp / SEGMENTATION_SOURCE_FILE).write_text(json.dumps({"source": seg.source}) + "\n")
+    swap_in_dir(tmp, final)
+    return final / MANIFEST_NAME if seg.source == "scenes" else None
+
+
+def merged_manifest(root: Path, data: DataConfig, segmentation: Path | None = None) -> pd.DataFrame:
+    """Source manifest plus every ingested scene, with paths relative to the project root. With a
+    `segmentation` manifest, its tiles replace the source's captions/fewshot/seg_test tiles."""
     parts = []
     # A scene manifest's paths are relative to the scenes folder (they start with the scene id).
     for base, manifest_path in [(data.raw_dir, root / data.raw_dir / MANIFEST_NAME)] + [
         (data.scenes_dir, p) for p in sorted((root / data.scenes_dir).glob(f"*/{MANIFEST_NAME}"))
     ]:
-        frame = read_manifest(manifest_path)
-        for column in ("path", "mask_path"):
-            frame[column] = frame[column].map(lambda p, b=base: f"{b}/{p}" if isinstance(p, str) else p)
-        parts.append(frame)
+        parts.append(_rooted(read_manifest(manifest_path), base))
+    if segmentation is not None:
+        parts[0] = parts[0][~parts[0]["split"].isin(SEGMENTATION_SPLITS)]
+        parts.append(_rooted(read_manifest(segmentation), SEGMENTATION_DIR))
     return pd.concat(parts, ignore_index=True)
+
+
+def _rooted(frame: pd.DataFrame, base: str) -> pd.DataFrame:
+    for column in ("path", "mask_path"):
+        frame[column] = frame[column].map(lambda p: f"{base}/{p}" if isinstance(p, str) else p)
+    return frame
 
 
 def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     """Stage entry point (DVC and Prefect call this alike)."""
     start = time.perf_counter()
     data = params.data
-    tracker.log_params({"data": data.model_dump(), "synth": params.synth.model_dump(), "seed": params.seed})
+    tracker.log_params(
+        {
+            "data": data.model_dump(),
+            "synth": params.synth.model_dump(),
+            "weak_labels": params.weak_labels.model_dump(),
+            "seed": params.seed,
+        }
+    )
     make_source(root, params)
-    manifest = merged_manifest(root, data)
+    manifest = merged_manifest(root, data, make_segmentation(root, params))
     final = root / data.prepared_dir
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -106,6 +139,7 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     return {
         "tiles": int(len(manifest)),
         "scene_tiles": int(manifest["source"].str.startswith("scene:").sum()),
+        "segmentation_source": params.data.segmentation.source,
         "unreadable": unreadable[:50],
         "unreadable_count": len(unreadable),
         "counts": {f"{s}/{m}": int(n) for (s, m), n in counts.items()},

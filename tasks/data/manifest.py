@@ -72,6 +72,8 @@ SPLIT_MODALITIES: dict[str, tuple[str, ...]] = {
 # The splits a labelled tile set without masks (EuroSAT) can fill. This order lays the split
 # boundaries when locations are assigned: reordering it moves locations between splits.
 EUROSAT_SPLITS: tuple[str, ...] = ("ms_train", "ms_pool", "rgb_train", "pair_train", "pair_test", "test")
+# The splits of the detector (method B): RGB tiles with land-cover masks.
+SEGMENTATION_SPLITS: tuple[str, ...] = ("captions", "fewshot", "seg_test")
 MANIFEST_NAME = "manifest.parquet"
 
 

@@ -11,20 +11,32 @@ import numpy as np
 import torch
 
 from ms2rgb.tasks.data.cache import CachedSplit
+from ms2rgb.tasks.data.classes import SURFACE_NAMES
 from ms2rgb.tasks.errors import Ms2rgbError
 
 
+def shot_groups(split: CachedSplit) -> np.ndarray:
+    """What "K per class" counts: the scene class, or for unlabelled tiles (scene tiles labelled by
+    spectral indices) the surface that covers most of the tile's labelled pixels (-1: none)."""
+    if (split.labels >= 0).any() or split.masks is None:
+        return split.labels
+    masks = np.asarray(split.masks).reshape(len(split.labels), -1)
+    counts = np.stack([(masks == s).sum(1) for s in range(len(SURFACE_NAMES))], axis=1)  # (N, surfaces)
+    return np.where(counts.max(1) > 0, counts.argmax(1), -1)
+
+
 def first_k_per_class(split: CachedSplit, k: int) -> np.ndarray:
-    """Row indices of the first K tiles (cache order) of every scene class present in the split."""
+    """Row indices of the first K tiles (cache order) of every class present in the split (shot_groups)."""
     if k < 1:
         raise Ms2rgbError(f"K={k} shots per class: K must be >= 1")
-    rows = []
-    for label in np.unique(split.labels[split.labels >= 0]):
-        members = np.flatnonzero(split.labels == label)
-        if len(members) < k:
+    groups, rows = shot_groups(split), []
+    by_surface = groups is not split.labels  # weak labels: a surface that dominates few tiles gives what it has
+    for label in np.unique(groups[groups >= 0]):
+        members = np.flatnonzero(groups == label)
+        if len(members) < k and not by_surface:
             raise Ms2rgbError(
-                f"the few-shot split has {len(members)} tile(s) of scene class {int(label)}, fewer than "
-                f"K={k}; lower detector.shots or raise synth.per_class.fewshot and re-run prepare"
+                f"the few-shot split has {len(members)} tile(s) of class {int(label)}, fewer than "
+                f"K={k}; lower detector.shots or give the few-shot split more tiles and re-run prepare"
             )
         rows.append(members[:k])
     return np.sort(np.concatenate(rows))
