@@ -163,9 +163,12 @@ def _cmd_ingest(args: argparse.Namespace) -> None:
     from ms2rgb.tasks.config import load_params
     from ms2rgb.tasks.data.sources.scenes import ingest_scene
 
-    scenes_dir = Path(args.root) / load_params(Path(args.root)).data.scenes_dir
+    data = load_params(Path(args.root)).data
+    scenes_dir = Path(args.root) / data.scenes_dir
     with project_lock(Path(args.root), "ms2rgb data ingest", args.wait):
-        frame = ingest_scene([Path(p) for p in args.scene], scenes_dir, scene_id=args.scene_id)
+        frame = ingest_scene(
+            [Path(p) for p in args.scene], scenes_dir, scene_id=args.scene_id, max_cloud_share=data.max_cloud_share
+        )
     print(f"{len(frame)} tiles added to the MS pool under {scenes_dir}; the next run re-prepares the data")
 
 

@@ -69,6 +69,7 @@ class DataConfig(Section):
     eurosat_split_fractions: dict[str, Annotated[float, Field(ge=0, le=1)]]  # of each class's locations
     eurosat_test_list: str | None  # a file of tile names (one per line) or a folder of tiles: the test split
     segmentation: SegmentationConfig
+    max_cloud_share: float = Field(ge=0, le=1)  # scene tiles with more cloud (s2cloudless) are not ingested
 
     @field_validator("eurosat_split_fractions")
     @classmethod
@@ -129,6 +130,7 @@ class ValidateConfig(Section):
     max_class_share: float = Field(ge=0, le=1)
     ms_value_max: int = Field(ge=1, le=65535)  # uint16 reflectance x10000 ceiling (65535: the physical range)
     max_saturated_share: float = Field(ge=0, le=1)  # per MS tile, share of pixels saturated (65535) in any band
+    max_cloud_share: float = Field(ge=0, le=1)  # per scene tile, share of cloud recorded at ingestion
     severity: dict[str, Literal["fail", "warn"]]  # "<batch>.<column>" -> what a failure does; unlisted: fail
     required_splits: Splits  # splits that must have rows
     balance_splits: Splits  # splits whose class shares are checked

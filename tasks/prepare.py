@@ -22,6 +22,7 @@ from ms2rgb.tasks.data.cache import build_cache
 from ms2rgb.tasks.data.manifest import MANIFEST_NAME, SEGMENTATION_SPLITS, read_manifest, write_manifest
 from ms2rgb.tasks.data.sources.scene_segmentation import SOURCE_FILE as SEGMENTATION_SOURCE_FILE
 from ms2rgb.tasks.data.sources.scene_segmentation import build_scene_segmentation
+from ms2rgb.tasks.data.sources.scenes import INGEST_REPORT
 from ms2rgb.tasks.data.sources.synth import generate
 from ms2rgb.tasks.data.tile_stats import MEMO
 from ms2rgb.tasks.tracking import StageTracker
@@ -93,6 +94,15 @@ def make_segmentation(root: Path, params: Params) -> Path | None:
     return final / MANIFEST_NAME if seg.source == "scenes" else None
 
 
+def skipped_at_ingestion(scenes_dir: Path) -> dict[str, int]:
+    """Scene tiles left out at ingestion, by reason (invalid pixels, cloud), summed over the scenes."""
+    totals = {"invalid": 0, "cloudy": 0}
+    for path in sorted(scenes_dir.glob(f"*/{INGEST_REPORT}")):
+        summary = json.loads(path.read_text())
+        totals = {k: v + int(summary.get(k, 0)) for k, v in totals.items()}
+    return totals
+
+
 def merged_manifest(root: Path, data: DataConfig, segmentation: Path | None = None) -> pd.DataFrame:
     """Source manifest plus every ingested scene, with paths relative to the project root. With a
     `segmentation` manifest, its tiles replace the source's captions/fewshot/seg_test tiles."""
@@ -139,6 +149,7 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     return {
         "tiles": int(len(manifest)),
         "scene_tiles": int(manifest["source"].str.startswith("scene:").sum()),
+        "scene_tiles_skipped": skipped_at_ingestion(root / data.scenes_dir),
         "segmentation_source": params.data.segmentation.source,
         "unreadable": unreadable[:50],
         "unreadable_count": len(unreadable),

@@ -61,7 +61,7 @@ def _pair_equal(column: str, expected: str, why: str) -> gxe.Expectation:
     )
 
 
-def manifest_check(manifest: pd.DataFrame) -> Check:
+def manifest_check(manifest: pd.DataFrame, cfg: ValidateConfig) -> Check:
     """Schema-level rules on the manifest rows themselves."""
     expectations = [
         gxe.ExpectTableRowCountToBeBetween(min_value=1, notes="an empty manifest trains nothing"),
@@ -77,6 +77,12 @@ def manifest_check(manifest: pd.DataFrame) -> Check:
         _in_set("split", list(SPLITS), "tasks.manifest.SPLITS"),
         _in_set("class", list(SCENE_NAMES), "tasks.classes.SCENE_NAMES; <NA> marks an unlabelled tile"),
         gxe.ExpectColumnValuesToMatchRegex(column="crs", regex=CRS_PATTERN, notes="EPSG:<code> or WKT"),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="cloud_share",
+            min_value=0.0,
+            max_value=cfg.max_cloud_share,
+            notes="scene tiles: cloud share at ingestion (s2cloudless); NaN (labelled sources) is not checked",
+        ),
     ]
     return Check("manifest", manifest.reset_index(drop=True), expectations, tile_rows=True)
 
@@ -206,7 +212,7 @@ def dataset_checks(manifest: pd.DataFrame, stats: pd.DataFrame, cfg: ValidateCon
 def _checks(manifest: pd.DataFrame, stats: pd.DataFrame, cfg: ValidateConfig) -> list[Check]:
     balance = class_balance_frame(manifest, cfg)
     return [
-        manifest_check(manifest),
+        manifest_check(manifest, cfg),
         tiles_check(tiles_frame(manifest, stats, cfg), cfg),
         Check(
             "class_balance",

@@ -340,7 +340,13 @@ def _take(ctx: _Poll, entry: _Entry, sha: str) -> Outcome:
         scene_id = _scene_id(ctx, entry, sha)
         ctx.progress(f"landing: {entry.name}: new scene (sha256 {sha[:12]}), ingesting as {scene_id}")
         try:
-            frame = ingest_scene([source], ctx.scenes_dir, scene_id=scene_id, progress=ctx.progress)
+            frame = ingest_scene(
+                [source],
+                ctx.scenes_dir,
+                scene_id=scene_id,
+                progress=ctx.progress,
+                max_cloud_share=ctx.params.data.max_cloud_share,
+            )
         except SceneAlreadyInPool as exc:  # not a fault of the file: recorded, never quarantined
             _record(ctx, entry, sha, "duplicate", scene_id=None, reason=str(exc))
             ctx.progress(f"landing: {entry.name}: {exc}")

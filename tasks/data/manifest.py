@@ -27,7 +27,10 @@ COLUMNS: dict[str, str] = {
     "bounds_right": "float64",
     "bounds_top": "float64",
     "sha256": "string",  # of the file at `path`
+    "cloud_share": "float64",  # scene tiles: share of cloud pixels (s2cloudless) at ingestion; else NaN
 }
+
+OPTIONAL_COLUMNS = frozenset({"cloud_share"})  # added later: absent in an older manifest means unknown
 
 # The sets the methods need. A location belongs to exactly one split.
 SPLITS: dict[str, str] = {
@@ -96,6 +99,8 @@ def read_manifest(path: Path) -> pd.DataFrame:
             "`ms2rgb data eurosat --ms DIR` or `ms2rgb data ingest SCENE`"
         )
     frame = pd.read_parquet(path)
+    for column in OPTIONAL_COLUMNS.difference(frame.columns):  # a manifest written before the column existed
+        frame[column] = pd.NA
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise Ms2rgbError(f"{path}: manifest lacks columns {missing}; regenerate it with ms2rgb data")

@@ -67,9 +67,10 @@ def _above(value: np.ndarray, threshold: float, margin: float) -> tuple[np.ndarr
     return value > threshold + margin, value < threshold - margin
 
 
-def weak_labels(ms: np.ndarray, cfg: IndexThresholds) -> np.ndarray:
+def weak_labels(ms: np.ndarray, cfg: IndexThresholds, cloudy: np.ndarray | None = None) -> np.ndarray:
     """(H, W) uint8 surface ids (SURFACE_NAMES) of a (13, H, W) uint16 L1C tile; MASK_NODATA where no
-    rule claims the pixel with margin, where rules disagree, or where the pixel is no-data or saturated."""
+    rule claims the pixel with margin, where rules disagree, where the pixel is no-data or saturated,
+    and where `cloudy` (H, W) is True (a cloud's indices say nothing of the ground below)."""
     idx = spectral_indices(ms)
     m = cfg.margin
     ndwi_hi, _ = _above(idx["ndwi"], cfg.ndwi_min, m)
@@ -92,5 +93,7 @@ def weak_labels(ms: np.ndarray, cfg: IndexThresholds) -> np.ndarray:
     ids = np.array([SURFACE_NAMES.index(s) for s in WEAK_SURFACES], dtype=np.uint8)
     labels[single] = ids[claims.argmax(0)[single]]
     invalid = (ms == 0).all(0) | (ms == 65535).any(0)
+    if cloudy is not None:
+        invalid |= cloudy
     labels[invalid] = MASK_NODATA
     return labels

@@ -1,10 +1,11 @@
 """The `scenes` segmentation source: the detector's tiles from ingested Sentinel-2 scenes, with no hand labels.
 
 Each ingested MS pool tile gives one RGB tile (the B04/B03/B02 render every RGB tile here gets) and a
-land-cover mask from its own 13 bands (`weak_labels.py`): the multispectral bands teach the RGB
-detector at pixel level. Tiles are grouped into square blocks of `block_tiles` x `block_tiles` on the
-scene grid, and whole blocks go to `captions`, `fewshot` or `seg_test` by `shares`, so the detector is
-scored on ground it never saw. Output, under `out_dir` (prepare swaps it in whole):
+land-cover mask from its own 13 bands (`weak_labels.py`, cloudy pixels by s2cloudless ignored): the
+multispectral bands teach the RGB detector at pixel level. Tiles are grouped into square blocks of
+`block_tiles` x `block_tiles` on the scene grid, and whole blocks go to `captions`, `fewshot` or
+`seg_test` by `shares`, so the detector is scored on ground it never saw. Output, under `out_dir`
+(prepare swaps it in whole):
 
     <scene>/rgb/<tile>.tif, <scene>/mask/<tile>.tif, manifest.parquet (paths relative to out_dir)
 
@@ -25,6 +26,7 @@ import pandas as pd
 import rasterio
 
 from ms2rgb.models.bands import RGB_BANDS
+from ms2rgb.tasks.data.clouds import cloud_masks
 from ms2rgb.tasks.data.geotiff import read_tile, sha256_of, write_tile
 from ms2rgb.tasks.data.manifest import MANIFEST_NAME, make_manifest, read_manifest, write_manifest
 from ms2rgb.tasks.data.render import render_rgb
@@ -66,7 +68,8 @@ def _tile_rows(scene_dir: Path, frame: pd.DataFrame, out_dir: Path, cfg: IndexTh
         name = Path(tile["path"]).stem
         rgb_rel, mask_rel = f"{scene_dir.name}/rgb/{name}.tif", f"{scene_dir.name}/mask/{name}.tif"
         write_tile(out_dir / rgb_rel, render_rgb(ms), crs, transform, band_names=RGB_BANDS)
-        write_tile(out_dir / mask_rel, weak_labels(ms, cfg)[None], crs, transform, band_names=("surface",))
+        labels = weak_labels(ms, cfg, cloud_masks(ms[None])[0])
+        write_tile(out_dir / mask_rel, labels[None], crs, transform, band_names=("surface",))
         location = f"{tile['location_id']}{SEGMENTATION_SUFFIX}"
         rows.append(
             tile.to_dict()

@@ -8,13 +8,14 @@ stored scene folder untouched.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
 import tempfile
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from rasterio.windows import Window, from_bounds
 
 from ms2rgb.models.bands import S2_BANDS
 from ms2rgb.tasks.data.atomic import swap_in_dir
+from ms2rgb.tasks.data.clouds import cloud_shares
 from ms2rgb.tasks.data.geotiff import PIXEL_SIZE, TILE_SIZE, sha256_of, tile_bounds, write_tile
 from ms2rgb.tasks.data.manifest import MANIFEST_NAME, make_manifest, write_manifest
 from ms2rgb.tasks.errors import Ms2rgbError, RasterError, SceneAlreadyInPool
@@ -35,6 +37,7 @@ from ms2rgb.tasks.errors import Ms2rgbError, RasterError, SceneAlreadyInPool
 Progress = Callable[[str], None] | None
 Datasets = dict[Path, rasterio.DatasetReader]
 RASTER_SUFFIXES = (".jp2", ".tif", ".tiff")
+INGEST_REPORT = "ingest.json"  # in each scene folder: tiles kept and skipped, by reason
 # A band token standing alone in a name: "B8A", "B02", "b2" (not the "B" inside "T33UUB").
 _BAND_TOKEN = re.compile(r"(?<![A-Za-z0-9])B(8A|\d{1,2})(?![A-Za-z0-9])", re.IGNORECASE)
 _SCENE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -274,18 +277,33 @@ def _read_strip(source: BandSource, src: rasterio.DatasetReader, grid: Grid, row
     return out
 
 
+@dataclass
+class Skipped:
+    """Tiles left out of a scene, by reason (written to <scene>/ingest.json, summed in prepare's report)."""
+
+    invalid: int = 0  # valid share below min_valid
+    cloudy: int = 0  # cloud share above max_cloud_share
+
+
 def _tile_rows(
-    scene_id: str, grid: Grid, strips: list[np.ndarray], row: int, tiles_dir: Path, min_valid: float
-) -> tuple[list[dict], int]:
-    """Write the valid tiles of one strip; return their manifest rows and the number skipped."""
+    scene_id: str, grid: Grid, strips: list[np.ndarray], row: int, tiles_dir: Path, limits: tuple[float, float]
+) -> tuple[list[dict], Skipped]:
+    """Write the valid, clear tiles of one strip; return their manifest rows and what was skipped."""
+    min_valid, max_cloud_share = limits
     stack = np.stack(strips)  # (13, TILE_SIZE, W)
     valid = np.all(np.isfinite(stack) & (stack != 0), axis=0)  # (TILE_SIZE, W)
     ms = np.clip(np.rint(np.nan_to_num(stack, nan=0.0)), 0, np.iinfo(np.uint16).max).astype(np.uint16)
-    rows, skipped = [], 0
-    for col in range(grid.width // TILE_SIZE):
+    n_cols = grid.width // TILE_SIZE
+    tiles = ms[:, :, : n_cols * TILE_SIZE].reshape(13, TILE_SIZE, n_cols, TILE_SIZE).transpose(2, 0, 1, 3)
+    clouds = cloud_shares(tiles)  # (n_cols,)
+    rows, skipped = [], Skipped()
+    for col in range(n_cols):
         cols = slice(col * TILE_SIZE, (col + 1) * TILE_SIZE)
         if valid[:, cols].mean() < min_valid:
-            skipped += 1
+            skipped.invalid += 1
+            continue
+        if clouds[col] > max_cloud_share:
+            skipped.cloudy += 1
             continue
         location = f"{scene_id}_r{row}_c{col}"
         path = tiles_dir / f"{location}.tif"
@@ -308,6 +326,7 @@ def _tile_rows(
                 "bounds_right": right,
                 "bounds_top": top,
                 "sha256": sha256_of(path),
+                "cloud_share": float(clouds[col]),
             }
         )
     return rows, skipped
@@ -319,10 +338,11 @@ def _write_tiles(
     datasets: Datasets,
     grid: Grid,
     work_dir: Path,
-    min_valid: float,
+    limits: tuple[float, float],
     progress: Progress,
-) -> pd.DataFrame:
-    """Resample strip by strip (memory stays ~13 x 64 rows even for a full 10980 px tile) and tile."""
+) -> tuple[pd.DataFrame, Skipped]:
+    """Resample strip by strip (memory stays ~13 x 64 rows even for a full 10980 px tile) and tile.
+    `limits`: (min_valid, max_cloud_share)."""
     n_rows, n_cols = grid.height // TILE_SIZE, grid.width // TILE_SIZE
     if n_rows == 0 or n_cols == 0:
         raise RasterError(
@@ -331,23 +351,29 @@ def _write_tiles(
             "ingest a larger scene or crop",
         )
     rows: list[dict] = []
-    skipped = 0
+    skipped = Skipped()
     for row in range(n_rows):
         strips = [_read_strip(s, datasets[s.path], grid, row * TILE_SIZE) for s in sources.values()]
-        new_rows, new_skipped = _tile_rows(scene_id, grid, strips, row, work_dir / "tiles", min_valid)
+        new_rows, new = _tile_rows(scene_id, grid, strips, row, work_dir / "tiles", limits)
         rows += new_rows
-        skipped += new_skipped
+        skipped.invalid, skipped.cloudy = skipped.invalid + new.invalid, skipped.cloudy + new.cloudy
         if progress and ((row + 1) % 5 == 0 or row + 1 == n_rows):
-            progress(f"{scene_id}: tile row {row + 1}/{n_rows}: {len(rows)} written, {skipped} skipped")
+            left_out = skipped.invalid + skipped.cloudy
+            progress(f"{scene_id}: tile row {row + 1}/{n_rows}: {len(rows)} written, {left_out} skipped")
+    min_valid, max_cloud_share = limits
     if not rows:
         raise Ms2rgbError(
-            f"{scene_id}: all {skipped} tiles have a valid share below min_valid={min_valid} "
-            "(valid = non-zero and not NaN in all 13 bands); lower min_valid or check "
-            "that the files cover the same area"
+            f"{scene_id}: no tile kept: {skipped.invalid} have a valid share below min_valid={min_valid} "
+            f"(valid = non-zero and not NaN in all 13 bands), {skipped.cloudy} a cloud share above "
+            f"data.max_cloud_share={max_cloud_share}; check that the files cover the same area, or take a "
+            "clearer scene (or raise data.max_cloud_share)"
         )
     if progress:
-        progress(f"{scene_id}: {len(rows)} tiles written, {skipped} skipped (valid share < {min_valid})")
-    return make_manifest(rows)
+        progress(
+            f"{scene_id}: {len(rows)} tiles written; skipped {skipped.invalid} (valid share < {min_valid}) "
+            f"and {skipped.cloudy} (cloud share > {max_cloud_share}, s2cloudless)"
+        )
+    return make_manifest(rows), skipped
 
 
 def _pool_hashes(out_root: Path, except_scene: str) -> dict[str, str]:
@@ -381,7 +407,12 @@ def _drop_known_tiles(
 
 
 def ingest_scene(
-    inputs: list[Path], out_root: Path, scene_id: str | None = None, min_valid: float = 1.0, progress: Progress = print
+    inputs: list[Path],
+    out_root: Path,
+    scene_id: str | None = None,
+    min_valid: float = 1.0,
+    progress: Progress = print,
+    max_cloud_share: float = 1.0,
 ) -> pd.DataFrame:
     """Cut one Sentinel-2 scene into 13-band 64x64 MS tiles at 10 m and write its manifest.
 
@@ -393,6 +424,8 @@ def ingest_scene(
         scene_id: folder and id prefix; by default derived from the filenames (see default_scene_id).
         min_valid: tiles with a smaller share of valid pixels (non-zero, non-NaN in all bands) are skipped.
         progress: called with progress lines; None for silence.
+        max_cloud_share: tiles with a larger share of cloud (s2cloudless, tasks/data/clouds.py) are skipped
+            (params: data.max_cloud_share).
 
     Returns:
         The manifest (tasks.manifest.COLUMNS), split "ms_pool", unlabelled.
@@ -415,9 +448,12 @@ def ingest_scene(
         out_root.mkdir(parents=True, exist_ok=True)
         work_dir = Path(tempfile.mkdtemp(prefix=f".{scene_id}.partial-", dir=out_root))
         try:
-            frame = _write_tiles(scene_id, sources, datasets, grid, work_dir, min_valid, progress)
+            limits = (min_valid, max_cloud_share)
+            frame, skipped = _write_tiles(scene_id, sources, datasets, grid, work_dir, limits, progress)
             frame = _drop_known_tiles(frame, out_root, scene_id, work_dir, progress)
             write_manifest(frame, work_dir / MANIFEST_NAME)
+            summary = {"tiles": len(frame), **asdict(skipped), "max_cloud_share": max_cloud_share}
+            (work_dir / INGEST_REPORT).write_text(json.dumps(summary) + "\n")
             swap_in_dir(work_dir, out_root / scene_id)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)  # no-op after a successful commit
