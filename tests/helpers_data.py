@@ -21,6 +21,17 @@ from ms2rgb.tasks.data.manifest import MANIFEST_NAME, SPLIT_MODALITIES, make_man
 from ms2rgb.tasks.data.render import render_rgb
 
 CRS_TEXT = "EPSG:32633"
+# L1C reflectance x 10000 of a clear meadow, in S2_BANDS order. Scenes written for ingestion use it:
+# s2cloudless would call random spectra cloud, and ingestion would skip their tiles.
+MEADOW = (1200, 900, 800, 700, 1100, 1900, 2100, 2200, 2300, 800, 12, 1700, 900)
+
+
+def meadow(seed: int, height: int, width: int) -> np.ndarray:
+    """(13, height, width) uint16 meadow with +-10 % pixel noise; the seed makes the bytes differ."""
+    noise = np.random.default_rng(seed).uniform(0.9, 1.1, (len(S2_BANDS), height, width))
+    return (np.array(MEADOW, dtype=np.float64)[:, None, None] * noise).astype(np.uint16)
+
+
 CLASSES = ("AnnualCrop", "Forest", "SeaLake")
 SPLIT_CYCLE = tuple((split, SPLIT_MODALITIES[split]) for split in ("ms_train", "test", "pair_train", "rgb_train"))
 

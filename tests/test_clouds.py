@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import rasterio
-from helpers_data import make_dataset
+from helpers_data import make_dataset, meadow
 from helpers_params import config
 from rasterio.transform import Affine
 
@@ -22,18 +22,15 @@ from ms2rgb.tasks.data.sources.scene_segmentation import build_scene_segmentatio
 from ms2rgb.tasks.data.sources.scenes import INGEST_REPORT, ingest_scene
 from ms2rgb.tasks.validate import validate_dataset
 
-# L1C reflectance x 10000 of a clear meadow and of a thick cloud (bright and flat from blue to SWIR).
-MEADOW = {"B01": 1200, "B02": 900, "B03": 800, "B04": 600, "B05": 1100, "B06": 2200, "B07": 2600,
-          "B08": 2700, "B8A": 2800, "B09": 800, "B10": 12, "B11": 1700, "B12": 900}  # fmt: skip
+# L1C reflectance x 10000 of a thick cloud: bright and flat from blue to SWIR.
 CLOUD = dict.fromkeys(S2_BANDS, 6000) | {"B09": 2000, "B10": 200}
 
 
 def scene_with_a_cloud(path: Path, cloudy_cols: int = 64) -> Path:
     """128 x 192 px at 10 m (2 x 3 tiles): meadow, the first `cloudy_cols` columns under a cloud."""
-    rng = np.random.default_rng(0)
-    array = np.stack([np.full((128, 192), MEADOW[b], np.float64) for b in S2_BANDS])
-    array[:, :, :cloudy_cols] = np.array([CLOUD[b] for b in S2_BANDS])[:, None, None]
-    array = (array * rng.uniform(0.97, 1.03, array.shape)).astype(np.uint16)
+    array = meadow(0, 128, 192)
+    cloud = np.array([CLOUD[b] for b in S2_BANDS])[:, None, None] * np.random.default_rng(1).uniform(0.97, 1.03)
+    array[:, :, :cloudy_cols] = cloud.astype(np.uint16)
     transform = Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 5000000.0)
     profile = dict(driver="GTiff", width=192, height=128, count=13, dtype="uint16", crs="EPSG:32633")
     with rasterio.open(path, "w", transform=transform, **profile) as dst:
@@ -79,7 +76,7 @@ def test_validation_refuses_a_pool_tile_recorded_cloudier_than_allowed(tmp_path:
     data = tmp_path / "data"
     make_dataset(data)
     manifest = read_manifest(data / MANIFEST_NAME)
-    pool = manifest.index[manifest["split"] == "ms_pool"]
+    pool = manifest.index[manifest["modality"] == "ms"]  # as if these had come from a scene
     manifest.loc[pool, "cloud_share"] = 0.0
     manifest.loc[pool[0], "cloud_share"] = 0.5
     write_manifest(manifest, data / MANIFEST_NAME)

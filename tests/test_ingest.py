@@ -186,7 +186,7 @@ def test_tiles_below_min_valid_are_skipped(tmp_path: Path) -> None:
     lines: list[str] = []
     strict = ingest_scene([path], tmp_path / "a", min_valid=1.0, progress=lines.append)
     assert sorted(strict["location_id"]) == ["scene_r0_c1", "scene_r1_c0", "scene_r1_c1"]
-    assert any("3 tiles written, 1 skipped" in line for line in lines)
+    assert any("3 tiles written; skipped 1 (valid share < 1.0) and 0 (cloud share" in line for line in lines)
     assert len(ingest_scene([path], tmp_path / "b", min_valid=0.9, progress=None)) == 4
 
 

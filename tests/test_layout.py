@@ -18,13 +18,12 @@ from collections.abc import Iterator, Mapping
 from functools import cache
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import rasterio
 import yaml
 from conftest import DVC, REPO
-from helpers_data import make_dataset
+from helpers_data import make_dataset, meadow
 
 from ms2rgb.flows.stages import STAGE_MODULES
 from ms2rgb.tasks.data.cache import build_cache, cache_name, index_name, open_split
@@ -393,7 +392,7 @@ def write_scene(path: Path, size: int = 128) -> Path:
     import rasterio
     from rasterio.transform import Affine
 
-    array = np.random.default_rng(7).integers(500, 3000, (13, size, size), dtype=np.uint16)
+    array = meadow(7, size, size)
     with rasterio.open(
         path,
         "w",

@@ -29,6 +29,7 @@ import rasterio
 import yaml
 from conftest import DVC, make_project
 from fsspec.implementations.memory import MemoryFileSystem
+from helpers_data import meadow
 from rasterio.transform import Affine
 from test_ingest import S2_DIR
 
@@ -45,14 +46,14 @@ PREFECT = str(Path(sys.executable).parent / "prefect")
 
 
 def scene_array(seed: int, size: int = 128) -> np.ndarray:
-    return np.random.default_rng(seed).integers(500, 3000, (13, size, size), dtype=np.uint16)
+    return meadow(seed, size, size)
 
 
 def write_scene(
     path: Path, seed: int = 7, size: int = 128, bands: int = 13, compress: str | None = None, saturated: int = 0
 ) -> Path:
-    """A uint16 GeoTIFF at 10 m, UTM 33N: (size / 64)^2 pool tiles, reflectances in [500, 3000); the
-    first `saturated` rows of the red band at 65535, as L1C marks a saturated detector."""
+    """A uint16 GeoTIFF at 10 m, UTM 33N: (size / 64)^2 pool tiles of meadow; the first `saturated`
+    rows of the red band at 65535, as L1C marks a saturated detector."""
     array = scene_array(seed, size)[:bands]
     array[3, :saturated] = 65535
     path.parent.mkdir(parents=True, exist_ok=True)

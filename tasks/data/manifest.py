@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import pandas as pd
 
 from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
@@ -100,7 +101,7 @@ def read_manifest(path: Path) -> pd.DataFrame:
         )
     frame = pd.read_parquet(path)
     for column in OPTIONAL_COLUMNS.difference(frame.columns):  # a manifest written before the column existed
-        frame[column] = pd.NA
+        frame[column] = np.nan
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise Ms2rgbError(f"{path}: manifest lacks columns {missing}; regenerate it with ms2rgb data")
