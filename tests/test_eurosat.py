@@ -8,13 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import rasterio
+from helpers_params import config
 from rasterio.transform import Affine
 
 from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
 from ms2rgb.tasks.data.geotiff import sha256_of
 from ms2rgb.tasks.data.manifest import COLUMNS, EUROSAT_SPLITS, MANIFEST_NAME, SPLIT_MODALITIES, read_manifest
 from ms2rgb.tasks.data.render import render_rgb
-from ms2rgb.tasks.data.sources.eurosat import EUROSAT_FILE_BAND_ORDER, given_test_stems, ingest_eurosat
+from ms2rgb.tasks.data.sources.eurosat import EUROSAT_FILE_BAND_ORDER, given_test_stems, ingest_eurosat, split_sizes
 from ms2rgb.tasks.errors import DatasetLayoutError, Ms2rgbError, UnknownClassError
 
 # EuroSAT jpgs have no georeference by design; rasterio warns each time the test writes or reads one.
@@ -129,6 +130,16 @@ def test_splits_location_disjoint_with_right_modalities(converted: tuple[pd.Data
             assert rows[rows["class"] == cls]["location_id"].nunique() == expected
         assert set(rows["modality"]) == set(modalities)
         assert (rows.groupby("location_id").size() == len(modalities)).all()
+
+
+def test_a_small_class_still_fills_every_split_with_a_share() -> None:
+    # 20 locations with the default shares: 2 % of 20 rounds to nothing, yet pair_test gets one.
+    fractions = config("data").eurosat_split_fractions
+    sizes = dict(zip(fractions, split_sizes(list(fractions.values()), 20)))
+    assert sum(sizes.values()) == 20 and min(sizes.values()) == 1
+    assert sizes == {"ms_train": 5, "ms_pool": 5, "rgb_train": 5, "pair_train": 1, "pair_test": 1, "test": 3}
+    assert split_sizes([0.5, 0.0, 0.5], 4) == [2, 0, 2]  # no share, no location
+    assert split_sizes([0.9, 0.05, 0.05], 2) == [2, 0, 0]  # too few locations to give each one
 
 
 def test_splits_deterministic_per_seed(
