@@ -18,6 +18,7 @@ from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
 from ms2rgb.models.classifier import SceneCNN, SceneCNNConfig
 from ms2rgb.tasks.config import StudentConfig, VariantName
 from ms2rgb.tasks.data.cache import open_split
+from ms2rgb.tasks.data.classes import first_k_of_each
 from ms2rgb.tasks.errors import PairsTableError
 from ms2rgb.tasks.tracking import load_registered_module
 from ms2rgb.tasks.training.distill import (
@@ -30,7 +31,7 @@ from ms2rgb.tasks.training.distill import (
     train_student,
 )
 from ms2rgb.tasks.training.store import load_model
-from ms2rgb.tasks.training.student_data import StudentInputs, first_k_per_class
+from ms2rgb.tasks.training.student_data import StudentInputs
 from ms2rgb.tasks.training.variants import FULL_METHOD, VARIANTS
 
 
@@ -82,8 +83,8 @@ def test_only_k_labels_per_class_are_shown_and_the_rest_are_hidden(paired: Path)
 
 def test_first_k_per_class_keeps_the_prepared_order() -> None:
     labels = np.array([2, 0, 2, 1, 0, 2])
-    assert first_k_per_class(labels, 1).tolist() == [True, True, False, True, False, False]
-    assert first_k_per_class(labels, None).all()
+    assert first_k_of_each(labels, 1).tolist() == [True, True, False, True, False, False]
+    assert first_k_of_each(labels, None).all()
 
 
 def test_the_configs_variant_names_are_the_trainers_variants() -> None:

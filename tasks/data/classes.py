@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 # The 10 EuroSAT scene classes, in EuroSAT's alphabetical order (class index = position).
 SCENE_CLASSES: dict[str, str] = {
     "AnnualCrop": "fields of annual crops such as cereals, with bare soil between seasons",
@@ -31,3 +33,15 @@ SURFACE_CLASSES: dict[str, str] = {
 }
 SURFACE_NAMES: list[str] = list(SURFACE_CLASSES)
 MASK_NODATA = 255
+
+
+def first_k_of_each(groups: np.ndarray, k: int | None) -> np.ndarray:
+    """Boolean mask of the first `k` rows (in order) of each group value >= 0; every such row when k is None.
+    The K-shot sets of both methods: the student's labelled tiles, the detector's few-shot tiles."""
+    keep = groups >= 0
+    if k is None:
+        return keep
+    chosen = np.zeros(len(groups), dtype=bool)
+    for value in np.unique(groups[keep]):
+        chosen[np.flatnonzero(groups == value)[:k]] = True
+    return chosen

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ms2rgb.tasks.data.cache import CachedSplit
-from ms2rgb.tasks.data.classes import SURFACE_NAMES
+from ms2rgb.tasks.data.classes import SURFACE_NAMES, first_k_of_each
 from ms2rgb.tasks.errors import Ms2rgbError
 
 
@@ -29,17 +29,16 @@ def first_k_per_class(split: CachedSplit, k: int) -> np.ndarray:
     """Row indices of the first K tiles (cache order) of every class present in the split (shot_groups)."""
     if k < 1:
         raise Ms2rgbError(f"K={k} shots per class: K must be >= 1")
-    groups, rows = shot_groups(split), []
+    groups = shot_groups(split)
     by_surface = groups is not split.labels  # weak labels: a surface that dominates few tiles gives what it has
-    for label in np.unique(groups[groups >= 0]):
-        members = np.flatnonzero(groups == label)
-        if len(members) < k and not by_surface:
-            raise Ms2rgbError(
-                f"the few-shot split has {len(members)} tile(s) of class {int(label)}, fewer than "
-                f"K={k}; lower detector.shots or give the few-shot split more tiles and re-run prepare"
-            )
-        rows.append(members[:k])
-    return np.sort(np.concatenate(rows))
+    values, counts = np.unique(groups[groups >= 0], return_counts=True)
+    if not by_surface and (counts < k).any():
+        short = int(values[np.argmin(counts)])
+        raise Ms2rgbError(
+            f"the few-shot split has {int(counts.min())} tile(s) of class {short}, fewer than "
+            f"K={k}; lower detector.shots or give the few-shot split more tiles and re-run prepare"
+        )
+    return np.flatnonzero(first_k_of_each(groups, k))
 
 
 def load_tiles(split: CachedSplit, rows: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:

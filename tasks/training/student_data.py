@@ -19,6 +19,7 @@ from ms2rgb.models.classifier import SceneCNN, SceneCNNConfig
 from ms2rgb.tasks.config import Params
 from ms2rgb.tasks.data.artifacts import model_path, stage_dir
 from ms2rgb.tasks.data.cache import CachedSplit, open_split, require_bands
+from ms2rgb.tasks.data.classes import first_k_of_each
 from ms2rgb.tasks.data.geotiff import sha256_of
 from ms2rgb.tasks.data.pairing import PAIRS_FILE, load_true_pairs, read_pairs
 from ms2rgb.tasks.errors import DataError
@@ -40,16 +41,6 @@ def upstream_identity(root: Path, params: Params, data_digest: str) -> str:
     """Names the data, upstream models and student config a run depends on: checkpoints resume only under it."""
     upstream = [sha256_of(model_path(root, "teacher")), sha256_of(stage_dir(root, "pairs") / PAIRS_FILE)]
     return fingerprint(params.student.model_dump(), data_digest, upstream)
-
-
-def first_k_per_class(labels: np.ndarray, k: int | None) -> np.ndarray:
-    """Boolean mask of the first `k` tiles of each class (all tiles when k is None)."""
-    if k is None:
-        return np.ones(len(labels), dtype=bool)
-    keep = np.zeros(len(labels), dtype=bool)
-    for c in np.unique(labels):
-        keep[np.flatnonzero(labels == c)[:k]] = True
-    return keep
 
 
 def _labelled(split: CachedSplit, name: str) -> CachedSplit:
@@ -93,7 +84,7 @@ class StudentInputs:
 
     def data_for(self, variant: Variant, seed: int, k: int | None) -> tuple[StudentSet, np.ndarray]:
         """The training set of `variant` with `k` labels per class (None: all), and its true classes."""
-        shown = first_k_per_class(self.truth, None if variant.every_label else k)
+        shown = first_k_of_each(self.truth, None if variant.every_label else k)
         rows = np.arange(len(shown)) if variant.unlabelled else np.flatnonzero(shown)
         labels = np.where(shown, self.truth, -1)[rows]
         images, truth = self.rgb_images[rows], self.truth[rows]
