@@ -20,10 +20,12 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import rasterio
+from rasterio.crs import CRS
+from rasterio.transform import from_bounds
 
 from ms2rgb.models.bands import RGB_BANDS
 from ms2rgb.tasks.data.clouds import cloud_masks
@@ -34,6 +36,7 @@ from ms2rgb.tasks.data.weak_labels import IndexThresholds, weak_labels
 from ms2rgb.tasks.errors import Ms2rgbError
 
 SEGMENTATION_SUFFIX = ":seg"
+BATCH = 256  # tiles read and cloud-scored together
 SOURCE_FILE = "source.json"  # always written: which source the folder holds (an empty folder is not an output)
 
 
@@ -61,31 +64,40 @@ def block_splits(row: np.ndarray, col: np.ndarray, block: int, shares: dict[str,
 
 def _tile_rows(scene_dir: Path, frame: pd.DataFrame, out_dir: Path, cfg: IndexThresholds, splits: np.ndarray) -> list:
     rows = []
-    for (_, tile), split in zip(frame.iterrows(), splits):
-        ms = read_tile(scene_dir.parent / tile["path"], expect_bands=13, expect_dtype="uint16")
-        with rasterio.open(scene_dir.parent / tile["path"]) as src:
-            crs, transform = src.crs, src.transform
-        name = Path(tile["path"]).stem
-        rgb_rel, mask_rel = f"{scene_dir.name}/rgb/{name}.tif", f"{scene_dir.name}/mask/{name}.tif"
-        write_tile(out_dir / rgb_rel, render_rgb(ms), crs, transform, band_names=RGB_BANDS)
-        labels = weak_labels(ms, cfg, cloud_masks(ms[None])[0])
-        write_tile(out_dir / mask_rel, labels[None], crs, transform, band_names=("surface",))
-        location = f"{tile['location_id']}{SEGMENTATION_SUFFIX}"
-        rows.append(
-            tile.to_dict()
-            | {
-                "id": f"{location}-rgb",
-                "modality": "rgb",
-                "path": rgb_rel,
-                "mask_path": mask_rel,
-                "class": None,
-                "split": split,
-                "location_id": location,
-                "source": f"weak_labels:{tile['source']}",
-                "sha256": sha256_of(out_dir / rgb_rel),
-            }
+    for start in range(0, len(frame), BATCH):  # clouds scored a batch at a time; memory stays bounded
+        batch = frame.iloc[start : start + BATCH]
+        tiles = np.stack(
+            [read_tile(scene_dir.parent / p, expect_bands=13, expect_dtype="uint16") for p in batch["path"]]
         )
+        for (_, tile), ms, cloudy, split in zip(batch.iterrows(), tiles, cloud_masks(tiles), splits[start:]):
+            rows.append(_write_tile_pair(scene_dir.name, tile, ms, weak_labels(ms, cfg, cloudy), out_dir, split))
     return rows
+
+
+def _write_tile_pair(
+    scene: str, tile: pd.Series, ms: np.ndarray, labels: np.ndarray, out_dir: Path, split: str
+) -> dict[str, Any]:
+    """Write one tile's RGB render and weak mask; its manifest row. The georeference is the pool
+    tile's, from its manifest bounds (no second read of the file)."""
+    crs = CRS.from_string(tile["crs"])
+    bounds = (tile["bounds_left"], tile["bounds_bottom"], tile["bounds_right"], tile["bounds_top"])
+    transform = from_bounds(*bounds, width=ms.shape[2], height=ms.shape[1])
+    name = Path(tile["path"]).stem
+    rgb_rel, mask_rel = f"{scene}/rgb/{name}.tif", f"{scene}/mask/{name}.tif"
+    write_tile(out_dir / rgb_rel, render_rgb(ms), crs, transform, band_names=RGB_BANDS)
+    write_tile(out_dir / mask_rel, labels[None], crs, transform, band_names=("surface",))
+    location = f"{tile['location_id']}{SEGMENTATION_SUFFIX}"
+    return tile.to_dict() | {
+        "id": f"{location}-rgb",
+        "modality": "rgb",
+        "path": rgb_rel,
+        "mask_path": mask_rel,
+        "class": None,
+        "split": split,
+        "location_id": location,
+        "source": f"weak_labels:{tile['source']}",
+        "sha256": sha256_of(out_dir / rgb_rel),
+    }
 
 
 def build_scene_segmentation(
