@@ -71,6 +71,9 @@ class SceneCNN(nn.Module):
             nn.Dropout(cfg.dropout),
             nn.Linear(4 * w, cfg.n_classes),
         )
+        # NHWC: oneDNN's convolutions run about 25 % faster on CPU in this layout than in NCHW
+        # (bench/step_time.py); loaded state dicts are copied into it, so checkpoints stay layout-free.
+        self.to(memory_format=torch.channels_last)
 
     @property
     def feature_channels(self) -> int:
@@ -84,7 +87,7 @@ class SceneCNN(nn.Module):
                 f"tile size {tuple(x.shape[-2:])} is not a multiple of {FEATURE_SIDE}; "
                 "crop or resize tiles to e.g. 64x64"
             )
-        return self.features(self.normalize(x))
+        return self.features(self.normalize(x).contiguous(memory_format=torch.channels_last))
 
     def classify(self, feat: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) feature map -> (B, n_classes) logits."""

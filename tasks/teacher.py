@@ -1,5 +1,8 @@
 """teacher stage (docs/methods.md §A.1): a SceneCNN over the 13 MS bands, trained on labelled MS tiles.
 
+It trains on every labelled MS tile it may use: ms_train and the MS half of pair_train (the
+matcher's true pairs, whose classes are known). pair_test and test stay held out.
+
 Outputs: artifacts/teacher/model.pt (weights + config, read by the pairs and student stages),
 artifacts/teacher/checkpoints/epoch_XXX.pt, reports/teacher.json; the model is registered in
 MLflow as `ms2rgb-teacher`.
@@ -36,7 +39,8 @@ from ms2rgb.tasks.training.progress import epoch_printer, log_curves, log_evalua
 from ms2rgb.tasks.training.store import save_model
 
 REGISTERED_NAME = "ms2rgb-teacher"
-READS = {"ms_train": ("ms",), "test": ("ms",)}  # split -> modalities; dvc.yaml lists exactly their files
+TRAIN_SPLITS = ("ms_train", "pair_train")
+READS = {"ms_train": ("ms",), "pair_train": ("ms",), "test": ("ms",)}  # split -> modalities; dvc.yaml lists their files
 
 
 def fit_config(cfg: TeacherConfig, n_tiles: int) -> FitConfig:
@@ -54,7 +58,7 @@ def labelled_ms(prepared: Path, split: str) -> CachedSplit:
         raise DataError(
             f"split {split!r}",
             f"{unlabelled} tile(s) have no scene class",
-            "only labelled MS tiles belong in ms_train/test; ingested scenes go to ms_pool",
+            "only labelled MS tiles belong in ms_train, pair_train and test; ingested scenes go to ms_pool",
         )
     return tiles
 
@@ -65,16 +69,18 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     cfg, seed = params.teacher, params.seed
     prepared = root / params.data.prepared_dir
     data_digest = require_validated(root, prepared, READS)
-    train, test = labelled_ms(prepared, "ms_train"), labelled_ms(prepared, "test")
+    parts, test = [labelled_ms(prepared, split) for split in TRAIN_SPLITS], labelled_ms(prepared, "test")
+    images = np.concatenate([np.asarray(part.images) for part in parts])  # (N, 13, H, W)
+    labels = np.concatenate([part.labels for part in parts])
     tracker.log_params({"teacher": cfg.model_dump(), "seed": seed})
     out = staging_dir(root, "teacher")  # swapped in whole by the stage runner after success
     seed_everything(seed)  # before building: the initial weights come from the global generator
     model = SceneCNN(cfg.model(S2_BANDS))
     history = fit_classifier(
         model,
-        np.asarray(train.images),
-        train.labels,
-        fit_config(cfg, len(train.labels)),
+        images,
+        labels,
+        fit_config(cfg, len(labels)),
         seed,
         on_epoch=epoch_printer("teacher"),
         augment=cfg.augment,
@@ -95,7 +101,7 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
         "confusion": report["confusion"],
         "train_loss": history[-1].loss,
         "train_accuracy": history[-1].accuracy,
-        "train_tiles": len(train.labels),
+        "train_tiles": len(labels),
         "test_tiles": len(test.labels),
         "steps": cfg.steps,
         "epochs": len(history),
