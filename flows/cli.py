@@ -172,6 +172,19 @@ def _cmd_ingest(args: argparse.Namespace) -> None:
     print(f"{len(frame)} tiles added to the MS pool under {scenes_dir}; the next run re-prepares the data")
 
 
+def _cmd_masks(args: argparse.Namespace) -> None:
+    from ms2rgb.tasks.config import load_params
+    from ms2rgb.tasks.data.sources.mask_folder import IMPORT_DIR, import_masks
+
+    seg = load_params(Path(args.root)).data.segmentation
+    out = Path(args.out) if args.out else Path(args.root) / seg.folder
+    with project_lock(Path(args.root), "ms2rgb data masks", args.wait):
+        frame = import_masks(Path(args.images), Path(args.masks), Path(args.legend), out)
+    images = frame["location_id"].nunique()
+    hint = "" if seg.source == "folder" else "; set data.segmentation.source: folder to train the detector on them"
+    print(f"{len(frame)} tiles of {images} images written to {out / IMPORT_DIR}{hint}")
+
+
 def _cmd_detect(args: argparse.Namespace) -> None:
     from ms2rgb.tasks.detection.detect import detect
 
@@ -268,6 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("scene", nargs="+", help="one 13-band GeoTIFF, or the per-band files of one scene")
     ingest.add_argument("--scene-id", help="name of the scene folder (default: derived from the file names)")
     ingest.set_defaults(func=_cmd_ingest)
+    masks = data.add_parser("masks", help="the detector's tiles from your own images and masks (legend.yaml)")
+    masks.add_argument("--images", required=True, help="folder of RGB images (GeoTIFF, PNG, JPEG)")
+    masks.add_argument("--masks", required=True, help="folder of masks named like the images: ids, colours or GeoJSON")
+    masks.add_argument(
+        "--legend", required=True, help="legend yaml: class ids/colours/values -> names and descriptions"
+    )
+    masks.add_argument(
+        "--out", help="folder whose imported/ subfolder gets the tiles (default: params data.segmentation.folder)"
+    )
+    masks.set_defaults(func=_cmd_masks)
     promote = sub.add_parser("promote", help="make a registered version the champion if it beats the current one")
     promote.add_argument("model", help="registered model, e.g. ms2rgb-student")
     promote.add_argument("version", type=int, help="its version number")

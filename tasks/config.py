@@ -45,9 +45,10 @@ def _known_splits(key: str, splits: tuple[str, ...]) -> tuple[str, ...]:
 
 
 class SegmentationConfig(Section):
-    source: Literal["synth", "scenes"]  # where the detector's tiles (captions/fewshot/seg_test) come from
+    source: Literal["synth", "folder", "scenes"]  # where the detector's tiles (captions/fewshot/seg_test) come from
+    folder: str  # folder: what `ms2rgb data masks` wrote (tiles, manifest, legend), relative to the project
     block_tiles: int = Field(ge=1, le=64)  # scenes: tiles per side of a block; a block goes to one split whole
-    shares: dict[str, Annotated[float, Field(ge=0, le=1)]]  # scenes: share of the blocks per split
+    shares: dict[str, Annotated[float, Field(ge=0, le=1)]]  # scenes: share of the blocks; folder: of the images
 
     @field_validator("shares")
     @classmethod
@@ -131,6 +132,7 @@ class ValidateConfig(Section):
     ms_value_max: int = Field(ge=1, le=65535)  # uint16 reflectance x10000 ceiling (65535: the physical range)
     max_saturated_share: float = Field(ge=0, le=1)  # per MS tile, share of pixels saturated (65535) in any band
     max_cloud_share: float = Field(ge=0, le=1)  # per scene tile, share of cloud recorded at ingestion
+    max_ignore_share: float = Field(ge=0, le=1)  # per folder-source mask tile, share of ignored (255) pixels
     severity: dict[str, Literal["fail", "warn"]]  # "<batch>.<column>" -> what a failure does; unlisted: fail
     required_splits: Splits  # splits that must have rows
     balance_splits: Splits  # splits whose class shares are checked

@@ -9,9 +9,11 @@ over ``seeds`` seeds (mean and std reported; ``tasks/detector_report.py``). The 
 at the largest K and the params seed is saved to ``artifacts/detector/detector.pt`` (what
 ``ms2rgb detect`` loads) and registered as ``ms2rgb-detector``.
 
-Classes are the land-cover surfaces (mask values); their descriptions (``SURFACE_CLASSES``)
-are the class texts. Tuned variants read the bare description after their learned prompts
-(CoOp's "[V]...[V] description"); zero-shot reads ``zero_shot_template`` filled with it.
+Classes are those of the segmentation source's legend (``data/prepared/legend.json``, index =
+mask value; ``tasks/data/legend.py``): the surfaces for the synthetic masks, the weak-label
+surfaces for scenes, the user's classes for a folder. Their descriptions are the class texts.
+Tuned variants read the bare description after their learned prompts (CoOp's "[V]...[V]
+description"); zero-shot reads ``zero_shot_template`` filled with it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from ms2rgb.tasks.config import DetectorConfig, Params
 from ms2rgb.tasks.data.artifacts import resumable_staging_dir
 from ms2rgb.tasks.data.atomic import write_atomic
 from ms2rgb.tasks.data.cache import CachedSplit, open_split
-from ms2rgb.tasks.data.classes import SURFACE_CLASSES, SURFACE_NAMES
+from ms2rgb.tasks.data.legend import read_legend
 from ms2rgb.tasks.data.validated import require_validated
 from ms2rgb.tasks.detection.data import first_k_per_class, load_tiles
 from ms2rgb.tasks.detection.model import DETECTOR_FILE, resolve_pretrained
@@ -78,6 +80,7 @@ class Context:
     """What every variant shares: data, frozen backbone, settings, output folder."""
 
     settings: DetectorConfig
+    classes: dict[str, str]  # the masks' legend: name -> description, index = mask value
     clip: torch.nn.Module
     tokenizer: Any
     fewshot: CachedSplit
@@ -88,17 +91,17 @@ class Context:
 
 
 def build_detector(ctx: Context, mode: str, seed: int) -> ClassMapDetector:
-    """A fresh, seeded PromptedCLIP around the shared frozen CLIP, with the surface texts baked in."""
+    """A fresh, seeded PromptedCLIP around the shared frozen CLIP, with the legend's texts baked in."""
     seed_everything(seed)  # same prompt init for every variant of a mode at this seed
     prompt = ctx.settings.prompt
     cfg = prompt.model(mode)
-    descriptions = list(SURFACE_CLASSES.values())
+    descriptions = list(ctx.classes.values())
     texts = [ctx.settings.zero_shot_template.format(d) for d in descriptions] if mode == "zero_shot" else descriptions
     try:
         prompted = PromptedCLIP(ctx.clip, cfg)
     except ValueError as err:  # e.g. depth or a similarity layer beyond this CLIP's layers
         raise ParamsError("detector.prompt", prompt.model_dump(), str(err)) from err
-    return ClassMapDetector(prompted, ctx.tokenizer(texts), SURFACE_NAMES, texts, ctx.settings.clip.model)
+    return ClassMapDetector(prompted, ctx.tokenizer(texts), list(ctx.classes), texts, ctx.settings.clip.model)
 
 
 def _step_printer(label: str, max_steps: int) -> Callable[[int, float], None]:
@@ -192,10 +195,14 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     settings, seed, device = params.detector, params.seed, pick_device()
     prepared = root / params.data.prepared_dir
     data_digest = require_validated(root, prepared, READS)
-    tracker.log_params({"detector": settings.model_dump(), "seed": seed, "device": str(device)})
+    classes = read_legend(prepared)
+    tracker.log_params(
+        {"detector": settings.model_dump(), "seed": seed, "device": str(device), "classes": list(classes)}
+    )
     # Swapped in whole by the stage runner after success; what a killed run of these params and
     # data left here (backbone, tuning checkpoints) is picked up again.
-    out_dir = resumable_staging_dir(root, "detector", fingerprint(settings.model_dump(), data_digest, seed))
+    identity = fingerprint(settings.model_dump(), data_digest, seed, classes)
+    out_dir = resumable_staging_dir(root, "detector", identity)
     clip_cfg = settings.clip.model_copy(update={"pretrained": resolve_pretrained(root, settings.clip.pretrained)})
     clip, tokenizer, info = prepare_backbone(
         clip_cfg,
@@ -205,10 +212,12 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
         seed,
         device,
         tracker,
+        classes,
     )
     test_images, test_masks = load_tiles(open_split(prepared, "seg_test", "rgb", masks=True))
     ctx = Context(
         settings,
+        classes,
         clip,
         tokenizer,
         open_split(prepared, "fewshot", "rgb", masks=True),
@@ -223,7 +232,8 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
         results[variant.name], models[variant.name] = run_variant(ctx, variant, tracker)
     head = models[f"full_k{max(shots)}"]
     save_detector(ctx, head, info)
-    log_figures(results, shots, settings.tune.loss_threshold, (test_images, test_masks), settings.examples, tracker)
+    test_tiles = (test_images, test_masks)
+    log_figures(results, shots, settings.tune.loss_threshold, test_tiles, settings.examples, tracker, list(classes))
     report = summarise(results, shots, info)
     example = test_images[:1].numpy().astype(np.float32)  # serving input: RGB 0..255, any multiple of 8
     version = tracker.log_pyfunc_model(  # weights as detector.pt (+ backbone.pt) artifacts; serves class ids

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from ms2rgb.tasks import tracking
@@ -29,6 +30,7 @@ from ms2rgb.tasks.data.cache import open_split
 from ms2rgb.tasks.data.pairing import load_true_pairs
 from ms2rgb.tasks.data.validated import require_validated
 from ms2rgb.tasks.detection.data import load_tiles
+from ms2rgb.tasks.detection.index_maps import index_tiles
 from ms2rgb.tasks.detection.model import load_local
 from ms2rgb.tasks.detection.pretrain import BACKBONE_MODEL
 from ms2rgb.tasks.errors import Ms2rgbError
@@ -185,11 +187,12 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     evaluation["lineage"] = lineage(root, params)
     n = params.evaluation.overlays
     overlays = (data.seg_images[:n].numpy(), preds[:n], data.seg_masks[:n].numpy(), models["detector"].class_names)
+    overlay_indices = index_tiles(root, prepared, "seg_test", range(len(overlays[0])))  # None: no such figure
     tracker.log_metrics(
         {f"{stage}.{k}": v for stage in MODELS for k, v in headline(MODELS[stage], scores[stage]).items()}
     )
     evaluation["seconds"] = round(time.perf_counter() - start, 2)
-    report_page(root, evaluation, overlays, tracker)
+    report_page(root, evaluation, overlays, tracker, overlay_indices)
     for name, decision in decisions.items():  # last: a champion only ever points at an evaluated version
         apply(root, name, decision)
         if name == MODELS["detector"] and decision.champion == decision.challenger:
@@ -231,14 +234,21 @@ def read_compare(root: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def report_page(root: Path, evaluation: dict[str, Any], overlays: tuple[Any, ...], tracker: StageTracker) -> Path:
-    """Figures and the self-contained HTML page, logged to MLflow too."""
+def report_page(
+    root: Path,
+    evaluation: dict[str, Any],
+    overlays: tuple[Any, ...],
+    tracker: StageTracker,
+    overlay_indices: np.ndarray | None = None,
+) -> Path:
+    """Figures and the self-contained HTML page, logged to MLflow too; `overlay_indices`: the overlay
+    tiles' NDWI/NDVI/NDBI maps (scene tiles, `index_tiles`), which add the index-maps figure."""
     from ms2rgb.tasks.report.figures import write_figures
     from ms2rgb.tasks.report.html import build_report
 
     compare = read_compare(root)
     write_plot_data(evaluation, root / FIGURES_DIR)
-    figures = write_figures(evaluation, root / FIGURES_DIR, overlays, compare)
+    figures = write_figures(evaluation, root / FIGURES_DIR, overlays, compare, overlay_indices)
     page = build_report(root, evaluation, figures, compare)
     for path in figures.values():
         tracker.log_artifact(path, "evaluate")

@@ -19,15 +19,22 @@ import pandas as pd
 from ms2rgb.tasks.config import DataConfig, Params
 from ms2rgb.tasks.data.atomic import swap_in_dir
 from ms2rgb.tasks.data.cache import build_cache
-from ms2rgb.tasks.data.manifest import MANIFEST_NAME, SEGMENTATION_SPLITS, read_manifest, write_manifest
-from ms2rgb.tasks.data.sources.scene_segmentation import SOURCE_FILE as SEGMENTATION_SOURCE_FILE
+from ms2rgb.tasks.data.legend import SYNTH_LEGEND, read_legend, write_legend
+from ms2rgb.tasks.data.manifest import (
+    MANIFEST_NAME,
+    SEGMENTATION_DIR,
+    SEGMENTATION_SPLITS,
+    SOURCE_FILE,
+    read_manifest,
+    write_manifest,
+)
+from ms2rgb.tasks.data.sources.mask_folder import build_folder_segmentation
 from ms2rgb.tasks.data.sources.scene_segmentation import build_scene_segmentation
 from ms2rgb.tasks.data.sources.scenes import INGEST_REPORT
 from ms2rgb.tasks.data.sources.synth import generate
 from ms2rgb.tasks.data.tile_stats import MEMO
 from ms2rgb.tasks.tracking import StageTracker
 
-SEGMENTATION_DIR = "data/segmentation"  # the detector's tiles when data.segmentation.source is not synth
 SOURCE_IDENTITY = "source-identity.txt"  # in <raw_dir>: what made the synthetic tiles there
 GENERATOR_CODE = Path(__file__).parent / "data"  # the synthetic tiles depend on this code and the synth params
 
@@ -88,10 +95,13 @@ def make_segmentation(root: Path, params: Params) -> Path | None:
     if seg.source == "scenes":
         thresholds = params.weak_labels.thresholds()
         build_scene_segmentation(root / data.scenes_dir, tmp, thresholds, seg.block_tiles, seg.shares, params.seed)
-    else:  # the generator's own masks: nothing here but the note of which source it is
-        (tmp / SEGMENTATION_SOURCE_FILE).write_text(json.dumps({"source": seg.source}) + "\n")
+    elif seg.source == "folder":
+        build_folder_segmentation(root, seg.folder, tmp, seg.shares, params.seed)
+    else:  # the generator's own masks: nothing here but the note of which source it is, and its legend
+        (tmp / SOURCE_FILE).write_text(json.dumps({"source": seg.source}) + "\n")
+        write_legend(tmp, SYNTH_LEGEND)
     swap_in_dir(tmp, final)
-    return final / MANIFEST_NAME if seg.source == "scenes" else None
+    return None if seg.source == "synth" else final / MANIFEST_NAME
 
 
 def skipped_at_ingestion(scenes_dir: Path) -> dict[str, int]:
@@ -119,7 +129,7 @@ def merged_manifest(root: Path, data: DataConfig, segmentation: Path | None = No
 
 
 def _rooted(frame: pd.DataFrame, base: str) -> pd.DataFrame:
-    for column in ("path", "mask_path"):
+    for column in ("path", "mask_path", "index_path"):  # every file column of the manifest
         frame[column] = frame[column].map(lambda p: f"{base}/{p}" if isinstance(p, str) else p)
     return frame
 
@@ -143,6 +153,7 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     shutil.rmtree(tmp, ignore_errors=True)
     indexed, unreadable = build_cache(manifest, root, tmp, previous=final if final.is_dir() else None, memo=root / MEMO)
     write_manifest(indexed, tmp / MANIFEST_NAME)
+    write_legend(tmp, read_legend(root / SEGMENTATION_DIR))  # the detector's class set, beside its masks
     swap_in_dir(tmp, final)
     tracker.log_dataset(manifest, "manifest", final / MANIFEST_NAME, context="prepare")
     counts = manifest.groupby(["split", "modality"]).size()

@@ -35,6 +35,7 @@ from great_expectations.expectations.metadata_types import FailureSeverity
 from ms2rgb.tasks.config import Params, ValidateConfig
 from ms2rgb.tasks.data.atomic import write_json_atomic
 from ms2rgb.tasks.data.expectations import ID_COLUMN, Check, dataset_checks
+from ms2rgb.tasks.data.legend import SYNTH_LEGEND, read_legend
 from ms2rgb.tasks.data.manifest import read_manifest
 from ms2rgb.tasks.data.tile_stats import MEMO, compute_tile_stats
 from ms2rgb.tasks.data.validated import clear_stamps, write_stamps
@@ -194,14 +195,16 @@ def summarise_failures(
     result: CheckpointResult, checks: list[Check], manifest: pd.DataFrame, max_listed: int
 ) -> list[dict[str, Any]]:
     """Failed expectations of every batch, naming offending ids and (for tile rows) their files."""
-    files = dict(zip(manifest["id"].astype(str), manifest["path"].astype(str)))
-    tile_batches = {check.name for check in checks if check.tile_rows}
+    ids = manifest["id"].astype(str)
+    files = {  # per tile batch: id -> the file it judges (the tile, or its mask)
+        c.name: dict(zip(ids, manifest[c.file_column].astype(str))) for c in checks if c.tile_rows
+    }
     failed = []
     for suite_result in result.run_results.values():
         name = suite_result.suite_name
         for expectation_result in suite_result.results:
             if not expectation_result.success:
-                failed.append(_failure(name, expectation_result, files if name in tile_batches else None, max_listed))
+                failed.append(_failure(name, expectation_result, files.get(name), max_listed))
     return failed
 
 
@@ -222,7 +225,10 @@ def validate_dataset(
     outputs.prepare(Path(manifest_path))
     manifest = read_manifest(Path(manifest_path))
     stats = compute_tile_stats(manifest, Path(data_root), progress, memo)
-    checks = dataset_checks(manifest, stats, cfg)
+    # A prepared folder holds the legend of its masks; a source's own manifest (synth, EuroSAT) has
+    # none, and its masks, where it has any, are the generator's surfaces.
+    classes = read_legend(Path(manifest_path).parent, missing=SYNTH_LEGEND)
+    checks = dataset_checks(manifest, stats, cfg, len(classes))
     progress(f"validate: {sum(len(c.expectations) for c in checks)} expectations over {len(checks)} batches")
     context = _context(outputs.docs.resolve())
     result = run_checkpoint(context, checks, outputs.frames, cfg.max_listed)

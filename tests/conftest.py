@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DVC = Path(sys.executable).parent / "dvc"  # the venv's dvc, whether or not the venv is activated
-PROJECT_FILES = ("dvc.yaml", ".dvcignore", "data/scenes/README.md")
+PROJECT_FILES = ("dvc.yaml", ".dvcignore", "data/scenes/README.md", "data/masks/README.md")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -234,6 +234,17 @@ def test_resolve_classes_accepts_surfaces_scenes_and_descriptions() -> None:
     assert resolve_classes("Forest")[1] == [SURFACE_CLASSES["forest"]]  # surfaces win: the detector maps them
 
 
+def test_resolve_classes_knows_the_detectors_own_legend_first() -> None:
+    # A detector tuned on a user's legend: its one-word class names resolve to its own descriptions,
+    # and its description of a built-in name wins over the built-in one.
+    own = {"pond": "small fish ponds", "water": "muddy river water"}
+    names, texts = resolve_classes("pond, water, forest", own)
+    assert names == ["pond", "water", "forest"]
+    assert texts == ["small fish ponds", "muddy river water", SURFACE_CLASSES["forest"]]
+    with pytest.raises(UnknownClassError, match=r"'pond'"):
+        resolve_classes("pond")  # without the legend it is unknown
+
+
 @pytest.mark.parametrize(
     "spec, error, match",
     [

@@ -22,12 +22,14 @@ import pandas as pd
 import pytest
 import rasterio
 import yaml
-from conftest import DVC, REPO
+from conftest import DVC, PROJECT_FILES, REPO
 from helpers_data import make_dataset, meadow
+from helpers_params import repo_params
 
 from ms2rgb.flows.stages import STAGE_MODULES
 from ms2rgb.tasks.data.cache import build_cache, cache_name, index_name, open_split
 from ms2rgb.tasks.data.geotiff import sha256_of
+from ms2rgb.tasks.data.legend import LEGEND_FILE
 from ms2rgb.tasks.data.manifest import read_manifest
 from ms2rgb.tasks.data.validated import PASSED_DIR, require_validated, stamp_path, write_stamps
 from ms2rgb.tasks.errors import DataError
@@ -274,6 +276,8 @@ def test_each_stage_depends_on_exactly_the_splits_it_reads() -> None:
         expected = {f"data/prepared/{cache_name(s, m, k)}" for s, ms in reads.items() for m in ms for k in kinds}
         expected |= {f"data/prepared/{index_name(s, m)}" for s, ms in reads.items() for m in ms}
         expected |= {(PASSED_DIR / f"{s}.json").as_posix() for s in reads}
+        if stage == "detector":  # its class set: the legend of the masks
+            expected.add(f"data/prepared/{LEGEND_FILE}")
         data = {d for d in deps[stage] if d.startswith(("data/", "reports/validate/"))}  # not upstream reports
         assert data == expected, f"{stage}: dvc.yaml data deps differ from its READS"
         source = (REPO / module_file(STAGE_MODULES[stage])).read_text()
@@ -283,6 +287,17 @@ def test_each_stage_depends_on_exactly_the_splits_it_reads() -> None:
 def test_matcher_and_teacher_read_no_pool() -> None:
     assert "ms_pool" not in stage_reads("matcher") and "ms_pool" not in stage_reads("teacher")
     assert "rgb_train" not in stage_reads("matcher")
+
+
+def test_prepare_depends_on_the_params_mask_folder_which_a_fresh_clone_holds() -> None:
+    # dvc.yaml cannot read params for a dep path: the folder is written in both, and this keeps them equal.
+    folder = repo_params().data.segmentation.folder
+    assert folder in stage_deps()["prepare"], f"dvc.yaml: prepare's deps lack data.segmentation.folder={folder!r}"
+    # DVC stops at a missing dep, so a committed file (copied by make_project too) keeps the folder in a clone.
+    kept = [f for f in PROJECT_FILES if covered(f, [folder])]
+    assert kept and all((REPO / f).is_file() for f in kept), f"{folder}: no committed file in PROJECT_FILES"
+    ignored = subprocess.run(["git", "check-ignore", "-q", *kept], cwd=REPO).returncode == 0
+    assert not ignored, f"{kept}: git-ignored, so a fresh clone lacks {folder}"
 
 
 def _cache_bytes(folder: Path) -> dict[str, bytes]:

@@ -210,6 +210,12 @@ def sample_overlays(n: int = 4, size: int = 32) -> tuple[np.ndarray, np.ndarray,
     return images, preds, masks, list(SURFACE_NAMES)
 
 
+def sample_indices(n: int = 4, size: int = 32) -> np.ndarray:
+    """(n, 3, size, size) float32 NDWI/NDVI/NDBI maps of the overlay tiles (scene tiles have them; synthetic
+    ones do not)."""
+    return np.random.default_rng(3).uniform(-1, 1, (n, 3, size, size)).astype(np.float32)
+
+
 def sample_compare() -> dict[str, Any]:
     """A reports/compare.json-shaped summary: 2 K, 3 variants, 2 seeds, 40 tiles.
 
@@ -241,7 +247,8 @@ def write_sample_project(root: Path, *, student: bool = True, detector: bool = T
 
 @pytest.fixture(scope="module")
 def figures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return write_figures(sample_evaluation(), tmp_path_factory.mktemp("figures"), sample_overlays(), sample_compare())
+    out = tmp_path_factory.mktemp("figures")
+    return write_figures(sample_evaluation(), out, sample_overlays(), sample_compare(), sample_indices())
 
 
 def test_every_figure_is_written_as_a_png(figures: dict[str, Path]) -> None:

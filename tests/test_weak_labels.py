@@ -19,9 +19,14 @@ from rasterio.windows import from_bounds
 from ms2rgb.flows.stages import run_stage
 from ms2rgb.models.bands import S2_BANDS
 from ms2rgb.tasks.data.classes import MASK_NODATA, SURFACE_NAMES
-from ms2rgb.tasks.data.manifest import SEGMENTATION_SPLITS, read_manifest
+from ms2rgb.tasks.data.legend import WEAK_LEGEND, read_legend
+from ms2rgb.tasks.data.manifest import SEGMENTATION_SPLITS, SEGMENTATION_SUFFIX, read_manifest
 from ms2rgb.tasks.data.render import render_rgb
-from ms2rgb.tasks.data.sources.scene_segmentation import SEGMENTATION_SUFFIX, build_scene_segmentation, grid_positions
+from ms2rgb.tasks.data.sources.scene_segmentation import (
+    TO_LEGEND,
+    build_scene_segmentation,
+    grid_positions,
+)
 from ms2rgb.tasks.data.sources.scenes import ingest_scene
 from ms2rgb.tasks.data.weak_labels import weak_labels
 from ms2rgb.tasks.errors import Ms2rgbError
@@ -121,7 +126,9 @@ def test_the_scenes_source_splits_blocks_apart_and_renders_what_the_masks_label(
     ms = rasterio.open(scenes / frame.iloc[0]["path"]).read()
     assert np.array_equal(rasterio.open(tmp_path / first["path"]).read(), render_rgb(ms))
     mask = rasterio.open(tmp_path / first["mask_path"]).read(1)
-    assert np.array_equal(mask, weak_labels(ms, config("weak_labels").thresholds()))
+    assert np.array_equal(mask, TO_LEGEND[weak_labels(ms, config("weak_labels").thresholds())])
+    # The masks index the weak-label legend: only surfaces the indices can give, none the detector would miss.
+    assert read_legend(tmp_path) == WEAK_LEGEND and set(np.unique(mask)) <= {*range(len(WEAK_LEGEND)), MASK_NODATA}
 
 
 def test_the_scenes_source_without_a_scene_says_how_to_add_one(tmp_path: Path) -> None:
@@ -154,5 +161,6 @@ def test_the_detector_trains_and_is_scored_on_held_out_scene_tiles_with_no_hand_
     # Scored on seg_test (blocks of the crop the tuning never saw) against the weak labels: the sea is
     # there, so water has an IoU; classes the indices never give and the detector never predicts none.
     assert "water" in report["per_class_iou"] and 0 < report["miou"] <= 1
+    assert "crop" not in report["per_class_iou"]  # the class set is the weak-label legend
     seg_test = manifest[manifest["split"] == "seg_test"]
     assert seg_test["location_id"].isin(manifest.loc[manifest["split"] == "fewshot", "location_id"]).sum() == 0

@@ -1,4 +1,4 @@
-"""What a valid data set looks like, as Great Expectations suites over five small frames.
+"""What a valid data set looks like, as Great Expectations suites over six small frames.
 
 GX column expectations look at one column (or a pair) of one frame, so the dataset-level rules are
 turned into frames first: per-tile facts with the expected bands/dtype beside them, class shares
@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 
 os.environ["GX_ANALYTICS_ENABLED"] = "false"  # before the import: the pipeline never reaches the network
@@ -22,7 +23,13 @@ from great_expectations.expectations.metadata_types import FailureSeverity
 
 from ms2rgb.tasks.data.classes import MASK_NODATA, SCENE_NAMES, SURFACE_NAMES
 from ms2rgb.tasks.data.geotiff import TILE_SIZE
-from ms2rgb.tasks.data.manifest import MODALITIES, MODALITY_FORMATS, SPLITS
+from ms2rgb.tasks.data.manifest import (
+    FOLDER_SOURCE_PREFIX,
+    MODALITIES,
+    MODALITY_FORMATS,
+    SEGMENTATION_SPLITS,
+    SPLITS,
+)
 from ms2rgb.tasks.errors import ParamsError
 
 if TYPE_CHECKING:
@@ -30,7 +37,8 @@ if TYPE_CHECKING:
 
 ID_COLUMN = "id"  # every frame's row name; the failure report lists these
 # "EPSG:<code>" or a WKT1/WKT2 definition: what rasterio's CRS.to_string() gives back.
-CRS_PATTERN = r"^(?:EPSG:\d+$|(?:PROJCS|GEOGCS|COMPD_CS|PROJCRS|GEOGCRS|COMPOUNDCRS|BOUNDCRS)\[)"
+# LOCAL_CS: the pixel grid of a user image that had no CRS (tasks/data/sources/mask_folder.py).
+CRS_PATTERN = r"^(?:EPSG:\d+$|(?:PROJCS|GEOGCS|COMPD_CS|PROJCRS|GEOGCRS|COMPOUNDCRS|BOUNDCRS|LOCAL_CS)\[)"
 UINT8_MAX = 255
 
 
@@ -42,6 +50,7 @@ class Check:
     frame: pd.DataFrame  # has an ID_COLUMN
     expectations: list[gxe.Expectation]
     tile_rows: bool = False  # rows are manifest tiles, so failures can name their files
+    file_column: str = "path"  # the manifest column of the file a failure names (masks: mask_path)
 
 
 def _in_set(column: str, values: list, why: str) -> gxe.Expectation:
@@ -129,9 +138,44 @@ def tiles_check(frame: pd.DataFrame, cfg: ValidateConfig) -> Check:
         ),
         gxe.ExpectColumnValuesToBeBetween(column="max_value", min_value=1, notes="an all-zero tile is empty"),
         _all_true("has_crs", "tiles must be georeferenced"),
-        _all_true("mask_ok", f"masks: one uint8 band of values < {len(SURFACE_NAMES)} or {MASK_NODATA}"),
+        _all_true("mask_ok", "masks: one uint8 band with the tile's height and width"),
     ]
     return Check("tiles", frame, expectations, tile_rows=True)
+
+
+def masks_frame(manifest: pd.DataFrame, stats: pd.DataFrame, n_classes: int, cfg: ValidateConfig) -> pd.DataFrame:
+    """The rows with a mask: its largest class value and ignored share beside the limits they must keep.
+    Only the folder source's masks have an ignore limit: weak labels ignore uncertain pixels by design."""
+    has_mask = manifest["mask_path"].notna().to_numpy()
+    rows = manifest[has_mask].reset_index(drop=True)
+    frame = stats[has_mask].reset_index(drop=True)[["id", "mask_max", "ignore_share"]].copy()
+    # The legend is the detector's (its splits); other masks are the synthetic source's surfaces.
+    detector = rows["split"].isin(list(SEGMENTATION_SPLITS)).to_numpy(bool)
+    frame["class_limit"] = pd.array(np.where(detector, n_classes, len(SURFACE_NAMES)) - 1, dtype="Int64")
+    folder = rows["source"].astype("string").str.startswith(FOLDER_SOURCE_PREFIX).fillna(False).to_numpy(bool)
+    frame["ignore_limit"] = np.where(folder, cfg.max_ignore_share, np.nan)
+    return frame
+
+
+def masks_check(frame: pd.DataFrame, n_classes: int) -> Check:
+    """Mask values are classes of the legend; folder masks are mostly labelled."""
+    expectations: list[gxe.Expectation] = [
+        gxe.ExpectColumnPairValuesAToBeGreaterThanB(
+            column_A="class_limit",
+            column_B="mask_max",
+            or_equal=True,
+            ignore_row_if="either_value_is_missing",
+            notes=f"detector masks index the legend (0..{n_classes - 1}), others the surfaces; {MASK_NODATA}: no label",
+        ),
+        gxe.ExpectColumnPairValuesAToBeGreaterThanB(
+            column_A="ignore_limit",
+            column_B="ignore_share",
+            or_equal=True,
+            ignore_row_if="either_value_is_missing",
+            notes="folder masks: share of pixels without label above validate.max_ignore_share",
+        ),
+    ]
+    return Check("masks", frame, expectations, tile_rows=True, file_column="mask_path")
 
 
 def class_balance_frame(manifest: pd.DataFrame, cfg: ValidateConfig) -> pd.DataFrame:
@@ -204,16 +248,20 @@ def apply_severity(checks: list[Check], severity: Mapping[str, str]) -> list[Che
     return checks
 
 
-def dataset_checks(manifest: pd.DataFrame, stats: pd.DataFrame, cfg: ValidateConfig) -> list[Check]:
-    """All batches and their expectations, in report order, with the severities of params."""
-    return apply_severity(_checks(manifest, stats, cfg), cfg.severity)
+def dataset_checks(
+    manifest: pd.DataFrame, stats: pd.DataFrame, cfg: ValidateConfig, n_classes: int = len(SURFACE_NAMES)
+) -> list[Check]:
+    """All batches and their expectations, in report order, with the severities of params.
+    `n_classes`: the classes of the segmentation legend, which mask values index."""
+    return apply_severity(_checks(manifest, stats, cfg, n_classes), cfg.severity)
 
 
-def _checks(manifest: pd.DataFrame, stats: pd.DataFrame, cfg: ValidateConfig) -> list[Check]:
+def _checks(manifest: pd.DataFrame, stats: pd.DataFrame, cfg: ValidateConfig, n_classes: int) -> list[Check]:
     balance = class_balance_frame(manifest, cfg)
     return [
         manifest_check(manifest, cfg),
         tiles_check(tiles_frame(manifest, stats, cfg), cfg),
+        masks_check(masks_frame(manifest, stats, n_classes, cfg), n_classes),
         Check(
             "class_balance",
             balance,

@@ -29,9 +29,13 @@ COLUMNS: dict[str, str] = {
     "bounds_top": "float64",
     "sha256": "string",  # of the file at `path`
     "cloud_share": "float64",  # scene tiles: share of cloud pixels (s2cloudless) at ingestion; else NaN
+    # seg_test tiles of the `scenes` segmentation source: GeoTIFF of the NDWI, NDVI and NDBI of the MS tile
+    # the RGB was rendered from (3 float32 bands named by their index; the report's index maps); else <NA>
+    "index_path": "string",
 }
 
-OPTIONAL_COLUMNS = frozenset({"cloud_share"})  # added later: absent in an older manifest means unknown
+# added later: absent in an older manifest means unknown (cloud share) or none (index map)
+OPTIONAL_COLUMNS = frozenset({"cloud_share", "index_path"})
 
 # The sets the methods need. A location belongs to exactly one split.
 SPLITS: dict[str, str] = {
@@ -79,6 +83,13 @@ EUROSAT_SPLITS: tuple[str, ...] = ("ms_train", "ms_pool", "rgb_train", "pair_tra
 # The splits of the detector (method B): RGB tiles with land-cover masks.
 SEGMENTATION_SPLITS: tuple[str, ...] = ("captions", "fewshot", "seg_test")
 MANIFEST_NAME = "manifest.parquet"
+# What prepare, every segmentation source and the readers of their tiles share (kept here, below them all).
+SEGMENTATION_DIR = "data/segmentation"  # under the project root: where prepare swaps a source's folder in
+# Appended to a segmentation tile's location id: the tile belongs to method B's data set, not to
+# method A's, so "one location, one split" keeps the detector splits apart without touching A's.
+SEGMENTATION_SUFFIX = ":seg"
+SOURCE_FILE = "source.json"  # always written: which source a folder holds (an empty folder is not an output)
+FOLDER_SOURCE_PREFIX = "folder:"  # `source`, `id` and `location_id` prefix of the folder source's tiles
 
 
 def make_manifest(rows: list[dict]) -> pd.DataFrame:

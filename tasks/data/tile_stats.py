@@ -23,7 +23,7 @@ import pandas as pd
 import rasterio
 
 from ms2rgb.tasks.data.atomic import write_atomic
-from ms2rgb.tasks.data.classes import MASK_NODATA, SURFACE_NAMES
+from ms2rgb.tasks.data.classes import MASK_NODATA
 from ms2rgb.tasks.data.geotiff import read_tile, sha256_of
 
 PROGRESS_EVERY = 500  # tiles between progress lines
@@ -50,7 +50,10 @@ STATS_COLUMNS: dict[str, str] = {
     "saturated_share": "float64",  # uint16 tiles: share of pixels at 65535 in any band (L1C saturation); else NaN
     "has_crs": "boolean",  # <NA> when unreadable, so a corrupt file is reported once, as unreadable
     "crs": "string",  # CRS of the file as "EPSG:n" or WKT
-    "mask_ok": "bool",  # mask exists, decodes, has valid values and the tile's shape (True if no mask)
+    "mask_ok": "bool",  # mask exists, decodes to one uint8 band in the tile's shape (True if no mask)
+    # Judged against the legend by validation (the facts stay a function of the bytes, for the memo):
+    "mask_max": "Int64",  # largest labelled value (not MASK_NODATA) of the mask; <NA> without one
+    "ignore_share": "float64",  # share of the mask's pixels at MASK_NODATA; NaN without a mask
 }
 
 
@@ -114,14 +117,24 @@ def _read_mask(mask_path: object, data_root: Path) -> np.ndarray | None:
 
 
 def _mask_ok(mask_path: object, mask: np.ndarray | None, shape: tuple[object, object]) -> bool:
-    """True when there is no mask, or it decodes to one uint8 band of known surface values in the tile's shape."""
+    """True when there is no mask, or it decodes to one uint8 band in the tile's shape. Whether its
+    values are classes of the legend is judged from `mask_max` (validation knows the legend)."""
     if pd.isna(mask_path):
         return True
     if mask is None or mask.shape[0] != 1 or mask.dtype != np.uint8:
         return False
-    valid = (mask < len(SURFACE_NAMES)) | (mask == MASK_NODATA)
-    same_shape = shape == (None, None) or tuple(mask.shape[1:]) == shape
-    return bool(valid.all()) and same_shape
+    return shape == (None, None) or tuple(mask.shape[1:]) == shape
+
+
+def _mask_values(mask: np.ndarray | None) -> dict[str, Any]:
+    """mask_max and ignore_share of a decoded mask (NA/NaN without one)."""
+    if mask is None or mask.size == 0:
+        return {"mask_max": pd.NA, "ignore_share": np.nan}
+    labelled = mask[mask != MASK_NODATA]
+    return {
+        "mask_max": int(labelled.max()) if labelled.size else pd.NA,
+        "ignore_share": float((mask == MASK_NODATA).mean()),
+    }
 
 
 # Facts that depend on the row rather than on the bytes: never taken from the memo.
@@ -143,7 +156,7 @@ def decode(path: Path, mask_path: object, data_root: Path) -> Decoded:
     facts, tile = _raster_stats(path)
     mask = _read_mask(mask_path, data_root)
     shape = (facts.get("height"), facts.get("width"))
-    return Decoded(facts | {"mask_ok": _mask_ok(mask_path, mask, shape)}, tile, mask)
+    return Decoded(facts | {"mask_ok": _mask_ok(mask_path, mask, shape)} | _mask_values(mask), tile, mask)
 
 
 def memo_key(path: Path, mask_path: object, data_root: Path) -> Key | None:
@@ -170,6 +183,7 @@ def tile_row(row: pd.Series, data_root: Path, memo: dict[Key, dict[str, Any]]) -
     if not facts["file_exists"]:
         mask = _read_mask(row["mask_path"], data_root)
         facts |= {"error": "file does not exist", "mask_ok": _mask_ok(row["mask_path"], mask, (None, None))}
+        facts |= _mask_values(mask)
         return facts, None
     actual = sha256_of(path)
     facts["sha_matches"] = bool(pd.notna(row["sha256"]) and actual == str(row["sha256"]))

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ms2rgb.tasks.data.cache import CachedSplit
-from ms2rgb.tasks.data.classes import SURFACE_NAMES, first_k_of_each
+from ms2rgb.tasks.data.classes import MASK_NODATA, first_k_of_each
 from ms2rgb.tasks.errors import Ms2rgbError
 
 
@@ -20,8 +20,12 @@ def shot_groups(split: CachedSplit) -> np.ndarray:
     spectral indices) the surface that covers most of the tile's labelled pixels (-1: none)."""
     if (split.labels >= 0).any() or split.masks is None:
         return split.labels
-    masks = np.asarray(split.masks).reshape(len(split.labels), -1)
-    counts = np.stack([(masks == s).sum(1) for s in range(len(SURFACE_NAMES))], axis=1)  # (N, surfaces)
+    masks = np.asarray(split.masks).reshape(len(split.labels), -1).astype(np.int64)  # (N, H*W)
+    # One histogram of mask values per tile, whatever the legend's size; ignored pixels never count.
+    values = MASK_NODATA + 1  # uint8 masks: every value 0..MASK_NODATA gets a bin
+    rows = np.arange(len(masks))[:, None] * values
+    counts = np.bincount((rows + masks).ravel(), minlength=len(masks) * values).reshape(len(masks), values)
+    counts[:, MASK_NODATA] = 0
     return np.where(counts.max(1) > 0, counts.argmax(1), -1)
 
 

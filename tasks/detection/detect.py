@@ -3,9 +3,10 @@
 Input: a 3-band uint8 RGB GeoTIFF (bands red, green, blue — EuroSAT's / our tiles' B04, B03,
 B02 rendering) or a 13-band uint16 Sentinel-2 L1C GeoTIFF, which is rendered to RGB exactly
 as the training tiles were (``tasks/data/windows.py``; band descriptions, when they name
-all 13 bands, give the order). It needs a CRS. Classes: land-cover surface names
-(``crop``, ``water``, ...), scene names (``River`` -> its description) or free descriptions
-of two or more words (``"red tiled roofs"``); one unknown word is an error.
+all 13 bands, give the order). It needs a CRS. Classes: the names of the detector's own
+legend (the classes it was tuned on, e.g. a user's from ``ms2rgb data masks``), land-cover
+surface names (``crop``, ``water``, ...), scene names (``River`` -> its description) or free
+descriptions of two or more words (``"red tiled roofs"``); one unknown word is an error.
 
 The image is scored in 64-px windows (the tiles' size) with overlap; each pixel gets the mean
 of the logits of every window covering it, which hides window seams. It is read and written
@@ -27,7 +28,7 @@ which happens only on images larger than one block).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,16 +55,29 @@ def _key(name: str) -> str:
     return name.lower().replace(" ", "").replace("_", "")
 
 
-def resolve_classes(spec: str) -> tuple[list[str], list[str]]:
-    """Comma-separated class names -> (names, texts the CLIP reads). See the module docstring."""
+def class_names(spec: str) -> list[str]:
+    """The names of a comma-separated --classes; raises when it names none or one twice. Checked
+    before the detector is loaded, so a typo costs no model load."""
     names = [part.strip() for part in spec.split(",") if part.strip()]
-    valid = list(SURFACE_CLASSES) + list(SCENE_CLASSES)
     if not names:
         raise Ms2rgbError(
             f"--classes {spec!r} names no class; give comma-separated names such as "
-            f"'water,forest,roof' (known names: {valid}) or descriptions of 2+ words"
+            f"'water,forest,roof' (known names: {list(SURFACE_CLASSES) + list(SCENE_CLASSES)}) "
+            "or descriptions of 2+ words"
         )
-    lookup = {_key(n): d for n, d in SCENE_CLASSES.items()} | {_key(n): d for n, d in SURFACE_CLASSES.items()}
+    repeated = sorted({n for n in names if [_key(m) for m in names].count(_key(n)) > 1})
+    if repeated:
+        raise Ms2rgbError(f"--classes lists {repeated} more than once; name each class once")
+    return names
+
+
+def resolve_classes(spec: str, own: Mapping[str, str] | None = None) -> tuple[list[str], list[str]]:
+    """Comma-separated class names -> (names, texts the CLIP reads). See the module docstring.
+
+    `own`: the detector's own classes (name -> description, from the legend it was tuned on); they
+    come first, so a class of a user's legend is known by its one-word name."""
+    names, own = class_names(spec), dict(own or {})
+    lookup = {_key(n): d for table in (SCENE_CLASSES, SURFACE_CLASSES, own) for n, d in table.items()}
     texts = []
     for name in names:
         if _key(name) in lookup:
@@ -71,10 +85,8 @@ def resolve_classes(spec: str) -> tuple[list[str], list[str]]:
         elif len(name.split()) > 1:
             texts.append(name)  # a free description is read as it is
         else:
+            valid = list(dict.fromkeys([*own, *SURFACE_CLASSES, *SCENE_CLASSES]))
             raise UnknownClassError(name, valid, "--classes (free descriptions need two or more words)")
-    repeated = sorted({n for n in names if [_key(m) for m in names].count(_key(n)) > 1})
-    if repeated:
-        raise Ms2rgbError(f"--classes lists {repeated} more than once; name each class once")
     return names, texts
 
 
@@ -237,11 +249,12 @@ def detect(
 
     if not 1 <= stride <= WINDOW:
         raise Ms2rgbError(f"--stride {stride} must lie in 1..{WINDOW} so windows overlap or touch")
-    names, texts = resolve_classes(classes)
+    class_names(classes)
     image = Path(image)
     with ImageReader(image) as reader:
         blocks = plan_blocks(reader.height, reader.width, window_px, halo=WINDOW - 1, align=WINDOW)
         model, source, note = choose_detector(root, model_uri)
+        names, texts = resolve_classes(classes, dict(zip(model.class_names, model.texts)))
         device = pick_device()
         model.to(device).eval()
         tokens = tokenizer_for(model)(texts).to(device)

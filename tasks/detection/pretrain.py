@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -27,6 +27,7 @@ from ms2rgb.models.clip_detector import ClipPixels, ImageEmbedder
 from ms2rgb.tasks.config import ClipConfig, PretrainConfig
 from ms2rgb.tasks.data.atomic import write_atomic
 from ms2rgb.tasks.data.cache import CachedSplit
+from ms2rgb.tasks.data.classes import SURFACE_CLASSES
 from ms2rgb.tasks.detection.captions import captions
 from ms2rgb.tasks.detection.data import load_tiles, sample_batch
 from ms2rgb.tasks.errors import ParamsError
@@ -95,10 +96,12 @@ def pretrain_clip(
     seed: int,
     device: torch.device,
     progress: Callable[[str], None] = print,
+    classes: Mapping[str, str] = SURFACE_CLASSES,
 ) -> list[float]:
-    """Train every CLIP parameter contrastively on the split's tiles and captions; return step losses."""
+    """Train every CLIP parameter contrastively on the split's tiles and captions; return step losses.
+    `classes`: the masks' legend, whose descriptions the captions are written in."""
     images, _ = load_tiles(split)
-    texts, caption_ids = np.unique(captions(split.labels, np.asarray(split.masks)), return_inverse=True)
+    texts, caption_ids = np.unique(captions(split.labels, np.asarray(split.masks), classes), return_inverse=True)
     tokens = tokenizer(list(texts))  # (U, L)
     pixels = ClipPixels.for_clip(clip).to(device)
     rng = np.random.default_rng(seed)
@@ -151,12 +154,13 @@ def _pretrain_fallback(
     seed: int,
     device: torch.device,
     tracker: StageTracker,
+    classes: Mapping[str, str],
 ) -> dict[str, Any]:
     """Pretrain the fallback CLIP on the captions split, save and register it; its info."""
     with tracker.child("pretrain", tags={"ms2rgb.variant": "pretrain"}) as child:
         child.log_params({"pretrain": vars(cfg), "clip_model": model_name})
         start = time.perf_counter()
-        losses = pretrain_clip(clip, tokenizer, captions_split(), cfg, seed, device)
+        losses = pretrain_clip(clip, tokenizer, captions_split(), cfg, seed, device, classes=classes)
         seconds = time.perf_counter() - start
         child.log_metric_series("pretrain_loss", losses)
         write_atomic(out_dir / BACKBONE_FILE, lambda tmp: torch.save(clip.state_dict(), tmp))
@@ -183,8 +187,10 @@ def prepare_backbone(
     seed: int,
     device: torch.device,
     tracker: StageTracker,
+    classes: Mapping[str, str] = SURFACE_CLASSES,
 ) -> tuple[nn.Module, Callable[..., torch.Tensor], dict[str, Any]]:
     """Load the configured weights or pretrain the fallback; return (frozen CLIP, tokenizer, info).
+    `classes`: the legend of the captions split's masks.
 
     info["weights"] says which weights the detector was tuned on; it is logged and reported.
     """
@@ -202,7 +208,7 @@ def prepare_backbone(
         info.update(
             _resumed_backbone(clip, out_dir)
             or _pretrain_fallback(
-                clip, tokenizer, captions_split, pretrain_cfg, clip_cfg.model, out_dir, seed, device, tracker
+                clip, tokenizer, captions_split, pretrain_cfg, clip_cfg.model, out_dir, seed, device, tracker, classes
             )
         )
     tracker.log_params({"clip.weights": info["weights"]})

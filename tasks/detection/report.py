@@ -109,8 +109,10 @@ def log_figures(
     test_tiles: tuple[torch.Tensor, torch.Tensor],
     examples: int,
     tracker: StageTracker,
+    class_names: Sequence[str] = SURFACE_NAMES,
 ) -> None:
-    """Loss curves, mIoU vs K, per-class IoU bars and example tiles of the headline model."""
+    """Loss curves, mIoU vs K, per-class IoU bars and example tiles of the headline model.
+    `class_names`: the legend of the masks (index = mask value)."""
     k = max(shots)
     images, masks = test_tiles
     rows = np.unique(np.linspace(0, len(images) - 1, min(examples, len(images))).astype(int))
@@ -121,10 +123,10 @@ def log_figures(
             {n: results[n]["miou"] for n in ("zero_shot", *BASELINES)},
         ),
         "per_class_iou.png": plots.per_class_bars(
-            {n: results[n]["per_class_iou"] for n in (f"full_k{k}", "zero_shot", *BASELINES)}, SURFACE_NAMES
+            {n: results[n]["per_class_iou"] for n in (f"full_k{k}", "zero_shot", *BASELINES)}, list(class_names)
         ),
         "examples.png": plots.example_tiles(
-            images[rows].numpy(), masks[rows].numpy(), results[f"full_k{k}"]["preds"][rows], SURFACE_NAMES
+            images[rows].numpy(), masks[rows].numpy(), results[f"full_k{k}"]["preds"][rows], list(class_names)
         ),
     }
     for name, figure in figures.items():

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from ms2rgb.tasks.data.atomic import write_atomic
 from ms2rgb.tasks.data.classes import MASK_NODATA
 from ms2rgb.tasks.detection import plots as detection_plots
+from ms2rgb.tasks.detection.index_maps import index_maps_figure
 from ms2rgb.tasks.report.compare import accuracy_by_k_figure
 from ms2rgb.tasks.training import plots as training_plots
 
@@ -35,6 +36,10 @@ FIGURE_CAPTIONS: dict[str, str] = {
     "miou_vs_k": "Detector mIoU on the held-out segmentation tiles against K labelled tiles per scene class.",
     "detector_overlays": "Detector on a few test tiles: RGB, ground truth, prediction over the RGB and the "
     "pixels it gets wrong (red); no-data is black.",
+    # only for tiles rendered from ingested scenes (data.segmentation.source: scenes), which have MS bands
+    "index_maps": "Held-out scene tiles: the RGB the detector sees, the spectral indices of the same tile's "
+    "MS bands (fixed ranges), the weak labels voted from them, against which the detector is scored (per-class "
+    "IoU under method B), and the detector's RGB-only class map; no-data is black.",
     # drawn from reports/compare.json when the compare stage ran; shown in the report's comparison section
     "accuracy_by_k": "Method A: RGB test accuracy (mean ± std over seeds) against the RGB labels per class K, "
     "one line per student variant; the baseline dashed.",
@@ -186,10 +191,23 @@ def save_png(figure: Figure, path: Path) -> Path:
     return write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=DPI))
 
 
+def index_maps(overlays: Overlays | None, indices: np.ndarray | None) -> Figure | None:
+    """The overlay tiles' spectral-index maps, when `indices` holds them (None: not scene tiles, none)."""
+    if overlays is None or indices is None:
+        return None
+    images, preds, masks, names = overlays
+    return index_maps_figure(images, indices, masks, preds, names)
+
+
 def build_figures(
-    evaluation: Mapping[str, Any], overlays: Overlays | None = None, compare: Mapping[str, Any] | None = None
+    evaluation: Mapping[str, Any],
+    overlays: Overlays | None = None,
+    compare: Mapping[str, Any] | None = None,
+    overlay_indices: np.ndarray | None = None,
 ) -> dict[str, Figure]:
-    """Every figure whose inputs `evaluation` (and the compare summary) hold, by name (FIGURE_CAPTIONS), in order."""
+    """Every figure whose inputs `evaluation` (and the compare summary) hold, by name (FIGURE_CAPTIONS), in order.
+
+    `overlay_indices` (N, 3, H, W): the overlay tiles' NDWI/NDVI/NDBI maps, or None when they have none."""
     student = evaluation.get("student") or {}
     detector = evaluation.get("detector") or {}
     built: dict[str, Figure | None] = {
@@ -201,20 +219,26 @@ def build_figures(
         ),
         "miou_vs_k": miou_vs_k(detector["miou_by_k"]) if detector.get("miou_by_k") else None,
         "detector_overlays": detector_overlays(*overlays) if overlays is not None else None,
+        "index_maps": index_maps(overlays, overlay_indices),
         "accuracy_by_k": accuracy_by_k_figure(compare) if compare is not None else None,
     }
     return {name: figure for name, figure in built.items() if figure is not None}
 
 
 def write_figures(
-    evaluation: dict, out_dir: Path, overlays: tuple | None, compare: Mapping[str, Any] | None = None
+    evaluation: dict,
+    out_dir: Path,
+    overlays: tuple | None,
+    compare: Mapping[str, Any] | None = None,
+    overlay_indices: np.ndarray | None = None,
 ) -> dict[str, Path]:
     """Save the report's figures as `out_dir/<name>.png`; returns name -> path (only those drawn).
 
     `overlays` is (images (N,3,H,W) uint8, predicted maps (N,H,W), true masks (N,H,W), class names)
-    or None for no overlay figure; `compare` the compare stage's summary (reports/compare.json) or None.
+    or None for no overlay figure; `compare` the compare stage's summary (reports/compare.json) or None;
+    `overlay_indices` the (N,3,H,W) index maps of the overlay tiles (scene tiles) or None for none.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    figures = build_figures(evaluation, overlays, compare)
+    figures = build_figures(evaluation, overlays, compare, overlay_indices)
     return {name: save_png(figure, out_dir / f"{name}.png") for name, figure in figures.items()}

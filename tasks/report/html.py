@@ -98,7 +98,7 @@ pre { background:var(--band); border:1px solid var(--line); border-radius:6px; p
       font-size:12px; }
 code { font-family:ui-monospace,"DejaVu Sans Mono",monospace; font-size:12.5px; }
 """
-WIDE_FIGURES = {"per_class", "detector_overlays", "accuracy_by_k"}
+WIDE_FIGURES = {"per_class", "detector_overlays", "index_maps", "accuracy_by_k"}
 COMPARE_FIGURE = "accuracy_by_k"  # shown in the comparison section, beside its table, not among the figures
 
 

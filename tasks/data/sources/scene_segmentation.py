@@ -7,7 +7,12 @@ multispectral bands teach the RGB detector at pixel level. Tiles are grouped int
 `seg_test` by `shares`, so the detector is scored on ground it never saw. Output, under `out_dir`
 (prepare swaps it in whole):
 
-    <scene>/rgb/<tile>.tif, <scene>/mask/<tile>.tif, manifest.parquet (paths relative to out_dir)
+    <scene>/rgb/<tile>.tif, <scene>/mask/<tile>.tif, manifest.parquet (paths relative to out_dir),
+    legend.json (the weak-label surfaces, `WEAK_LEGEND`; mask values index it), and for `seg_test`
+    tiles <scene>/index/<tile>.tif (manifest column `index_path`): the NDWI, NDVI and NDBI the votes
+    read, 3 float32 bands named by `INDEX_BANDS`, for the report's index maps. They are written here,
+    from the MS tile in hand, so the report reads only this folder: the scene tiles stay out of
+    evaluate's deps, and a scene tile removed later cannot break the report.
 
 A segmentation tile shows the place of an MS pool tile, but belongs to method B's data set, not
 method A's: its location id is the pool tile's with `SEGMENTATION_SUFFIX`, so the validation rule
@@ -30,14 +35,28 @@ from rasterio.transform import from_bounds
 from ms2rgb.models.bands import RGB_BANDS
 from ms2rgb.tasks.data.clouds import cloud_masks
 from ms2rgb.tasks.data.geotiff import read_tile, sha256_of, write_tile
-from ms2rgb.tasks.data.manifest import MANIFEST_NAME, make_manifest, read_manifest, write_manifest
+from ms2rgb.tasks.data.legend import WEAK_LEGEND, surface_remap, write_legend
+from ms2rgb.tasks.data.manifest import (
+    MANIFEST_NAME,
+    SEGMENTATION_SUFFIX,
+    SOURCE_FILE,
+    make_manifest,
+    read_manifest,
+    write_manifest,
+)
 from ms2rgb.tasks.data.render import render_rgb
-from ms2rgb.tasks.data.weak_labels import IndexThresholds, weak_labels
+from ms2rgb.tasks.data.weak_labels import IndexThresholds, spectral_indices, weak_labels
 from ms2rgb.tasks.errors import Ms2rgbError
 
-SEGMENTATION_SUFFIX = ":seg"
 BATCH = 256  # tiles read and cloud-scored together
-SOURCE_FILE = "source.json"  # always written: which source the folder holds (an empty folder is not an output)
+# Masks hold WEAK_LEGEND indices: only the surfaces the indices can claim, so the detector is not asked
+# for a class (crop, roof, ...) no weak label ever contains.
+TO_LEGEND = surface_remap(WEAK_LEGEND)
+# spectral_indices keys of a seg_test tile's index map, in band order; the band descriptions are these
+# upper-cased. float32, as computed: GDAL before 3.11 has no float16 GeoTIFF, and the report's check
+# against the source bands wants the values unrounded. Only seg_test: the report shows held-out tiles.
+INDEX_BANDS = ("ndwi", "ndvi", "ndbi")
+INDEX_SPLIT = "seg_test"
 
 
 def grid_positions(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -70,15 +89,16 @@ def _tile_rows(scene_dir: Path, frame: pd.DataFrame, out_dir: Path, cfg: IndexTh
             [read_tile(scene_dir.parent / p, expect_bands=13, expect_dtype="uint16") for p in batch["path"]]
         )
         for (_, tile), ms, cloudy, split in zip(batch.iterrows(), tiles, cloud_masks(tiles), splits[start:]):
-            rows.append(_write_tile_pair(scene_dir.name, tile, ms, weak_labels(ms, cfg, cloudy), out_dir, split))
+            labels = TO_LEGEND[weak_labels(ms, cfg, cloudy)]  # surface ids -> WEAK_LEGEND indices
+            rows.append(_write_tile_pair(scene_dir.name, tile, ms, labels, out_dir, split))
     return rows
 
 
 def _write_tile_pair(
     scene: str, tile: pd.Series, ms: np.ndarray, labels: np.ndarray, out_dir: Path, split: str
 ) -> dict[str, Any]:
-    """Write one tile's RGB render and weak mask; its manifest row. The georeference is the pool
-    tile's, from its manifest bounds (no second read of the file)."""
+    """Write one tile's RGB render and weak mask (and, in INDEX_SPLIT, its index map); its manifest row.
+    The georeference is the pool tile's, from its manifest bounds (no second read of the file)."""
     crs = CRS.from_string(tile["crs"])
     bounds = (tile["bounds_left"], tile["bounds_bottom"], tile["bounds_right"], tile["bounds_top"])
     transform = from_bounds(*bounds, width=ms.shape[2], height=ms.shape[1])
@@ -86,12 +106,18 @@ def _write_tile_pair(
     rgb_rel, mask_rel = f"{scene}/rgb/{name}.tif", f"{scene}/mask/{name}.tif"
     write_tile(out_dir / rgb_rel, render_rgb(ms), crs, transform, band_names=RGB_BANDS)
     write_tile(out_dir / mask_rel, labels[None], crs, transform, band_names=("surface",))
+    index_rel = f"{scene}/index/{name}.tif" if split == INDEX_SPLIT else None
+    if index_rel is not None:
+        indices = spectral_indices(ms)
+        maps = np.stack([indices[key] for key in INDEX_BANDS]).astype(np.float32)  # (3, H, W)
+        write_tile(out_dir / index_rel, maps, crs, transform, band_names=tuple(k.upper() for k in INDEX_BANDS))
     location = f"{tile['location_id']}{SEGMENTATION_SUFFIX}"
     return tile.to_dict() | {
         "id": f"{location}-rgb",
         "modality": "rgb",
         "path": rgb_rel,
         "mask_path": mask_rel,
+        "index_path": index_rel,
         "class": None,
         "split": split,
         "location_id": location,
@@ -127,4 +153,5 @@ def build_scene_segmentation(
     manifest = make_manifest(rows)
     write_manifest(manifest, out_dir / MANIFEST_NAME)
     (out_dir / SOURCE_FILE).write_text(json.dumps({"source": "scenes"}) + "\n")
+    write_legend(out_dir, WEAK_LEGEND)
     return manifest
