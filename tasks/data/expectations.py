@@ -58,6 +58,13 @@ def _in_set(column: str, values: list, why: str) -> gxe.Expectation:
     return gxe.ExpectColumnValuesToBeInSet(column=column, value_set=values, notes=why)
 
 
+def _at_most(limit: str, column: str, notes: str) -> gxe.Expectation:
+    """`column` <= `limit`, row by row; a row where either is missing is not checked (no limit there)."""
+    return gxe.ExpectColumnPairValuesAToBeGreaterThanB(
+        column_A=limit, column_B=column, or_equal=True, ignore_row_if="either_value_is_missing", notes=notes
+    )
+
+
 def _all_true(column: str, why: str) -> gxe.Expectation:
     return _in_set(column, [True], why)
 
@@ -123,13 +130,7 @@ def tiles_check(frame: pd.DataFrame, cfg: ValidateConfig) -> Check:
         gxe.ExpectColumnValuesToBeBetween(
             column="nodata_share", min_value=0.0, max_value=cfg.max_nodata_share, notes="tile mostly outside a scene"
         ),
-        gxe.ExpectColumnPairValuesAToBeGreaterThanB(
-            column_A="value_limit",
-            column_B="max_value",
-            or_equal=True,
-            ignore_row_if="either_value_is_missing",
-            notes="MS values above validate.ms_value_max, RGB above 255",
-        ),
+        _at_most("value_limit", "max_value", "MS values above validate.ms_value_max, RGB above 255"),
         gxe.ExpectColumnValuesToBeBetween(
             column="saturated_share",
             min_value=0.0,
@@ -160,19 +161,15 @@ def masks_frame(manifest: pd.DataFrame, stats: pd.DataFrame, n_classes: int, cfg
 def masks_check(frame: pd.DataFrame, n_classes: int) -> Check:
     """Mask values are classes of the legend; folder masks are mostly labelled."""
     expectations: list[gxe.Expectation] = [
-        gxe.ExpectColumnPairValuesAToBeGreaterThanB(
-            column_A="class_limit",
-            column_B="mask_max",
-            or_equal=True,
-            ignore_row_if="either_value_is_missing",
-            notes=f"detector masks index the legend (0..{n_classes - 1}), others the surfaces; {MASK_NODATA}: no label",
+        _at_most(
+            "class_limit",
+            "mask_max",
+            f"detector masks index the legend (0..{n_classes - 1}), others the surfaces; {MASK_NODATA}: no label",
         ),
-        gxe.ExpectColumnPairValuesAToBeGreaterThanB(
-            column_A="ignore_limit",
-            column_B="ignore_share",
-            or_equal=True,
-            ignore_row_if="either_value_is_missing",
-            notes="folder masks: share of pixels without label above validate.max_ignore_share",
+        _at_most(
+            "ignore_limit",
+            "ignore_share",
+            "folder masks: share of pixels without label above validate.max_ignore_share",
         ),
     ]
     return Check("masks", frame, expectations, tile_rows=True, file_column="mask_path")
