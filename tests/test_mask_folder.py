@@ -4,15 +4,16 @@ and one clear error per bad input."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyogrio
 import pytest
 import rasterio
+import shapely.geometry
 import torch
 import yaml
 from conftest import REPO, make_project
@@ -235,11 +236,31 @@ def test_an_unknown_vector_attribute_value_is_named(inputs: tuple, tmp_path: Pat
     _fails(inputs, tmp_path, "d.geojson", "landcover='Marsh'", "value: Marsh")
 
 
-def test_geopackage_without_a_reader_says_what_to_install(inputs: tuple, tmp_path: Path) -> None:
-    if importlib.util.find_spec("pyogrio") is not None:
-        pytest.skip("pyogrio is installed: GeoPackage is read")
-    (inputs[1] / "d.geojson").rename(inputs[1] / "d.gpkg")
-    _fails(inputs, tmp_path, "d.gpkg", "pyogrio")
+def test_geopackage_labels_rasterize_like_the_same_polygons_in_geojson(inputs: tuple, tmp_path: Path) -> None:
+    images, masks, legend = inputs
+    from_json = import_masks(images, masks, legend, tmp_path / "json", progress=lambda _: None)
+    # The same two polygons as a GeoPackage, the way labelling tools export it (WKB geometries, one layer).
+    collection = json.loads((masks / "d.geojson").read_text())
+    (masks / "d.geojson").unlink()
+    pyogrio.raw.write(
+        masks / "d.gpkg",
+        np.array([shapely.geometry.shape(f["geometry"]).wkb for f in collection["features"]], dtype=object),
+        [np.array([f["properties"]["landcover"] for f in collection["features"]], dtype=object)],
+        ["landcover"],
+        driver="GPKG",
+        geometry_type="Polygon",
+        crs=CRS,
+    )
+    from_gpkg = import_masks(images, masks, legend, tmp_path / "gpkg", progress=lambda _: None)
+    for name in ("d-r000c000", "d-r000c001"):
+        assert np.array_equal(tile(tmp_path / "gpkg", from_gpkg, name), tile(tmp_path / "json", from_json, name))
+    assert (tile(tmp_path / "gpkg", from_gpkg, "d-r000c000")[0] == WATER).all()
+
+
+def test_a_broken_geopackage_is_named(inputs: tuple, tmp_path: Path) -> None:
+    (inputs[1] / "d.geojson").unlink()
+    (inputs[1] / "d.gpkg").write_bytes(b"not a database")
+    _fails(inputs, tmp_path, "d.gpkg", "is not a GeoPackage")
 
 
 def test_an_id_of_true_and_two_classes_of_one_vector_value_are_refused(inputs: tuple, tmp_path: Path) -> None:

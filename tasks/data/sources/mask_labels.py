@@ -2,7 +2,7 @@
 
 Images: GeoTIFF, PNG or JPEG of 3 (or 4: no pixel whose alpha is 0 is labelled) uint8 bands, with or
 without a CRS. Labels, matched to the image by file stem: a one-band raster of class ids, a colour-coded RGB(A) raster
-(fully transparent pixels are ignored), or vector labels (GeoJSON; GeoPackage through pyogrio)
+(fully transparent pixels are ignored), or vector labels (GeoJSON, or GeoPackage read with pyogrio)
 whose polygons are burnt onto the image's grid with `rasterio.features.rasterize`. The result holds
 legend indices (0..N-1) and MASK_NODATA; any value the legend does not know is an error.
 """
@@ -164,15 +164,14 @@ def map_colours(mask: Path, rgb: np.ndarray, legend: MaskLegend, ignored: np.nda
 def _vector_features(path: Path) -> tuple[list[dict[str, Any]], str]:
     """(GeoJSON-like features, their CRS) of a GeoJSON file, or of a GeoPackage through pyogrio."""
     if path.suffix.lower() == ".gpkg":
+        import pyogrio  # here, not at the top: only GeoPackage labels pay for loading its GDAL
+
         try:
-            import pyogrio  # optional: GeoPackage is SQLite with WKB geometries, beyond `json`
-        except ImportError:
+            meta, _, geometries, fields = pyogrio.raw.read(path)
+        except pyogrio.errors.DataSourceError as err:
             raise DataError(
-                path,
-                "reading GeoPackage needs pyogrio, which is not installed",
-                "`pip install pyogrio`, or export it as GeoJSON",
-            ) from None
-        meta, _, geometries, fields = pyogrio.raw.read(path)
+                path, f"is not a GeoPackage ({err})", "export the labels again as .gpkg or GeoJSON"
+            ) from err
         from shapely import from_wkb
 
         names = list(meta["fields"])
