@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from ms2rgb.tasks.training.augment import apply_dihedral, dihedral, random_dihedral
-from ms2rgb.tasks.training.loop import FitConfig, Trainer, batch_bounds
+from ms2rgb.tasks.training.loop import EpochStats, FitConfig, Trainer, batch_bounds
 from ms2rgb.tasks.training.metrics import accuracy_report, confusion_matrix, iou_report
+from ms2rgb.tasks.training.progress import epoch_printer
 
 
 def test_batch_bounds_cover_every_item_once_and_merge_runts() -> None:
@@ -70,6 +71,20 @@ def test_trainer_is_seeded_and_checkpoints_are_complete(tmp_path: Path) -> None:
     assert state["epoch"] == 2 and state["extra"] == {"note": "caller state"} and len(state["history"]) == 3
     torch.testing.assert_close(state["module"]["weight"], model.weight.detach())
     assert state["optimizer"]["state"]  # AdamW moments are there, so a resume continues the same run
+
+
+def test_epoch_printer_prints_first_last_and_about_twenty_lines_of_a_long_run(capsys) -> None:
+    trainer = Trainer(nn.Linear(2, 2), 4, FitConfig(900, 4, 0.01, 0.0), seed=0)
+    report = epoch_printer("run")
+    for epoch in range(900):
+        report(trainer, EpochStats(epoch, 1.0, 0.5, 0.01))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("run: epoch 1/900") and lines[-1].startswith("run: epoch 900/900")
+    assert len(lines) == 21  # epoch 1, then every 45th
+    short = Trainer(nn.Linear(2, 2), 4, FitConfig(15, 4, 0.01, 0.0), seed=0)
+    for epoch in range(15):
+        epoch_printer("short")(short, EpochStats(epoch, 1.0, 0.5, 0.01))
+    assert len(capsys.readouterr().out.splitlines()) == 15  # a short run shows every epoch
 
 
 def test_accuracy_report_confusion_rows_are_true_classes() -> None:

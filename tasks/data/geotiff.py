@@ -15,12 +15,18 @@ from ms2rgb.tasks.errors import RasterError
 
 TILE_SIZE = 64  # pixels
 PIXEL_SIZE = 10.0  # metres
+# A tile keeps its georeferencing inside the GeoTIFF. Without this option GDAL lists the whole folder
+# on every open to look for sidecar files (.aux.xml, .ovr), which in a folder of thousands of tiles
+# costs a third of the read. Only for tiles (ours, EuroSAT's): a user's PNG may need its world file.
+TILE_IO = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
 
 
 def write_tile(
     path: Path, array: np.ndarray, crs: CRS, transform: Affine, band_names: tuple[str, ...] | None = None
 ) -> None:
-    """Write a (C, H, W) array as a deflate-compressed GeoTIFF, naming its bands."""
+    """Write a (C, H, W) array as a deflate-compressed GeoTIFF, naming its bands.
+
+    Level 1: tiles are small and noisy, so level 6 saves 1 % of the bytes and costs 40 % more time."""
     path.parent.mkdir(parents=True, exist_ok=True)
     count, height, width = array.shape
     profile = dict(
@@ -32,8 +38,9 @@ def write_tile(
         crs=crs,
         transform=transform,
         compress="deflate",
+        zlevel=1,
     )
-    with rasterio.open(path, "w", **profile) as dst:
+    with rasterio.Env(**TILE_IO), rasterio.open(path, "w", **profile) as dst:
         dst.write(array)
         for i, name in enumerate(band_names or (), start=1):
             dst.set_band_description(i, name)
@@ -46,7 +53,7 @@ def read_tile(path: Path, expect_bands: int | None = None, expect_dtype: str | N
             path, "file does not exist", "re-create the data with `ms2rgb data ...` or remove its row from the manifest"
         )
     try:
-        with rasterio.open(path) as src:
+        with rasterio.Env(**TILE_IO), rasterio.open(path) as src:
             array = src.read()
     except RasterioIOError as exc:
         raise RasterError(

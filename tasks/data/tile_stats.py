@@ -24,7 +24,7 @@ import rasterio
 
 from ms2rgb.tasks.data.atomic import write_atomic
 from ms2rgb.tasks.data.classes import MASK_NODATA
-from ms2rgb.tasks.data.geotiff import read_tile, sha256_of
+from ms2rgb.tasks.data.geotiff import TILE_IO, read_tile, sha256_of
 
 PROGRESS_EVERY = 500  # tiles between progress lines
 L1C_SATURATED = 65535  # what Sentinel-2 L1C writes where a detector saturated
@@ -85,7 +85,7 @@ def _raster_stats(path: Path) -> tuple[dict[str, Any], np.ndarray | None]:
     """Open and fully decode one tile: its facts and its (C, H, W) array (None when unreadable).
     Any decoding error is recorded, not raised."""
     try:
-        with rasterio.open(path) as src:
+        with rasterio.Env(**TILE_IO), rasterio.open(path) as src:
             array = src.read()  # (C, H, W); a truncated file usually fails here, not at open
             crs = src.crs
     # Why so broad: GDAL reports corrupt data through several exception types (RasterioIOError,

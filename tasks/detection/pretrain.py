@@ -33,7 +33,7 @@ from ms2rgb.tasks.detection.data import load_tiles, sample_batch
 from ms2rgb.tasks.errors import ParamsError
 from ms2rgb.tasks.tracking import StageTracker
 from ms2rgb.tasks.training.augment import random_dihedral
-from ms2rgb.tasks.training.loop import autocast
+from ms2rgb.tasks.training.loop import adamw, autocast
 
 BACKBONE_FILE = "backbone.pt"
 BACKBONE_MODEL = "ms2rgb-clip-backbone"
@@ -77,7 +77,7 @@ def _optimiser(clip: nn.Module, cfg: PretrainConfig) -> tuple[torch.optim.Optimi
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    opt = adamw(groups, cfg.lr)
 
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:

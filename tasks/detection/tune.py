@@ -25,7 +25,7 @@ from ms2rgb.tasks.data.classes import MASK_NODATA
 from ms2rgb.tasks.detection.data import sample_batch
 from ms2rgb.tasks.errors import Ms2rgbError
 from ms2rgb.tasks.training.augment import random_dihedral
-from ms2rgb.tasks.training.loop import autocast
+from ms2rgb.tasks.training.loop import adamw, autocast
 from ms2rgb.tasks.training.metrics import confusion_matrix, iou_report
 
 STOP_THRESHOLD, STOP_MAX_STEPS = "loss_threshold", "max_steps"
@@ -111,7 +111,7 @@ def tune(
     if detector.prompted.num_trainable == 0:
         raise Ms2rgbError(f"mode {detector.prompted.cfg.mode!r} has nothing to train; evaluate it directly")
     detector.to(device).train()
-    opt = torch.optim.AdamW(detector.prompted.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adamw(detector.prompted.trainable_parameters(), cfg.lr, cfg.weight_decay)
     losses: list[float]
     rng, losses = np.random.default_rng(seed), []
     if resume_from is not None:

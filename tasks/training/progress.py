@@ -10,12 +10,17 @@ from ms2rgb.tasks.tracking import StageTracker
 from ms2rgb.tasks.training import plots
 from ms2rgb.tasks.training.loop import EpochStats, Trainer
 
+PROGRESS_LINES = 20  # per training run: a run of 900 one-batch epochs would otherwise print 900 lines
 
-def epoch_printer(name: str) -> Callable[[Trainer, EpochStats], None]:
-    """A training callback that prints one progress line per epoch."""
+
+def epoch_printer(name: str, lines: int = PROGRESS_LINES) -> Callable[[Trainer, EpochStats], None]:
+    """A training callback that prints a progress line for the first and last epoch and for about
+    `lines` evenly spaced ones between."""
 
     def report(trainer: Trainer, stats: EpochStats) -> None:
-        print(trainer.describe(name, stats), flush=True)
+        epoch, every = stats.epoch + 1, max(1, trainer.epochs // lines)
+        if epoch == 1 or epoch == trainer.epochs or epoch % every == 0:
+            print(trainer.describe(name, stats), flush=True)
 
     return report
 
