@@ -11,6 +11,7 @@ from helpers_params import config
 
 from ms2rgb.models.bands import S2_BANDS
 from ms2rgb.tasks.data.classes import SCENE_NAMES, SURFACE_NAMES
+from ms2rgb.tasks.data.manifest import SEGMENTATION_SPLITS
 from ms2rgb.tasks.data.sources.spectra import VISIBLE_BAND_INDEX, surface_spectra
 from ms2rgb.tasks.data.sources.synth import generate
 
@@ -35,9 +36,11 @@ def test_layout_georeference_and_masks(tmp_path: Path) -> None:
         assert src.crs.to_string() == "EPSG:32633" and src.res == (10.0, 10.0)
         assert src.descriptions == S2_BANDS
         assert src.bounds.left == ms["bounds_left"] and src.bounds.top == ms["bounds_top"]
-    with rasterio.open(tmp_path / ms["mask_path"]) as src:
+    assert frame.loc[~frame["split"].isin(SEGMENTATION_SPLITS), "mask_path"].isna().all()  # scene tiles: none
+    seg = frame[frame["split"].isin(SEGMENTATION_SPLITS)].iloc[0]
+    with rasterio.open(tmp_path / seg["mask_path"]) as src:
         mask = src.read(1)
-    assert mask.max() < len(SURFACE_NAMES)
+    assert mask.shape == (64, 64) and mask.max() < len(SURFACE_NAMES)
     rgb = frame[(frame["modality"] == "rgb") & (frame["location_id"] == frame["location_id"].iloc[-1])]
     with rasterio.open(tmp_path / rgb.iloc[0]["path"]) as src:
         assert (src.count, src.dtypes[0]) == (3, "uint8")
