@@ -24,7 +24,7 @@ run: $(STAMP)
 
 # Everything CI checks: lint, format, types, then every test (slow ones included).
 test: lint typecheck
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # The inner loop: no pipeline, server or multi-minute tests (about a minute).
 quick: $(STAMP)
