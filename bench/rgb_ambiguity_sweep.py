@@ -26,7 +26,7 @@ from ms2rgb.tasks.training.metrics import accuracy_report
 
 
 def draw(cfg: SynthConfig, split_no: int, per_class: int) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 13, 64, 64) MS tiles and labels, seeded like `tasks/synth.generate`."""
+    """(N, 13, 64, 64) MS tiles and labels, seeded like `generate` in `tasks/data/sources/synth.py`."""
     spectra = surface_spectra(cfg.rgb_ambiguity)
     tiles, labels = [], []
     for class_no, name in enumerate(SCENE_NAMES):

@@ -176,13 +176,22 @@ def _cmd_masks(args: argparse.Namespace) -> None:
     from ms2rgb.tasks.config import load_params
     from ms2rgb.tasks.data.sources.mask_folder import IMPORT_DIR, import_masks
 
-    seg = load_params(Path(args.root)).data.segmentation
+    params = load_params(Path(args.root))
+    seg = params.data.segmentation
     out = Path(args.out) if args.out else Path(args.root) / seg.folder
     with project_lock(Path(args.root), "ms2rgb data masks", args.wait):
-        frame = import_masks(Path(args.images), Path(args.masks), Path(args.legend), out)
-    images = frame["location_id"].nunique()
+        # validate's own limit: the import leaves out what validation would stop the run on
+        done = import_masks(
+            Path(args.images),
+            Path(args.masks),
+            Path(args.legend),
+            out,
+            max_ignore_share=params.validation.max_ignore_share,
+        )
+    images = done.manifest["location_id"].nunique()
     hint = "" if seg.source == "folder" else "; set data.segmentation.source: folder to train the detector on them"
-    print(f"{len(frame)} tiles of {images} images written to {out / IMPORT_DIR}{hint}")
+    print(f"{len(done.manifest)} tiles of {images} images written to {out / IMPORT_DIR}{hint}")
+    print(f"tiles left out: {done.left_out.describe(done.max_ignore_share)}")
 
 
 def _cmd_detect(args: argparse.Namespace) -> None:
@@ -308,8 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument("--out", default="detections", help="output folder (default: detections)")
     det.add_argument(
         "--model",
-        help="MLflow model URI, e.g. models:/ms2rgb-detector/1 (default: models:/ms2rgb-detector@champion, "
-        "else artifacts/detector/)",
+        help="MLflow model URI, e.g. models:/ms2rgb-detector/1, or 'artifacts' for artifacts/detector/ "
+        "(default: models:/ms2rgb-detector@champion; artifacts/detector/ only when there is no MLflow store)",
     )
     det.add_argument(
         "--stride", type=int, default=32, help="window step in px; < 64 overlaps and averages (default 32)"
@@ -322,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     pred.add_argument(
         "--model",
-        help="MLflow model URI, e.g. models:/ms2rgb-student/3 (default: models:/ms2rgb-student@champion, "
-        "else artifacts/student/model.pt)",
+        help="MLflow model URI, e.g. models:/ms2rgb-student/3, or 'artifacts' for artifacts/student/model.pt "
+        "(default: models:/ms2rgb-student@champion; artifacts/student/model.pt only when there is no MLflow store)",
     )
     pred.set_defaults(func=_cmd_predict)
     return parser

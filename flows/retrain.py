@@ -7,7 +7,7 @@ asks DVC before each stage and runs only the stale ones. Scenes ingested into `d
 `champion` only for a real gain; teacher, matcher and detector stay fresh and are skipped.
 
 Around that run, under the project lock (one writer per project, so `watch` cannot ingest mid-run):
-- the ledger (tasks/data/landing.py) records which scenes this retrain took and whether it finished
+- the ledger (flows/ledger.py) records which scenes this retrain took and whether it finished
   with them; a retrain killed midway leaves them untrained, and since DVC still finds the stages
   stale the next retrain takes them again. Evaluation moves aliases last, so a kill leaves every
   champion where it was;
@@ -28,11 +28,11 @@ from typing import Any
 import yaml
 from prefect import flow, get_run_logger
 
+from ms2rgb.flows import ledger
 from ms2rgb.flows.lock import project_lock
 from ms2rgb.flows.pipeline import pipeline
 from ms2rgb.tasks import tracking
 from ms2rgb.tasks.config import load_params
-from ms2rgb.tasks.data import landing
 
 PREPARED = "data/prepared"  # the prepare stage's output that every training stage reads
 # The comparison of baselines answers a research question, not a production one: new scenes leave it stale
@@ -82,13 +82,13 @@ def retrain(root: str = ".", scene_ids: list[str] | None = None, wait: float = 3
     load_params(path)  # every section checked before anything starts
     run_id = _flow_run_id()
     with project_lock(path, f"retrain {run_id or ''}".strip(), wait):
-        taken = landing.start_retrain(path, run_id)
+        taken = ledger.start_retrain(path, run_id)
         logger.info("retrain: announced %s; untrained scenes in the pool: %s", scene_ids or [], taken)
         since_ms = int(time.time() * 1000)
         try:
             reports = pipeline(root=str(path), skip=RETRAIN_SKIPS)
         except Exception as exc:  # a kill never gets here: then the scenes stay `running` and are retried
-            landing.finish_retrain(path, taken, "failed", reason=f"{type(exc).__name__}: {exc}"[:4000])
+            ledger.finish_retrain(path, taken, "failed", reason=f"{type(exc).__name__}: {exc}"[:4000])
             raise
         ran = [name for name, report in reports.items() if report is not None]
         versions = data_versions(path)
@@ -103,7 +103,7 @@ def retrain(root: str = ".", scene_ids: list[str] | None = None, wait: float = 3
                 "ms2rgb.retrain": run_id or "",
             }
             tagged = tracking.tag_runs_since(path, since_ms, tags)
-        landing.finish_retrain(path, taken, "trained", data_version=version, run_id=run_id)
+        ledger.finish_retrain(path, taken, "trained", data_version=version, run_id=run_id)
     evaluation = reports.get("evaluate") or {}
     promotion = {name: d.get("decision") for name, d in (evaluation.get("promotion") or {}).items()}
     logger.info("retrain: ran %s; data version %s; %s; tagged %d MLflow run(s)", ran, version, pushed, tagged)

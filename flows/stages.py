@@ -53,6 +53,10 @@ def run_stage(name: str, root: Path, parent_run_id: str | None = None) -> dict[s
 
     A stage that fails with a report attached (e.g. a failed validation) still writes it,
     so the user can read what went wrong; then the error propagates and stops the pipeline.
+    Models the stage registered get their `challenger` alias only as the stage run closes, after
+    its outputs were swapped in and its report written; any failure up to then (the stage, the
+    swap, the report) deletes those versions again (tracking.stage_run), so the registry changes
+    together with the outputs or not at all.
     """
     fn = stage_function(name)
     params = load_params(root)

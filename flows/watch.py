@@ -1,12 +1,12 @@
 """The Prefect `watch` flow: one poll of the landing location; new scenes are announced with an event.
 
-`watch` holds the project lock while it polls (tasks/data/landing.py), so two polls, or a poll and a
+`watch` holds the project lock while it polls (flows/landing.py), so two polls, or a poll and a
 retrain, never touch the pool at once, and no scene is ingested twice. Scenes that joined the pool
 are announced as the Prefect event `ms2rgb.scene.landed` (payload `scene_ids`), about this project's
 resource; the `retrain/on-new-scenes` deployment's trigger (flows/serve.py) starts `retrain` on it.
 A poll that finds nothing new emits nothing, so it starts no run and makes no model version. The
 one exception: scenes that a killed retrain left untrained are announced again, once no retrain is
-queued (at most landing.MAX_RETRAIN_ATTEMPTS times).
+queued (at most ledger.MAX_RETRAIN_ATTEMPTS times, flows/ledger.py).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 
 from prefect import flow
 
+from ms2rgb.flows import landing, ledger
 from ms2rgb.flows.lock import ProjectBusy, project_lock
 from ms2rgb.tasks.config import load_params
-from ms2rgb.tasks.data import landing
 
 EVENT = "ms2rgb.scene.landed"
 RETRAIN_FLOW, RETRAIN_DEPLOYMENT = "retrain", "on-new-scenes"
@@ -45,7 +45,7 @@ def scan(
     params = load_params(root)
     try:
         with project_lock(root, "ms2rgb watch", wait):
-            return landing.poll(root, params, progress), landing.awaiting_retrain(root)
+            return landing.poll(root, params, progress), ledger.awaiting_retrain(root)
     except ProjectBusy as exc:
         progress(f"watch: {exc}. Not polled; the next poll looks again")
         return None

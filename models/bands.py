@@ -63,7 +63,7 @@ BAND_STD: dict[str, float] = {
 }
 
 # 8-bit RGB tiles are rendered as clip(reflectance / RGB_REFLECTANCE_MAX, 0, 1) * 255
-# (tasks/render.py). Models undo that stretch so RGB inputs share the reflectance table.
+# (tasks/data/render.py). Models undo that stretch so RGB inputs share the reflectance table.
 RGB_REFLECTANCE_MAX = 2750.0
 
 

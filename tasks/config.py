@@ -293,6 +293,7 @@ class PretrainConfig(Section):
     lr: float = Field(gt=0)  # AdamW peak; linear warm-up then cosine decay
     weight_decay: float = Field(ge=0)  # on matrices only (CLIP)
     warmup_steps: int = Field(ge=0)
+    dense_weight: float = Field(ge=0)  # patch-text alignment to the captions' masks, beside the caption contrast
 
 
 class PromptParams(Section):
@@ -322,16 +323,78 @@ class TuneConfig(Section):
     checkpoint_every: int = Field(ge=1)  # steps between resumable checkpoints
 
 
+class PixelForestConfig(Section):
+    """The per-pixel random forest baseline (tasks/detection/pixel_forest.py)."""
+
+    trees: int = Field(ge=1, le=1000)  # trees of the forest
+    max_depth: int | None = Field(ge=1, le=64)  # null: grow until the leaves are pure (memory grows with pixels)
+    max_pixels: int = Field(ge=100)  # labelled training pixels sampled from the shots (uniformly, seeded)
+    windows: Ints  # sides of the square windows whose per-band mean and std join each pixel's RGB
+
+    @field_validator("windows")
+    @classmethod
+    def _odd_windows(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(w < 3 or w % 2 == 0 for w in value):
+            raise ValueError(f"window sides must be odd and >= 3 (centred on the pixel), got {list(value)}")
+        return value
+
+
+class UNetBaselineConfig(Section):
+    """The from-scratch U-Net baseline (models/unet.py, tasks/detection/unet_baseline.py)."""
+
+    width: int = Field(ge=2, le=256)  # channels of the full-resolution stage, doubled at each downsampling
+    depth: int = Field(ge=1, le=6)  # downsamplings; tile sides must be multiples of 2**depth
+    steps: int = Field(ge=1, le=1_000_000)  # optimiser steps (AdamW, one-cycle)
+    batch_size: int = Field(ge=1)  # tiles per step (the whole set when the shots are fewer)
+    lr: float = Field(gt=0, le=1)  # AdamW peak learning rate
+    weight_decay: float = Field(ge=0, le=1)
+
+
+class BaselinesConfig(Section):
+    """Method B's baselines without CLIP, trained on the same K-shot tiles as the prompts."""
+
+    pixel_forest: PixelForestConfig
+    unet: UNetBaselineConfig
+
+
+# What detector.grids may name beside the method (tasks/detection/plan.py builds each of them).
+DETECTOR_VARIANTS = (
+    "zero_shot",
+    "text_prompts",
+    "visual_prompts",
+    "independent",
+    "base_to_novel",
+    "linear_probe",
+    "meta_net",
+    "pixel_forest",
+    "unet",
+)
+
+
 class DetectorConfig(Section):
     clip: ClipConfig
     pretrain: PretrainConfig
     prompt: PromptParams
     tune: TuneConfig
+    baselines: BaselinesConfig
     shots: Annotated[tuple[Annotated[int, Field(ge=1)], ...], Field(strict=False, min_length=1)]  # K per class
     zero_shot_template: str  # hand-written zero-shot prompt; {} is the class description
     eval_batch_size: int = Field(ge=1)
     examples: int = Field(ge=0)  # example tiles in the logged figure
     seeds: int = Field(ge=1)  # tuning seeds per variant at the largest K
+    novel_classes: tuple[str, ...] | None = Field(strict=False)  # held out of tuning (base-to-novel); null: 2nd half
+    grid: str  # which entry of `grids` the stage runs beside the method
+    grids: dict[str, Annotated[tuple[str, ...], Field(strict=False)]]  # name -> compared variants (+ zero_shot)
+
+    @model_validator(mode="after")
+    def _known_grid(self) -> DetectorConfig:
+        if self.grid not in self.grids:
+            raise ValueError(f"grid={self.grid!r} is not one of grids {sorted(self.grids)}")
+        for name, variants in self.grids.items():
+            unknown = sorted(set(variants) - set(DETECTOR_VARIANTS))
+            if unknown:
+                raise ValueError(f"grids.{name} names {unknown}; valid variants are {list(DETECTOR_VARIANTS)}")
+        return self
 
     @field_validator("zero_shot_template")
     @classmethod
@@ -349,7 +412,7 @@ class EvaluateConfig(Section):
 
 
 class PromoteConfig(Section):
-    min_gain: float = Field(ge=0, le=1)  # the headline metric must improve by at least this
+    min_gain: float = Field(ge=0, le=1)  # the paired 95 % interval of the headline gain must lie above this
     max_regression: float = Field(ge=0, le=1)  # no other tracked metric may get worse by more
 
 

@@ -1,13 +1,14 @@
 """detector stage (method B): few-shot multimodal prompt tuning of a frozen CLIP into a class-map predictor.
 
-Steps: get the backbone (configured weights, or the fallback pretrained on the captions
-split; ``tasks/detector_pretrain.py``); then, each as a nested MLflow run with the same
-seeds and budget, evaluate on ``seg_test``: zero-shot (hand-written template, no training),
-the full method (coupled text + image prompts) at every K in ``shots``, and at the largest K
-the ablations text-only (CoOp-like), visual-only (VPT-like) and independent prompts, each
-over ``seeds`` seeds (mean and std reported; ``tasks/detector_report.py``). The full method
-at the largest K and the params seed is saved to ``artifacts/detector/detector.pt`` (what
-``ms2rgb detect`` loads) and registered as ``ms2rgb-detector``.
+Steps: get the backbone (configured weights, or the fallback pretrained on the captions split,
+reused while its inputs stay the same; ``tasks/detection/pretrain.py``); then, each as a nested
+MLflow run with the same seeds and budget, score on ``seg_test`` what ``tasks/detection/plan.py``
+lists: zero-shot, the full method (coupled text + image prompts) at every K in ``shots``, and at the
+largest K its ablations, base-to-novel, and the baselines a user would try instead (linear probe,
+CoCoOp-style meta-network, per-pixel random forest, U-Net), each over ``seeds`` seeds (mean, std,
+95 % interval; ``tasks/detection/report.py``). The full method at the largest K and the params
+seed is saved to ``artifacts/detector/detector.pt`` (what ``ms2rgb detect`` loads) and registered
+as ``ms2rgb-detector``.
 
 Classes are those of the segmentation source's legend (``data/prepared/legend.json``, index =
 mask value; ``tasks/data/legend.py``): the surfaces for the synthetic masks, the weak-label
@@ -29,50 +30,33 @@ import numpy as np
 import torch
 
 from ms2rgb.models.clip_detector import ClassMapDetector
+from ms2rgb.models.clip_linear_probe import LinearProbeCLIP
+from ms2rgb.models.clip_meta_prompt import MetaPromptedCLIP
 from ms2rgb.models.clip_prompt import PromptedCLIP
 from ms2rgb.tasks.config import DetectorConfig, Params
 from ms2rgb.tasks.data.artifacts import resumable_staging_dir
 from ms2rgb.tasks.data.atomic import write_atomic
 from ms2rgb.tasks.data.cache import CachedSplit, open_split
+from ms2rgb.tasks.data.classes import MASK_NODATA
 from ms2rgb.tasks.data.legend import read_legend
 from ms2rgb.tasks.data.validated import require_validated
+from ms2rgb.tasks.detection.baselines import run_baseline
 from ms2rgb.tasks.detection.data import first_k_per_class, load_tiles
-from ms2rgb.tasks.detection.model import DETECTOR_FILE, resolve_pretrained
+from ms2rgb.tasks.detection.model import DETECTOR_FILE, OUT_DIR, resolve_pretrained
+from ms2rgb.tasks.detection.plan import PIXEL_BASELINES, Variant, novel_classes, plan
 from ms2rgb.tasks.detection.pretrain import SERVING, prepare_backbone
-from ms2rgb.tasks.detection.report import BASELINES, FULL_MODE, aggregate, log_figures, summarise
+from ms2rgb.tasks.detection.report import aggregate, log_figures, summarise
 from ms2rgb.tasks.detection.tune import evaluate, latest_checkpoint, tune
 from ms2rgb.tasks.errors import ParamsError
 from ms2rgb.tasks.tracking import StageTracker
 from ms2rgb.tasks.tracking.pyfunc import LandCoverPyfunc, detector_artifacts
 from ms2rgb.tasks.training.loop import fingerprint, pick_device, seed_everything
+from ms2rgb.tasks.training.memory import PeakMemory
+from ms2rgb.tasks.training.metrics import tile_confusions
 
 DETECTOR_MODEL = "ms2rgb-detector"
 # split -> modalities; the detector alone reads the masks too (dvc.yaml lists exactly these files).
 READS = {"captions": ("rgb",), "fewshot": ("rgb",), "seg_test": ("rgb",)}
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One compared setting: a prompt mode at K shots over some seeds."""
-
-    name: str  # nested run and report key
-    mode: str  # PromptConfig.mode
-    shots: int  # K per scene class (0: no training)
-    seeds: tuple[int, ...]  # tuning seeds (prompt init, batch order); the first is the params seed
-
-
-def plan(shots: tuple[int, ...], seed: int, n_seeds: int) -> list[Variant]:
-    """Zero-shot, the full method at every K, the ablations at the largest K.
-
-    Only the comparison at the largest K gets ``n_seeds`` seeds (the 4-minute budget); zero-shot
-    has nothing random to repeat and the smaller K of the full method get one.
-    """
-    k, many = max(shots), tuple(range(seed, seed + n_seeds))
-    return (
-        [Variant("zero_shot", "zero_shot", 0, (seed,))]
-        + [Variant(f"full_k{s}", FULL_MODE, s, many if s == k else (seed,)) for s in sorted(set(shots))]
-        + [Variant(name, mode, k, many) for name, mode in BASELINES.items()]
-    )
 
 
 @dataclass
@@ -81,6 +65,7 @@ class Context:
 
     settings: DetectorConfig
     classes: dict[str, str]  # the masks' legend: name -> description, index = mask value
+    novel: list[str]  # classes unlabelled while tuning base_to_novel
     clip: torch.nn.Module
     tokenizer: Any
     fewshot: CachedSplit
@@ -88,17 +73,23 @@ class Context:
     test_masks: torch.Tensor
     out_dir: Path
     device: torch.device
+    threads: int
 
 
-def build_detector(ctx: Context, mode: str, seed: int) -> ClassMapDetector:
-    """A fresh, seeded PromptedCLIP around the shared frozen CLIP, with the legend's texts baked in."""
+def build_detector(ctx: Context, variant: Variant, seed: int) -> ClassMapDetector:
+    """A fresh, seeded model around the shared frozen CLIP, with the legend's texts baked in."""
     seed_everything(seed)  # same prompt init for every variant of a mode at this seed
     prompt = ctx.settings.prompt
-    cfg = prompt.model(mode)
     descriptions = list(ctx.classes.values())
-    texts = [ctx.settings.zero_shot_template.format(d) for d in descriptions] if mode == "zero_shot" else descriptions
+    zero_shot = variant.mode == "zero_shot"
+    texts = [ctx.settings.zero_shot_template.format(d) for d in descriptions] if zero_shot else descriptions
     try:
-        prompted = PromptedCLIP(ctx.clip, cfg)
+        if variant.kind == "linear_probe":
+            prompted: PromptedCLIP = LinearProbeCLIP(ctx.clip, prompt.model("zero_shot"), len(ctx.classes))
+        elif variant.kind == "meta_net":
+            prompted = MetaPromptedCLIP(ctx.clip, prompt.model(variant.mode))
+        else:
+            prompted = PromptedCLIP(ctx.clip, prompt.model(variant.mode))
     except ValueError as err:  # e.g. depth or a similarity layer beyond this CLIP's layers
         raise ParamsError("detector.prompt", prompt.model_dump(), str(err)) from err
     return ClassMapDetector(prompted, ctx.tokenizer(texts), list(ctx.classes), texts, ctx.settings.clip.model)
@@ -112,30 +103,42 @@ def _step_printer(label: str, max_steps: int) -> Callable[[int, float], None]:
     return on_step
 
 
-def score_seed(
+def shot_tiles(ctx: Context, variant: Variant) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K-shot tiles and masks a variant learns from; novel classes unlabelled where it hides them."""
+    images, masks = load_tiles(ctx.fewshot, first_k_per_class(ctx.fewshot, variant.shots))
+    if variant.hide_novel:
+        novel = torch.tensor([list(ctx.classes).index(name) for name in ctx.novel], dtype=masks.dtype)
+        masks = torch.where(torch.isin(masks, novel), torch.full_like(masks, MASK_NODATA), masks)
+    return images, masks
+
+
+def tune_and_score(
     ctx: Context, variant: Variant, seed: int, child: StageTracker
 ) -> tuple[dict[str, Any], ClassMapDetector]:
-    """Tune one seed of a variant (unless zero-shot) and score it on seg_test."""
-    detector = build_detector(ctx, variant.mode, seed)
+    """Tune one seed of a CLIP-based variant (unless zero-shot) and score it on seg_test."""
+    detector = build_detector(ctx, variant, seed)
     run: dict[str, Any] = {"seed": seed}
-    if variant.mode != "zero_shot":
+    if variant.shots:
         label = f"{variant.name} seed {seed}"
-        images, masks = load_tiles(ctx.fewshot, first_k_per_class(ctx.fewshot, variant.shots))
         checkpoints = ctx.out_dir / "checkpoints" / variant.name / f"seed{seed}"
-        result = tune(
-            detector,
-            images,
-            masks,
-            ctx.settings.tune,
-            seed,
-            ctx.device,
-            checkpoint_dir=checkpoints,
-            resume_from=latest_checkpoint(checkpoints),
-            on_step=_step_printer(label, ctx.settings.tune.max_steps),
-        )
+        with PeakMemory(ctx.device) as memory:
+            result = tune(
+                detector,
+                *shot_tiles(ctx, variant),
+                ctx.settings.tune,
+                seed,
+                ctx.device,
+                checkpoint_dir=checkpoints,
+                resume_from=latest_checkpoint(checkpoints),
+                on_step=_step_printer(label, ctx.settings.tune.max_steps),
+            )
         child.log_metric_series(f"train_loss_seed{seed}", result.losses)
         run.update(
-            losses=result.losses, stopped_by=result.stopped_by, steps=len(result.losses), train_seconds=result.seconds
+            losses=result.losses,
+            stopped_by=result.stopped_by,
+            steps=len(result.losses),
+            train_seconds=result.seconds,
+            peak_memory_mb=memory.mb,
         )
         print(
             f"detector: {label} stopped by {result.stopped_by} after {len(result.losses)} steps "
@@ -143,31 +146,49 @@ def score_seed(
             flush=True,
         )
     scores, preds = evaluate(detector, ctx.test_images, ctx.test_masks, ctx.device, ctx.settings.eval_batch_size)
-    run.update(scores, preds=preds)
+    run.update(scores, preds=preds, trainable_params=detector.prompted.num_trainable)
     return run, detector
 
 
-def run_variant(ctx: Context, variant: Variant, tracker: StageTracker) -> tuple[dict[str, Any], ClassMapDetector]:
+def score_seed(
+    ctx: Context, variant: Variant, seed: int, child: StageTracker
+) -> tuple[dict[str, Any], ClassMapDetector | None]:
+    """One seed of any variant: its run dict (scores, cost, maps, per-tile confusions) and its model, if a CLIP one."""
+    model: ClassMapDetector | None = None
+    if variant.kind in PIXEL_BASELINES:
+        train, test = shot_tiles(ctx, variant), (ctx.test_images, ctx.test_masks)
+        on_step = _step_printer(f"{variant.name} seed {seed}", ctx.settings.baselines.unet.steps)
+        result = run_baseline(
+            variant.kind, train, test, list(ctx.classes), ctx.settings, seed, ctx.device, ctx.threads, on_step
+        )
+        run = result.as_run(seed) | {"trainable_params": result.trainable_params}
+    else:
+        run, model = tune_and_score(ctx, variant, seed, child)
+    run["tile_conf"] = tile_confusions(ctx.test_masks.numpy(), run["preds"], len(ctx.classes), MASK_NODATA)
+    return run, model
+
+
+def run_variant(
+    ctx: Context, variant: Variant, tracker: StageTracker
+) -> tuple[dict[str, Any], ClassMapDetector | None]:
     """Every seed of one variant in its own nested run; returns the aggregate and the first seed's model."""
     with tracker.child(variant.name, tags={"ms2rgb.variant": variant.name}) as child:
-        child.log_params({"mode": variant.mode, "shots": variant.shots, "seeds": list(variant.seeds)})
-        runs, models = [], []
+        child.log_params({"kind": variant.kind, "mode": variant.mode, "shots": variant.shots, "seeds": variant.seeds})
+        runs, kept = [], None
         for i, seed in enumerate(variant.seeds):
             run, model = score_seed(ctx, variant, seed, child)
             runs.append(run)
-            models.append(model if i == 0 else None)  # only the params seed's prompts are kept
+            kept = model if i == 0 else kept  # only the params seed's prompts are kept
             child.log_metrics({"miou_by_seed": run["miou"]}, step=seed)
-        kept = models[0]
-        assert kept is not None, "the first seed's model is kept (a variant has at least one seed)"
-        result = aggregate(variant.mode, variant.shots, runs, kept.prompted.num_trainable)
-        child.log_params({"texts": "; ".join(kept.texts)})
-        child.log_metrics(
-            {k: result[k] for k in ("miou", "miou_std", "pixel_accuracy", "tiles_per_second", "trainable_params")}
-        )
-        child.log_json({k: v for k, v in result.items() if k not in ("preds", "losses")}, "variant.json")
+        result = aggregate(variant, runs, ctx.settings.tune.max_steps, ctx.novel)
+        if kept is not None:
+            child.log_params({"texts": "; ".join(kept.texts)})
+        child.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float)) and v is not None})
+        child.log_json({k: v for k, v in result.items() if k not in ("preds", "losses", "tile_conf")}, "variant.json")
     print(
         f"detector: {variant.name}: mIoU {result['miou']:.3f} ± {result['miou_std']:.3f} over "
-        f"{len(runs)} seed(s), pixel accuracy {result['pixel_accuracy']:.3f}",
+        f"{len(runs)} seed(s) [{result['miou_ci95'][0]:.3f}, {result['miou_ci95'][1]:.3f}], "
+        f"pixel accuracy {result['pixel_accuracy']:.3f}",
         flush=True,
     )
     return result, kept
@@ -189,6 +210,44 @@ def save_detector(ctx: Context, detector: ClassMapDetector, info: dict[str, Any]
     return write_atomic(ctx.out_dir / DETECTOR_FILE, lambda tmp: torch.save(payload, tmp))
 
 
+def backbone(
+    root: Path, params: Params, out_dir: Path, classes: dict[str, str], tracker: StageTracker, device: torch.device
+) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """The frozen CLIP: configured weights, or the fallback, reused from the last run when the
+    pretraining inputs (its params, the captions tiles, the seed, the legend) are unchanged."""
+    settings, prepared = params.detector, root / params.data.prepared_dir
+    captions_digest = require_validated(root, prepared, {"captions": ("rgb",)})
+    # What the fallback's weights depend on: the dense term aligns the layers the prompts score.
+    pretraining = (
+        settings.clip.model_dump(),
+        settings.pretrain.model_dump(),
+        settings.prompt.similarity_layers,
+        settings.prompt.logit_scale,
+    )
+    reuse = (
+        fingerprint(
+            pretraining,
+            captions_digest,
+            params.seed,
+            classes,
+        ),
+        [root / OUT_DIR],
+    )
+    clip_cfg = settings.clip.model_copy(update={"pretrained": resolve_pretrained(root, settings.clip.pretrained)})
+    return prepare_backbone(
+        clip_cfg,
+        settings.pretrain,
+        lambda: open_split(prepared, "captions", "rgb", masks=True),
+        out_dir,
+        params.seed,
+        device,
+        tracker,
+        classes,
+        settings.prompt,
+        reuse,
+    )
+
+
 def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     """Stage entry point (DVC and Prefect call this alike)."""
     start = time.perf_counter()
@@ -196,6 +255,7 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     prepared = root / params.data.prepared_dir
     data_digest = require_validated(root, prepared, READS)
     classes = read_legend(prepared)
+    novel = novel_classes(settings, list(classes))
     tracker.log_params(
         {"detector": settings.model_dump(), "seed": seed, "device": str(device), "classes": list(classes)}
     )
@@ -203,38 +263,22 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     # data left here (backbone, tuning checkpoints) is picked up again.
     identity = fingerprint(settings.model_dump(), data_digest, seed, classes)
     out_dir = resumable_staging_dir(root, "detector", identity)
-    clip_cfg = settings.clip.model_copy(update={"pretrained": resolve_pretrained(root, settings.clip.pretrained)})
-    clip, tokenizer, info = prepare_backbone(
-        clip_cfg,
-        settings.pretrain,
-        lambda: open_split(prepared, "captions", "rgb", masks=True),
-        out_dir,
-        seed,
-        device,
-        tracker,
-        classes,
-    )
+    clip, tokenizer, info = backbone(root, params, out_dir, classes, tracker, device)
     test_images, test_masks = load_tiles(open_split(prepared, "seg_test", "rgb", masks=True))
+    fewshot = open_split(prepared, "fewshot", "rgb", masks=True)
     ctx = Context(
-        settings,
-        classes,
-        clip,
-        tokenizer,
-        open_split(prepared, "fewshot", "rgb", masks=True),
-        test_images,
-        test_masks,
-        out_dir,
-        device,
+        settings, classes, novel, clip, tokenizer, fewshot, test_images, test_masks, out_dir, device, params.threads
     )
-    shots = settings.shots
     results, models = {}, {}
-    for variant in plan(shots, seed, settings.seeds):
+    for variant in plan(settings, seed):
         results[variant.name], models[variant.name] = run_variant(ctx, variant, tracker)
+    shots = settings.shots
     head = models[f"full_k{max(shots)}"]
+    assert head is not None, "the full method is a CLIP variant"
     save_detector(ctx, head, info)
     test_tiles = (test_images, test_masks)
     log_figures(results, shots, settings.tune.loss_threshold, test_tiles, settings.examples, tracker, list(classes))
-    report = summarise(results, shots, info)
+    report = summarise(results, shots, info, novel)
     example = test_images[:1].numpy().astype(np.float32)  # serving input: RGB 0..255, any multiple of 8
     version = tracker.log_pyfunc_model(  # weights as detector.pt (+ backbone.pt) artifacts; serves class ids
         LandCoverPyfunc(),

@@ -2,8 +2,9 @@
 
 Each training stage registered a new version with the alias `challenger` (its report names the
 version). Here each challenger (its stage's artifacts) and the current `champion` of the same
-registered model are scored on the same held-out data (`tasks/evaluation/scoring.py`); the
-champion moves only for a real gain with no real regression (`tasks/evaluation/promotion.py`).
+registered model are scored on the same held-out tiles (`tasks/evaluation/scoring.py`); the
+champion moves only when the paired 95 % interval of the headline gain lies above promote.min_gain
+and nothing else regresses (`tasks/evaluation/promotion.py`, `tasks/evaluation/evidence.py`).
 Aliases and version tags change last, after every score, figure and the report are written,
 so a failed or killed evaluation leaves every champion where it was.
 Outputs: reports/evaluate.json (DVC metrics), reports/evaluate/*.png, reports/index.html.
@@ -14,6 +15,7 @@ new scenes skips compare, so its last comparison is shown as it was.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -34,8 +36,8 @@ from ms2rgb.tasks.detection.index_maps import index_tiles
 from ms2rgb.tasks.detection.model import load_local
 from ms2rgb.tasks.detection.pretrain import BACKBONE_MODEL
 from ms2rgb.tasks.errors import Ms2rgbError
-from ms2rgb.tasks.evaluation.promotion import Decision, decide
-from ms2rgb.tasks.evaluation.scoring import TestData, headline, score_classifier, score_detector, score_matcher
+from ms2rgb.tasks.evaluation.promotion import Decision, weigh
+from ms2rgb.tasks.evaluation.scoring import Scored, TestData, headline, score_classifier, score_detector, score_matcher
 from ms2rgb.tasks.tracking import StageTracker
 from ms2rgb.tasks.tracking.lineage import latest_stage_runs
 from ms2rgb.tasks.training.store import load_model
@@ -63,8 +65,8 @@ def load_test_data(prepared: Path) -> TestData:
     )
 
 
-def score(stage: str, model: Any, data: TestData, params: Params) -> dict[str, Any]:
-    """The figures of one model of `stage`'s kind on its held-out set."""
+def score(stage: str, model: Any, data: TestData, params: Params) -> Scored:
+    """The figures and per-tile outcomes of one model of `stage`'s kind on its held-out set."""
     cfg = params.evaluation
     if stage == "teacher":
         return score_classifier(model, data.ms_test, cfg, params.seed)
@@ -72,7 +74,7 @@ def score(stage: str, model: Any, data: TestData, params: Params) -> dict[str, A
         return score_classifier(model, data.rgb_test, cfg, params.seed)
     if stage == "matcher":
         return score_matcher(model, data.pairs)
-    return score_detector(model, data, cfg)[0]
+    return score_detector(model, data, cfg)
 
 
 def load_challenger(root: Path, stage: str) -> Any:
@@ -90,24 +92,21 @@ def challenger_version(root: Path, stage: str) -> int:
 def judge(
     root: Path,
     stage: str,
-    new: dict[str, Any],
+    new: Scored,
     data: TestData,
     params: Params,
     force: bool = False,
     version: int | None = None,
 ) -> Decision:
-    """Compare a challenger's figures with the champion's, re-scored on the same data."""
+    """Compare a challenger with the champion, re-scored on the same tiles (paired, seeded)."""
     name = MODELS[stage]
     version = challenger_version(root, stage) if version is None else version
     champion = tracking.version_by_alias(root, name, "champion")
     old = None
     if champion is not None and champion != version and not force:
-        old = headline(
-            name, score(stage, tracking.load_registered_module(root, f"models:/{name}/{champion}"), data, params)
-        )
-    return decide(
-        name, version, headline(name, new), champion, old, params.promote.min_gain, params.promote.max_regression, force
-    )
+        old = score(stage, tracking.load_registered_module(root, f"models:/{name}/{champion}"), data, params)
+    samples, seed = params.evaluation.bootstrap, params.seed
+    return weigh(name, version, new, champion, old, params.promote, samples, seed, force)
 
 
 def apply(root: Path, name: str, decision: Decision) -> None:
@@ -122,10 +121,25 @@ def apply(root: Path, name: str, decision: Decision) -> None:
 
 
 def follow_backbone(root: Path) -> None:
-    """The fallback CLIP backbone registered with a detector becomes champion with that detector."""
-    version = tracking.version_by_alias(root, BACKBONE_MODEL, "challenger")
-    if version is not None:
-        tracking.set_alias(root, BACKBONE_MODEL, "champion", version)
+    """The fallback CLIP backbone the detector was tuned on becomes champion with that detector.
+
+    Which version that is comes from the detector's report ("fallback:ms2rgb-clip-backbone v5 (...)"),
+    not from the backbone's `challenger` alias: a detector run resumed after a kill reuses the killed
+    run's backbone without registering it again, and a detector on named CLIP weights has none.
+    """
+    weights = str(json.loads((root / "reports" / "detector.json").read_text()).get("weights", ""))
+    found = re.search(rf"fallback:{re.escape(BACKBONE_MODEL)} v(\d+)", weights)
+    if found is None:
+        return
+    version = int(found.group(1))
+    if not tracking.version_exists(root, BACKBONE_MODEL, version):
+        print(
+            f"evaluate: {BACKBONE_MODEL} v{version} (the detector's fallback backbone) is not in the registry, "
+            "so its champion stays; re-run the detector stage to register it",
+            flush=True,
+        )
+        return
+    tracking.set_alias(root, BACKBONE_MODEL, "champion", version)
 
 
 def lineage(root: Path, params: Params) -> dict[str, Any]:
@@ -179,9 +193,11 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     require_validated(root, prepared, READS)
     data = load_test_data(prepared)
     models = {stage: load_challenger(root, stage) for stage in MODELS}
-    scores = {stage: score(stage, models[stage], data, params) for stage in MODELS if stage != "detector"}
-    scores["detector"], preds = score_detector(models["detector"], data, params.evaluation)
-    decisions = {MODELS[stage]: judge(root, stage, scores[stage], data, params) for stage in MODELS}
+    scored = {stage: score(stage, models[stage], data, params) for stage in MODELS}
+    decisions = {MODELS[stage]: judge(root, stage, scored[stage], data, params) for stage in MODELS}
+    scores = {stage: scored[stage].figures for stage in MODELS}
+    preds = scored["detector"].maps
+    assert preds is not None, "score_detector keeps the predicted maps"
     evaluation = summary(root, scores)
     evaluation["promotion"] = {name: d.as_dict() for name, d in decisions.items()}
     evaluation["lineage"] = lineage(root, params)

@@ -341,17 +341,17 @@ def test_detect_reads_by_windows_and_writes_the_same_map(
     assert Path(windowed["outputs"]["overlay.png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_detect_prefers_the_champion_and_falls_back_to_the_artifacts(
+def test_detect_uses_the_champion_and_the_artifacts_only_without_a_store(
     clip_and_tokenizer: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from ms2rgb.tasks import tracking
     from ms2rgb.tasks.detection.detect import CHAMPION_URI, choose_detector
 
+    # the real loader first: this project has no MLflow store, and no artifacts either
+    with pytest.raises(Ms2rgbError, match=r"no detector: no MLflow store .*detector.pt does not exist") as caught:
+        choose_detector(tmp_path, None)
+    assert "\n" not in str(caught.value)
+    tracking.configure(tmp_path)  # now there is a store: the champion it must hold is used
     detector = make_detector(clip_and_tokenizer)
     monkeypatch.setattr(tracking, "load_registered_module", lambda root, uri: detector)
     assert choose_detector(tmp_path, None) == (detector, CHAMPION_URI, None)
-    monkeypatch.undo()  # the real loader: this project has no MLflow store, and no artifacts either
-    with pytest.raises(Ms2rgbError, match=r"no detector: models:/ms2rgb-detector@champion is not available") as caught:
-        choose_detector(tmp_path, None)
-    message = str(caught.value)
-    assert "\n" not in message and "no MLflow store" in message and "detector.pt does not exist" in message

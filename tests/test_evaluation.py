@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ms2rgb.tasks.evaluation.evidence import Gain
 from ms2rgb.tasks.evaluation.promotion import FIRST, FORCED, HELD, PROMOTED, decide
 from ms2rgb.tasks.training.metrics import bootstrap_ci, calibration, macro_f1
 
 STUDENT = "ms2rgb-student"
 BASE = {"accuracy": 0.80, "macro_f1": 0.78, "ece": 0.05}
+EVIDENT = Gain("accuracy", 0.02, 0.01, 0.03, 1000)  # a paired interval of the gain well above min_gain
 
 
 def test_bootstrap_interval_contains_the_mean_narrows_with_more_tiles_and_is_seeded() -> None:
@@ -44,19 +46,26 @@ def test_the_first_version_becomes_champion() -> None:
     assert (d.decision, d.champion, d.challenger) == (FIRST, 1, 1)
 
 
-def test_a_real_gain_without_regression_is_promoted() -> None:
-    d = decide(STUDENT, 2, {**BASE, "accuracy": 0.82}, 1, BASE, 0.001, 0.02)
+def test_an_evident_gain_without_regression_is_promoted() -> None:
+    d = decide(STUDENT, 2, {**BASE, "accuracy": 0.82}, 1, BASE, 0.001, 0.02, gain=EVIDENT)
     assert (d.decision, d.champion) == (PROMOTED, 2) and "0.8000 -> 0.8200" in d.reasons[0]
+    assert "[+0.0100, +0.0300]" in d.reasons[0]
 
 
-def test_a_gain_below_min_gain_is_held() -> None:
-    d = decide(STUDENT, 2, {**BASE, "accuracy": 0.8005}, 1, BASE, 0.001, 0.02)
-    assert (d.decision, d.champion) == (HELD, 1) and any("below promote.min_gain" in r for r in d.reasons)
+def test_a_gain_whose_interval_reaches_min_gain_is_held() -> None:
+    noisy = Gain("accuracy", 0.02, -0.01, 0.05, 1000)  # the point estimate beats min_gain, the interval does not
+    d = decide(STUDENT, 2, {**BASE, "accuracy": 0.82}, 1, BASE, 0.001, 0.02, gain=noisy)
+    assert (d.decision, d.champion) == (HELD, 1) and any("not above promote.min_gain" in r for r in d.reasons)
+
+
+def test_a_champion_to_compare_with_needs_the_paired_gain() -> None:
+    with pytest.raises(ValueError, match="paired gain"):
+        decide(STUDENT, 2, {**BASE, "accuracy": 0.82}, 1, BASE, 0.001, 0.02)
 
 
 @pytest.mark.parametrize("worse, key", [({"macro_f1": 0.70}, "macro_f1"), ({"ece": 0.12}, "ece")])
 def test_a_regression_of_another_metric_holds_the_champion(worse: dict[str, float], key: str) -> None:
-    d = decide(STUDENT, 2, {**BASE, "accuracy": 0.85, **worse}, 1, BASE, 0.001, 0.02)
+    d = decide(STUDENT, 2, {**BASE, "accuracy": 0.85, **worse}, 1, BASE, 0.001, 0.02, gain=EVIDENT)
     assert (d.decision, d.champion) == (HELD, 1)
     assert any(r.startswith(f"{key} regressed") for r in d.reasons)
 

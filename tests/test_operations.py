@@ -33,9 +33,9 @@ from helpers_data import meadow
 from rasterio.transform import Affine
 from test_ingest import S2_DIR
 
+from ms2rgb.flows import landing, ledger, locations
 from ms2rgb.models.bands import S2_BANDS
 from ms2rgb.tasks.config import load_params
-from ms2rgb.tasks.data import landing
 from ms2rgb.tasks.errors import ParamsError
 
 PY = sys.executable
@@ -220,24 +220,24 @@ def test_nothing_new_ingests_nothing_and_announces_nothing(project: Path, monkey
     assert watch_mod.watch.fn(root=str(project), wait=0)["announced"] == ["one"]
     assert announced == [(project.resolve(), ["one"], False)]
     # Everything known and its retrain finished: polls stay silent.
-    landing.finish_retrain(project, landing.start_retrain(project, "run-1"), "trained")
+    ledger.finish_retrain(project, ledger.start_retrain(project, "run-1"), "trained")
     assert watch_mod.watch.fn(root=str(project), wait=0)["announced"] == [] and len(announced) == 1
-    assert landing.awaiting_retrain(project) == []
+    assert ledger.awaiting_retrain(project) == []
 
 
 def test_retrain_bookkeeping_retries_killed_retrains_a_few_times(project: Path) -> None:
     write_scene(project / "data" / "landing" / "s.tif")
     set_params(project, stable_polls=1)
     assert poll(project) == {"ingested": ["s.tif"]}
-    assert landing.awaiting_retrain(project) == []  # just announced: the retrain it starts will take it
-    for attempt in range(landing.MAX_RETRAIN_ATTEMPTS):
-        assert landing.start_retrain(project, f"run-{attempt}") == ["s"]  # a retrain took it, then was killed
-        assert landing.awaiting_retrain(project) == (["s"] if attempt + 1 < landing.MAX_RETRAIN_ATTEMPTS else [])
+    assert ledger.awaiting_retrain(project) == []  # just announced: the retrain it starts will take it
+    for attempt in range(ledger.MAX_RETRAIN_ATTEMPTS):
+        assert ledger.start_retrain(project, f"run-{attempt}") == ["s"]  # a retrain took it, then was killed
+        assert ledger.awaiting_retrain(project) == (["s"] if attempt + 1 < ledger.MAX_RETRAIN_ATTEMPTS else [])
     # ... so it is not announced again forever, but any later retrain still takes it:
-    assert landing.start_retrain(project, "by-hand") == ["s"]  # ... but any later retrain still takes it
-    landing.finish_retrain(project, ["s"], "trained", data_version="abc")
-    assert landing.start_retrain(project, "next") == []
-    scene = next(iter(landing.load_ledger(project)["scenes"].values()))
+    assert ledger.start_retrain(project, "by-hand") == ["s"]  # ... but any later retrain still takes it
+    ledger.finish_retrain(project, ["s"], "trained", data_version="abc")
+    assert ledger.start_retrain(project, "next") == []
+    scene = next(iter(ledger.load_ledger(project)["scenes"].values()))
     assert scene["retrain"]["status"] == "trained" and scene["retrain"]["data_version"] == "abc"
 
 
@@ -246,20 +246,20 @@ def test_retrain_bookkeeping_retries_killed_retrains_a_few_times(project: Path) 
 
 def test_names_that_would_write_outside_the_data_folder_are_refused(tmp_path: Path) -> None:
     for bad in ("../evil.tif", "/etc/evil.tif", "a/b.tif", "..", ".", "", "x\x00y.tif", "C:\\evil.tif", "a\\..\\b"):
-        assert landing.name_problem(bad), bad
+        assert locations.name_problem(bad), bad
     for good in ("S2A_MSIL1C_20200101T100031.tif", "scene one.tif", "a..b.tif", "T33UUP"):
-        assert landing.name_problem(good) is None, good
+        assert locations.name_problem(good) is None, good
     base = tmp_path / "base"
     base.mkdir()
     (tmp_path / "elsewhere").mkdir()
     (base / "link").symlink_to(tmp_path / "elsewhere")
     for bad in ("../evil.tif", str(tmp_path / "evil.tif")):
-        with pytest.raises(landing.UnsafeName):
-            landing.safe_child(base, bad)
-    assert landing.safe_child(base, "ok.tif") == base / "ok.tif"
-    assert landing.entry_name("/drop", "/drop/x.tif") == "x.tif"
-    assert landing.entry_name("/drop", "/drop/../evil.tif") == "../evil.tif"  # kept odd, so it is refused
-    assert landing.entry_name("/drop", "/etc/evil.tif") == "/etc/evil.tif"
+        with pytest.raises(locations.UnsafeName):
+            locations.safe_child(base, bad)
+    assert locations.safe_child(base, "ok.tif") == base / "ok.tif"
+    assert locations.entry_name("/drop", "/drop/x.tif") == "x.tif"
+    assert locations.entry_name("/drop", "/drop/../evil.tif") == "../evil.tif"  # kept odd, so it is refused
+    assert locations.entry_name("/drop", "/etc/evil.tif") == "/etc/evil.tif"
 
 
 class TrapFileSystem(MemoryFileSystem):
@@ -469,7 +469,7 @@ def test_killed_retrain_keeps_the_champion_and_the_next_retrain_takes_the_scene(
     assert champions(root) == before  # no alias moved
     assert (root / "reports" / "evaluate.json").read_bytes() == report
     assert "student" in dvc_stale(root)  # never recorded as fresh
-    assert landing.awaiting_retrain(root) == ["late"]  # `watch` would announce it again
+    assert ledger.awaiting_retrain(root) == ["late"]  # `watch` would announce it again
     started_ms = int(time.time() * 1000)
     done = subprocess.run(
         [PY, "-c", RETRAIN_SCRIPT, str(root)], env=env, capture_output=True, text=True, timeout=900
@@ -484,7 +484,7 @@ def test_killed_retrain_keeps_the_champion_and_the_next_retrain_takes_the_scene(
     evaluation = json.loads((root / "reports" / "evaluate.json").read_text())
     student = evaluation["promotion"]["ms2rgb-student"]
     assert student["challenger"] > before["ms2rgb-student"]  # a new version was judged against the champion
-    assert landing.awaiting_retrain(root) == [] and landing.start_retrain(root, None) == []  # trained
+    assert ledger.awaiting_retrain(root) == [] and ledger.start_retrain(root, None) == []  # trained
     version = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["prepare"]["outs"]
     prepared = next(o["md5"] for o in version if o["path"] == "data/prepared")
     assert summary["data_version"] == prepared
@@ -556,7 +556,7 @@ def test_served_watch_event_retrain_end_to_end(
         shutil.copytree(S2_DIR, root / "data" / "landing" / "S2_crop", ignore=shutil.ignore_patterns("preview*"))
         for _ in range(3):  # the first poll sees it settling; the next one takes it and emits the event
             deployment_run("watch/landing", prefect_api)
-            if any(s["status"] == "ingested" for s in landing.load_ledger(root)["scenes"].values()):
+            if any(s["status"] == "ingested" for s in ledger.load_ledger(root)["scenes"].values()):
                 break
         triggered = wait_for(lambda: flow_runs(prefect_api), 60, "the event trigger's retrain run")
         assert [r.parameters.get("scene_ids") for r in triggered] == [["S2_crop"]]
@@ -592,5 +592,5 @@ def test_served_watch_event_retrain_end_to_end(
     assert retrain_runs and all(r.data.tags["ms2rgb.data_version"] == prepared for r in retrain_runs)
     stages = {r.data.tags.get("ms2rgb.stage") for r in retrain_runs} - {None}
     assert stages == {"prepare", "validate", "pairs", "student", "evaluate"}
-    assert landing.awaiting_retrain(root) == []
+    assert ledger.awaiting_retrain(root) == []
     print(f"served end to end: {elapsed:.0f} s; retrain {first.total_run_time}; stages {sorted(stages)}")

@@ -213,12 +213,12 @@ def test_bad_inputs_give_one_line_errors(
     assert err.startswith("ms2rgb: error: ") and err.count("\n") == 1 and image.name in err
 
 
-def test_no_model_anywhere_names_both_places_and_the_fix(tmp_path: Path) -> None:
+def test_no_model_anywhere_names_the_file_and_the_fix(tmp_path: Path) -> None:
     image = write_raster(tmp_path / "a.tif", smooth_rgb(64, 64))
-    with pytest.raises(Ms2rgbError, match=r"no student model: models:/ms2rgb-student@champion is not available") as e:
-        predict(image, tmp_path / "out", root=tmp_path / "empty")
+    with pytest.raises(Ms2rgbError, match=r"no student model: .*artifacts/student/model.pt does not exist") as e:
+        predict(image, tmp_path / "out", root=tmp_path / "empty")  # no store either: the file is all there is
     message = str(e.value)
-    assert "\n" not in message and "artifacts/student/model.pt does not exist" in message
+    assert "\n" not in message and "MLFLOW_TRACKING_URI" in message
     assert "ms2rgb stage student" in message and not (tmp_path / "out").exists()
     with pytest.raises(Ms2rgbError, match="window budget 100 px is too small"):
         predict(image, tmp_path / "out", root=tmp_path / "empty", window_px=100)
@@ -228,7 +228,8 @@ def test_champion_is_the_default_and_model_picks_a_version(
     root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With load_registered_module stubbed: the champion wins over the file; --model is passed through;
-    a registered model that is not an RGB student is refused."""
+    a registered model that is not an RGB student is refused; no champion is an error, not the file."""
+    tracking.configure(root)  # the project has a store, so the champion is what it must use
     image = write_raster(tmp_path / "a.tif", smooth_rgb(128, 128))
     asked: list[str] = []
     registered = {
@@ -256,19 +257,21 @@ def test_champion_is_the_default_and_model_picks_a_version(
     with pytest.raises(Ms2rgbError, match=r"reads bands \('B01'.*not the RGB bands"):
         predict(image, tmp_path / "teacher", root=root, model_uri="models:/ms2rgb-teacher/1")
     del registered[CHAMPION_URI]
-    fallback = predict(image, tmp_path / "fallback", root=root)
-    assert (
-        fallback["model"] == str(model_path(root, "student")) and "alias champion not found" in fallback["model_note"]
-    )
+    with pytest.raises(Ms2rgbError, match=r"alias champion not found\. Fix: .*--model artifacts to use") as caught:
+        predict(image, tmp_path / "fallback", root=root)
+    assert "\n" not in str(caught.value) and f"sqlite:///{(root / 'mlflow.db').resolve()}" in str(caught.value)
+    asked_for = predict(image, tmp_path / "local", root=root, model_uri="artifacts")
+    assert (asked_for["model"], asked_for["model_note"]) == (str(model_path(root, "student")), None)
 
 
 def test_cli_uses_the_registered_champion(root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A real MLflow store: the CLI says when it falls back, then uses the champion once one is set."""
+    """A real MLflow store: without a store the CLI uses the file and says so; with one and no champion it
+    stops naming the fix; then it uses the champion once one is set, and the file when asked."""
     image = write_raster(tmp_path / "cli.tif", smooth_rgb(100, 130))
     argv = ["--root", str(root), "predict", str(image), "--out", str(tmp_path / "out")]
     assert cli_main(argv) == 0
     printed = capsys.readouterr().out
-    assert f"model: {model_path(root, 'student')}" in printed and "note: no champion" in printed
+    assert f"model: {model_path(root, 'student')}" in printed and "note: no MLflow store" in printed
     assert "grid: 2 x 3 cells of 64 px" in printed and "cli_scenes.tif" in printed
     champion, cfg = tiny_student(seed=7)
     weights = save_model(tmp_path / "champion" / "model.pt", "scene_cnn", champion, cfg)
@@ -281,6 +284,10 @@ def test_cli_uses_the_registered_champion(root: Path, tmp_path: Path, capsys: py
             metadata={"class_names": SCENE_NAMES},
         )
     assert version is not None
+    capsys.readouterr()  # MLflow's lines about creating the store and logging the model
+    assert cli_main(argv) == 2  # a challenger, no champion yet
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "alias champion not found" in err and "--model artifacts" in err
     tracking.set_alias(root, "ms2rgb-student", "champion", int(version))
     assert cli_main(argv) == 0
     printed = capsys.readouterr().out
@@ -289,3 +296,5 @@ def test_cli_uses_the_registered_champion(root: Path, tmp_path: Path, capsys: py
         np.testing.assert_allclose(probs.read(), by_hand(champion, smooth_rgb(100, 130)), atol=1e-5)
     assert cli_main([*argv, "--model", f"models:/ms2rgb-student/{version}"]) == 0
     assert f"model: models:/ms2rgb-student/{version}" in capsys.readouterr().out
+    assert cli_main([*argv, "--model", "artifacts"]) == 0
+    assert f"model: {model_path(root, 'student')}\n" in capsys.readouterr().out

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import REPO
 
 from ms2rgb.tasks.data.classes import SCENE_NAMES, SURFACE_NAMES
 from ms2rgb.tasks.report.compare import compare_summary
@@ -384,3 +385,16 @@ def test_comparison_without_its_figure_says_so(tmp_path: Path) -> None:
     html = build_report(root, sample_evaluation(), {}, sample_compare()).read_text(encoding="utf-8")
     body = _section_body(html, "compare")
     assert "figure accuracy_by_k was not drawn" in body and "full_method" in body
+
+
+def test_every_section_has_a_template_that_installs_with_the_package() -> None:
+    import fnmatch
+    import tomllib
+
+    from ms2rgb.tasks.report.html import TEMPLATES
+
+    assert all((TEMPLATES / f"{sid}.html.j2").is_file() for sid in SECTIONS)
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    patterns = package_data["ms2rgb.tasks.report"]
+    files = [p.relative_to(TEMPLATES.parent).as_posix() for p in TEMPLATES.iterdir()]
+    assert files and all(any(fnmatch.fnmatch(f, pattern) for pattern in patterns) for f in files), files

@@ -169,7 +169,8 @@ def masks_check(frame: pd.DataFrame, n_classes: int) -> Check:
         _at_most(
             "ignore_limit",
             "ignore_share",
-            "folder masks: share of pixels without label above validate.max_ignore_share",
+            "folder masks: share of pixels without label above validate.max_ignore_share "
+            "(`ms2rgb data masks` leaves such tiles out: re-run it after lowering the limit)",
         ),
     ]
     return Check("masks", frame, expectations, tile_rows=True, file_column="mask_path")

@@ -2,7 +2,7 @@
 and carry the bands, dtype, values, CRS and mask the manifest promises.
 
 Nothing here judges a tile: bad files become rows with False/NA facts, and the expectations in
-tasks/expectations.py decide what fails. So one corrupt tile never hides the other problems.
+tasks/data/expectations.py decide what fails. So one corrupt tile never hides the other problems.
 
 Decoding is most of the cost (two GDAL opens a tile), and the facts of a tile are a function of its
 bytes and its mask's bytes alone. So a memo (`data/.memo/tile-facts.parquet`, not versioned: losing
@@ -126,6 +126,12 @@ def _mask_ok(mask_path: object, mask: np.ndarray | None, shape: tuple[object, ob
     return shape == (None, None) or tuple(mask.shape[1:]) == shape
 
 
+def ignore_share(mask: np.ndarray) -> float:
+    """Share of a mask's pixels without label (MASK_NODATA). One definition for validation's
+    `validate.max_ignore_share` check and for `ms2rgb data masks`, which drops what it would fail."""
+    return float((mask == MASK_NODATA).mean())
+
+
 def _mask_values(mask: np.ndarray | None) -> dict[str, Any]:
     """mask_max and ignore_share of a decoded mask (NA/NaN without one)."""
     if mask is None or mask.size == 0:
@@ -133,7 +139,7 @@ def _mask_values(mask: np.ndarray | None) -> dict[str, Any]:
     labelled = mask[mask != MASK_NODATA]
     return {
         "mask_max": int(labelled.max()) if labelled.size else pd.NA,
-        "ignore_share": float((mask == MASK_NODATA).mean()),
+        "ignore_share": ignore_share(mask),
     }
 
 

@@ -14,9 +14,11 @@ block by block: a block is read with the 63-px margin its windows need, each rea
 ``window_px`` pixels, so memory follows that budget (about 3 + 4 K bytes per pixel of it for K
 classes) and not the image. Every pixel sees the same windows as in a whole-image pass.
 
-Model: the registered champion ``models:/ms2rgb-detector@champion`` when the project has an
-MLflow store with one, else ``artifacts/detector/`` (the result says why); ``model_uri`` picks
-a registered version.
+Model: the registered champion ``models:/ms2rgb-detector@champion``; when it cannot be loaded (no
+champion alias yet, an unreachable tracking server) the command stops and says how to fix it.
+``artifacts/detector/`` is used only when asked for (``model_uri="artifacts"``, ``--model artifacts``)
+or when there is no tracking store at all, and the result says so (``tasks/tracking/champion.py``).
+``model_uri`` picks a registered version.
 
 Outputs in ``out_dir``: ``<stem>_classes.tif`` (uint8 class ids, 255 = no data, same CRS and
 transform, a colour table), ``<stem>_overlay.png`` (image, class colours, legend; downsampled
@@ -42,7 +44,7 @@ from rasterio.windows import Window
 from ms2rgb.models.clip_detector import ClassMapDetector
 from ms2rgb.tasks.data.classes import MASK_NODATA, SCENE_CLASSES, SURFACE_CLASSES
 from ms2rgb.tasks.data.windows import DEFAULT_WINDOW_PX, ImageReader, Thumbnail, create_geotiff, plan_blocks, staged
-from ms2rgb.tasks.detection.model import load_detector, tokenizer_for
+from ms2rgb.tasks.detection.model import DETECTOR_FILE, OUT_DIR, load_detector, tokenizer_for
 from ms2rgb.tasks.errors import Ms2rgbError, UnknownClassError
 from ms2rgb.tasks.training.loop import autocast, pick_device
 
@@ -96,12 +98,6 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
         return [0]
     starts = list(range(0, size - window + 1, stride))
     return starts if starts[-1] == size - window else starts + [size - window]
-
-
-def _one_line(err: BaseException) -> str:
-    """The error's message on one line, without its own fix (the caller's message gives one)."""
-    text = " ".join(str(err).split()).split(". Fix:")[0] or type(err).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 @torch.no_grad()
@@ -186,27 +182,29 @@ def block_features(
 def choose_detector(root: Path, model_uri: str | None) -> tuple[ClassMapDetector, str, str | None]:
     """(detector, where it came from, why the champion was not used or None).
 
-    `model_uri` given: that registered model. Else the registered champion, else the detector
-    stage's artifacts, else an error naming both and the fix.
+    `model_uri` a registered model: that one. "artifacts": the detector stage's artifacts. None: the
+    registered champion, or an error naming the store and the fix; the stage's artifacts only when
+    there is no tracking store at all (tasks/tracking/champion.py).
     """
-    if model_uri is not None:
-        model, source = load_detector(root, model_uri)
-        return model, source, None
-    from ms2rgb.tasks import tracking
+    from ms2rgb.tasks.tracking.champion import LOCAL_MODEL, has_store, load_champion, store_uri
 
-    try:
-        module = tracking.load_registered_module(root, CHAMPION_URI)
-    except Ms2rgbError as err:  # no store, no champion alias yet, or an unreachable server
-        reason = _one_line(err)
-    else:
-        if isinstance(module, ClassMapDetector):
-            return module, CHAMPION_URI, None
-        reason = f"it holds a {type(module).__name__}, not a ClassMapDetector"
-    try:
-        model, source = load_detector(root, None)
-    except Ms2rgbError as err:
-        raise Ms2rgbError(f"no detector: {CHAMPION_URI} is not available ({reason}); and {err}") from err
-    return model, source, f"no champion {CHAMPION_URI} ({reason}); used {source}"
+    if model_uri == LOCAL_MODEL:
+        return (*load_detector(root, None), None)
+    if model_uri is not None:
+        return (*load_detector(root, model_uri), None)
+    if not has_store(root):  # nothing registered anywhere: the stage's artifacts are all there is
+        try:
+            model, source = load_detector(root, None)
+        except Ms2rgbError as err:
+            raise Ms2rgbError(f"no detector: no MLflow store ({store_uri(root)}), and {err}") from err
+        return model, source, f"no MLflow store ({store_uri(root)}), so no champion; used {source}"
+    module = load_champion(root, "ms2rgb-detector", root / OUT_DIR / DETECTOR_FILE)
+    if not isinstance(module, ClassMapDetector):
+        raise Ms2rgbError(
+            f"{CHAMPION_URI} holds a {type(module).__name__}, not a ClassMapDetector. Fix: make a version of "
+            f"ms2rgb-detector champion (`ms2rgb promote ms2rgb-detector <version>`), or pass --model {LOCAL_MODEL}"
+        )
+    return module, CHAMPION_URI, None
 
 
 def write_overlay(path: Path, rgb: np.ndarray, classes: np.ndarray, names: list[str], colours: np.ndarray) -> None:

@@ -1,4 +1,7 @@
-"""Load the tuned detector: from ``artifacts/detector/`` (default) or an MLflow model URI."""
+"""Load the tuned detector: from ``artifacts/detector/`` or an MLflow model URI.
+
+Which one `ms2rgb detect` uses without ``--model`` is decided in ``detect.choose_detector``.
+"""
 
 from __future__ import annotations
 
@@ -56,7 +59,7 @@ def load_local_with_weights(root: Path) -> tuple[ClassMapDetector, str]:
 
 
 def load_detector(root: Path, model_uri: str | None = None) -> tuple[ClassMapDetector, str]:
-    """(detector, where it came from): the stage's artifacts by default, else a registered model URI."""
+    """(detector, where it came from): the stage's artifacts for None, else the registered model URI."""
     if model_uri is None:
         model, weights = load_local_with_weights(root)
         return model, f"{root / OUT_DIR / DETECTOR_FILE} (CLIP weights {weights})"

@@ -1,6 +1,6 @@
 """Figures of the detector stage and the class colours shared with `ms2rgb detect` overlays.
 
-Built on `matplotlib.figure.Figure` rather than pyplot (as tasks/plots.py): no GUI backend and no
+Built on `matplotlib.figure.Figure` rather than pyplot (as tasks/training/plots.py): no GUI backend and no
 global figure state, so stages may run in Prefect worker threads.
 """
 

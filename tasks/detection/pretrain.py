@@ -3,16 +3,20 @@
 Offline there are no published CLIP weights, and prompt tuning a random CLIP would be
 meaningless, so with ``clip.pretrained: null`` the project's tiny CLIP is first trained
 CLIP-style on the ``captions`` split (image + caption from class description and mask
-composition, ``tasks/captions.py``), saved to ``artifacts/detector/backbone.pt`` (a plain
-state dict that ``clip.pretrained`` accepts), registered as ``ms2rgb-clip-backbone``, frozen.
+composition, ``tasks/detection/captions.py``) plus, since those tiles carry masks, a dense
+patch-text alignment (``models/clip_dense.py``); saved to ``artifacts/detector/backbone.pt``
+(a plain state dict that ``clip.pretrained`` accepts), registered as ``ms2rgb-clip-backbone``,
+frozen. A later run whose pretraining inputs are the same reuses the previous run's backbone.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -23,11 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ms2rgb.models.clip_backbone import freeze, load_clip
+from ms2rgb.models.clip_dense import dense_alignment_loss, patch_embeddings, patch_shares
 from ms2rgb.models.clip_detector import ClipPixels, ImageEmbedder
-from ms2rgb.tasks.config import ClipConfig, PretrainConfig
+from ms2rgb.tasks.config import ClipConfig, PretrainConfig, PromptParams
 from ms2rgb.tasks.data.atomic import write_atomic
 from ms2rgb.tasks.data.cache import CachedSplit
-from ms2rgb.tasks.data.classes import SURFACE_CLASSES
+from ms2rgb.tasks.data.classes import MASK_NODATA, SURFACE_CLASSES
 from ms2rgb.tasks.detection.captions import captions
 from ms2rgb.tasks.detection.data import load_tiles, sample_batch
 from ms2rgb.tasks.errors import ParamsError
@@ -88,6 +93,41 @@ def _optimiser(clip: nn.Module, cfg: PretrainConfig) -> tuple[torch.optim.Optimi
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+@dataclass(frozen=True)
+class DenseTargets:
+    """What the dense alignment needs: the legend's tokenised descriptions, the layers it aligns
+    (0-based, the prompts' similarity layers) and the patch-text temperature the prompts use."""
+
+    class_tokens: torch.Tensor  # (K, L)
+    layers: tuple[int, ...]
+    scale: float
+
+
+def _step_loss(
+    clip: open_clip.CLIP,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    captions_tokens: torch.Tensor,
+    caption_of: np.ndarray,
+    dense: DenseTargets | None,
+    dense_weight: float,
+) -> torch.Tensor:
+    """Multi-positive caption InfoNCE, plus the dense patch-text alignment when weighted."""
+    last = len(clip.visual.transformer.resblocks) - 1
+    aligned = dense.layers if dense is not None and dense_weight > 0 else ()
+    patches, grid = patch_embeddings(clip, x, sorted({last, *aligned}))
+    image = F.normalize(patches[last].mean(dim=1), dim=-1)  # the avg-pool image embedding
+    text = clip.encode_text(captions_tokens, normalize=True)
+    loss = multi_positive_clip_loss(
+        image.float(), text.float(), clip.logit_scale.exp(), torch.as_tensor(caption_of, device=x.device)
+    )
+    if dense is None or not aligned:
+        return loss
+    class_text = clip.encode_text(dense.class_tokens, normalize=True).float()  # (K, D)
+    shares = patch_shares(y, grid, class_text.shape[0], MASK_NODATA)
+    return loss + dense_weight * dense_alignment_loss([patches[i] for i in aligned], class_text, shares, dense.scale)
+
+
 def pretrain_clip(
     clip: open_clip.CLIP,
     tokenizer: Callable[..., torch.Tensor],
@@ -97,10 +137,12 @@ def pretrain_clip(
     device: torch.device,
     progress: Callable[[str], None] = print,
     classes: Mapping[str, str] = SURFACE_CLASSES,
+    dense: DenseTargets | None = None,
 ) -> list[float]:
-    """Train every CLIP parameter contrastively on the split's tiles and captions; return step losses.
+    """Train every CLIP parameter on the split's tiles: caption contrast, plus (with `dense` and
+    cfg.dense_weight > 0) patch-text alignment to the masks; return step losses.
     `classes`: the masks' legend, whose descriptions the captions are written in."""
-    images, _ = load_tiles(split)
+    images, masks = load_tiles(split)
     texts, caption_ids = np.unique(captions(split.labels, np.asarray(split.masks), classes), return_inverse=True)
     tokens = tokenizer(list(texts))  # (U, L)
     pixels = ClipPixels.for_clip(clip).to(device)
@@ -108,16 +150,16 @@ def pretrain_clip(
     torch.manual_seed(seed)
     clip.to(device).train()
     opt, sched = _optimiser(clip, cfg)
+    if dense is not None:
+        dense = DenseTargets(dense.class_tokens.to(device), dense.layers, dense.scale)
     losses: list[float] = []
     for step in range(cfg.steps):
         idx = sample_batch(len(images), cfg.batch_size, rng)
-        (x,) = random_dihedral((images[idx],), rng)
+        x, y = random_dihedral((images[idx], masks[idx]), rng)
         used, caption_of = np.unique(caption_ids[idx], return_inverse=True)
         with autocast(device):
-            image = clip.encode_image(pixels(x.to(device)), normalize=True)
-            text = clip.encode_text(tokens[used].to(device), normalize=True)
-            loss = multi_positive_clip_loss(
-                image.float(), text.float(), clip.logit_scale.exp(), torch.as_tensor(caption_of, device=device)
+            loss = _step_loss(
+                clip, pixels(x.to(device)), y.to(device), tokens[used].to(device), caption_of, dense, cfg.dense_weight
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -134,14 +176,25 @@ def pretrain_clip(
 BACKBONE_INFO = "backbone.json"  # written last: a backbone.pt without it is from a run killed mid-registration
 
 
-def _resumed_backbone(clip: nn.Module, out_dir: Path) -> dict[str, Any] | None:
-    """The fallback a killed run of the same params already pretrained and registered, or None."""
-    if not ((out_dir / BACKBONE_FILE).is_file() and (out_dir / BACKBONE_INFO).is_file()):
-        return None
-    clip.load_state_dict(torch.load(out_dir / BACKBONE_FILE, map_location="cpu", weights_only=True))
-    info: dict[str, Any] = json.loads((out_dir / BACKBONE_INFO).read_text())
-    print(f"detector: fallback backbone taken from the interrupted run ({info['weights']})", flush=True)
-    return info
+def _reused_backbone(clip: nn.Module, folders: Sequence[Path], out_dir: Path, identity: str) -> dict[str, Any] | None:
+    """The fallback pretrained from the same inputs (`identity`) by a killed run of this stage (its
+    staging folder) or by the last finished one (artifacts/detector), loaded into `clip`; else None.
+    Tuning-only changes then skip the minutes of pretraining; the registered version is the old one."""
+    for folder in folders:
+        weights, info_file = folder / BACKBONE_FILE, folder / BACKBONE_INFO
+        if not (weights.is_file() and info_file.is_file()):
+            continue
+        info: dict[str, Any] = json.loads(info_file.read_text())
+        if info.get("identity") != identity:
+            continue
+        clip.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        if folder != out_dir:  # the stage's outputs are swapped in whole: carry the files over
+            source, text = weights, json.dumps(info)
+            write_atomic(out_dir / BACKBONE_FILE, lambda tmp: shutil.copyfile(source, tmp))  # noqa: B023 (called at once)
+            write_atomic(out_dir / BACKBONE_INFO, lambda tmp: tmp.write_text(text))  # noqa: B023
+        print(f"detector: fallback backbone reused from {folder} ({info['weights']})", flush=True)
+        return info
+    return None
 
 
 def _pretrain_fallback(
@@ -155,12 +208,14 @@ def _pretrain_fallback(
     device: torch.device,
     tracker: StageTracker,
     classes: Mapping[str, str],
+    dense: DenseTargets,
+    identity: str,
 ) -> dict[str, Any]:
     """Pretrain the fallback CLIP on the captions split, save and register it; its info."""
     with tracker.child("pretrain", tags={"ms2rgb.variant": "pretrain"}) as child:
         child.log_params({"pretrain": vars(cfg), "clip_model": model_name})
         start = time.perf_counter()
-        losses = pretrain_clip(clip, tokenizer, captions_split(), cfg, seed, device, classes=classes)
+        losses = pretrain_clip(clip, tokenizer, captions_split(), cfg, seed, device, classes=classes, dense=dense)
         seconds = time.perf_counter() - start
         child.log_metric_series("pretrain_loss", losses)
         write_atomic(out_dir / BACKBONE_FILE, lambda tmp: torch.save(clip.state_dict(), tmp))
@@ -169,14 +224,30 @@ def _pretrain_fallback(
         )
         clip.to(device)  # log_torch_model moved it to the CPU
     info = {
-        "weights": f"fallback:{BACKBONE_MODEL} v{version} ({cfg.steps} contrastive steps on the captions split)",
+        "weights": f"fallback:{BACKBONE_MODEL} v{version} ({cfg.steps} steps on the captions split, "
+        f"dense weight {cfg.dense_weight})",
         "pretrain_seconds": round(seconds, 2),
         "pretrain_final_loss": losses[-1],
         "backbone_file": BACKBONE_FILE,
         "backbone_version": version,
+        "identity": identity,
     }
     write_atomic(out_dir / BACKBONE_INFO, lambda tmp: tmp.write_text(json.dumps(info)))
     return info
+
+
+def dense_targets(
+    clip: open_clip.CLIP,
+    tokenizer: Callable[..., torch.Tensor],
+    classes: Mapping[str, str],
+    prompt: PromptParams | None,
+) -> DenseTargets:
+    """Align the layers the prompts will score (None: the last), at the temperature they score with
+    (CLIP's usual 1/0.07 when they use the CLIP's own), to the legend's texts."""
+    n_layers = len(clip.visual.transformer.resblocks)
+    layers = prompt.similarity_layers if prompt is not None else (-1,)
+    scale = prompt.logit_scale if prompt is not None and prompt.logit_scale else 1 / 0.07
+    return DenseTargets(tokenizer(list(classes.values())), tuple(sorted({i % n_layers for i in layers})), scale)
 
 
 def prepare_backbone(
@@ -188,9 +259,13 @@ def prepare_backbone(
     device: torch.device,
     tracker: StageTracker,
     classes: Mapping[str, str] = SURFACE_CLASSES,
+    prompt: PromptParams | None = None,
+    reuse: tuple[str, Sequence[Path]] = ("", ()),
 ) -> tuple[nn.Module, Callable[..., torch.Tensor], dict[str, Any]]:
     """Load the configured weights or pretrain the fallback; return (frozen CLIP, tokenizer, info).
-    `classes`: the legend of the captions split's masks.
+    `classes`: the legend of the captions split's masks; `prompt`: whose layers the dense term aligns
+    (None: the last layer); `reuse`: (identity of the pretraining inputs, folders that may hold a
+    backbone pretrained from them).
 
     info["weights"] says which weights the detector was tuned on; it is logged and reported.
     """
@@ -205,10 +280,23 @@ def prepare_backbone(
                 "with clip.pretrained: null the fallback must "
                 "pretrain (steps >= 1), or name weights in detector.clip.pretrained",
             )
+        identity, folders = reuse
+        dense = dense_targets(clip, tokenizer, classes, prompt)
         info.update(
-            _resumed_backbone(clip, out_dir)
+            (_reused_backbone(clip, [out_dir, *folders], out_dir, identity) if identity else None)
             or _pretrain_fallback(
-                clip, tokenizer, captions_split, pretrain_cfg, clip_cfg.model, out_dir, seed, device, tracker, classes
+                clip,
+                tokenizer,
+                captions_split,
+                pretrain_cfg,
+                clip_cfg.model,
+                out_dir,
+                seed,
+                device,
+                tracker,
+                classes,
+                dense,
+                identity,
             )
         )
     tracker.log_params({"clip.weights": info["weights"]})

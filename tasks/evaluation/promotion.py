@@ -1,7 +1,11 @@
-"""Champion/challenger decisions: move `champion` only for a real gain with no real regression.
+"""Champion/challenger decisions: move `champion` only for an evident gain with no real regression.
 
-Pure functions over metric dicts; the evaluate stage and `ms2rgb promote` apply the decision to
-the MLflow registry (aliases and version tags) only after every evaluation has finished.
+Evident: both models are scored on the same held-out tiles, and the lower end of the paired 95 %
+bootstrap interval of the headline gain (tasks/evaluation/evidence.py) must lie above
+`promote.min_gain`; a point estimate that beats the champion by noise is held. The other tracked
+metrics must not get worse by more than `promote.max_regression` (point estimates: the cautious
+side). Pure functions; the evaluate stage and `ms2rgb promote` apply the decision to the MLflow
+registry (aliases and version tags) only after every evaluation has finished.
 """
 
 from __future__ import annotations
@@ -9,7 +13,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ms2rgb.tasks.evaluation.scoring import HEADLINE
+from ms2rgb.tasks.config import PromoteConfig
+from ms2rgb.tasks.evaluation.evidence import Gain, metric_name, paired_gain
+from ms2rgb.tasks.evaluation.scoring import HEADLINE, Scored, headline
 
 FIRST, PROMOTED, HELD, FORCED = "first", "promoted", "held", "forced"
 
@@ -47,8 +53,10 @@ def decide(
     min_gain: float,
     max_regression: float,
     force: bool = False,
+    gain: Gain | None = None,
 ) -> Decision:
-    """Compare the challenger's figures `new` with the champion's `old` (same test data)."""
+    """Compare the challenger's figures `new` with the champion's `old`, and the paired `gain` of the
+    headline metric on the same test tiles (needed whenever there is a champion to compare with)."""
     metrics = {"challenger": new, "champion": old}
     head = HEADLINE[name][0]
     if force:
@@ -57,13 +65,37 @@ def decide(
         return Decision(FIRST, challenger, challenger, ["no champion yet: the first version becomes it"], metrics)
     if champion == challenger:
         return Decision(HELD, champion, challenger, ["the challenger is the champion already"], metrics)
-    if old is None:
-        raise ValueError(f"{name}: champion v{champion} has no figures to compare with")
-    gain = new[head] - old[head]
-    reasons = [f"{head} {old[head]:.4f} -> {new[head]:.4f} ({gain:+.4f}; promote.min_gain {min_gain})"]
+    if old is None or gain is None:
+        raise ValueError(f"{name}: champion v{champion} has no figures or paired gain to compare with")
+    reasons = [f"{metric_name(head)} {old[head]:.4f} -> {new[head]:.4f}; {gain.describe()}"]
     regressions = _regressions(name, new, old, max_regression)
-    if gain < min_gain or regressions:
-        if gain < min_gain:
-            reasons.append(f"{head} gain {gain:+.4f} is below promote.min_gain {min_gain}")
+    evident = gain.low > min_gain
+    if not evident:
+        reasons.append(
+            f"the interval's lower end {gain.low:+.4f} is not above promote.min_gain {min_gain}: "
+            "no evident gain over the champion"
+        )
+    if not evident or regressions:
         return Decision(HELD, champion, challenger, reasons + regressions, metrics)
+    reasons.append(f"the interval's lower end {gain.low:+.4f} is above promote.min_gain {min_gain}")
     return Decision(PROMOTED, challenger, challenger, reasons, metrics)
+
+
+def weigh(
+    name: str,
+    challenger: int,
+    new: Scored,
+    champion: int | None,
+    old: Scored | None,
+    rule: PromoteConfig,
+    samples: int,
+    seed: int,
+    force: bool = False,
+) -> Decision:
+    """decide() on two scored models: their figures, and the paired bootstrap (`samples` resamples,
+    `seed`) of the headline gain from their per-tile outcomes on the same tiles."""
+    head = HEADLINE[name][0]
+    gain = None if old is None else paired_gain(head, new.outcomes, old.outcomes, samples, seed)
+    new_figures, old_figures = headline(name, new.figures), None if old is None else headline(name, old.figures)
+    limits = (rule.min_gain, rule.max_regression)
+    return decide(name, challenger, new_figures, champion, old_figures, *limits, force=force, gain=gain)

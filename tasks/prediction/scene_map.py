@@ -9,8 +9,10 @@ ceil(H / 64) x ceil(W / 64) cells. Partial cells at the bottom and right borders
 (the last row / column repeated, as `detect` pads small images) and classified; a cell holding no
 valid pixel (all outside the input's data mask) is no data.
 
-Model: by default the registered champion `models:/ms2rgb-student@champion`; while there is none
-(no MLflow store yet, or no champion alias) `artifacts/student/model.pt`, and the result says so.
+Model: by default the registered champion `models:/ms2rgb-student@champion`; when it cannot be loaded
+(no champion alias yet, an unreachable tracking server) the command stops and says how to fix it.
+`artifacts/student/model.pt` is used only when asked for (`model_uri="artifacts"`, `--model artifacts`)
+or when there is no tracking store at all, and the result says so (`tasks/tracking/champion.py`).
 `model_uri` picks a registered version, e.g. `models:/ms2rgb-student/3`.
 
 Outputs in `out_dir`, one pixel per cell (the input's transform scaled by 64, same CRS):
@@ -80,14 +82,35 @@ def check_student(model: nn.Module, where: str) -> nn.Module:
     return model
 
 
+def local_student(root: Path, asked: bool) -> nn.Module:
+    """The student stage's model file; `asked`: the user named it (`--model artifacts`)."""
+    local = model_path(root, "student")
+    if not local.is_file():
+        instead = (
+            "leave --model out to use the registered champion"
+            if asked
+            else "set MLFLOW_TRACKING_URI to the store that holds a registered student"
+        )
+        raise Ms2rgbError(
+            f"no student model: {local} does not exist. Fix: run the student stage (`ms2rgb stage student` "
+            f"or `ms2rgb run`), or {instead}"
+        )
+    return check_student(load_model(local, "scene_cnn", "student"), str(local))
+
+
 def load_student(root: Path, model_uri: str | None = None) -> tuple[nn.Module, str, str | None]:
     """(student, where it came from, why the champion was not used or None).
 
-    `model_uri` given: that registered model, or an error. Else the champion, else the student
-    stage's model file, else an error naming both and the fix.
+    `model_uri` a registered model: that one, or an error. "artifacts": the student stage's model file.
+    None: the champion, or an error naming the store and the fix; the stage's model file only when
+    there is no tracking store at all (tasks/tracking/champion.py).
     """
     from ms2rgb.tasks import tracking
+    from ms2rgb.tasks.tracking.champion import LOCAL_MODEL, has_store, load_champion, store_uri
 
+    local = model_path(root, "student")
+    if model_uri == LOCAL_MODEL:
+        return local_student(root, asked=True), str(local), None
     if model_uri is not None:
         try:
             module = tracking.load_registered_module(root, model_uri)
@@ -100,21 +123,10 @@ def load_student(root: Path, model_uri: str | None = None) -> tuple[nn.Module, s
                 )
             raise Ms2rgbError(f"--model {model_uri!r}: {message}") from err
         return check_student(module, f"--model {model_uri!r}"), model_uri, None
-    try:
-        module = tracking.load_registered_module(root, CHAMPION_URI)
-    except Ms2rgbError as err:  # no store, no champion alias yet, or an unreachable server
-        reason = _one_line(err)
-    else:
-        return check_student(module, CHAMPION_URI), CHAMPION_URI, None
-    local = model_path(root, "student")
-    if not local.is_file():
-        raise Ms2rgbError(
-            f"no student model: {CHAMPION_URI} is not available ({reason}) and {local} does not exist. "
-            "Fix: run the student stage (`ms2rgb stage student` or `ms2rgb run`), or pass "
-            f"--model models:/{REGISTERED_NAME}/<version>"
-        )
-    model = load_model(local, "scene_cnn", "student")
-    return check_student(model, str(local)), str(local), f"no champion {CHAMPION_URI} ({reason}); used {local}"
+    if not has_store(root):  # nothing registered anywhere: the stage's file is all there is
+        note = f"no MLflow store ({store_uri(root)}), so no champion; used {local}"
+        return local_student(root, asked=False), str(local), note
+    return check_student(load_champion(root, REGISTERED_NAME, local), CHAMPION_URI), CHAMPION_URI, None
 
 
 @torch.no_grad()

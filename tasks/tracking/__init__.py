@@ -24,6 +24,8 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from ms2rgb.tasks.errors import Ms2rgbError
+from ms2rgb.tasks.tracking.pending import CHALLENGER as CHALLENGER  # re-exported: callers name both aliases here
+from ms2rgb.tasks.tracking.pending import PendingVersions
 
 if TYPE_CHECKING:
     import numpy as np
@@ -35,9 +37,10 @@ EXPERIMENT = "ms2rgb"
 TIMEOUT_ENV = "MS2RGB_TRACKING_TIMEOUT"  # seconds to wait for a tracking server before giving up
 # Tags that let a later process tell a run left RUNNING by a killed process from a live one.
 PID_TAG, HOST_TAG = "ms2rgb.pid", "ms2rgb.host"
-# Registry aliases: every newly registered version becomes the challenger; whoever promotes a
-# version (the evaluate stage, a person) moves `champion`, which serving reads (models:/NAME@champion).
-CHALLENGER, CHAMPION = "challenger", "champion"
+# Registry aliases: every newly registered version becomes the challenger once its stage succeeded
+# (tracking/pending.py); whoever promotes a version (the evaluate stage, a person) moves `champion`,
+# which serving reads (models:/NAME@champion).
+CHAMPION = "champion"
 
 
 class TrackingUnreachable(Ms2rgbError):
@@ -162,12 +165,15 @@ class StageTracker:
 
     Every method logs to this tracker's own run (by id, through MlflowClient), never to
     whichever run happens to be active: a stage tracker used inside one of its child runs
-    still logs to the stage's run.
+    still logs to the stage's run. Models it registers, its children's included, are collected
+    in `pending`: `stage_run` sets their `challenger` alias when the stage succeeded, or deletes
+    them when it failed.
     """
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, pending: PendingVersions | None = None) -> None:
         self.run_id = run_id
         self._client = MlflowClient()
+        self.pending = PendingVersions() if pending is None else pending
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -246,7 +252,7 @@ class StageTracker:
         with mlflow.start_run(
             run_name=name, parent_run_id=self.run_id, nested=True, tags={**_owner_tags(), **(tags or {})}
         ) as run:
-            yield StageTracker(run.info.run_id)
+            yield StageTracker(run.info.run_id, self.pending)  # the stage's registrations, one transaction
 
     def log_torch_model(
         self,
@@ -273,6 +279,7 @@ class StageTracker:
         model = model.to("cpu").eval()
         with torch.no_grad():
             output = model(torch.as_tensor(input_example)).numpy()
+        self.pending.note_model(self._client, registered_name)
         with self._active():
             info = mlflow.pytorch.log_model(
                 model,
@@ -329,6 +336,7 @@ class StageTracker:
             inputs=Schema([TensorSpec(np.dtype(np.float32), in_shape)]),
             outputs=Schema([TensorSpec(output.dtype, out_shape)]),
         )
+        self.pending.note_model(self._client, registered_name)
         with self._active():
             info = mlflow.pyfunc.log_model(
                 name=name,
@@ -344,9 +352,10 @@ class StageTracker:
         return self._registered(registered_name, info.registered_model_version)
 
     def _registered(self, registered_name: str, version: int | None) -> int | None:
-        """A newly registered version becomes the `challenger` at once (MLflow moves the alias to it)."""
+        """A newly registered version waits in `pending`: it becomes the `challenger` only when its stage
+        succeeded, after the stage's outputs were swapped in (stage_run)."""
         if version is not None:
-            self._client.set_registered_model_alias(registered_name, CHALLENGER, str(version))
+            self.pending.add(registered_name, int(version))
         return version
 
 
@@ -442,6 +451,14 @@ def version_by_alias(root: Path, name: str, alias: str) -> int | None:
         raise
 
 
+def version_exists(root: Path, name: str, version: int) -> bool:
+    """Whether registered model `name` holds `version` (False without a store; none is created)."""
+    if not _has_store(root):
+        return False
+    configure(root)
+    return any(int(v.version) == version for v in MlflowClient().search_model_versions(f"name='{name}'"))
+
+
 def tag_version(root: Path, name: str, version: int, tags: dict[str, str]) -> None:
     """Set tags on one registered model version (e.g. the evaluation that promoted or rejected it)."""
     from mlflow.exceptions import MlflowException
@@ -486,7 +503,13 @@ def _has_tabulate() -> bool:
 def stage_run(
     root: Path, stage: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None
 ) -> Iterator[StageTracker]:
-    """A run for one stage, nested under `parent_run_id` when the stage is part of a pipeline run."""
+    """A run for one stage, nested under `parent_run_id` when the stage is part of a pipeline run.
+
+    The registry changes with the stage's outputs: the versions registered inside the block get the
+    `challenger` alias when the block ends normally (the stage runner swaps the outputs in inside
+    it), and are deleted again when it raises, so a failed stage leaves versions and aliases as
+    they were.
+    """
     configure(root)
     with mlflow.start_run(
         run_name=stage,
@@ -494,4 +517,10 @@ def stage_run(
         nested=parent_run_id is not None,
         tags={"ms2rgb.stage": stage, **_owner_tags(), **(tags or {})},
     ) as run:
-        yield StageTracker(run.info.run_id)
+        tracker = StageTracker(run.info.run_id)
+        try:
+            yield tracker
+        except BaseException:  # Ctrl-C too: only a finished stage publishes what it registered
+            tracker.pending.roll_back(tracker._client)
+            raise
+        tracker.pending.commit(tracker._client)

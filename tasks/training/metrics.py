@@ -155,3 +155,35 @@ def paired_bootstrap_diff(a: np.ndarray, b: np.ndarray, samples: int, seed: int,
         means[start : start + rows] = ((seed_counts @ diff) * tile_counts).sum(1) / (seeds * tiles)
     low, high = percentile_interval(means, level)
     return PairedDiff(mean=float(diff.mean()), ci95=[low, high])
+
+
+def tile_confusions(truth: np.ndarray, pred: np.ndarray, n_classes: int, ignore_index: int) -> np.ndarray:
+    """(N, K, K) int64 confusion matrix of each of N (H, W) tiles; `ignore_index` truths count nowhere."""
+    n = truth.shape[0]
+    valid = truth != ignore_index  # (N, H, W)
+    tile = np.broadcast_to(np.arange(n).reshape(n, *([1] * (truth.ndim - 1))), truth.shape)[valid]
+    codes = (tile * n_classes + truth[valid].astype(np.int64)) * n_classes + pred[valid].astype(np.int64)
+    return np.bincount(codes, minlength=n * n_classes * n_classes).reshape(n, n_classes, n_classes)
+
+
+def miou_of_sums(conf: np.ndarray) -> np.ndarray:
+    """mIoU of each (R, K, K) confusion matrix, as iou_report computes it (nan-mean over present classes)."""
+    inter = np.diagonal(conf, axis1=1, axis2=2)  # (R, K)
+    union = conf.sum(1) + conf.sum(2) - inter
+    present = union > 0
+    iou = np.where(present, inter / np.maximum(union, 1), 0.0)
+    return iou.sum(1) / np.maximum(present.sum(1), 1)
+
+
+def miou_interval(
+    tile_confs: Sequence[np.ndarray], samples: int, seed: int, level: float = 0.95
+) -> tuple[float, float]:
+    """Bootstrap interval of the mean over seeds of mIoU: test tiles resampled (the same draw for every
+    seed, since the seeds score the same tiles); tile_confs holds one (N, K, K) array per seed."""
+    stacked = np.stack([np.asarray(c, dtype=np.float64) for c in tile_confs])  # (S, N, K, K)
+    s, n, k, _ = stacked.shape
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n, (samples, n)) + n * np.arange(samples)[:, None]
+    weights = np.bincount(draws.ravel(), minlength=samples * n).reshape(samples, n).astype(np.float64)  # (R, N)
+    per_seed = [miou_of_sums((weights @ stacked[i].reshape(n, k * k)).reshape(-1, k, k)) for i in range(s)]
+    return percentile_interval(np.mean(per_seed, axis=0), level)

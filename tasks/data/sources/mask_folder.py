@@ -12,8 +12,11 @@ it) stays. The command refuses to run when an input lies inside it, or when it h
 is not an earlier import (no source.json of this source), rather than delete it. source.json names
 the inputs by file name and the legend by hash, never by machine path, so two clones hash alike.
 
-Partial tiles at the right and bottom edges are dropped, and so are tiles without one labelled pixel.
-Written masks hold legend indices 0..N-1 and MASK_NODATA, whatever the input encoding.
+Partial tiles at the right and bottom edges are dropped, and so are tiles without one labelled pixel
+and tiles more unlabelled than `validate.max_ignore_share` (the caller passes the params value):
+validation would stop the run on them, so an import that succeeds leads to a run that passes. Both
+counts are printed and recorded in source.json (`left_out`). Written masks hold legend indices
+0..N-1 and MASK_NODATA, whatever the input encoding.
 
 With `data.segmentation.source: folder`, prepare (`build_folder_segmentation`) deals whole images to
 `captions`, `fewshot` and `seg_test` by `data.segmentation.shares`: every tile of an image has the
@@ -26,6 +29,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +56,7 @@ from ms2rgb.tasks.data.manifest import (
 )
 from ms2rgb.tasks.data.sources.mask_labels import VECTOR_SUFFIXES, Image, read_image, read_labels
 from ms2rgb.tasks.data.sources.mask_legend import MaskLegend, read_mask_legend
+from ms2rgb.tasks.data.tile_stats import ignore_share
 from ms2rgb.tasks.errors import DataError, DatasetLayoutError
 
 # Under data.segmentation.folder: what `ms2rgb data masks` replaces whole. A subfolder, so the
@@ -65,6 +70,33 @@ MASK_SUFFIXES = (".tif", ".tiff", ".png", *VECTOR_SUFFIXES)
 PIXEL_GRID_CRS = CRS.from_wkt(
     'LOCAL_CS["ms2rgb pixel grid",UNIT["metre",1],AXIS["Easting",EAST],AXIS["Northing",NORTH]]'
 )
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """Full tiles an import did not write, by reason."""
+
+    unlabelled: int = 0  # not one labelled pixel: teaches nothing, scores nothing
+    mostly_unlabelled: int = 0  # labelled, but a larger unlabelled share than validate.max_ignore_share
+
+    def __add__(self, other: LeftOut) -> LeftOut:
+        return LeftOut(self.unlabelled + other.unlabelled, self.mostly_unlabelled + other.mostly_unlabelled)
+
+    def describe(self, max_ignore_share: float) -> str:
+        """e.g. "3 without label, 2 more than 90 % unlabelled (validate.max_ignore_share)"."""
+        return (
+            f"{self.unlabelled} without label, {self.mostly_unlabelled} more than {max_ignore_share * 100:g} % "
+            "unlabelled (validate.max_ignore_share)"
+        )
+
+
+@dataclass(frozen=True)
+class MaskImport:
+    """What `import_masks` wrote: the manifest of its tiles, and what it left out."""
+
+    manifest: pd.DataFrame
+    left_out: LeftOut
+    max_ignore_share: float  # the limit it applied (the params' validate.max_ignore_share)
 
 
 def _by_stem(folder: Path, suffixes: tuple[str, ...], what: str) -> dict[str, Path]:
@@ -98,17 +130,30 @@ def pair_images(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
     return [(images[stem], masks[stem]) for stem in images]
 
 
-def _tile_rows(image: Image, labels: np.ndarray, out_dir: Path, size: int) -> tuple[list[dict[str, Any]], int]:
-    """Write the labelled full tiles of one image; their manifest rows and how many tiles had no label."""
+def _left_out(mask: np.ndarray, max_ignore_share: float) -> LeftOut | None:
+    """Why a tile's mask is not written (None: it is). The limit is checked exactly as validation
+    checks it (same share, at most the limit passes), so no written tile can fail there."""
+    if (mask == MASK_NODATA).all():
+        return LeftOut(unlabelled=1)
+    if ignore_share(mask) > max_ignore_share:
+        return LeftOut(mostly_unlabelled=1)
+    return None
+
+
+def _tile_rows(
+    image: Image, labels: np.ndarray, out_dir: Path, size: int, max_ignore_share: float
+) -> tuple[list[dict[str, Any]], LeftOut]:
+    """Write the full tiles of one image that validation accepts; their manifest rows and what was left out."""
     stem, crs = image.path.stem, image.crs or PIXEL_GRID_CRS
     location = f"{FOLDER_SOURCE_PREFIX}{stem}{SEGMENTATION_SUFFIX}"  # one location per image: splits are by image
-    rows, unlabelled = [], 0
+    rows, left_out = [], LeftOut()
     for row in range(labels.shape[0] // size):
         for col in range(labels.shape[1] // size):
             cut = (slice(row * size, (row + 1) * size), slice(col * size, (col + 1) * size))
             mask = labels[cut]
-            if (mask == MASK_NODATA).all():
-                unlabelled += 1  # a tile with no label teaches nothing and scores nothing
+            reason = _left_out(mask, max_ignore_share)
+            if reason is not None:
+                left_out += reason
                 continue
             transform = window_transform(Window(col * size, row * size, size, size), image.transform)
             name = f"{stem}-r{row:03d}c{col:03d}"
@@ -134,7 +179,7 @@ def _tile_rows(image: Image, labels: np.ndarray, out_dir: Path, size: int) -> tu
                     "sha256": sha256_of(out_dir / rgb_rel),
                 }
             )
-    return rows, unlabelled
+    return rows, left_out
 
 
 def _is_import(folder: Path) -> bool:
@@ -166,20 +211,30 @@ def check_target(target: Path, inputs: dict[str, Path]) -> None:
 
 
 def _write_tiles(
-    pairs: list[tuple[Path, Path]], legend: MaskLegend, tmp: Path, size: int, progress: Progress
-) -> list[dict[str, Any]]:
-    """Tile every (image, mask) pair into `tmp`; the manifest rows."""
+    pairs: list[tuple[Path, Path]],
+    legend: MaskLegend,
+    tmp: Path,
+    size: int,
+    max_ignore_share: float,
+    progress: Progress,
+) -> tuple[list[dict[str, Any]], LeftOut]:
+    """Tile every (image, mask) pair into `tmp`; the manifest rows and what was left out."""
     rows: list[dict[str, Any]] = []
+    left_out = LeftOut()
     for image_path, mask_path in pairs:
         image = read_image(image_path)
         if min(image.rgb.shape[1:]) < size:
             raise DataError(
                 image_path, f"is {image.rgb.shape[2]}x{image.rgb.shape[1]} px", f"images need {size} px a side"
             )
-        new, unlabelled = _tile_rows(image, read_labels(mask_path, image, legend), tmp, size)
+        new, dropped = _tile_rows(image, read_labels(mask_path, image, legend), tmp, size, max_ignore_share)
         rows += new
-        progress(f"masks: {image_path.name} + {mask_path.name}: {len(new)} tiles ({unlabelled} without label left out)")
-    return rows
+        left_out += dropped
+        progress(
+            f"masks: {image_path.name} + {mask_path.name}: {len(new)} tiles "
+            f"(left out: {dropped.describe(max_ignore_share)})"
+        )
+    return rows, left_out
 
 
 def import_masks(
@@ -187,10 +242,16 @@ def import_masks(
     masks_dir: Path,
     legend_path: Path,
     folder: Path,
+    *,
+    max_ignore_share: float,
     size: int = TILE_SIZE,
     progress: Progress = print,
-) -> pd.DataFrame:
-    """Tile every image and its mask into <folder>/IMPORT_DIR (swapped in whole); return the manifest."""
+) -> MaskImport:
+    """Tile every image and its mask into <folder>/IMPORT_DIR (swapped in whole); what was written.
+
+    `max_ignore_share`: the params' validate.max_ignore_share. It has no default on purpose: a
+    second value here could disagree with validation, which is what this argument exists to prevent.
+    """
     target = folder / IMPORT_DIR
     check_target(target, {"--images": images_dir, "--masks": masks_dir, "--legend": legend_path})
     legend = read_mask_legend(legend_path)
@@ -199,9 +260,13 @@ def import_masks(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        rows = _write_tiles(pairs, legend, tmp, size, progress)
+        rows, left_out = _write_tiles(pairs, legend, tmp, size, max_ignore_share, progress)
         if not rows:
-            raise DataError(masks_dir, "no tile has a labelled pixel", f"check the masks against {legend_path}")
+            raise DataError(
+                masks_dir,
+                f"no tile is labelled enough to keep (left out: {left_out.describe(max_ignore_share)})",
+                f"check the masks against {legend_path}, or raise validate.max_ignore_share in params.yaml",
+            )
         manifest = make_manifest(rows)
         write_manifest(manifest, tmp / MANIFEST_NAME)
         write_legend(tmp, legend.classes)
@@ -212,13 +277,15 @@ def import_masks(
             "pairs": [[image.name, mask.name] for image, mask in pairs],
             "legend": legend_path.name,
             "legend_sha256": sha256_of(legend_path),
+            "max_ignore_share": max_ignore_share,
+            "left_out": {"unlabelled": left_out.unlabelled, "mostly_unlabelled": left_out.mostly_unlabelled},
         }
         write_json_atomic(tmp / SOURCE_FILE, source)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left beside the folder
         raise
     swap_in_dir(tmp, target)
-    return manifest
+    return MaskImport(manifest, left_out, max_ignore_share)
 
 
 def image_splits(locations: list[str], shares: dict[str, float], key: str) -> dict[str, str]:

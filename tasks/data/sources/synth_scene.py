@@ -1,6 +1,6 @@
 """Drawing one synthetic location in memory: its surface layout and 13-band reflectance.
 
-Pure numpy/torch (no raster I/O): `tasks/synth.py` writes the results as GeoTIFFs, and
+Pure numpy/torch (no raster I/O): `tasks/data/sources/synth.py` writes the results as GeoTIFFs, and
 `bench/rgb_ambiguity_sweep.py` uses it directly, also on GPU hosts without GDAL.
 """
 

@@ -18,14 +18,16 @@ takes). One `poll` is one look at the location:
 Good scenes stay where they are (the location may be a shared drop); the ledger
 (`data/.landing/ledger.json`, rewritten atomically after each scene) remembers their content. The
 caller holds the project lock (flows/watch.py), so two polls never process one scene twice.
-The ledger also follows each ingested scene until a retrain has trained on it (flows/retrain.py).
+The ledger (flows/ledger.py) also follows each ingested scene until a retrain has trained on it
+(flows/retrain.py); names and file systems are flows/locations.py's.
+
+This is operations code: it uses the data layer but no stage imports it, so it lives beside the
+flows, outside every stage's `dvc.yaml` deps, and editing it leaves every trained model fresh.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import re
 import shutil
 import time
@@ -36,125 +38,28 @@ from typing import Any
 
 import fsspec
 import pandas as pd
-from fsspec.core import url_to_fs
-from fsspec.implementations.local import LocalFileSystem
 from rasterio.errors import RasterioError
 
+from ms2rgb.flows.ledger import load_ledger, now, save_ledger, state_dir
+from ms2rgb.flows.locations import (
+    CHUNK,
+    Location,
+    UnsafeName,
+    copy_tree,
+    entry_name,
+    move,
+    name_problem,
+    open_location,
+    safe_child,
+    write_text,
+)
 from ms2rgb.tasks.config import Params, ValidateConfig
-from ms2rgb.tasks.data.atomic import write_json_atomic, write_text_atomic
 from ms2rgb.tasks.data.sources.scenes import RASTER_SUFFIXES, band_from_filename, ingest_scene
 from ms2rgb.tasks.data.tile_stats import compute_tile_stats
 from ms2rgb.tasks.errors import Ms2rgbError, SceneAlreadyInPool
 
 Progress = Callable[[str], None]
-STATE_DIR = Path("data") / ".landing"  # ledger and staging copies of remote scenes, under the project
-LEDGER_NAME = "ledger.json"
-MAX_RETRAIN_ATTEMPTS = 3  # a scene whose retrain was killed this often is no longer re-announced
-LOST_EVENT_S = 600.0  # a scene announced this long ago that no retrain has taken yet is announced again
-_CHUNK = 1 << 20
 _SCENE_ID_BAD = re.compile(r"[^A-Za-z0-9_.-]")
-
-
-class UnsafeName(Ms2rgbError):
-    """A landing entry's name would address something outside the folder it is listed in."""
-
-
-# ---------------------------------------------------------------- names and locations
-
-
-def name_problem(name: str) -> str | None:
-    """Why `name` is not one plain file name (None when it is): it must not climb, be absolute or nest."""
-    if not name:
-        return "the name is empty"
-    if any(ord(c) < 32 or c == "\x7f" for c in name):
-        return "the name holds control characters"
-    if name in (".", ".."):
-        return "the name refers to a folder, not an entry in it"
-    if "/" in name or "\\" in name or os.path.isabs(name) or re.match(r"^[A-Za-z]:", name):
-        return "the name is a path (absolute, or with folder parts such as ../), not a plain file name"
-    if len(name.encode()) > 255:
-        return "the name is longer than 255 bytes"
-    return None
-
-
-def safe_child(base: Path, name: str) -> Path:
-    """`base / name`, refusing any name that would land anywhere but directly inside `base`."""
-    problem = name_problem(name)
-    if problem:
-        raise UnsafeName(f"{name!r}: {problem}; refused, nothing is written for it")
-    child = base / name
-    if child.resolve().parent != base.resolve():  # a symlinked parent or anything else that escapes
-        raise UnsafeName(f"{name!r}: resolves outside {base}; refused, nothing is written for it")
-    return child
-
-
-@dataclass(frozen=True)
-class Location:
-    """A folder of a local or fsspec file system."""
-
-    fs: fsspec.AbstractFileSystem
-    path: str  # in the file system's own terms, without a trailing slash
-    url: str  # as configured, for messages
-
-    @property
-    def local(self) -> Path | None:
-        return Path(self.path) if isinstance(self.fs, LocalFileSystem) else None
-
-    def child(self, name: str) -> str:
-        if self.local is not None:
-            return str(safe_child(self.local, name))
-        problem = name_problem(name)
-        if problem:
-            raise UnsafeName(f"{name!r}: {problem}; refused, nothing is written for it")
-        return f"{self.path}/{name}"
-
-    def exists(self, name: str) -> bool:
-        return bool(self.fs.exists(self.child(name)))
-
-
-def open_location(root: Path, spec: str, create: bool = False) -> Location:
-    """A configured location: an fsspec URL (anything with ://) or a folder, relative ones from `root`."""
-    if "://" in spec:
-        fs, path = url_to_fs(spec)
-    else:
-        folder = Path(spec).expanduser()
-        fs, path = fsspec.filesystem("file"), str((folder if folder.is_absolute() else root / folder).resolve())
-    location = Location(fs, path.rstrip("/") or "/", spec)
-    if create:
-        fs.makedirs(location.path, exist_ok=True)
-    return location
-
-
-def entry_name(base: str, path: str) -> str:
-    """The name of a listed entry relative to the listed folder. A listing that returns something not
-    directly inside it (a store key such as `drop/../x`, an absolute path) keeps its odd name, which
-    name_problem then refuses."""
-    prefix = base.rstrip("/") + "/"
-    path = path.rstrip("/")
-    return path[len(prefix) :] if path.startswith(prefix) else path
-
-
-# ---------------------------------------------------------------- the ledger
-
-
-def state_dir(root: Path) -> Path:
-    return root / STATE_DIR
-
-
-def load_ledger(root: Path) -> dict[str, Any]:
-    path = state_dir(root) / LEDGER_NAME
-    ledger: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    for key in ("seen", "scenes", "refused"):
-        ledger.setdefault(key, {})
-    return ledger
-
-
-def save_ledger(root: Path, ledger: dict[str, Any]) -> None:
-    write_json_atomic(state_dir(root) / LEDGER_NAME, ledger)
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 # ---------------------------------------------------------------- one poll
@@ -264,7 +169,7 @@ def _stamp(info: dict[str, Any]) -> str:
 def _file_sha(fs: fsspec.AbstractFileSystem, path: str) -> str:
     digest = hashlib.sha256()
     with fs.open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
+        while chunk := fh.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
 
@@ -317,7 +222,7 @@ def _record(ctx: _Poll, entry: _Entry, sha: str, status: str, **info: Any) -> No
     """Remember what became of this content (names it arrived under accumulate)."""
     names = ctx.ledger["scenes"].get(sha, {}).get("names", [])
     names = names + [entry.name] if entry.name not in names else names
-    ctx.ledger["scenes"][sha] = {"status": status, "names": names, "at": _now(), **info}
+    ctx.ledger["scenes"][sha] = {"status": status, "names": names, "at": now(), **info}
 
 
 def _take(ctx: _Poll, entry: _Entry, sha: str) -> Outcome:
@@ -422,13 +327,6 @@ def _free_name(location: Location, name: str, sha: str) -> str:
     raise Ms2rgbError(f"{location.url}: no free name for {name!r} in the quarantine; empty it")
 
 
-def _write_text(location: Location, name: str, text: str) -> None:
-    if location.local is not None:
-        write_text_atomic(safe_child(location.local, name), text)
-    else:
-        location.fs.pipe(location.child(name), text.encode())
-
-
 def _quarantine(ctx: _Poll, entry: _Entry, sha: str, reason: str) -> Outcome:
     """Move the entry into the quarantine beside a reason file, and remember its content as bad."""
     quarantine = ctx.quarantine
@@ -437,11 +335,11 @@ def _quarantine(ctx: _Poll, entry: _Entry, sha: str, reason: str) -> Outcome:
     else:
         quarantine.fs.makedirs(quarantine.path, exist_ok=True)
     dest = _free_name(quarantine, entry.name, sha)
-    _write_text(
+    write_text(
         quarantine,
         f"{dest}.reason.txt",
         f"scene:   {entry.name}\nfrom:    {ctx.landing.url.rstrip('/')}/{entry.name}\nsha256:  {sha}\n"
-        f"when:    {_now()}\nreason:  {reason}\n"
+        f"when:    {now()}\nreason:  {reason}\n"
         "fix:     repair or re-export the scene and drop it into the landing location again "
         "(changed bytes are a new scene; the same bytes are quarantined again)\n",
     )
@@ -458,84 +356,12 @@ def _refuse(ctx: _Poll, name: str, problem: str) -> Outcome:
     if key not in ctx.ledger["refused"]:
         tag = hashlib.sha1(name.encode(errors="surrogateescape")).hexdigest()[:12]
         ctx.quarantine.fs.makedirs(ctx.quarantine.path, exist_ok=True)
-        _write_text(
+        write_text(
             ctx.quarantine,
             f"refused-{tag}.reason.txt",
-            f"entry:   {name!r}\nfrom:    {ctx.landing.url}\nwhen:    {_now()}\nreason:  {problem}\n"
+            f"entry:   {name!r}\nfrom:    {ctx.landing.url}\nwhen:    {now()}\nreason:  {problem}\n"
             "fix:     rename it to a plain file name inside the landing location; it was neither read nor moved\n",
         )
-        ctx.ledger["refused"][key] = _now()
+        ctx.ledger["refused"][key] = now()
         ctx.progress(f"landing: {name!r}: refused: {problem}")
     return Outcome(name, "refused", reason=problem)
-
-
-def copy_tree(src_fs: fsspec.AbstractFileSystem, src: str, dst_fs: fsspec.AbstractFileSystem, dst: str) -> None:
-    """Copy a file or a folder between file systems; every nested name must be a plain name."""
-    if not src_fs.isdir(src):
-        dst_fs.makedirs(str(PurePosixPath(dst).parent), exist_ok=True)
-        with src_fs.open(src, "rb") as fin, dst_fs.open(dst, "wb") as fout:
-            shutil.copyfileobj(fin, fout, _CHUNK)
-        return
-    for path in sorted(src_fs.find(src)):
-        rel = entry_name(src, path)
-        for part in rel.split("/"):
-            problem = name_problem(part)
-            if problem:
-                raise UnsafeName(f"{src}: nested entry {rel!r}: {problem}; refused, nothing is written for it")
-        copy_tree(src_fs, path, dst_fs, f"{dst}/{rel}")
-
-
-def move(src: Location, name: str, dst: Location, dest_name: str, is_dir: bool) -> None:
-    """Move one entry between (possibly different) file systems."""
-    if src.local is not None and dst.local is not None:
-        shutil.move(safe_child(src.local, name), safe_child(dst.local, dest_name))
-        return
-    source, target = src.child(name), dst.child(dest_name)
-    if src.fs is dst.fs:
-        src.fs.mv(source, target, recursive=is_dir)
-        return
-    copy_tree(src.fs, source, dst.fs, target)
-    src.fs.rm(source, recursive=is_dir)
-
-
-# ---------------------------------------------------------------- retrain bookkeeping
-
-
-def _untrained(ledger: dict[str, Any]) -> list[dict[str, Any]]:
-    return [s for s in ledger["scenes"].values() if s["status"] == "ingested" and s["retrain"]["status"] != "trained"]
-
-
-def awaiting_retrain(root: Path) -> list[str]:
-    """What `watch` announces again when no retrain is queued: scenes a killed retrain left `running`,
-    and scenes still `pending` LOST_EVENT_S after they were announced (the event went unheard), as
-    long as MAX_RETRAIN_ATTEMPTS retrains have not been killed on them."""
-    now = time.time()
-    return [
-        str(s["scene_id"])
-        for s in _untrained(load_ledger(root))
-        if s["retrain"]["attempts"] < MAX_RETRAIN_ATTEMPTS
-        and (
-            s["retrain"]["status"] == "running"
-            or (s["retrain"]["status"] == "pending" and now - s.get("ingested_s", 0.0) > LOST_EVENT_S)
-        )
-    ]
-
-
-def start_retrain(root: Path, run_id: str | None) -> list[str]:
-    """Mark every ingested, untrained scene as taken by this retrain (DVC retrains on all of them)."""
-    ledger = load_ledger(root)
-    scenes = _untrained(ledger)
-    for scene in scenes:
-        scene["retrain"].update(status="running", run_id=run_id, started=_now())
-        scene["retrain"]["attempts"] += 1
-    save_ledger(root, ledger)
-    return [str(s["scene_id"]) for s in scenes]
-
-
-def finish_retrain(root: Path, scene_ids: list[str], status: str, **info: Any) -> None:
-    """Record how the retrain that took `scene_ids` ended (`trained` or `failed`, with details)."""
-    ledger = load_ledger(root)
-    for scene in ledger["scenes"].values():
-        if scene.get("scene_id") in scene_ids and scene["status"] == "ingested":
-            scene["retrain"].update(status=status, finished=_now(), **info)
-    save_ledger(root, ledger)
