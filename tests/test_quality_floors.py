@@ -40,10 +40,13 @@ MATCHER_MIN_TOP5 = 0.45  # 0.275 below the worst seed (about 4 binomial standard
 # tiles still shape the batch statistics, so a broken method does not fall all the way to rgb_only.
 FULL_METHOD_MIN_GAIN = 0.06  # 0.04 below the worst seed
 FULL_METHOD_MIN_CI_LOW = 0.0  # the gain is evidence, not noise; 0.05 below the worst seed
-# Coupled prompts tuned at K = 8 minus zero-shot, mIoU on seg_test (80 tiles). Seeds 0-4:
-# +0.040 (0.386 vs 0.346), +0.164 (0.438 vs 0.274), +0.060 (0.379 vs 0.319),
-# +0.095 (0.387 vs 0.292), +0.128 (0.442 vs 0.313).
-DETECTOR_MIN_GAIN = 0.02  # half the worst seed's gain
+# Coupled prompts tuned at K = 8 minus zero-shot, mIoU on seg_test (80 tiles), on the backbone pretrained
+# with the dense term (detector.pretrain.dense_weight 1). Seeds 0-4: +0.029 (0.379 vs 0.350),
+# +0.180 (0.420 vs 0.240), +0.001 (0.353 vs 0.352), +0.067 (0.385 vs 0.319), +0.110 (0.408 vs 0.299).
+# The dense term lifts zero-shot so much that on seed 2 the prompts only draw level (60 tuning steps:
+# +0.015), so this floor is the "above zero-shot" with no margin for every seed; the test runs
+# seed 0. With the prompts never updated (a planted bug), the tuned model falls below zero-shot.
+DETECTOR_MIN_GAIN = 0.0
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +100,7 @@ def test_full_method_beats_rgb_only_at_k5(method_a: dict[str, dict[str, Any]]) -
 def test_tuned_prompts_beat_zero_shot(prepared: Path, params: Params) -> None:
     miou = detector_miou(prepared, params)
     gain = miou["coupled"] - miou["zero_shot"]
-    assert gain >= DETECTOR_MIN_GAIN, (
+    assert gain > DETECTOR_MIN_GAIN, (
         f"coupled prompts mIoU {miou['coupled']:.4f} - zero-shot {miou['zero_shot']:.4f} = {gain:+.4f} "
-        f"< floor {DETECTOR_MIN_GAIN}"
+        f"is not above {DETECTOR_MIN_GAIN}"
     )

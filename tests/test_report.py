@@ -147,6 +147,7 @@ def sample_detector_report() -> dict[str, Any]:
         return {
             "miou": miou,
             "miou_std": std,
+            "miou_ci95": [round(miou - 0.05, 3), round(miou + 0.05, 3)],
             "pixel_accuracy": miou + 0.2,
             "seeds": seeds,
             "trainable_params": params,
@@ -164,14 +165,37 @@ def sample_detector_report() -> dict[str, Any]:
         "miou": 0.512,
         "miou_std": 0.01,
         "by_shots": {"1": brief(0.31, 0.0, 1, 9000), "4": brief(0.42, 0.0, 1, 9000), "16": brief(0.512, 0.01, 3, 9000)},
-        "baselines": {"zero_shot": 0.12, "text_prompts": 0.44, "visual_prompts": 0.40, "independent": 0.47},
+        "baselines": {
+            "zero_shot": 0.12,
+            "text_prompts": 0.44,
+            "visual_prompts": 0.40,
+            "independent": 0.47,
+            "pixel_forest": 0.645,
+        },
         "baseline_details": {
             "zero_shot": brief(0.12, 0.0, 1, 0),
             "text_prompts": brief(0.44, 0.02, 3, 2048),
             "visual_prompts": brief(0.40, 0.03, 3, 4096),
             "independent": brief(0.47, 0.02, 3, 6144),
+            "pixel_forest": brief(0.645, 0.001, 3, 617000),
         },
-        "goal": {"beats_every_baseline": True, "points_over_zero_shot": 39.2, "met": True},
+        "open_vocabulary": {
+            "novel_classes": ["water", "roof"],
+            "base_to_novel": {"base_miou": 0.505, "novel_miou": 0.098, "hm": 0.164},
+        },
+        "loss_threshold_stops": {"tuning_runs": 16, "stopped_by_threshold": 1, "steps_saved": 43},
+        "goal": {
+            "beats": {
+                "zero_shot": True,
+                "text_prompts": True,
+                "visual_prompts": True,
+                "independent": True,
+                "pixel_forest": False,
+            },
+            "beats_every_baseline": False,
+            "points_over_zero_shot": 39.2,
+            "met": False,
+        },
     }
 
 
@@ -298,6 +322,11 @@ def test_page_holds_every_section_and_embeds_its_figures(tmp_path: Path, figures
     assert "ms2rgb-detector" in html and "held" in html and "mIoU 0.512 &lt; champion" in html
     assert "0123456789abcdef0123456789abcdef01234567" in html and "6f1ed002ab5595859014ebf0951522d9.dir" in html
     assert "<details><summary>params" in html and "fallback:ms2rgb-clip-backbone v1" in html
+    # method B says plainly which baseline beats it, by how much, and shows open vocabulary and the stop rule
+    assert "A baseline wins:</strong> <code>pixel_forest</code> 0.645 (13.3 mIoU points above" in html
+    assert "[0.462, 0.562]" in html  # the full method's interval at K = 16
+    assert "<td>base_to_novel</td><td class=num>0.505</td><td class=num>0.098</td><td class=num>0.164</td>" in html
+    assert "1 of 16 tuning runs, 43 optimiser steps saved" in html
     assert "expect_column_values_to_be_between" in html and "(+7 more)" in html
 
 

@@ -235,11 +235,33 @@ def _variant(name: str, k: Any, brief: Mapping[str, Any], miou: Any, highlight: 
         "miou": miou,
         "miou_std": brief.get("miou_std"),
         "pixel_accuracy": brief.get("pixel_accuracy"),
+        "ci95": brief.get("miou_ci95") or [None, None],
         "seeds": brief.get("seeds"),
         "trainable_params": brief.get("trainable_params"),
+        "train_seconds": brief.get("train_seconds"),
+        "peak_memory_mb": brief.get("peak_memory_mb"),
+        "tiles_per_second": brief.get("tiles_per_second"),
         "stopped_by": brief.get("stopped_by") or "–",
         "highlight": highlight,
     }
+
+
+def _winners(detector: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The compared variants that score above the full method, best first: said plainly on the page."""
+    beats = (detector.get("goal") or {}).get("beats") or {}
+    baselines = detector.get("baselines") or {}
+    head = detector.get("miou")
+    if head is None:
+        return []
+    lost = sorted((name for name, won in beats.items() if not won and name in baselines), key=lambda n: -baselines[n])
+    return [{"name": name, "miou": baselines[name], "points": 100 * (baselines[name] - head)} for name in lost]
+
+
+def _open_vocabulary(detector: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Base / novel / harmonic-mean mIoU rows of reports/detector.json `open_vocabulary`."""
+    found = detector.get("open_vocabulary") or {}
+    rows = [{"name": name, **values} for name, values in found.items() if isinstance(values, Mapping)]
+    return {"novel": found.get("novel_classes") or [], "rows": rows} if rows else None
 
 
 def method_b(detector: Mapping[str, Any] | None, why: str) -> View:
@@ -268,6 +290,9 @@ def method_b(detector: Mapping[str, Any] | None, why: str) -> View:
         "weights": detector.get("weights", "–"),
         "rows": rows,
         "goal": goal if isinstance(goal, Mapping) else None,
+        "winners": _winners(detector),
+        "open_vocabulary": _open_vocabulary(detector),
+        "stops": detector.get("loss_threshold_stops"),
         "per_class": per_class(iou) if any(iou.values()) else None,
     }
 
