@@ -60,6 +60,7 @@ compare: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/data_loading.py
+	$(BIN)/python bench/scene.py
 
 clean:
 	rm -rf data/synth data/prepared reports mlflow.db mlartifacts .prefect

@@ -161,13 +161,21 @@ def _cmd_eurosat(args: argparse.Namespace) -> None:
 
 def _cmd_ingest(args: argparse.Namespace) -> None:
     from ms2rgb.tasks.config import load_params
+    from ms2rgb.tasks.data.sources.radiometry import given_offset
     from ms2rgb.tasks.data.sources.scenes import ingest_scene
 
     data = load_params(Path(args.root)).data
     scenes_dir = Path(args.root) / data.scenes_dir
+    # An option given on the command line beats the params default, and is checked against a product's metadata.
+    given = (
+        given_offset(args.offset, "option", "--offset")
+        if args.offset is not None
+        else given_offset(data.radiometric_offset, "param", "data.radiometric_offset")
+    )
+    scenes = [p if "://" in p else Path(p) for p in args.scene]  # a URL (STAC item) stays a string
     with project_lock(Path(args.root), "ms2rgb data ingest", args.wait):
         frame = ingest_scene(
-            [Path(p) for p in args.scene], scenes_dir, scene_id=args.scene_id, max_cloud_share=data.max_cloud_share
+            scenes, scenes_dir, scene_id=args.scene_id, max_cloud_share=data.max_cloud_share, radiometry=given
         )
     print(f"{len(frame)} tiles added to the MS pool under {scenes_dir}; the next run re-prepares the data")
 
@@ -194,15 +202,33 @@ def _cmd_masks(args: argparse.Namespace) -> None:
     print(f"tiles left out: {done.left_out.describe(done.max_ignore_share)}")
 
 
+RESAMPLE_HELP = (
+    "when the image's pixel size is more than 10%% off the model's training pixel size (10 m), resample it "
+    "on the fly to that size (average when finer, bilinear when coarser) instead of stopping; outputs are on "
+    "the resampled grid"
+)
+
+
 def _cmd_detect(args: argparse.Namespace) -> None:
     from ms2rgb.tasks.detection.detect import detect
 
     result = detect(
-        Path(args.image), args.classes, Path(args.out), root=Path(args.root), model_uri=args.model, stride=args.stride
+        Path(args.image),
+        args.classes,
+        Path(args.out),
+        root=Path(args.root),
+        model_uri=args.model,
+        stride=args.stride,
+        resample=args.resample,
+        min_area_px=args.min_area,
+        gpkg=args.gpkg,
     )
     print(f"model: {result['model']}")
     if result.get("model_note"):
         print(f"note: {result['model_note']}")
+    if result["resampled"]:
+        print(f"input: {result['resampled']}")
+    print(f"polygons: {result['polygons']}")
     print("class shares: " + ", ".join(f"{name} {share:.1%}" for name, share in result["shares"].items()))
     for kind, path in result["outputs"].items():
         print(f"{kind:16s} {path}")
@@ -211,10 +237,14 @@ def _cmd_detect(args: argparse.Namespace) -> None:
 def _cmd_predict(args: argparse.Namespace) -> None:
     from ms2rgb.tasks.prediction.scene_map import predict
 
-    result = predict(Path(args.image), Path(args.out), root=Path(args.root), model_uri=args.model)
+    result = predict(
+        Path(args.image), Path(args.out), root=Path(args.root), model_uri=args.model, resample=args.resample
+    )
     print(f"model: {result['model']}")
     if result["model_note"]:
         print(f"note: {result['model_note']}")
+    if result["resampled"]:
+        print(f"input: {result['resampled']}")
     grid = result["grid"]
     print(f"grid: {grid['rows']} x {grid['cols']} cells of {grid['cell_px']} px ({grid['nodata_cells']} without data)")
     shares = sorted(result["shares"].items(), key=lambda item: -item[1])
@@ -286,9 +316,22 @@ def build_parser() -> argparse.ArgumentParser:
     eurosat.add_argument("--out", default="data/eurosat")
     eurosat.add_argument("--seed", type=int, default=0)
     eurosat.set_defaults(func=_cmd_eurosat)
-    ingest = data.add_parser("ingest", help="add a Sentinel-2 scene (GeoTIFF or per-band JP2/TIF) to the MS pool")
-    ingest.add_argument("scene", nargs="+", help="one 13-band GeoTIFF, or the per-band files of one scene")
-    ingest.add_argument("--scene-id", help="name of the scene folder (default: derived from the file names)")
+    ingest = data.add_parser(
+        "ingest", help="add a Sentinel-2 scene (GeoTIFF, per-band JP2/TIF, .SAFE, zip or STAC item) to the MS pool"
+    )
+    ingest.add_argument(
+        "scene",
+        nargs="+",
+        help="one 13-band GeoTIFF, the per-band files of one scene, or one product: a .SAFE folder, its zip, "
+        "a STAC item (.json or URL)",
+    )
+    ingest.add_argument("--scene-id", help="name of the scene folder (default: the product's or the files' name)")
+    ingest.add_argument(
+        "--offset",
+        type=int,
+        help="DN offset of bare band files, e.g. -1000 for processing baseline 04.00+ (Jan 2022 on); "
+        "default: params data.radiometric_offset; products bring their own",
+    )
     ingest.set_defaults(func=_cmd_ingest)
     masks = data.add_parser("masks", help="the detector's tiles from your own images and masks (legend.yaml)")
     masks.add_argument("--images", required=True, help="folder of RGB images (GeoTIFF, PNG, JPEG)")
@@ -323,6 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument(
         "--stride", type=int, default=32, help="window step in px; < 64 overlaps and averages (default 32)"
     )
+    det.add_argument("--resample", action="store_true", help=RESAMPLE_HELP)
+    det.add_argument(
+        "--min-area",
+        type=int,
+        default=1,
+        help="sieve away regions of fewer pixels (of the class map) from the map and polygons (default 1: keep all)",
+    )
+    det.add_argument("--gpkg", action="store_true", help="also write the polygons as <stem>_classes.gpkg (image CRS)")
     det.set_defaults(func=_cmd_detect)
     pred = sub.add_parser(
         "predict", help="scene-class map (one class per 64-px cell) of an RGB (or 13-band MS) GeoTIFF with the student"
@@ -334,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="MLflow model URI, e.g. models:/ms2rgb-student/3, or 'artifacts' for artifacts/student/model.pt "
         "(default: models:/ms2rgb-student@champion; artifacts/student/model.pt only when there is no MLflow store)",
     )
+    pred.add_argument("--resample", action="store_true", help=RESAMPLE_HELP)
     pred.set_defaults(func=_cmd_predict)
     return parser
 

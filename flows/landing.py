@@ -1,8 +1,10 @@
 """New scenes from a landing location: found by content, checked, ingested into the MS pool or quarantined.
 
 The landing location (`landing.location`) is a local folder or any fsspec URL. Each entry directly
-inside it is one scene: a 13-band GeoTIFF, or a folder of per-band files (what `ms2rgb data ingest`
-takes). One `poll` is one look at the location:
+inside it is one scene (what `ms2rgb data ingest` takes): a 13-band GeoTIFF, a folder of per-band
+files, a Sentinel-2 product as a `.SAFE` folder or a zip of one, a STAC item `.json`, or a folder
+holding one STAC item and its assets. Bare band files get `data.radiometric_offset`; products their
+own metadata's offset. One `poll` is one look at the location:
 
 1. An entry whose size changed since the previous poll is still being written. It is taken once its
    size (and modification time, where the store has one) was the same on `landing.stable_polls`
@@ -54,12 +56,16 @@ from ms2rgb.flows.locations import (
     write_text,
 )
 from ms2rgb.tasks.config import Params, ValidateConfig
-from ms2rgb.tasks.data.sources.scenes import RASTER_SUFFIXES, band_from_filename, ingest_scene
+from ms2rgb.tasks.data.sources.band_names import RASTER_SUFFIXES, band_from_filename
+from ms2rgb.tasks.data.sources.radiometry import given_offset
+from ms2rgb.tasks.data.sources.s2_product import scene_name
+from ms2rgb.tasks.data.sources.scenes import ingest_scene
 from ms2rgb.tasks.data.tile_stats import compute_tile_stats
 from ms2rgb.tasks.errors import Ms2rgbError, SceneAlreadyInPool
 
 Progress = Callable[[str], None]
 _SCENE_ID_BAD = re.compile(r"[^A-Za-z0-9_.-]")
+PRODUCT_SUFFIXES = (".zip", ".json")  # a zipped .SAFE product, a STAC item
 
 
 # ---------------------------------------------------------------- one poll
@@ -235,12 +241,13 @@ def _take(ctx: _Poll, entry: _Entry, sha: str) -> Outcome:
             shutil.rmtree(staging, ignore_errors=True)
             source = staging / entry.name
             copy_tree(ctx.landing.fs, entry.path, fsspec.filesystem("file"), str(safe_child(staging, entry.name)))
-        if not entry.is_dir and source.suffix.lower() not in RASTER_SUFFIXES:
+        if not entry.is_dir and source.suffix.lower() not in RASTER_SUFFIXES + PRODUCT_SUFFIXES:
             return _quarantine(
                 ctx,
                 entry,
                 sha,
-                f"not a scene: expected a 13-band GeoTIFF ({', '.join(RASTER_SUFFIXES)}) or a folder of per-band files",
+                f"not a scene: expected a 13-band GeoTIFF ({', '.join(RASTER_SUFFIXES)}), a zipped .SAFE product, "
+                "a STAC item (.json) or a folder (per-band files, a .SAFE product, a STAC item with its assets)",
             )
         scene_id = _scene_id(ctx, entry, sha)
         ctx.progress(f"landing: {entry.name}: new scene (sha256 {sha[:12]}), ingesting as {scene_id}")
@@ -251,6 +258,7 @@ def _take(ctx: _Poll, entry: _Entry, sha: str) -> Outcome:
                 scene_id=scene_id,
                 progress=ctx.progress,
                 max_cloud_share=ctx.params.data.max_cloud_share,
+                radiometry=given_offset(ctx.params.data.radiometric_offset, "param", "data.radiometric_offset"),
             )
         except SceneAlreadyInPool as exc:  # not a fault of the file: recorded, never quarantined
             _record(ctx, entry, sha, "duplicate", scene_id=None, reason=str(exc))
@@ -275,7 +283,7 @@ def _take(ctx: _Poll, entry: _Entry, sha: str) -> Outcome:
 
 def _scene_id(ctx: _Poll, entry: _Entry, sha: str) -> str:
     """A folder name under data/scenes from the entry's name; made unique rather than replacing a scene."""
-    stem = entry.name if entry.is_dir else PurePosixPath(entry.name).stem
+    stem = scene_name(entry.name if entry.is_dir else PurePosixPath(entry.name).stem)  # x.SAFE.zip -> x
     base = _SCENE_ID_BAD.sub("_", stem).strip("._-") or "scene"
     taken = {s.get("scene_id") for s in ctx.ledger["scenes"].values()}
     for candidate in (base, f"{base}-{sha[:8]}", f"{base}-{sha[:16]}"):

@@ -29,6 +29,9 @@ class SceneCNNConfig:
     from_8bit: bool = False  # inputs are 0..255 RGB renders rather than reflectance
     dropout: float = 0.1  # dropout before the linear head
     stem_stride: int = 1  # stride of the first conv; 2 quarters the cost of the full-resolution stage
+    # Ground sample distance (m) of the training tiles: 10 m, the Sentinel-2 tiles every stage trains
+    # on (tasks/data/geotiff.py PIXEL_SIZE), also for checkpoints saved before the field existed.
+    pixel_size_m: float = 10.0
 
 
 def _stage(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
@@ -74,6 +77,11 @@ class SceneCNN(nn.Module):
         # NHWC: oneDNN's convolutions run about 25 % faster on CPU in this layout than in NCHW
         # (bench/step_time.py); loaded state dicts are copied into it, so checkpoints stay layout-free.
         self.to(memory_format=torch.channels_last)
+
+    @property
+    def pixel_size_m(self) -> float:
+        """Ground sample distance (m) of the tiles it was trained on."""
+        return self.cfg.pixel_size_m
 
     @property
     def feature_channels(self) -> int:

@@ -57,7 +57,8 @@ class ClassMapDetector(nn.Module):
 
     ``class_names`` / ``texts`` / ``clip_model`` travel with the pickled model so a loaded
     registry version can say what it detects and re-tokenise other descriptions
-    (``open_clip.get_tokenizer(clip_model)``) for :meth:`logits_for`.
+    (``open_clip.get_tokenizer(clip_model)``) for :meth:`logits_for`; ``pixel_size_m``, the ground
+    sample distance of its training tiles, lets a caller check that an image matches it.
     """
 
     text_tokens: torch.Tensor  # buffer, registered in __init__
@@ -69,6 +70,7 @@ class ClassMapDetector(nn.Module):
         class_names: Sequence[str],
         texts: Sequence[str],
         clip_model: str,
+        pixel_size_m: float | None = None,
     ) -> None:
         super().__init__()
         if len(class_names) != text_tokens.shape[0] or len(texts) != len(class_names):
@@ -80,6 +82,7 @@ class ClassMapDetector(nn.Module):
         self.pixels = ClipPixels.for_clip(prompted.clip)
         self.register_buffer("text_tokens", text_tokens.long())
         self.class_names, self.texts, self.clip_model = list(class_names), list(texts), clip_model
+        self.pixel_size_m = pixel_size_m  # GSD (m) of the tiles it was tuned on; None: unknown
 
     def logits_for(self, images: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
         """Fused class logits (B, K', H, W) at the input's size for other tokenised class descriptions."""

@@ -71,6 +71,8 @@ class DataConfig(Section):
     eurosat_test_list: str | None  # a file of tile names (one per line) or a folder of tiles: the test split
     segmentation: SegmentationConfig
     max_cloud_share: float = Field(ge=0, le=1)  # scene tiles with more cloud (s2cloudless) are not ingested
+    # DN offset added to bare band files at ingestion (-1000 from baseline 04.00); products bring their own
+    radiometric_offset: int = Field(ge=-10000, le=0)
 
     @field_validator("eurosat_split_fractions")
     @classmethod

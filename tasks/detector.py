@@ -38,7 +38,9 @@ from ms2rgb.tasks.data.artifacts import resumable_staging_dir
 from ms2rgb.tasks.data.atomic import write_atomic
 from ms2rgb.tasks.data.cache import CachedSplit, open_split
 from ms2rgb.tasks.data.classes import MASK_NODATA
+from ms2rgb.tasks.data.geotiff import PIXEL_SIZE
 from ms2rgb.tasks.data.legend import read_legend
+from ms2rgb.tasks.data.manifest import FOLDER_SOURCE_PREFIX
 from ms2rgb.tasks.data.validated import require_validated
 from ms2rgb.tasks.detection.baselines import run_baseline
 from ms2rgb.tasks.detection.data import first_k_per_class, load_tiles
@@ -194,6 +196,13 @@ def run_variant(
     return result, kept
 
 
+def tuned_pixel_size(fewshot: CachedSplit) -> float | None:
+    """The GSD (m) of the tiles the detector is tuned on, which `ms2rgb detect` checks images against:
+    PIXEL_SIZE for the project's Sentinel-2 tiles; None (unknown, not checked) for a user's own
+    images (`ms2rgb data masks`), which keep their GSD and whose cached tiles do not record it."""
+    return None if any(i.startswith(FOLDER_SOURCE_PREFIX) for i in fewshot.ids) else PIXEL_SIZE
+
+
 def save_detector(ctx: Context, detector: ClassMapDetector, info: dict[str, Any]) -> Path:
     """artifacts/detector/detector.pt: what `ms2rgb detect` needs besides the backbone weights."""
     payload = {
@@ -206,6 +215,7 @@ def save_detector(ctx: Context, detector: ClassMapDetector, info: dict[str, Any]
         "prompt_state": detector.prompted.prompt_state_dict(),
         "class_names": detector.class_names,
         "texts": detector.texts,
+        "pixel_size_m": tuned_pixel_size(ctx.fewshot),
     }
     return write_atomic(ctx.out_dir / DETECTOR_FILE, lambda tmp: torch.save(payload, tmp))
 

@@ -54,6 +54,7 @@ def test_cloudy_tiles_are_not_ingested_and_are_counted(tmp_path: Path) -> None:
     assert len(frame) == 4 and not frame["location_id"].str.endswith("_c0").any()  # column 0 is under the cloud
     assert (frame["cloud_share"] < 0.05).all()
     report = json.loads((tmp_path / "scenes" / "cloudy" / INGEST_REPORT).read_text())
+    assert report.pop("radiometry")["source"] == "none"  # a bare GeoTIFF, no offset given
     assert report == {"tiles": 4, "invalid": 0, "cloudy": 2, "max_cloud_share": 0.2}
     kept = ingest_scene([scene], tmp_path / "all", progress=None)  # max_cloud_share 1: every tile
     assert len(kept) == 6 and kept["cloud_share"].max() > 0.9

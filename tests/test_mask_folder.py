@@ -488,3 +488,4 @@ def test_a_tiny_project_trains_the_detector_on_the_users_classes(inputs: tuple, 
     assert set(report["per_class_iou"]) <= {"water", "forest"}
     saved = torch.load(root / "artifacts" / "detector" / DETECTOR_FILE, weights_only=False)
     assert saved["class_names"] == ["water", "forest"]
+    assert saved["pixel_size_m"] is None  # the user's images keep a GSD the stage does not see: detect skips the check

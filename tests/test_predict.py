@@ -104,6 +104,7 @@ def test_outputs_are_georeferenced_per_cell_and_match_the_student(root: Path, tm
         "scene_scene_probs.tif",
         "scene_scenes.png",
         "scene_scenes.tif",
+        "scene_scenes.tif.aux.xml",
     ]  # no temporary files left
 
 

@@ -3,11 +3,13 @@
 `ImageReader` opens a 3-band uint8 RGB or a 13-band uint16 Sentinel-2 L1C GeoTIFF, checks it once
 (file, CRS, bands, dtype; errors name the file and the fix) and returns any window as RGB uint8
 with its valid-pixel mask. 13-band windows are rendered exactly as the tiles were
-(`render.render_rgb`); only B04, B03 and B02 are read. `plan_blocks` cuts an image into blocks
-whose read window, halo included, holds at most `budget_px` pixels; `read_padded` reads such a
-block edge-padded past the image border. `create_geotiff` opens an output to be written by
-windows, `staged` moves finished outputs into place together, and `Thumbnail` keeps a
-downsampled copy of the image for previews. `ms2rgb predict` and `ms2rgb detect` share them.
+(`render.render_rgb`); only B04, B03 and B02 are read. `match_pixel_size` checks the image's
+pixel size against a model's and can resample it on the fly (`tasks/data/pixel_size.py`).
+`plan_blocks` cuts an image into blocks whose read window, halo included, holds at most
+`budget_px` pixels; `read_padded` reads such a block edge-padded past the image border.
+`create_geotiff` opens an output to be written by windows, `staged` moves finished outputs into
+place together, and `Thumbnail` keeps a downsampled copy of the image for previews.
+`ms2rgb predict` and `ms2rgb detect` share them.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ import numpy as np
 import rasterio
 from rasterio.crs import CRS
 from rasterio.errors import RasterioIOError
-from rasterio.io import DatasetWriter
+from rasterio.io import DatasetReader, DatasetWriter
 from rasterio.transform import Affine
+from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
+from ms2rgb.tasks.data.pixel_size import describe, pixel_size, resample_target, warped
 from ms2rgb.tasks.data.render import render_rgb
 from ms2rgb.tasks.errors import Ms2rgbError, RasterError
 
@@ -56,8 +60,9 @@ class ImageReader:
         self.path = Path(path)
         if not self.path.is_file():
             raise RasterError(self.path, "file does not exist", "check the path of the image")
+        self._file: DatasetReader | None = None  # the file under a resampling WarpedVRT
         try:
-            self._src = rasterio.open(self.path)
+            self._src: DatasetReader | WarpedVRT = rasterio.open(self.path)
         except RasterioIOError as exc:
             raise RasterError(self.path, f"cannot be read as a raster ({exc})", INPUT_FIX) from exc
         try:
@@ -81,6 +86,18 @@ class ImageReader:
         else:
             raise RasterError(self.path, f"has {src.count} band(s) of {'/'.join(sorted(dtypes))}", INPUT_FIX)
 
+    def match_pixel_size(self, expected: float | None, resample: bool = False) -> str | None:
+        """Read at the model's GSD `expected` (m): as the file is when its pixels are within
+        `pixel_size.TOLERANCE`, else an error, or with `resample` through a WarpedVRT on the
+        model's grid (height, width and transform then describe that grid). Returns a note saying
+        so when it resamples. Call it before the first read."""
+        target = resample_target(self._src, self.path, expected, resample)
+        if target is None:
+            return None
+        x, y = pixel_size(self._src, self.path)
+        self._file, self._src = self._src, warped(self._src, self.path, target)
+        return f"resampled from {describe(x, y)} to {target:g} m pixels: outputs are on the {target:g} m grid"
+
     def __enter__(self) -> ImageReader:
         return self
 
@@ -89,6 +106,8 @@ class ImageReader:
 
     def close(self) -> None:
         self._src.close()
+        if self._file is not None:
+            self._file.close()
 
     @property
     def height(self) -> int:

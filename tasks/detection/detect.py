@@ -20,29 +20,40 @@ champion alias yet, an unreachable tracking server) the command stops and says h
 or when there is no tracking store at all, and the result says so (``tasks/tracking/champion.py``).
 ``model_uri`` picks a registered version.
 
-Outputs in ``out_dir``: ``<stem>_classes.tif`` (uint8 class ids, 255 = no data, same CRS and
-transform, a colour table), ``<stem>_overlay.png`` (image, class colours, legend; downsampled
-to at most 1024 px a side) and ``<stem>_classes.geojson`` (one polygon per connected region
-within a block, WGS84 as RFC 7946 requires; a region crossing a block border is cut there,
-which happens only on images larger than one block).
+Pixel size: the image's must be within 10 % of the GSD the detector was tuned at (10 m for the
+project's tiles; a detector tuned on a user's own images records none and is not checked), else
+the command stops naming both; ``resample=True`` (``--resample``) reads it resampled on the fly to
+that GSD instead, and the outputs are on that grid (``tasks/data/pixel_size.py``).
+
+Outputs in ``out_dir``: ``<stem>_classes.tif`` (a Cloud-Optimized GeoTIFF of uint8 class ids,
+255 = no data, same CRS and transform, internal tiles, overviews, a colour table;
+``tasks/data/class_raster.py``) with ``<stem>_classes.tif.aux.xml`` (the class names as GDAL
+categories and a raster attribute table, which QGIS shows), ``<stem>_overlay.png`` (image, class
+colours, legend; downsampled to at most 1024 px a side) and ``<stem>_classes.geojson`` (one
+polygon per connected region, whole across processing blocks, WGS84 as RFC 7946 requires;
+``tasks/data/class_polygons.py``), plus ``<stem>_classes.gpkg`` (the same polygons in the image's
+CRS) with ``gpkg=True``. With ``min_area_px`` > 1, regions of fewer pixels are sieved away from
+both the raster and the polygons (they take their largest neighbour's class).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from tempfile import TemporaryDirectory
 from typing import Any
 
 import numpy as np
-import rasterio.features
-import rasterio.warp
-import rasterio.windows
 import torch
 from rasterio.windows import Window
 
 from ms2rgb.models.clip_detector import ClassMapDetector
+from ms2rgb.tasks.data.class_polygons import PolygonSink, max_min_px, polygonize
+from ms2rgb.tasks.data.class_raster import colour_table, to_cog, write_class_names
 from ms2rgb.tasks.data.classes import MASK_NODATA, SCENE_CLASSES, SURFACE_CLASSES
+from ms2rgb.tasks.data.pixel_size import training_pixel_size
 from ms2rgb.tasks.data.windows import DEFAULT_WINDOW_PX, ImageReader, Thumbnail, create_geotiff, plan_blocks, staged
 from ms2rgb.tasks.detection.model import DETECTOR_FILE, OUT_DIR, load_detector, tokenizer_for
 from ms2rgb.tasks.errors import Ms2rgbError, UnknownClassError
@@ -163,22 +174,6 @@ def block_logits(
     return logits[(slice(None), *inner)], region[(slice(None), *inner)], valid[inner]
 
 
-def block_features(
-    classes: np.ndarray, transform: Any, crs: Any, names: list[str], texts: list[str]
-) -> list[dict[str, Any]]:
-    """GeoJSON features of the connected same-class regions of one block, reprojected to WGS84."""
-    shapes = list(rasterio.features.shapes(classes, mask=classes != MASK_NODATA, transform=transform))
-    geometries = rasterio.warp.transform_geom(crs, "EPSG:4326", [g for g, _ in shapes]) if shapes else []
-    return [
-        {
-            "type": "Feature",
-            "geometry": geometry,
-            "properties": {"class_id": int(value), "class": names[int(value)], "description": texts[int(value)]},
-        }
-        for geometry, (_, value) in zip(geometries, shapes)
-    ]
-
-
 def choose_detector(root: Path, model_uri: str | None) -> tuple[ClassMapDetector, str, str | None]:
     """(detector, where it came from, why the champion was not used or None).
 
@@ -228,6 +223,64 @@ def write_overlay(path: Path, rgb: np.ndarray, classes: np.ndarray, names: list[
     fig.savefig(path, dpi=dpi, format="png")
 
 
+def output_paths(out_dir: Path, stem: str, gpkg: bool) -> dict[str, Path]:
+    """Where each output goes, by kind; the GeoPackage only when asked for."""
+    kinds = ["classes.tif", "classes.tif.aux.xml", "overlay.png", "classes.geojson"]
+    kinds += ["classes.gpkg"] if gpkg else []
+    return {kind: out_dir / f"{stem}_{kind}" for kind in kinds}
+
+
+def scorer(model: ClassMapDetector, texts: list[str]) -> tuple[Score, torch.device]:
+    """(tiles -> logits of `texts`, the device it runs on), with the model moved there."""
+    device = pick_device()
+    model.to(device).eval()
+    tokens = tokenizer_for(model)(texts).to(device)
+
+    def score(tiles: torch.Tensor) -> torch.Tensor:
+        return model.logits_for(tiles, tokens)
+
+    return score, device
+
+
+def write_class_ids(
+    path: Path,
+    reader: ImageReader,
+    blocks: Sequence[Window],
+    score: tuple[Score, torch.device],
+    names: list[str],
+    colours: np.ndarray,
+    stride: int,
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Score every block into the GeoTIFF `path` (class ids, 255 where the input has no data);
+    returns the thumbnail RGB and its class ids for the overlay."""
+    thumb = Thumbnail(reader.height, reader.width)
+    step = thumb.factor
+    small = np.full(thumb.rgb.shape[1:], MASK_NODATA, np.uint8)
+    with create_geotiff(
+        path,
+        height=reader.height,
+        width=reader.width,
+        count=1,
+        dtype="uint8",
+        crs=reader.crs,
+        transform=reader.transform,
+        nodata=MASK_NODATA,
+        band_names=["class id"],
+        tags={"classes": json.dumps(dict(enumerate(names)))},
+        colormap=colour_table(colours),
+    ) as dst:
+        for block in blocks:
+            logits, rgb, valid = block_logits(score[0], reader, block, len(names), stride, batch_size, score[1])
+            ids = np.where(valid, logits.argmax(0), MASK_NODATA).astype(np.uint8)
+            dst.write(ids, 1, window=block)
+            row, col = int(block.row_off), int(block.col_off)
+            thumb.add(row, col, rgb)
+            cut = ids[::step, ::step]
+            small[row // step : row // step + cut.shape[0], col // step : col // step + cut.shape[1]] = cut
+    return thumb.rgb, small
+
+
 def detect(
     image: Path,
     classes: str,
@@ -237,72 +290,63 @@ def detect(
     stride: int = 32,
     batch_size: int = 64,
     window_px: int = DEFAULT_WINDOW_PX,
+    resample: bool = False,
+    min_area_px: int = 1,
+    gpkg: bool = False,
 ) -> dict[str, Any]:
-    """Annotate `image` block by block; write the class GeoTIFF, overlay PNG and GeoJSON.
+    """Annotate `image` block by block; write the outputs the module docstring lists.
 
-    Returns the output paths, the polygon count, where the model came from (and why, when not
-    the champion), the share of each class over valid pixels and the largest read in pixels.
+    `resample`: read an image whose pixel size differs from the detector's resampled to it (else
+    that is an error); `min_area_px`: regions of fewer pixels are sieved away; `gpkg`: also write
+    the polygons as a GeoPackage. Returns the output paths, the polygon count, where the model
+    came from (and why, when not the champion), the resampling note or None, the share of each
+    class over valid pixels and the largest read in pixels.
     """
     from ms2rgb.tasks.detection.plots import class_colours
 
     if not 1 <= stride <= WINDOW:
         raise Ms2rgbError(f"--stride {stride} must lie in 1..{WINDOW} so windows overlap or touch")
+    if not 1 <= min_area_px <= max_min_px(window_px):
+        raise Ms2rgbError(
+            f"--min-area {min_area_px} px must lie in 1..{max_min_px(window_px)} (1 keeps every region; the "
+            f"sieve reads each block with that many pixels around it, within the window budget {window_px} px)"
+        )
     class_names(classes)
     image = Path(image)
     with ImageReader(image) as reader:
-        blocks = plan_blocks(reader.height, reader.width, window_px, halo=WINDOW - 1, align=WINDOW)
+        plan_blocks(reader.height, reader.width, window_px, halo=WINDOW - 1, align=WINDOW)  # fails before the load
         model, source, note = choose_detector(root, model_uri)
+        resampled = reader.match_pixel_size(training_pixel_size(model), resample)
+        blocks = plan_blocks(reader.height, reader.width, window_px, halo=WINDOW - 1, align=WINDOW)
         names, texts = resolve_classes(classes, dict(zip(model.class_names, model.texts)))
-        device = pick_device()
-        model.to(device).eval()
-        tokens = tokenizer_for(model)(texts).to(device)
-
-        def score(tiles: torch.Tensor) -> torch.Tensor:
-            return model.logits_for(tiles, tokens)
-
         colours = class_colours(names)
-        thumb = Thumbnail(reader.height, reader.width)
-        step = thumb.factor
-        small_classes = np.full(thumb.rgb.shape[1:], MASK_NODATA, np.uint8)
-        counts, n_valid, features = np.zeros(len(names), np.int64), 0, []
         out_dir.mkdir(parents=True, exist_ok=True)
-        paths = {kind: out_dir / f"{image.stem}_{kind}" for kind in ("classes.tif", "overlay.png", "classes.geojson")}
-        with staged(list(paths.values())) as (tmp_tif, tmp_png, tmp_json):
-            with create_geotiff(
-                tmp_tif,
-                height=reader.height,
-                width=reader.width,
-                count=1,
-                dtype="uint8",
-                crs=reader.crs,
-                transform=reader.transform,
-                nodata=MASK_NODATA,
-                band_names=["class id"],
-                tags={"classes": json.dumps(dict(enumerate(names)))},
-                colormap={i: (int(r * 255), int(g * 255), int(b * 255), 255) for i, (r, g, b) in enumerate(colours)},
-            ) as dst:
-                for block in blocks:
-                    logits, rgb, valid = block_logits(score, reader, block, len(names), stride, batch_size, device)
-                    ids = np.where(valid, logits.argmax(0), MASK_NODATA).astype(np.uint8)
-                    dst.write(ids, 1, window=block)
-                    row, col = int(block.row_off), int(block.col_off)
-                    thumb.add(row, col, rgb)
-                    small = ids[::step, ::step]
-                    small_classes[
-                        row // step : row // step + small.shape[0], col // step : col // step + small.shape[1]
-                    ] = small
-                    counts += np.bincount(ids[valid], minlength=len(names))
-                    n_valid += int(valid.sum())
-                    transform = rasterio.windows.transform(block, reader.transform)
-                    features += block_features(ids, transform, reader.crs, names, texts)
-            write_overlay(tmp_png, thumb.rgb, small_classes, names, colours)
-            tmp_json.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+        paths = output_paths(out_dir, image.stem, gpkg)
+        with staged(list(paths.values())) as temps, TemporaryDirectory(dir=out_dir, prefix=".detect-") as scratch:
+            tmp = dict(zip(paths, temps))
+            raw, sieved = Path(scratch) / "raw.tif", Path(scratch) / "sieved.tif"
+            score = scorer(model, texts)
+            rgb, small = write_class_ids(raw, reader, blocks, score, names, colours, stride, batch_size)
+            fields = {"class": names, "description": texts}
+            package = Path(scratch) / "classes.gpkg" if gpkg else None  # GDAL wants the .gpkg suffix
+            sink = PolygonSink(tmp["classes.geojson"], package, reader.transform, reader.crs, fields)
+            try:
+                counts = polygonize(raw, sink, window_px, MASK_NODATA, min_area_px, sieved)
+            finally:
+                sink.close()
+            if package is not None:
+                os.replace(package, tmp["classes.gpkg"])
+            to_cog(sieved if min_area_px > 1 else raw, tmp["classes.tif"], categorical=True)
+            write_class_names(tmp["classes.tif.aux.xml"], names, colours)
+            write_overlay(tmp["overlay.png"], rgb, small, names, colours)  # before sieving: specks are sub-pixel there
+        n_valid = max(1, int(counts[: len(names)].sum()))
         return {
             "outputs": {k: str(p) for k, p in paths.items()},
-            "polygons": len(features),
+            "polygons": sink.count,
             "model": source,
             "model_note": note,
-            "shares": {n: round(float(c) / max(1, n_valid), 4) for n, c in zip(names, counts)},
+            "resampled": resampled,
+            "shares": {n: round(float(c) / n_valid, 4) for n, c in zip(names, counts)},
             "largest_read_px": max(r * c for r, c in reader.reads),
             "reads": len(reader.reads),
         }

@@ -14,6 +14,7 @@ import torch
 from ms2rgb.models.clip_backbone import load_clip  # importing it registers the project's CLIP configs
 from ms2rgb.models.clip_detector import ClassMapDetector
 from ms2rgb.models.clip_prompt import PromptConfig, PromptedCLIP
+from ms2rgb.tasks.data.pixel_size import recorded_pixel_size
 from ms2rgb.tasks.errors import Ms2rgbError
 
 OUT_DIR = "artifacts/detector"
@@ -55,7 +56,10 @@ def load_local_with_weights(root: Path) -> tuple[ClassMapDetector, str]:
             f"{result.unexpected_keys}); re-run the detector stage"
         )
     texts = tokenizer(state["texts"])
-    return ClassMapDetector(prompted, texts, state["class_names"], state["texts"], state["clip_model"]), weights
+    detector = ClassMapDetector(
+        prompted, texts, state["class_names"], state["texts"], state["clip_model"], recorded_pixel_size(state)
+    )
+    return detector, weights
 
 
 def load_detector(root: Path, model_uri: str | None = None) -> tuple[ClassMapDetector, str]:

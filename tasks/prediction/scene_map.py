@@ -15,11 +15,17 @@ Model: by default the registered champion `models:/ms2rgb-student@champion`; whe
 or when there is no tracking store at all, and the result says so (`tasks/tracking/champion.py`).
 `model_uri` picks a registered version, e.g. `models:/ms2rgb-student/3`.
 
-Outputs in `out_dir`, one pixel per cell (the input's transform scaled by 64, same CRS):
+Pixel size: the image's must be within 10 % of the student's training tiles' (10 m), else the
+command stops naming both; `resample=True` (`--resample`) reads it resampled on the fly to 10 m
+instead, and cells and outputs are on that grid (`tasks/data/pixel_size.py`).
+
+Outputs in `out_dir`, one pixel per cell (the input's transform scaled by 64, same CRS), the
+rasters as Cloud-Optimized GeoTIFFs (internal tiles, overviews; `tasks/data/class_raster.py`):
 `<stem>_scenes.tif` (uint8 scene class ids, 255 = no data, a colour table, class names in the
-`classes` tag), `<stem>_scene_probs.tif` (float32 softmax probabilities, one band per class named
-after it, NaN = no data) and `<stem>_scenes.png` (the image, the class of each cell, a legend).
-They appear together, only when all are complete.
+`classes` tag) with `<stem>_scenes.tif.aux.xml` (the class names as GDAL categories and a raster
+attribute table, which QGIS shows), `<stem>_scene_probs.tif` (float32 softmax probabilities, one
+band per class named after it, NaN = no data) and `<stem>_scenes.png` (the image, the class of
+each cell, a legend). They appear together, only when all are complete.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
+from tempfile import TemporaryDirectory
 from typing import Any
 
 import numpy as np
@@ -38,8 +45,10 @@ from torch import nn
 from ms2rgb.models.bands import RGB_BANDS
 from ms2rgb.models.classifier import SceneCNN
 from ms2rgb.tasks.data.artifacts import model_path
+from ms2rgb.tasks.data.class_raster import colour_table, to_cog, write_class_names
 from ms2rgb.tasks.data.classes import MASK_NODATA, SCENE_NAMES
 from ms2rgb.tasks.data.geotiff import TILE_SIZE
+from ms2rgb.tasks.data.pixel_size import training_pixel_size
 from ms2rgb.tasks.data.windows import DEFAULT_WINDOW_PX, ImageReader, Thumbnail, create_geotiff, plan_blocks, staged
 from ms2rgb.tasks.errors import Ms2rgbError
 from ms2rgb.tasks.training.loop import autocast, pick_device
@@ -48,7 +57,12 @@ from ms2rgb.tasks.training.store import load_model
 CELL = TILE_SIZE  # px per output pixel: the student's tile size
 REGISTERED_NAME = "ms2rgb-student"
 CHAMPION_URI = f"models:/{REGISTERED_NAME}@champion"
-SUFFIXES = {"scenes.tif": "scenes.tif", "probabilities.tif": "scene_probs.tif", "preview.png": "scenes.png"}
+SUFFIXES = {
+    "scenes.tif": "scenes.tif",
+    "scenes.tif.aux.xml": "scenes.tif.aux.xml",  # the class names, for GIS (tasks/data/class_raster.py)
+    "probabilities.tif": "scene_probs.tif",
+    "preview.png": "scenes.png",
+}
 
 
 def _one_line(err: BaseException) -> str:
@@ -186,18 +200,23 @@ def predict(
     model_uri: str | None = None,
     batch_size: int = 256,
     window_px: int = DEFAULT_WINDOW_PX,
+    resample: bool = False,
 ) -> dict[str, Any]:
-    """Classify every 64-px cell of `image`; write the class and probability GeoTIFFs and the preview.
+    """Classify every 64-px cell of `image`; write the class and probability COGs and the preview.
 
-    Returns the output paths, where the model came from (and why, when not the champion), the
-    grid, the share of each class over valid cells and the largest read in pixels.
+    `resample`: read an image whose pixel size differs from the student's resampled to it (else
+    that is an error). Returns the output paths, where the model came from (and why, when not the
+    champion), the resampling note or None, the grid, the share of each class over valid cells and
+    the largest read in pixels.
     """
     image = Path(image)
     with ImageReader(image) as reader:
+        plan_blocks(reader.height, reader.width, window_px, align=CELL)  # a too small budget fails before the load
+        model, source, note = load_student(root, model_uri)
+        resampled = reader.match_pixel_size(training_pixel_size(model), resample)
         height, width = reader.height, reader.width
         grid = (-(-height // CELL), -(-width // CELL))
         blocks = plan_blocks(height, width, window_px, align=CELL)
-        model, source, note = load_student(root, model_uri)
         device = pick_device()
         model.to(device)
         colours = scene_colours()
@@ -207,8 +226,9 @@ def predict(
         paths = {kind: out_dir / f"{image.stem}_{suffix}" for kind, suffix in SUFFIXES.items()}
         georef = dict(height=grid[0], width=grid[1], crs=reader.crs, transform=reader.transform @ Affine.scale(CELL))
         names = json.dumps(dict(enumerate(SCENE_NAMES)))
-        colormap = {i: (int(r * 255), int(g * 255), int(b * 255), 255) for i, (r, g, b) in enumerate(colours)}
-        with staged(list(paths.values())) as (tmp_classes, tmp_probs, tmp_preview):
+        with staged(list(paths.values())) as temps, TemporaryDirectory(dir=out_dir, prefix=".predict-") as scratch:
+            tmp = dict(zip(paths, temps))
+            tmp_classes, tmp_probs = Path(scratch) / "classes.tif", Path(scratch) / "probs.tif"  # COGs once whole
             with (
                 create_geotiff(
                     tmp_classes,
@@ -217,7 +237,7 @@ def predict(
                     nodata=MASK_NODATA,
                     band_names=["scene class id"],
                     tags={"classes": names, "model": source, "cell_px": str(CELL)},
-                    colormap=colormap,
+                    colormap=colour_table(colours),
                     **georef,
                 ) as class_tif,
                 create_geotiff(
@@ -244,13 +264,17 @@ def predict(
                     class_tif.write(ids, 1, window=out)
                     prob_tif.write(probs.astype(np.float32), window=out)
                     classes[row // CELL : row // CELL + cell_rows, col // CELL : col // CELL + cell_cols] = ids
-            write_preview(tmp_preview, thumb, classes, colours)
+            to_cog(tmp_classes, tmp["scenes.tif"], categorical=True)
+            write_class_names(tmp["scenes.tif.aux.xml"], SCENE_NAMES, colours)
+            to_cog(tmp_probs, tmp["probabilities.tif"], categorical=False)
+            write_preview(tmp["preview.png"], thumb, classes, colours)
         valid_cells = classes[classes != MASK_NODATA]
         counts = np.bincount(valid_cells, minlength=len(SCENE_NAMES))
         return {
             "outputs": {kind: str(path) for kind, path in paths.items()},
             "model": source,
             "model_note": note,
+            "resampled": resampled,
             "grid": {
                 "rows": grid[0],
                 "cols": grid[1],

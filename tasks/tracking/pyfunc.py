@@ -121,6 +121,7 @@ class LandCoverPyfunc(TorchPyfunc):
         from ms2rgb.models.clip_backbone import load_clip
         from ms2rgb.models.clip_detector import ClassMapDetector
         from ms2rgb.models.clip_prompt import PromptConfig, PromptedCLIP
+        from ms2rgb.tasks.data.pixel_size import recorded_pixel_size
 
         path = artifacts[DETECTOR_ARTIFACT]
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -135,7 +136,12 @@ class LandCoverPyfunc(TorchPyfunc):
                 f"{path} does not fit its prompt config (missing {missing}, unexpected {result.unexpected_keys})"
             )
         return ClassMapDetector(
-            prompted, tokenizer(state["texts"]), state["class_names"], state["texts"], state["clip_model"]
+            prompted,
+            tokenizer(state["texts"]),
+            state["class_names"],
+            state["texts"],
+            state["clip_model"],
+            recorded_pixel_size(state),
         )
 
     def answer(self, module: nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,11 @@
 """Ingest one Sentinel-2 scene: resample all 13 bands onto one 10 m grid and cut 64x64 MS tiles.
 
-A scene is either one 13-band GeoTIFF or one file per band (JP2 or GeoTIFF at 10/20/60 m, the band
-named in the filename, e.g. ``T33UUP_20200101T100031_B8A.jp2`` or ``B02.tif``). Tiles go to
-``<out_root>/<scene_id>/tiles/`` with a manifest beside them; a failed run leaves a previously
-stored scene folder untouched.
+A scene is one 13-band GeoTIFF, one file per band (JP2 or GeoTIFF at 10/20/60 m, the band named in
+the filename, e.g. ``T33UUP_20200101T100031_B8A.jp2`` or ``B02.tif``), or a whole product: a
+``.SAFE`` folder, its zip or a STAC item (tasks/data/sources/scene_inputs.py finds the files). Each
+band's DNs become reflectance x10000 by the product's offset and quantification
+(tasks/data/sources/radiometry.py). Tiles go to ``<out_root>/<scene_id>/tiles/`` with a manifest
+and ``ingest.json`` beside them; a failed run leaves a previously stored scene folder untouched.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ import math
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
@@ -32,14 +34,15 @@ from ms2rgb.tasks.data.atomic import swap_in_dir
 from ms2rgb.tasks.data.clouds import cloud_shares
 from ms2rgb.tasks.data.geotiff import PIXEL_SIZE, TILE_SIZE, sha256_of, tile_bounds, write_tile
 from ms2rgb.tasks.data.manifest import MANIFEST_NAME, make_manifest, write_manifest
+from ms2rgb.tasks.data.sources.band_names import band_from_filename, band_name
+from ms2rgb.tasks.data.sources.radiometry import NO_OFFSET, Radiometry
+from ms2rgb.tasks.data.sources.scene_inputs import Input, SceneInputs, resolve_inputs
+from ms2rgb.tasks.data.sources.scene_inputs import default_scene_id as default_scene_id
 from ms2rgb.tasks.errors import Ms2rgbError, RasterError, SceneAlreadyInPool
 
 Progress = Callable[[str], None] | None
-Datasets = dict[Path, rasterio.DatasetReader]
-RASTER_SUFFIXES = (".jp2", ".tif", ".tiff")
-INGEST_REPORT = "ingest.json"  # in each scene folder: tiles kept and skipped, by reason
-# A band token standing alone in a name: "B8A", "B02", "b2" (not the "B" inside "T33UUB").
-_BAND_TOKEN = re.compile(r"(?<![A-Za-z0-9])B(8A|\d{1,2})(?![A-Za-z0-9])", re.IGNORECASE)
+Datasets = dict[Input, rasterio.DatasetReader]
+INGEST_REPORT = "ingest.json"  # in each scene folder: tiles kept and skipped by reason, radiometry applied
 _SCENE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _RES_TOL = 1e-6  # metres; pixel sizes are compared with this tolerance
 
@@ -49,7 +52,7 @@ class BandSource:
     """Where one Sentinel-2 band lives: a file and the 1-based band index inside it."""
 
     band: str
-    path: Path
+    path: Input  # a local file, a /vsizip/ path or a URL
     index: int
     crs: CRS | None
     transform: Affine
@@ -73,36 +76,9 @@ class Grid:
     height: int
 
 
-def band_name(token: str) -> str | None:
-    """Canonical S2 name for "B2", "b02", "B8a", ... or None if it is not a Sentinel-2 band."""
-    match = _BAND_TOKEN.fullmatch(token.strip())
-    if match is None:
-        return None
-    num = match.group(1).upper()
-    name = "B8A" if num == "8A" else f"B{int(num):02d}"
-    return name if name in S2_BANDS else None
-
-
-def band_from_filename(path: Path) -> str | None:
-    """The band a per-band file holds, from the last band token in its name (None if there is none)."""
-    tokens = _BAND_TOKEN.findall(Path(path).stem)
-    return band_name(f"B{tokens[-1]}") if tokens else None
-
-
-def default_scene_id(inputs: list[Path]) -> str:
-    """The filenames' common prefix with band tokens removed, e.g. "s2" for s2_B01.jp2 ... s2_B12.jp2."""
-    stems = [_BAND_TOKEN.sub("", Path(p).stem) for p in inputs]
-    prefix = stems[0]
-    for stem in stems[1:]:
-        while not stem.startswith(prefix):
-            prefix = prefix[:-1]
-    scene_id = re.sub(r"[^A-Za-z0-9_.-]", "_", prefix.strip("_-. "))
-    return scene_id.lstrip("_.-") or "scene"
-
-
-def _open(path: Path, stack: ExitStack) -> rasterio.DatasetReader:
+def _open(path: Input, stack: ExitStack) -> rasterio.DatasetReader:
     """Open a raster, raising RasterError that names the file for missing or unreadable ones."""
-    if not path.exists():
+    if isinstance(path, Path) and not path.exists():
         raise RasterError(
             path,
             "file does not exist",
@@ -118,11 +94,11 @@ def _open(path: Path, stack: ExitStack) -> rasterio.DatasetReader:
         ) from exc
 
 
-def _source(band: str, path: Path, index: int, src: rasterio.DatasetReader) -> BandSource:
+def _source(band: str, path: Input, index: int, src: rasterio.DatasetReader) -> BandSource:
     return BandSource(band, path, index, src.crs, src.transform, src.width, src.height, src.nodata)
 
 
-def _multiband_sources(path: Path, src: rasterio.DatasetReader) -> list[BandSource]:
+def _multiband_sources(path: Input, src: rasterio.DatasetReader) -> list[BandSource]:
     """The 13 bands of one file: named by band descriptions if all carry a band name, else S2 order."""
     if src.count != len(S2_BANDS):
         raise RasterError(
@@ -137,31 +113,17 @@ def _multiband_sources(path: Path, src: rasterio.DatasetReader) -> list[BandSour
     return [_source(name, path, i, src) for i, name in enumerate(names, start=1)]
 
 
-def _expand(inputs: list[Path]) -> list[Path]:
-    """Replace folders by the band files inside them (other files, e.g. preview.jp2, are skipped)."""
-    files: list[Path] = []
-    for path in map(Path, inputs):
-        if not path.is_dir():
-            files.append(path)
-            continue
-        found = sorted(p for p in path.iterdir() if p.suffix.lower() in RASTER_SUFFIXES and band_from_filename(p))
-        if not found:
-            raise RasterError(path, "folder holds no band files", "name band files like *_B02.jp2")
-        files.extend(found)
-    return files
-
-
-def _collect(inputs: list[Path], stack: ExitStack) -> tuple[dict[str, BandSource], Datasets]:
+def _collect(scene: SceneInputs, stack: ExitStack) -> tuple[dict[str, BandSource], Datasets]:
     """Open the inputs and map each of the 13 bands to its source, checking for gaps and duplicates."""
-    files = _expand(inputs)
-    if not files:
-        raise Ms2rgbError("ingest_scene: no input files given; pass band files or one 13-band GeoTIFF")
+    files = scene.files
     datasets = {path: _open(path, stack) for path in files}
+    if scene.bands is not None:  # a product named its band files
+        return _unique([_product_band(band, path, datasets[path]) for band, path in scene.bands.items()]), datasets
     if len(datasets) == 1 and datasets[files[0]].count != 1:
         return _unique(_multiband_sources(files[0], datasets[files[0]])), datasets
     sources = []
     for path, src in datasets.items():
-        band = band_from_filename(path)
+        band = band_from_filename(PurePosixPath(str(path)))
         if src.count != 1 or band is None:
             problem = (
                 f"has {src.count} bands among several inputs" if src.count != 1 else "has no band name in its filename"
@@ -171,6 +133,12 @@ def _collect(inputs: list[Path], stack: ExitStack) -> tuple[dict[str, BandSource
             )
         sources.append(_source(band, path, 1, src))
     return _unique(sources), datasets
+
+
+def _product_band(band: str, path: Input, src: rasterio.DatasetReader) -> BandSource:
+    if src.count != 1:
+        raise RasterError(path, f"holds {src.count} bands, expected one (band {band})", "re-download the product")
+    return _source(band, path, 1, src)
 
 
 def _unique(sources: list[BandSource]) -> dict[str, BandSource]:
@@ -237,8 +205,13 @@ def _source_window(source: BandSource, bounds: tuple[float, float, float, float]
     return Window(col0, row0, col1 - col0, row1 - row0)
 
 
-def _read_strip(source: BandSource, src: rasterio.DatasetReader, grid: Grid, row0: int) -> np.ndarray:
-    """One band over grid rows row0..row0+TILE_SIZE as float32 reflectance, NaN where not covered.
+def _read_strip(
+    source: BandSource, src: rasterio.DatasetReader, grid: Grid, row0: int, radiometry: Radiometry
+) -> np.ndarray:
+    """One band over grid rows row0..row0+TILE_SIZE as float32 reflectance x10000, NaN where not covered.
+
+    The offset is applied to the DNs before resampling, so a no-data DN (0) is known as such and a
+    coarse band of an offset product resamples exactly as the same band of an unshifted one.
 
     Reads the source window explicitly: GDAL's warper, handed a band, skips unreadable blocks of a
     truncated file silently, while an explicit read raises.
@@ -259,6 +232,7 @@ def _read_strip(source: BandSource, src: rasterio.DatasetReader, grid: Grid, row
             f"band {source.band} cannot be read ({exc.__cause__ or exc})",
             "the file is corrupt or truncated; re-download or re-export it",
         ) from exc
+    data = radiometry.apply(source.band, data)
     # Coarser 20/60 m bands are upsampled bilinearly: nearest would keep 2x2/6x6 blocks with hard
     # steps (edges no real 10 m image has), and cubic overshoots near bright/dark edges, inventing
     # reflectances. 10 m bands use nearest so they are copied bit-exactly on the shared grid.
@@ -336,6 +310,7 @@ def _write_tiles(
     scene_id: str,
     sources: dict[str, BandSource],
     datasets: Datasets,
+    radiometry: Radiometry,
     grid: Grid,
     work_dir: Path,
     limits: tuple[float, float],
@@ -353,7 +328,7 @@ def _write_tiles(
     rows: list[dict] = []
     skipped = Skipped()
     for row in range(n_rows):
-        strips = [_read_strip(s, datasets[s.path], grid, row * TILE_SIZE) for s in sources.values()]
+        strips = [_read_strip(s, datasets[s.path], grid, row * TILE_SIZE, radiometry) for s in sources.values()]
         new_rows, new = _tile_rows(scene_id, grid, strips, row, work_dir / "tiles", limits)
         rows += new_rows
         skipped.invalid, skipped.cloudy = skipped.invalid + new.invalid, skipped.cloudy + new.cloudy
@@ -407,52 +382,63 @@ def _drop_known_tiles(
 
 
 def ingest_scene(
-    inputs: list[Path],
+    inputs: Sequence[Input],
     out_root: Path,
     scene_id: str | None = None,
     min_valid: float = 1.0,
     progress: Progress = print,
     max_cloud_share: float = 1.0,
+    radiometry: Radiometry = NO_OFFSET,
 ) -> pd.DataFrame:
     """Cut one Sentinel-2 scene into 13-band 64x64 MS tiles at 10 m and write its manifest.
 
     Args:
         inputs: one 13-band GeoTIFF, or one file per band (JP2/GeoTIFF, band named in the filename),
-            or a folder holding such band files.
+            or a folder holding such band files; or one product: a .SAFE folder, its zip, a STAC
+            item (.json path or URL) or a folder holding one item and its assets.
         out_root: data root; tiles go to ``<out_root>/<scene_id>/tiles/`` and the manifest to
             ``<out_root>/<scene_id>/manifest.parquet`` (paths in it relative to out_root).
-        scene_id: folder and id prefix; by default derived from the filenames (see default_scene_id).
+        scene_id: folder and id prefix; by default the product's name, else derived from the filenames
+            (see default_scene_id).
         min_valid: tiles with a smaller share of valid pixels (non-zero, non-NaN in all bands) are skipped.
         progress: called with progress lines; None for silence.
         max_cloud_share: tiles with a larger share of cloud (s2cloudless, tasks/data/clouds.py) are skipped
             (params: data.max_cloud_share).
+        radiometry: how DNs of inputs whose metadata says nothing (band files, GeoTIFFs) become
+            reflectance x10000 (radiometry.given_offset: `--offset` or data.radiometric_offset);
+            a product's own metadata takes precedence.
 
     Returns:
         The manifest (tasks.manifest.COLUMNS), split "ms_pool", unlabelled.
     """
-    inputs = [Path(p) for p in inputs]
     if not 0.0 <= min_valid <= 1.0:
         raise Ms2rgbError(f"ingest_scene: min_valid={min_valid!r} must lie in [0, 1]")
-    scene_id = scene_id or default_scene_id(_expand(inputs) or inputs or [Path("scene")])
+    scene = resolve_inputs(inputs, radiometry)
+    scene_id = scene_id or scene.name
     if not _SCENE_ID.match(scene_id):
         raise Ms2rgbError(
             f"ingest_scene: scene_id={scene_id!r} is not a safe folder name; use letters, digits, '_', '-' and '.'"
         )
     out_root = Path(out_root)
     with ExitStack() as stack:
-        sources, datasets = _collect(inputs, stack)
+        sources, datasets = _collect(scene, stack)
         grid = _target_grid(sources)
         if progress:
             for s in sources.values():
-                progress(f"{scene_id}: {s.band} <- {s.path.name} band {s.index} ({s.res:g} m, {s.width}x{s.height} px)")
+                name = PurePosixPath(str(s.path)).name
+                progress(f"{scene_id}: {s.band} <- {name} band {s.index} ({s.res:g} m, {s.width}x{s.height} px)")
+            progress(f"{scene_id}: radiometry: {scene.radiometry.describe()}")
         out_root.mkdir(parents=True, exist_ok=True)
         work_dir = Path(tempfile.mkdtemp(prefix=f".{scene_id}.partial-", dir=out_root))
         try:
             limits = (min_valid, max_cloud_share)
-            frame, skipped = _write_tiles(scene_id, sources, datasets, grid, work_dir, limits, progress)
+            frame, skipped = _write_tiles(
+                scene_id, sources, datasets, scene.radiometry, grid, work_dir, limits, progress
+            )
             frame = _drop_known_tiles(frame, out_root, scene_id, work_dir, progress)
             write_manifest(frame, work_dir / MANIFEST_NAME)
             summary = {"tiles": len(frame), **asdict(skipped), "max_cloud_share": max_cloud_share}
+            summary["radiometry"] = scene.radiometry.report()
             (work_dir / INGEST_REPORT).write_text(json.dumps(summary) + "\n")
             swap_in_dir(work_dir, out_root / scene_id)
         finally:

@@ -1,0 +1,276 @@
+"""Real Sentinel-2 products as scene inputs (issue 25): the baseline 04.00 offset, .SAFE folders, their
+zips and STAC items, through `ingest_scene`, `ms2rgb data ingest` and the landing watch.
+
+Every product here holds one ground (tests/helpers_s2_products.py); whatever form it comes in, its
+tiles must be the tiles of that ground given as bare band files with no offset (`reference`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import rasterio
+import yaml
+from conftest import REPO
+from helpers_s2_products import (
+    ground,
+    safe_band_files,
+    shifted,
+    tree_state,
+    write_band_files,
+    write_l2a_safe,
+    write_safe,
+    write_stac_item,
+    zip_folder,
+)
+
+from ms2rgb.flows import landing
+from ms2rgb.flows.cli import main
+from ms2rgb.models.bands import S2_BANDS
+from ms2rgb.tasks.config import load_params
+from ms2rgb.tasks.data.manifest import read_manifest
+from ms2rgb.tasks.data.sources.radiometry import NO_OFFSET, Radiometry, given_offset
+from ms2rgb.tasks.data.sources.scenes import INGEST_REPORT, ingest_scene
+from ms2rgb.tasks.errors import Ms2rgbError
+
+SEED = 3  # the ground every comparison is made on
+OFFSET = -1000  # RADIO_ADD_OFFSET of processing baseline 04.00
+
+
+def ingest(inputs: list[Path | str], out: Path, given: Radiometry = NO_OFFSET) -> pd.DataFrame:
+    return ingest_scene(inputs, out, scene_id="s", progress=None, radiometry=given)
+
+
+def arrays(frame: pd.DataFrame, out: Path) -> dict[str, np.ndarray]:
+    """location id -> (13, 64, 64) tile."""
+    result = {}
+    for location, rel in zip(frame["location_id"], frame["path"]):
+        with rasterio.open(out / rel) as tile:
+            result[location] = tile.read()
+    return result
+
+
+def radiometry(out: Path, scene: str = "s") -> dict[str, Any]:
+    return json.loads((out / scene / INGEST_REPORT).read_text())["radiometry"]
+
+
+def light_root(path: Path, **data: object) -> Path:
+    """A project root with params.yaml only (what `ms2rgb data ingest` and the landing watch read)."""
+    path.mkdir(parents=True)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(data)
+    params["landing"]["stable_polls"] = 1
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[set[str], dict[str, np.ndarray], Path]:
+    """The ground as bare band files without offset, ingested: sha256s, arrays, and the pool holding it."""
+    tmp = tmp_path_factory.mktemp("reference")
+    frame = ingest(list(write_band_files(tmp / "bands", ground(SEED))), tmp / "pool")
+    return set(frame["sha256"]), arrays(frame, tmp / "pool"), tmp / "pool"
+
+
+# ---------------------------------------------------------------- the baseline 04.00 offset
+
+
+def test_a_baseline_04_product_gives_the_tiles_of_its_unshifted_twin(
+    tmp_path: Path, reference: tuple[set[str], dict[str, np.ndarray], Path]
+) -> None:
+    shas, tiles, _ = reference
+    old = write_safe(tmp_path / "old", ground(SEED), baseline="03.01", offset=None)  # DN = reflectance x10000
+    new = write_safe(tmp_path / "new", shifted(ground(SEED), OFFSET), baseline="04.00")  # DN = ... + 1000
+    assert set(ingest([old], tmp_path / "a")["sha256"]) == shas
+    assert set(ingest([new], tmp_path / "b")["sha256"]) == shas  # bit-exact, 20 and 60 m bands too
+    assert radiometry(tmp_path / "a") | {"origin": None} == {
+        "source": "metadata",
+        "offsets": dict.fromkeys(S2_BANDS, 0.0),
+        "quantification": 10000.0,
+        "baseline": "03.01",
+        "level": "L1C",
+        "origin": None,
+        "notes": [],
+    }
+    applied = radiometry(tmp_path / "b")
+    assert applied["offsets"] == dict.fromkeys(S2_BANDS, -1000.0) and applied["baseline"] == "04.00"
+    assert str(applied["origin"]).endswith(".SAFE/MTD_MSIL1C.xml") and applied["source"] == "metadata"
+    # What ingestion did before: the shifted DNs taken as reflectance, every band 1000 (0.1) too bright.
+    naive = ingest(list(safe_band_files(new).values()), tmp_path / "c")
+    for location, tile in arrays(naive, tmp_path / "c").items():
+        assert np.abs(tile.astype(int) - tiles[location] - 1000).max() <= 1
+
+
+def test_dark_valid_pixels_stay_valid_and_no_data_stays_no_data(tmp_path: Path) -> None:
+    applied = given_offset(OFFSET, "option", "--offset").apply("B02", np.array([0, 1, 500, 1000, 1001, 6000], "f4"))
+    assert applied.tolist() == [0, 1, 1, 1, 1, 5000]
+    bands = shifted(ground(SEED), OFFSET)
+    bands["B04"][:4, :4] = 900  # darker than the offset: reflectance <= 0, still a pixel with data
+    bands["B03"][-4:, -4:] = 0  # no data
+    option = given_offset(OFFSET, "option", "--offset")
+    frame = ingest(list(write_band_files(tmp_path / "bands", bands)), tmp_path / "out", given=option)
+    kept = arrays(frame, tmp_path / "out")
+    assert (kept["s_r0_c0"][S2_BANDS.index("B04"), :4, :4] == 1).all()  # kept (min_valid 1.0), at 1
+    assert "s_r2_c2" not in kept and len(kept) == 8  # the no-data corner's tile is skipped
+    with pytest.raises(Ms2rgbError, match=r"--offset=1000 is out of range.*\[-10000, 0\]"):
+        given_offset(1000, "option", "--offset")
+
+
+# ---------------------------------------------------------------- the forms a product comes in
+
+
+@pytest.mark.parametrize("form", ["safe", "zip", "stac_item", "stac_folder"])
+def test_each_form_of_a_product_gives_the_tiles_of_the_band_files(
+    tmp_path: Path, form: str, reference: tuple[set[str], dict[str, np.ndarray], Path]
+) -> None:
+    safe = write_safe(tmp_path / "product", shifted(ground(SEED), OFFSET))
+    given: Path = safe
+    if form == "zip":
+        given = zip_folder(safe, tmp_path / f"{safe.name}.zip")
+        shutil.rmtree(safe)  # read from the zip itself, nothing extracted beside it
+    elif form == "stac_item":  # hrefs relative to the item, into the product folder
+        given = write_stac_item(tmp_path / "items" / "item.json", safe_band_files(safe), (0.0001, -0.1))
+    elif form == "stac_folder":  # a folder holding one item and its assets
+        (tmp_path / "scene").mkdir()
+        copies = {b: Path(shutil.copy(f, tmp_path / "scene")) for b, f in safe_band_files(safe).items()}
+        given = write_stac_item(tmp_path / "scene" / "item.json", copies, (0.0001, -0.1)).parent
+    lines: list[str] = []
+    frame = ingest_scene([given], tmp_path / "out", progress=lines.append)
+    assert set(frame["sha256"]) == reference[0]
+    scene = frame["path"].iloc[0].split("/")[0]  # the product's name (the item's id for STAC)
+    expected = "S2A_33UUP_20220105_0_L1C" if form.startswith("stac") else safe.name.removesuffix(".SAFE")
+    assert scene == expected
+    applied = radiometry(tmp_path / "out", scene)
+    assert applied["source"] == "metadata" and set(applied["offsets"].values()) == {-1000.0}
+    assert any("radiometry: offset -1000, quantification 10000 (metadata from" in line for line in lines)
+
+
+def test_a_level_2a_product_takes_each_band_at_its_finest_resolution(
+    tmp_path: Path, reference: tuple[set[str], dict[str, np.ndarray], Path]
+) -> None:
+    # Real L2A products have no B10; this one carries it so that all 13 bands can be compared.
+    safe = write_l2a_safe(tmp_path, shifted(ground(SEED), OFFSET))
+    assert set(ingest([safe], tmp_path / "out")["sha256"]) == reference[0]
+    applied = radiometry(tmp_path / "out")
+    assert applied["level"] == "L2A" and set(applied["offsets"].values()) == {-1000.0}
+
+
+def test_bare_band_files_with_the_offset_option_match_the_04_product(
+    tmp_path: Path, reference: tuple[set[str], dict[str, np.ndarray], Path]
+) -> None:
+    root = light_root(tmp_path / "project")
+    bands = write_band_files(tmp_path / "bands", shifted(ground(SEED), OFFSET))
+    args = ["--root", str(root), "data", "ingest", *map(str, bands), "--scene-id", "s"]
+    assert main([*args, "--offset", "-1000"]) == 0
+    scenes = root / "data" / "scenes"
+    assert set(read_manifest(scenes / "s" / "manifest.parquet")["sha256"]) == reference[0]
+    applied = radiometry(scenes)
+    assert applied["source"] == "option" and applied["origin"] == "--offset"
+
+
+# ---------------------------------------------------------------- bad products
+
+
+def missing_band(tmp: Path) -> Path:
+    return write_safe(tmp, {b: a for b, a in shifted(ground(SEED), OFFSET).items() if b != "B8A"})
+
+
+def two_granules(tmp: Path) -> Path:
+    return write_safe(tmp, shifted(ground(SEED), OFFSET), granules=2)
+
+
+def level_1b(tmp: Path) -> Path:
+    return write_safe(tmp, shifted(ground(SEED), OFFSET), kind="S2MSI1B")
+
+
+def l2a_without_b10(tmp: Path) -> Path:
+    return write_l2a_safe(tmp, {b: a for b, a in shifted(ground(SEED), OFFSET).items() if b != "B10"})
+
+
+def offset_04(tmp: Path) -> Path:
+    return write_safe(tmp, shifted(ground(SEED), OFFSET))
+
+
+def zip_without_product(tmp: Path) -> Path:
+    write_band_files(tmp / "bands", ground(SEED))
+    return zip_folder(tmp / "bands", tmp / "bands.zip")
+
+
+@pytest.mark.parametrize(
+    "build, options, problem",
+    [
+        (missing_band, [], r"lacks bands \['B8A'\] of the 13 Sentinel-2 bands \(looked in GRANULE/\*/IMG_DATA/\)"),
+        (two_granules, [], r"mixes bands of 2 granules \(L1C_T33UUP_A034560_.*, L1C_T33UUP_A034561_.*\)"),
+        (level_1b, [], r"MTD_MSIL1C.xml: is a 'Level-1B' product \(PROCESSING_LEVEL\), not Level-1C or Level-2A"),
+        (l2a_without_b10, [], r"is a Level-2A product: it has no B10 .*Fix: ingest the Level-1C \(MSIL1C\) product"),
+        (zip_without_product, [], r"bands.zip: holds no Sentinel-2 product: expected one MTD_MSIL1C.xml"),
+        (offset_04, ["--offset", "0"], r"gives offset\(s\) \[-1000.0\] but --offset 0 was given. Fix: drop --offset"),
+    ],
+)
+def test_a_bad_product_stops_with_one_line_and_leaves_the_pool_alone(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    reference: tuple[set[str], dict[str, np.ndarray], Path],
+    build: Callable[[Path], Path],
+    options: list[str],
+    problem: str,
+) -> None:
+    root = light_root(tmp_path / "project")
+    pool = root / "data" / "scenes"
+    shutil.copytree(reference[2], pool)
+    before = tree_state(pool)
+    product = build(tmp_path)
+    assert main(["--root", str(root), "data", "ingest", str(product), *options]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"ms2rgb: error: {product}")
+    assert re.search(problem, err), err
+    assert tree_state(pool) == before  # no scene added, no partial folder left
+
+
+# ---------------------------------------------------------------- the landing watch
+
+
+def test_the_landing_watch_takes_products_as_one_scene_each(
+    tmp_path: Path, reference: tuple[set[str], dict[str, np.ndarray], Path]
+) -> None:
+    root = light_root(tmp_path / "project", radiometric_offset=OFFSET)  # for the bare band folder
+    drop = root / "data" / "landing"
+    drop.mkdir(parents=True)
+    write_safe(tmp_path / "p1", shifted(ground(21), OFFSET)).rename(drop / "p1.SAFE")
+    zip_folder(write_safe(tmp_path / "p2", shifted(ground(22), OFFSET)), drop / "p2.SAFE.zip")
+    elsewhere = write_safe(tmp_path / "p3", shifted(ground(23), OFFSET))  # the item's assets live outside
+    write_stac_item(drop / "p3.json", safe_band_files(elsewhere), (0.0001, -0.1))
+    write_band_files(drop / "bands", shifted(ground(SEED), OFFSET))  # bare: data.radiometric_offset applies
+    zip_folder(missing_band(tmp_path / "broken"), drop / "broken.zip")
+    result = landing.poll(root, load_params(root), progress=lambda _: None)
+    status = {o.name: o.status for o in result.outcomes}
+    assert status == {
+        "p1.SAFE": "ingested",
+        "p2.SAFE.zip": "ingested",
+        "p3.json": "ingested",
+        "bands": "ingested",
+        "broken.zip": "quarantined",
+    }
+    scenes = root / "data" / "scenes"
+    assert {p.name for p in scenes.iterdir()} == {"p1", "p2", "p3", "bands"}
+    assert set(read_manifest(scenes / "bands" / "manifest.parquet")["sha256"]) == reference[0]
+    assert radiometry(scenes, "bands")["source"] == "param"
+    for scene in ("p1", "p2", "p3"):
+        applied = radiometry(scenes, scene)
+        assert applied["source"] == "metadata"
+        assert applied["notes"] == ["data.radiometric_offset not used: the product's metadata applies"]
+        red = [
+            tile[S2_BANDS.index("B04")].mean()
+            for tile in arrays(read_manifest(scenes / scene / "manifest.parquet"), scenes).values()
+        ]
+        assert 650 < np.mean(red) < 750  # the meadow's red, 700: the 1000 DN offset is gone
+    reason = (root / "data" / "quarantine" / "broken.zip.reason.txt").read_text()
+    assert "lacks bands ['B8A']" in reason
