@@ -34,8 +34,16 @@ def _quiet_prefect_console() -> None:
                 handler.addFilter(_QuietUserErrors())
 
 
-def _cmd_run(args: argparse.Namespace) -> None:
+def _prefect_env() -> None:
+    """Prefect settings for the temporary server, unless the user set them."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The first start in a fresh clone creates and migrates Prefect's SQLite database; on a busy 2-core
+    # machine that once took longer than Prefect's 20 s default, and `make run` failed before any stage.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    _prefect_env()
     from ms2rgb.tasks.config import load_params
 
     root = Path(args.root).resolve()
@@ -61,7 +69,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
 def _cmd_watch(args: argparse.Namespace) -> None:
     import time
 
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    _prefect_env()
     from ms2rgb.tasks.config import load_params
 
     root = Path(args.root).resolve()
@@ -105,7 +113,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         print(f"serving {', '.join(serving.DEPLOYMENTS)} (pid {info['serve_pid']}); logs in {info['logs']}")
         print(f"UI: {info['api_url'].removesuffix('/api')}   stop: make stop")
         return
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    _prefect_env()
     serving.serve(root)
 
 
