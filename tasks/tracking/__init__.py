@@ -405,7 +405,10 @@ def load_registered_module(root: Path, uri: str) -> torch.nn.Module:
         if "pytorch" in mlflow.models.get_model_info(uri).flavors:
             module = mlflow.pytorch.load_model(uri, map_location="cpu")
         else:
-            python_model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+            # suppress_warnings skips MLflow's check of the model's pip requirements against every
+            # installed distribution: 2.4 s of a 20 s `detect` on a scene, only to warn, and the model
+            # runs in the venv of the project that logged it.
+            python_model = mlflow.pyfunc.load_model(uri, suppress_warnings=True).unwrap_python_model()
             if not isinstance(python_model, TorchPyfunc):
                 raise Ms2rgbError(
                     f"{uri} is a {type(python_model).__name__} pyfunc model, not one of ms2rgb's torch models"
