@@ -16,7 +16,7 @@ import pyogrio
 import pytest
 import rasterio
 from helpers_class_maps import red_image, save_tiny_student, use_red_detector
-from helpers_rasters import CRS, TRANSFORM
+from helpers_rasters import CRS, TRANSFORM, write_raster
 from rasterio.warp import transform_geom
 from rio_cogeo.cogeo import cog_validate
 from shapely.geometry import shape
@@ -34,20 +34,7 @@ NODATA = 255
 
 
 def class_raster(path: Path, ids: np.ndarray) -> Path:
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=ids.shape[1],
-        height=ids.shape[0],
-        count=1,
-        dtype="uint8",
-        crs=CRS,
-        transform=TRANSFORM,
-        nodata=NODATA,
-    ) as dst:
-        dst.write(ids, 1)
-    return path
+    return write_raster(path, ids[None].astype(np.uint8), nodata=NODATA)  # (1, H, W) class ids
 
 
 def regions(tmp_path: Path, ids: np.ndarray, budget: int, min_px: int = 1) -> list[tuple[str, float, dict]]:
