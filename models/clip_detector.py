@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ms2rgb.models.clip_prompt import PromptedCLIP
+from ms2rgb.models.pixel_evidence import PixelGaussians
 
 
 class ClipPixels(nn.Module):
@@ -55,6 +56,10 @@ class ClipPixels(nn.Module):
 class ClassMapDetector(nn.Module):
     """A tuned PromptedCLIP with its class descriptions baked in: RGB 0..255 -> logits (B, K, H, W).
 
+    With ``evidence`` (per-pixel class Gaussians fitted on the shots, ``models/pixel_evidence.py``)
+    the map is the CLIP's upsampled logits plus ``evidence_weight`` times each class's pixel
+    log-likelihood; the weight trains with the prompts (:meth:`trainable_parameters`).
+
     ``class_names`` / ``texts`` / ``clip_model`` travel with the pickled model so a loaded
     registry version can say what it detects and re-tokenise other descriptions
     (``open_clip.get_tokenizer(clip_model)``) for :meth:`logits_for`; ``pixel_size_m``, the ground
@@ -71,6 +76,8 @@ class ClassMapDetector(nn.Module):
         texts: Sequence[str],
         clip_model: str,
         pixel_size_m: float | None = None,
+        evidence: PixelGaussians | None = None,
+        evidence_weight: float = 0.3,
     ) -> None:
         super().__init__()
         if len(class_names) != text_tokens.shape[0] or len(texts) != len(class_names):
@@ -83,16 +90,42 @@ class ClassMapDetector(nn.Module):
         self.register_buffer("text_tokens", text_tokens.long())
         self.class_names, self.texts, self.clip_model = list(class_names), list(texts), clip_model
         self.pixel_size_m = pixel_size_m  # GSD (m) of the tiles it was tuned on; None: unknown
+        self.evidence = evidence
+        self.evidence_weight = nn.Parameter(torch.tensor(float(evidence_weight))) if evidence is not None else None
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What tuning moves: the prompts (and projections), and the pixel evidence's weight if any."""
+        weight = [self.evidence_weight] if self.evidence_weight is not None else []
+        return self.prompted.trainable_parameters() + weight
+
+    @property
+    def num_trainable(self) -> int:
+        return self.prompted.num_trainable + (1 if self.evidence_weight is not None else 0)
+
+    def tuned_state_dict(self) -> dict[str, torch.Tensor]:
+        """The part of the state that tuning and fitting produced: prompts, evidence and its weight."""
+        state = {f"prompted.{k}": v for k, v in self.prompted.prompt_state_dict().items()}
+        if self.evidence is not None and self.evidence_weight is not None:
+            state |= {f"evidence.{k}": v for k, v in self.evidence.state_dict().items()}
+            state["evidence_weight"] = self.evidence_weight.detach()
+        return state
 
     def logits_for(self, images: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
-        """Fused class logits (B, K', H, W) at the input's size for other tokenised class descriptions."""
+        """Class logits (B, K', H, W) of the CLIP alone at the input's size for other tokenised class
+        descriptions (the pixel evidence knows the tuned classes only)."""
         logits = self.prompted(self.pixels(images), text_tokens)  # (B, K', S, S) at the CLIP's size
         if logits.shape[-2:] != images.shape[-2:]:
             logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
         return logits
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.logits_for(images, self.text_tokens)
+    def forward(self, images: torch.Tensor, evidence: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, K, H, W) of the tuned classes; ``evidence``: the pixel log-likelihoods of these
+        images when the caller computed them already (tuning does, once per shot)."""
+        logits = self.logits_for(images, self.text_tokens)
+        if self.evidence is None or self.evidence_weight is None:
+            return logits
+        loglik = self.evidence(images) if evidence is None else evidence
+        return logits + self.evidence_weight * loglik
 
 
 class ImageEmbedder(nn.Module):

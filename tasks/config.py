@@ -359,9 +359,25 @@ class BaselinesConfig(Section):
     unet: UNetBaselineConfig
 
 
+class PixelEvidenceConfig(Section):
+    """Per-pixel class Gaussians fitted on the shots and added to the CLIP's logits (models/pixel_evidence.py)."""
+
+    windows: Ints  # sides of the windows whose per-band mean and std join each pixel's RGB
+    ridge: float = Field(gt=0)  # added to each class's covariance (standardised units): few pixels stay invertible
+    init_weight: float = Field(ge=0)  # the evidence's weight before tuning; it trains with the prompts
+
+    @field_validator("windows")
+    @classmethod
+    def _odd_windows(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(w < 3 or w % 2 == 0 for w in value):
+            raise ValueError(f"window sides must be odd and >= 3 (centred on the pixel), got {list(value)}")
+        return value
+
+
 # What detector.grids may name beside the method (tasks/detection/plan.py builds each of them).
 DETECTOR_VARIANTS = (
     "zero_shot",
+    "no_pixel_evidence",
     "text_prompts",
     "visual_prompts",
     "independent",
@@ -370,6 +386,7 @@ DETECTOR_VARIANTS = (
     "meta_net",
     "pixel_forest",
     "unet",
+    "max_likelihood",
 )
 
 
@@ -378,6 +395,7 @@ class DetectorConfig(Section):
     pretrain: PretrainConfig
     prompt: PromptParams
     tune: TuneConfig
+    pixel_evidence: PixelEvidenceConfig | None  # null: the CLIP's map alone (the seed's method)
     baselines: BaselinesConfig
     shots: Annotated[tuple[Annotated[int, Field(ge=1)], ...], Field(strict=False, min_length=1)]  # K per class
     zero_shot_template: str  # hand-written zero-shot prompt; {} is the class description

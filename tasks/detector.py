@@ -33,6 +33,7 @@ from ms2rgb.models.clip_detector import ClassMapDetector
 from ms2rgb.models.clip_linear_probe import LinearProbeCLIP
 from ms2rgb.models.clip_meta_prompt import MetaPromptedCLIP
 from ms2rgb.models.clip_prompt import PromptedCLIP
+from ms2rgb.models.pixel_evidence import PixelGaussians
 from ms2rgb.tasks.config import DetectorConfig, Params
 from ms2rgb.tasks.data.artifacts import resumable_staging_dir
 from ms2rgb.tasks.data.atomic import write_atomic
@@ -44,7 +45,7 @@ from ms2rgb.tasks.data.manifest import FOLDER_SOURCE_PREFIX
 from ms2rgb.tasks.data.validated import require_validated
 from ms2rgb.tasks.detection.baselines import run_baseline
 from ms2rgb.tasks.detection.data import first_k_per_class, load_tiles
-from ms2rgb.tasks.detection.model import DETECTOR_FILE, OUT_DIR, resolve_pretrained
+from ms2rgb.tasks.detection.model import DETECTOR_FILE, OUT_DIR, evidence_payload, resolve_pretrained
 from ms2rgb.tasks.detection.plan import PIXEL_BASELINES, Variant, novel_classes, plan
 from ms2rgb.tasks.detection.pretrain import SERVING, prepare_backbone
 from ms2rgb.tasks.detection.report import aggregate, log_figures, summarise
@@ -78,8 +79,19 @@ class Context:
     threads: int
 
 
-def build_detector(ctx: Context, variant: Variant, seed: int) -> ClassMapDetector:
-    """A fresh, seeded model around the shared frozen CLIP, with the legend's texts baked in."""
+def pixel_evidence(ctx: Context, variant: Variant, shots: tuple[torch.Tensor, torch.Tensor]) -> PixelGaussians | None:
+    """The per-pixel class Gaussians of the variant's shots, or None where it goes without them."""
+    cfg = ctx.settings.pixel_evidence
+    if cfg is None or not variant.pixel_evidence or not variant.shots:
+        return None
+    return PixelGaussians(cfg.windows, len(ctx.classes)).fit(*shots, ridge=cfg.ridge)
+
+
+def build_detector(
+    ctx: Context, variant: Variant, seed: int, shots: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> ClassMapDetector:
+    """A fresh, seeded model around the shared frozen CLIP, with the legend's texts baked in (and the
+    pixel evidence of `shots` where the variant uses it)."""
     seed_everything(seed)  # same prompt init for every variant of a mode at this seed
     prompt = ctx.settings.prompt
     descriptions = list(ctx.classes.values())
@@ -94,7 +106,17 @@ def build_detector(ctx: Context, variant: Variant, seed: int) -> ClassMapDetecto
             prompted = PromptedCLIP(ctx.clip, prompt.model(variant.mode))
     except ValueError as err:  # e.g. depth or a similarity layer beyond this CLIP's layers
         raise ParamsError("detector.prompt", prompt.model_dump(), str(err)) from err
-    return ClassMapDetector(prompted, ctx.tokenizer(texts), list(ctx.classes), texts, ctx.settings.clip.model)
+    evidence = pixel_evidence(ctx, variant, shots) if shots is not None else None
+    weight = ctx.settings.pixel_evidence.init_weight if ctx.settings.pixel_evidence else 0.0
+    return ClassMapDetector(
+        prompted,
+        ctx.tokenizer(texts),
+        list(ctx.classes),
+        texts,
+        ctx.settings.clip.model,
+        evidence=evidence,
+        evidence_weight=weight,
+    )
 
 
 def _step_printer(label: str, max_steps: int) -> Callable[[int, float], None]:
@@ -118,15 +140,16 @@ def tune_and_score(
     ctx: Context, variant: Variant, seed: int, child: StageTracker
 ) -> tuple[dict[str, Any], ClassMapDetector]:
     """Tune one seed of a CLIP-based variant (unless zero-shot) and score it on seg_test."""
-    detector = build_detector(ctx, variant, seed)
+    shots = shot_tiles(ctx, variant) if variant.shots else None
+    detector = build_detector(ctx, variant, seed, shots)
     run: dict[str, Any] = {"seed": seed}
-    if variant.shots:
+    if shots is not None:
         label = f"{variant.name} seed {seed}"
         checkpoints = ctx.out_dir / "checkpoints" / variant.name / f"seed{seed}"
         with PeakMemory(ctx.device) as memory:
             result = tune(
                 detector,
-                *shot_tiles(ctx, variant),
+                *shots,
                 ctx.settings.tune,
                 seed,
                 ctx.device,
@@ -148,7 +171,9 @@ def tune_and_score(
             flush=True,
         )
     scores, preds = evaluate(detector, ctx.test_images, ctx.test_masks, ctx.device, ctx.settings.eval_batch_size)
-    run.update(scores, preds=preds, trainable_params=detector.prompted.num_trainable)
+    run.update(scores, preds=preds, trainable_params=detector.num_trainable)
+    if detector.evidence_weight is not None:
+        run["evidence_weight"] = round(float(detector.evidence_weight.detach()), 4)
     return run, detector
 
 
@@ -213,6 +238,7 @@ def save_detector(ctx: Context, detector: ClassMapDetector, info: dict[str, Any]
         "weights": info["weights"],
         "prompt_config": dataclasses.asdict(detector.prompted.cfg),
         "prompt_state": detector.prompted.prompt_state_dict(),
+        "pixel_evidence": evidence_payload(detector),
         "class_names": detector.class_names,
         "texts": detector.texts,
         "pixel_size_m": tuned_pixel_size(ctx.fewshot),

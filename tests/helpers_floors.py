@@ -24,7 +24,7 @@ from ms2rgb.tasks.data.legend import read_legend
 from ms2rgb.tasks.data.manifest import read_manifest
 from ms2rgb.tasks.data.validated import write_stamps
 from ms2rgb.tasks.detection.data import load_tiles
-from ms2rgb.tasks.detection.plan import FULL_MODE, Variant, novel_classes
+from ms2rgb.tasks.detection.plan import FULL_MODE, PURE_METHOD, Variant, novel_classes
 from ms2rgb.tasks.detector import Context, backbone, score_seed
 from ms2rgb.tasks.training.loop import make_deterministic, pick_device
 
@@ -57,8 +57,9 @@ def run_untracked(name: str, root: Path, params: Params) -> dict[str, Any]:
 
 
 def detector_miou(root: Path, params: Params) -> dict[str, float]:
-    """mIoU on seg_test of zero-shot and of the full method tuned at the largest K, at the params seed,
-    on the backbone the detector stage would use (the fallback pretrained on captions). Needs
+    """mIoU on seg_test of zero-shot, of the coupled prompts alone tuned at the largest K ("coupled"),
+    of the full method with the pixel evidence ("with_evidence") and of the pixel forest, at the
+    params seed, on the backbone the detector stage would use (the fallback pretrained on captions). Needs
     `prepare` to have run at `root`. Goes through the stage's own Context and score_seed, one variant
     and one seed each instead of the stage's plan."""
     make_deterministic(params.threads)
@@ -76,7 +77,9 @@ def detector_miou(root: Path, params: Params) -> dict[str, float]:
     k = max(settings.shots)
     variants = {
         "zero_shot": Variant("zero_shot", "prompts", "zero_shot", 0, (seed,)),
-        "coupled": Variant(f"full_k{k}", "prompts", FULL_MODE, k, (seed,)),
+        "coupled": Variant(PURE_METHOD, "prompts", FULL_MODE, k, (seed,), pixel_evidence=False),
+        "with_evidence": Variant(f"full_k{k}", "prompts", FULL_MODE, k, (seed,)),
+        "pixel_forest": Variant("pixel_forest", "pixel_forest", "", k, (seed,), pixel_evidence=False),
     }
     return {
         name: float(score_seed(ctx, variant, seed, untracked)[0]["miou"])  # type: ignore[arg-type]

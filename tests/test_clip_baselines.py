@@ -208,7 +208,7 @@ def test_state_dict_round_trip_and_tune_checkpoint(backbone: tuple, tiles: tuple
     fresh = BUILDERS[name](backbone, seed=2)
     fresh.load_state_dict(torch.load(tmp_path / "prompts.pt", weights_only=True), strict=False)
     checkpoint = torch.load(latest_checkpoint(tmp_path), weights_only=True)
-    assert set(checkpoint["prompt_state"]) == set(fresh.prompt_state_dict())
+    assert set(checkpoint["tuned_state"]) == {f"prompted.{k}" for k in fresh.prompt_state_dict()}
     with torch.no_grad():
         reloaded, tuned = detector(backbone, fresh)(tiles[0][:2]), trained.eval()(tiles[0][:2])
     torch.testing.assert_close(reloaded, tuned, rtol=0, atol=0)

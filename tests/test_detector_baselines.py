@@ -8,6 +8,7 @@ import torch
 from helpers_params import config, repo_params
 
 from ms2rgb.models.bands import BandMismatchError
+from ms2rgb.models.pixel_evidence import PixelGaussians
 from ms2rgb.models.unet import UNet, UNetConfig
 from ms2rgb.tasks.config import DetectorConfig
 from ms2rgb.tasks.data.classes import MASK_NODATA
@@ -150,9 +151,21 @@ def test_unet_result_is_a_run_of_the_detector_stage(tiles, settings: DetectorCon
 
 
 def test_unknown_baseline_lists_the_valid_names(tiles, settings: DetectorConfig) -> None:
-    with pytest.raises(Ms2rgbError, match=r"unknown baseline 'svm'.*\['pixel_forest', 'unet'\]"):
+    with pytest.raises(Ms2rgbError, match=r"unknown baseline 'svm'.*\['max_likelihood', 'pixel_forest', 'unet'\]"):
         run_baseline("svm", *tiles, NAMES, settings, 0, CPU, 2)
-    assert set(BASELINE_RUNNERS) == {"pixel_forest", "unet"}
+    assert set(BASELINE_RUNNERS) == {"pixel_forest", "unet", "max_likelihood"}
+
+
+def test_max_likelihood_is_the_pixel_evidence_alone(tiles, settings: DetectorConfig) -> None:
+    result = run_baseline("max_likelihood", *tiles, NAMES, settings, 0, CPU, 2)
+    evidence = PixelGaussians(settings.pixel_evidence.windows, 3).fit(*tiles[0])
+    with torch.no_grad():
+        expected = evidence(tiles[1][0]).argmax(dim=1).numpy()
+    assert (result.preds == expected).all() and result.losses == [] and result.train_seconds >= 0
+    assert result.trainable_params == sum(b.numel() for b in evidence.buffers())
+    without = settings.model_copy(update={"pixel_evidence": None})
+    with pytest.raises(ParamsError, match="detector.pixel_evidence"):
+        run_baseline("max_likelihood", *tiles, NAMES, without, 0, CPU, 2)
 
 
 # --- cost and config --------------------------------------------------------------------------------

@@ -42,7 +42,8 @@ REQUIRED = (
     "stopped_by",
 )
 COMPARED = {
-    "zero_shot", "text_prompts", "visual_prompts", "independent", "linear_probe", "meta_net", "pixel_forest", "unet"
+    "zero_shot", "no_pixel_evidence", "text_prompts", "visual_prompts", "independent", "linear_probe", "meta_net",
+    "pixel_forest", "unet", "max_likelihood",
 }  # fmt: skip
 VARIANTS = {"pretrain", "full_k1", "base_to_novel", *COMPARED}
 SEEDS = 2  # the tiny profile's detector.seeds
@@ -74,6 +75,9 @@ def test_report_holds_the_required_keys_and_outputs(trained: tuple[Path, dict]) 
     on_disk = json.loads((root / "reports" / "detector.json").read_text())
     assert on_disk["miou"] == report["miou"] and all(key in on_disk for key in REQUIRED)
     assert set(on_disk["baselines"]) == COMPARED
+    # The method carries the shots' pixel evidence with a tuned weight; the seed's method goes without.
+    assert isinstance(on_disk["evidence_weight"], float)
+    assert on_disk["baseline_details"]["no_pixel_evidence"]["evidence_weight"] is None
     assert all(0.0 <= v <= 1.0 for v in on_disk["baselines"].values())
     for name in COMPARED - {"zero_shot"}:  # every tuned variant: seeds, interval, cost
         detail = on_disk["baseline_details"][name]
@@ -136,6 +140,7 @@ def test_registered_detector_loads_and_maps_rgb(trained: tuple[Path, dict]) -> N
     root, report = trained
     model = load_torch_model(root, f"models:/{report['registered_model']}")
     assert isinstance(model, ClassMapDetector) and model.class_names[0] == "crop"
+    assert model.evidence is not None and bool(model.evidence.known.any()), "the pixel evidence was not kept"
     with torch.no_grad():
         logits = model(torch.full((2, 3, 64, 64), 100.0))
     assert logits.shape == (2, len(model.class_names), 64, 64) and torch.isfinite(logits).all()

@@ -1,7 +1,9 @@
 """Method B's baselines without CLIP, trained on the same K-shot tiles and scored like the detector (issue 23).
 
 - ``pixel_forest``: a per-pixel random forest on RGB and local texture (``pixel_forest.py``);
-- ``unet``: a small U-Net from scratch, trained like the prompts (``unet_baseline.py``).
+- ``unet``: a small U-Net from scratch, trained like the prompts (``unet_baseline.py``);
+- ``max_likelihood``: the classic Gaussian maximum-likelihood classifier per pixel, which is the
+  detector's pixel evidence alone (``models/pixel_evidence.py``, same features), without the CLIP.
 
 Each runner fits on the shots, predicts the test tiles and returns a :class:`BaselineResult` whose
 ``scores`` have the keys ``tune.evaluate`` returns (``miou``, ``pixel_accuracy``, ``per_class_iou``,
@@ -19,11 +21,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from ms2rgb.models.pixel_evidence import PixelGaussians
 from ms2rgb.tasks.config import DetectorConfig
 from ms2rgb.tasks.data.classes import MASK_NODATA
 from ms2rgb.tasks.detection.pixel_forest import fit_pixel_forest, node_count, predict_pixel_forest
 from ms2rgb.tasks.detection.unet_baseline import build_unet, predict_unet, train_unet
-from ms2rgb.tasks.errors import Ms2rgbError
+from ms2rgb.tasks.errors import Ms2rgbError, ParamsError
 from ms2rgb.tasks.training.memory import PeakMemory
 from ms2rgb.tasks.training.metrics import confusion_matrix, iou_report
 
@@ -125,7 +128,42 @@ def run_unet(
     return BaselineResult(scores, pred, train_seconds, trainable, memory.mb, losses)
 
 
-BASELINE_RUNNERS: dict[str, Runner] = {"pixel_forest": run_pixel_forest, "unet": run_unet}
+def run_max_likelihood(
+    train: Tiles,
+    test: Tiles,
+    class_names: Sequence[str],
+    settings: DetectorConfig,
+    seed: int,
+    device: torch.device,
+    threads: int,
+    on_step: Callable[[int, float], None] | None = None,
+) -> BaselineResult:
+    """Fit one Gaussian per class on the shots' pixels (closed form: the seed, device and steps are unused)
+    and give each test pixel its most likely class."""
+    cfg = settings.pixel_evidence
+    if cfg is None:
+        raise ParamsError(
+            "detector.pixel_evidence", None, "the max_likelihood baseline uses its windows and ridge; set them"
+        )
+    start = time.perf_counter()
+    with PeakMemory(CPU) as memory:
+        gaussians = PixelGaussians(cfg.windows, len(class_names)).fit(*train, ridge=cfg.ridge)
+    train_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    with torch.no_grad():
+        step = settings.eval_batch_size
+        pred = torch.cat([gaussians(test[0][i : i + step]).argmax(dim=1) for i in range(0, len(test[0]), step)])
+    pred = pred.to(torch.uint8).numpy()
+    scores = score(pred, test[1], class_names, time.perf_counter() - start)
+    parameters = sum(b.numel() for b in gaussians.buffers())
+    return BaselineResult(scores, pred, train_seconds, parameters, memory.mb, [])
+
+
+BASELINE_RUNNERS: dict[str, Runner] = {
+    "pixel_forest": run_pixel_forest,
+    "unet": run_unet,
+    "max_likelihood": run_max_likelihood,
+}
 
 
 def run_baseline(

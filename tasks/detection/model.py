@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
@@ -14,6 +15,7 @@ import torch
 from ms2rgb.models.clip_backbone import load_clip  # importing it registers the project's CLIP configs
 from ms2rgb.models.clip_detector import ClassMapDetector
 from ms2rgb.models.clip_prompt import PromptConfig, PromptedCLIP
+from ms2rgb.models.pixel_evidence import PixelGaussians
 from ms2rgb.tasks.data.pixel_size import recorded_pixel_size
 from ms2rgb.tasks.errors import Ms2rgbError
 
@@ -26,6 +28,47 @@ def resolve_pretrained(root: Path, pretrained: str | None) -> str | None:
     if pretrained is not None and not Path(pretrained).is_absolute() and (root / pretrained).is_file():
         return str(root / pretrained)
     return pretrained
+
+
+def evidence_payload(detector: ClassMapDetector) -> dict[str, Any] | None:
+    """What detector.pt keeps of the pixel evidence (windows, fitted Gaussians, tuned weight), or None."""
+    if detector.evidence is None or detector.evidence_weight is None:
+        return None
+    return {
+        "windows": list(detector.evidence.windows),
+        "state": detector.evidence.state_dict(),
+        "weight": float(detector.evidence_weight.detach()),
+    }
+
+
+def detector_from_state(
+    state: dict[str, Any], clip: torch.nn.Module, tokenizer: Callable[..., torch.Tensor], source: Path
+) -> ClassMapDetector:
+    """The ClassMapDetector a detector.pt payload describes, around the CLIP its weights were loaded into."""
+    prompted = PromptedCLIP(clip, PromptConfig(**state["prompt_config"]))
+    result = prompted.load_state_dict(state["prompt_state"], strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("clip.")]  # the CLIP came from its own file
+    if missing or result.unexpected_keys:
+        raise Ms2rgbError(
+            f"{source} does not fit its prompt config (missing {missing}, unexpected "
+            f"{result.unexpected_keys}); re-run the detector stage"
+        )
+    evidence, weight = None, 0.0
+    saved = state.get("pixel_evidence")  # absent from detectors tuned before the pixel evidence existed
+    if saved is not None:
+        evidence = PixelGaussians(saved["windows"], len(state["class_names"]))
+        evidence.load_state_dict(saved["state"])
+        weight = saved["weight"]
+    return ClassMapDetector(
+        prompted,
+        tokenizer(state["texts"]),
+        state["class_names"],
+        state["texts"],
+        state["clip_model"],
+        recorded_pixel_size(state),
+        evidence=evidence,
+        evidence_weight=weight,
+    )
 
 
 def load_local(root: Path) -> ClassMapDetector:
@@ -47,19 +90,7 @@ def load_local_with_weights(root: Path) -> tuple[ClassMapDetector, str]:
         str(path.parent / pretrained) if state["pretrained_in_artifacts"] else resolve_pretrained(root, pretrained)
     )
     clip, tokenizer, weights = load_clip(state["clip_model"], pretrained)
-    prompted = PromptedCLIP(clip, PromptConfig(**state["prompt_config"]))
-    result = prompted.load_state_dict(state["prompt_state"], strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("clip.")]  # the CLIP came from its own file
-    if missing or result.unexpected_keys:
-        raise Ms2rgbError(
-            f"{path} does not fit its prompt config (missing {missing}, unexpected "
-            f"{result.unexpected_keys}); re-run the detector stage"
-        )
-    texts = tokenizer(state["texts"])
-    detector = ClassMapDetector(
-        prompted, texts, state["class_names"], state["texts"], state["clip_model"], recorded_pixel_size(state)
-    )
-    return detector, weights
+    return detector_from_state(state, clip, tokenizer, path), weights
 
 
 def load_detector(root: Path, model_uri: str | None = None) -> tuple[ClassMapDetector, str]:

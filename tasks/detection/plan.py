@@ -6,7 +6,12 @@ with the same seeds. Kinds:
 - ``prompts``: the frozen CLIP with learned prompts of one ``PromptConfig.mode`` (zero-shot: none);
 - ``linear_probe`` / ``meta_net``: the same frozen CLIP with a 1x1 classifier on its patch features
   (``models/clip_linear_probe.py``), or CoCoOp's meta-network (``models/clip_meta_prompt.py``);
-- ``pixel_forest`` / ``unet``: no CLIP, fitted on the same shots (``tasks/detection/baselines.py``).
+- ``pixel_forest`` / ``unet`` / ``max_likelihood``: no CLIP, fitted on the same shots
+  (``tasks/detection/baselines.py``); the last is the pixel evidence alone.
+
+Every tuned CLIP variant adds the shots' per-pixel evidence to its map when ``detector.pixel_evidence``
+is set (``models/pixel_evidence.py``); ``no_pixel_evidence`` is the full method without it, the seed's
+method as written (a frozen CLIP and prompts alone).
 
 ``base_to_novel`` tunes the method with the novel classes' pixels unlabelled and scores all classes:
 what the prompts learned from the base classes, and whether the novel ones still come from their
@@ -23,8 +28,9 @@ from ms2rgb.tasks.errors import ParamsError
 
 FULL_MODE = "coupled"
 ABLATIONS = {"text_prompts": "text", "visual_prompts": "visual", "independent": "independent"}
+PURE_METHOD = "no_pixel_evidence"  # the full method without the pixel evidence
 CLIP_BASELINES = ("linear_probe", "meta_net")  # on the frozen CLIP
-PIXEL_BASELINES = ("pixel_forest", "unet")  # without it
+PIXEL_BASELINES = ("pixel_forest", "unet", "max_likelihood")  # without it
 META_NET_MODE = "independent"  # prompts the meta-network conditions: both branches, as the method
 OPEN_VOCABULARY = "base_to_novel"
 
@@ -39,9 +45,11 @@ class Variant:
     shots: int  # K per class (0: no training)
     seeds: tuple[int, ...]  # the first is the params seed (its model is the one kept)
     hide_novel: bool = False  # novel classes' pixels unlabelled while tuning
+    pixel_evidence: bool = True  # add the shots' per-pixel evidence (when params configure it and K > 0)
 
 
-COMPARABLE = ("zero_shot", *ABLATIONS, OPEN_VOCABULARY, *CLIP_BASELINES, *PIXEL_BASELINES)  # config's DETECTOR_VARIANTS
+# What the config's DETECTOR_VARIANTS must list.
+COMPARABLE = ("zero_shot", PURE_METHOD, *ABLATIONS, OPEN_VOCABULARY, *CLIP_BASELINES, *PIXEL_BASELINES)
 
 
 def plan(settings: DetectorConfig, seed: int) -> list[Variant]:
@@ -52,14 +60,15 @@ def plan(settings: DetectorConfig, seed: int) -> list[Variant]:
     k, many = max(shots), tuple(range(seed, seed + settings.seeds))
     full = [Variant(f"full_k{s}", "prompts", FULL_MODE, s, many if s == k else (seed,)) for s in sorted(set(shots))]
     compared = (
-        [Variant("zero_shot", "prompts", "zero_shot", 0, (seed,))]
+        [Variant("zero_shot", "prompts", "zero_shot", 0, (seed,), pixel_evidence=False)]
+        + [Variant(PURE_METHOD, "prompts", FULL_MODE, k, many, pixel_evidence=False)]
         + [Variant(name, "prompts", mode, k, many) for name, mode in ABLATIONS.items()]
         + [Variant(OPEN_VOCABULARY, "prompts", FULL_MODE, k, many, hide_novel=True)]
         + [
             Variant("linear_probe", "linear_probe", "", k, many),
             Variant("meta_net", "meta_net", META_NET_MODE, k, many),
         ]
-        + [Variant(name, name, "", k, many) for name in PIXEL_BASELINES]
+        + [Variant(name, name, "", k, many, pixel_evidence=False) for name in PIXEL_BASELINES]
     )
     return compared[:1] + full + [v for v in compared[1:] if v.name in chosen]
 

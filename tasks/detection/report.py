@@ -15,13 +15,20 @@ import torch
 
 from ms2rgb.tasks.data.classes import SURFACE_NAMES
 from ms2rgb.tasks.detection import plots
-from ms2rgb.tasks.detection.plan import ABLATIONS, CLIP_BASELINES, OPEN_VOCABULARY, PIXEL_BASELINES, Variant
+from ms2rgb.tasks.detection.plan import (
+    ABLATIONS,
+    CLIP_BASELINES,
+    OPEN_VOCABULARY,
+    PIXEL_BASELINES,
+    PURE_METHOD,
+    Variant,
+)
 from ms2rgb.tasks.detection.tune import STOP_THRESHOLD
 from ms2rgb.tasks.tracking import StageTracker
 from ms2rgb.tasks.training.metrics import miou_interval
 
 BOOTSTRAP = 1000  # tile resamples of each variant's 95 % interval (seeded: the same on every rerun)
-COMPARED = ("zero_shot", *ABLATIONS, *CLIP_BASELINES, *PIXEL_BASELINES)  # what the headline is set against
+COMPARED = ("zero_shot", PURE_METHOD, *ABLATIONS, *CLIP_BASELINES, *PIXEL_BASELINES)  # what the headline is set against
 USER_ALTERNATIVES = PIXEL_BASELINES  # what a user would train instead of prompting a CLIP
 GOAL_POINTS = 20.0  # issue 5: the full method at the largest K beats zero-shot by this many mIoU points
 
@@ -74,6 +81,7 @@ def aggregate(variant: Variant, runs: list[dict[str, Any]], max_steps: int, nove
         "peak_memory_mb": _mean(runs, "peak_memory_mb"),
         "stopped_by": first.get("stopped_by"),
         "steps": first.get("steps"),
+        "evidence_weight": _mean(runs, "evidence_weight"),  # tuned weight of the pixel evidence; None: without
         "stopped_by_threshold": len(stopped_early),
         "steps_saved": sum(max_steps - r["steps"] for r in stopped_early),
         "losses": first.get("losses", []),
@@ -91,8 +99,9 @@ def _brief(result: dict[str, Any]) -> dict[str, Any]:
     keys = (
         "kind", "miou", "miou_std", "miou_ci95", "pixel_accuracy", "seeds", "trainable_params", "train_seconds",
         "peak_memory_mb", "tiles_per_second", "stopped_by", "steps", "per_class_iou", "base_miou", "novel_miou", "hm",
+        "evidence_weight",
     )  # fmt: skip
-    brief = {k: _rounded(result[k]) for k in keys}
+    brief = {k: _rounded(result.get(k)) for k in keys}
     brief["runs"] = [{k: _rounded(v) for k, v in r.items()} for r in result["runs"]]
     return brief
 

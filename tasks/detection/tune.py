@@ -70,7 +70,7 @@ def save_checkpoint(
             {
                 "step": len(losses),
                 "losses": list(losses),
-                "prompt_state": detector.prompted.prompt_state_dict(),
+                "tuned_state": detector.tuned_state_dict(),
                 "optimizer": opt.state_dict(),
                 "rng": rng.bit_generator.state,
             },
@@ -86,10 +86,14 @@ def _resume(
     path: Path, detector: ClassMapDetector, opt: torch.optim.Optimizer
 ) -> tuple[np.random.Generator, list[float]]:
     state = torch.load(path, map_location="cpu", weights_only=True)
-    missing = set(detector.prompted.prompt_state_dict()) - set(state["prompt_state"])
+    saved = state.get("tuned_state", {})
+    missing = set(detector.tuned_state_dict()) - set(saved)
     if missing:
-        raise Ms2rgbError(f"checkpoint {path} lacks {sorted(missing)}: it was written for another prompt mode")
-    detector.prompted.load_state_dict(state["prompt_state"], strict=False)
+        raise Ms2rgbError(
+            f"checkpoint {path} lacks {sorted(missing)}: it was written for another prompt mode or pixel evidence "
+            f"setting; delete {path.parent} to tune from the start"
+        )
+    detector.load_state_dict(saved, strict=False)
     opt.load_state_dict(state["optimizer"])
     rng = np.random.default_rng()
     rng.bit_generator.state = state["rng"]
@@ -111,7 +115,9 @@ def tune(
     if detector.prompted.num_trainable == 0:
         raise Ms2rgbError(f"mode {detector.prompted.cfg.mode!r} has nothing to train; evaluate it directly")
     detector.to(device).train()
-    opt = adamw(detector.prompted.trainable_parameters(), cfg.lr, cfg.weight_decay)
+    opt = adamw(detector.trainable_parameters(), cfg.lr, cfg.weight_decay)
+    # The pixel evidence is fixed and turns with the tiles (square windows), so it is computed once.
+    evidence = None if detector.evidence is None else detector.evidence(images)
     losses: list[float]
     rng, losses = np.random.default_rng(seed), []
     if resume_from is not None:
@@ -119,9 +125,11 @@ def tune(
     start = time.perf_counter()
     while (reason := stop_reason(losses, cfg)) is None:
         idx = sample_batch(len(images), cfg.batch_size, rng)
-        x, y = random_dihedral((images[idx], masks[idx]), rng)
+        batch = (images[idx], masks[idx]) + (() if evidence is None else (evidence[idx],))
+        x, y, *turned = random_dihedral(batch, rng)
         with autocast(device):
-            loss = segmentation_loss(detector(x.to(device)), y.to(device), gamma=cfg.focal_gamma)
+            logits = detector(x.to(device), turned[0].to(device) if turned else None)
+            loss = segmentation_loss(logits, y.to(device), gamma=cfg.focal_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

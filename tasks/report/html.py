@@ -274,7 +274,8 @@ def method_b(detector: Mapping[str, Any] | None, why: str) -> View:
     rows, iou = [], {}
     for k in sorted(by_shots, key=_k_order):
         brief = by_shots[k] or {}
-        name = f"full method (coupled prompts), K={k}"
+        parts = "coupled prompts + pixel evidence" if brief.get("evidence_weight") is not None else "coupled prompts"
+        name = f"full method ({parts}), K={k}"
         rows.append(_variant(name, k, brief, brief.get("miou"), str(k) == str(largest)))
         iou[name] = brief.get("per_class_iou") or {}
     for name, miou in (detector.get("baselines") or {}).items():

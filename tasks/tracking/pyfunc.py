@@ -119,30 +119,14 @@ class LandCoverPyfunc(TorchPyfunc):
 
     def build(self, artifacts: dict[str, Path]) -> nn.Module:
         from ms2rgb.models.clip_backbone import load_clip
-        from ms2rgb.models.clip_detector import ClassMapDetector
-        from ms2rgb.models.clip_prompt import PromptConfig, PromptedCLIP
-        from ms2rgb.tasks.data.pixel_size import recorded_pixel_size
+        from ms2rgb.tasks.detection.model import detector_from_state
 
         path = artifacts[DETECTOR_ARTIFACT]
         state = torch.load(path, map_location="cpu", weights_only=True)
         backbone = artifacts.get(BACKBONE_ARTIFACT)
         # Without a weight file the detector.pt names an open_clip pretrained tag, which open_clip fetches.
         clip, tokenizer, _ = load_clip(state["clip_model"], str(backbone) if backbone else state["clip_pretrained"])
-        prompted = PromptedCLIP(clip, PromptConfig(**state["prompt_config"]))
-        result = prompted.load_state_dict(state["prompt_state"], strict=False)
-        missing = [k for k in result.missing_keys if not k.startswith("clip.")]  # the CLIP came from its own file
-        if missing or result.unexpected_keys:
-            raise ValueError(
-                f"{path} does not fit its prompt config (missing {missing}, unexpected {result.unexpected_keys})"
-            )
-        return ClassMapDetector(
-            prompted,
-            tokenizer(state["texts"]),
-            state["class_names"],
-            state["texts"],
-            state["clip_model"],
-            recorded_pixel_size(state),
-        )
+        return detector_from_state(state, clip, tokenizer, path)
 
     def answer(self, module: nn.Module, images: torch.Tensor) -> torch.Tensor:
         return module(images).argmax(dim=1)
