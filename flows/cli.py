@@ -140,7 +140,10 @@ def _cmd_compare(args: argparse.Namespace) -> None:
         raise ParamsError("compare.grids", args.grid, f"choose one of {sorted(params.compare.grids)}")
     make_deterministic(params.threads)
     lock = project_lock(root, f"ms2rgb compare --grid {args.grid}", args.wait)
-    with lock, tracking.stage_run(root, "compare", tags={"ms2rgb.grid": args.grid}) as tracker:
+    with (
+        lock,
+        tracking.stage_run(root, params.tracking.experiment, "compare", tags={"ms2rgb.grid": args.grid}) as tracker,
+    ):
         report = compare(root, params, tracker, args.grid, staged=False)
         tracker.log_artifact(write_report(root, f"compare-{args.grid}", report))
     print(f"comparison written to {root / 'reports'}/compare-{args.grid}.json and compare-{args.grid}/")
@@ -352,7 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     masks.set_defaults(func=_cmd_masks)
     promote = sub.add_parser("promote", help="make a registered version the champion if it beats the current one")
-    promote.add_argument("model", help="registered model, e.g. ms2rgb-student")
+    promote.add_argument(
+        "model", help="registered model: <prefix>-<stage>, e.g. ms2rgb-student (prefix: params tracking.model_prefix)"
+    )
     promote.add_argument("version", type=int, help="its version number")
     promote.add_argument("--force", action="store_true", help="skip the check (recorded as 'forced')")
     promote.set_defaults(func=_cmd_promote)
@@ -369,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument(
         "--model",
         help="MLflow model URI, e.g. models:/ms2rgb-detector/1, or 'artifacts' for artifacts/detector/ "
-        "(default: models:/ms2rgb-detector@champion; artifacts/detector/ only when there is no MLflow store)",
+        "(default: models:/<prefix>-detector@champion, prefix: params tracking.model_prefix; artifacts/detector/ "
+        "only when there is no MLflow store)",
     )
     det.add_argument(
         "--stride", type=int, default=32, help="window step in px; < 64 overlaps and averages (default 32)"
@@ -391,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument(
         "--model",
         help="MLflow model URI, e.g. models:/ms2rgb-student/3, or 'artifacts' for artifacts/student/model.pt "
-        "(default: models:/ms2rgb-student@champion; artifacts/student/model.pt only when there is no MLflow store)",
+        "(default: models:/<prefix>-student@champion, prefix: params tracking.model_prefix; "
+        "artifacts/student/model.pt only when there is no MLflow store)",
     )
     pred.add_argument("--resample", action="store_true", help=RESAMPLE_HELP)
     pred.set_defaults(func=_cmd_predict)

@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from ms2rgb.flows import dvc_state
 from ms2rgb.flows.stages import STAGE_MODULES, run_stage
 from ms2rgb.tasks import tracking
+from ms2rgb.tasks.config import load_params
 
 
 @task(cache_policy=NO_CACHE)
@@ -42,12 +43,14 @@ def pipeline(
 ) -> dict[str, Any]:
     """Run every stale stage (all with force=True) up to `until`, except those in `skip`; return the reports."""
     root = str(Path(root).resolve())
+    params = load_params(Path(root))
     names = [n for n in stages_until(until) if n not in skip]
     if not force and not any(dvc_state.is_stale(Path(root), name) for name in names):
         get_run_logger().info("every stage is fresh according to dvc.lock: nothing to run, no MLflow run made")
         return dict.fromkeys(names)
     reports: dict[str, Any] = {}
-    with tracking.pipeline_run(Path(root), "pipeline", tags={"ms2rgb.trigger": "prefect"}) as parent:
+    tags = {"ms2rgb.trigger": "prefect"}
+    with tracking.pipeline_run(Path(root), params.tracking.experiment, "pipeline", tags=tags) as parent:
         for name in names:
             reports[name] = stage_task.with_options(task_run_name=name)(name, root, parent, force)
     return reports

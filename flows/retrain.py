@@ -79,7 +79,7 @@ def retrain(root: str = ".", scene_ids: list[str] | None = None, wait: float = 3
     the data version in dvc.lock, push it, and tag the MLflow runs with it."""
     logger = get_run_logger()
     path = Path(root).resolve()
-    load_params(path)  # every section checked before anything starts
+    params = load_params(path)  # every section checked before anything starts
     run_id = _flow_run_id()
     with project_lock(path, f"retrain {run_id or ''}".strip(), wait):
         taken = ledger.start_retrain(path, run_id)
@@ -102,7 +102,7 @@ def retrain(root: str = ".", scene_ids: list[str] | None = None, wait: float = 3
                 "ms2rgb.scenes": ",".join(taken or scene_ids or [])[:5000],
                 "ms2rgb.retrain": run_id or "",
             }
-            tagged = tracking.tag_runs_since(path, since_ms, tags)
+            tagged = tracking.tag_runs_since(path, params.tracking.experiment, since_ms, tags)
         ledger.finish_retrain(path, taken, "trained", data_version=version, run_id=run_id)
     evaluation = reports.get("evaluate") or {}
     promotion = {name: d.get("decision") for name, d in (evaluation.get("promotion") or {}).items()}

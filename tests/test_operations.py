@@ -404,9 +404,11 @@ def copy_project(src: Path, dest: Path) -> Path:
 
 def champions(root: Path) -> dict[str, int | None]:
     from ms2rgb.tasks import tracking
+    from ms2rgb.tasks.config import model_name
     from ms2rgb.tasks.evaluate import MODELS
 
-    return {name: tracking.version_by_alias(root, name, "champion") for name in MODELS.values()}
+    names = [model_name("ms2rgb", stage) for stage in MODELS]  # the repository's tracking.model_prefix
+    return {name: tracking.version_by_alias(root, name, "champion") for name in names}
 
 
 def dvc_stale(root: Path) -> str:
@@ -420,9 +422,9 @@ def mlflow_runs(root: Path) -> list[Any]:
 
     from ms2rgb.tasks import tracking
 
-    tracking.configure(root)
+    tracking.configure(root, "ms2rgb")
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
+    experiment = client.get_experiment_by_name("ms2rgb")
     return list(client.search_runs([experiment.experiment_id], max_results=5000)) if experiment else []
 
 
