@@ -73,7 +73,9 @@ def _cmd_watch(args: argparse.Namespace) -> None:
     from ms2rgb.tasks.config import load_params
 
     root = Path(args.root).resolve()
-    cfg = load_params(root).landing
+    params = load_params(root)
+    cfg = params.landing
+    from ms2rgb.flows.deployments import full_name
     from ms2rgb.flows.watch import watch
 
     if not args.verbose:
@@ -90,7 +92,7 @@ def _cmd_watch(args: argparse.Namespace) -> None:
     if summary["status"] == "busy":
         print("the project is busy (a retrain or another command holds it): not polled; try again later")
     elif summary["announced"]:
-        served = "a served retrain/on-new-scenes starts on it"
+        served = f"a served {full_name(params.tracking.model_prefix, 'retrain')} starts on it"
         alone = "no PREFECT_API_URL, so no served retrain hears it: `ms2rgb run` trains on them now"
         then = served if "PREFECT_API_URL" in os.environ else alone
         print(f"announced {summary['announced']} (ms2rgb.scene.landed): {then}")
@@ -110,7 +112,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     if args.detach:
         info = serving.detach(root, args.port, ui=not args.no_ui)
         print(f"Prefect API: {info['api_url']} ({'started here' if info['server_started'] else 'PREFECT_API_URL'})")
-        print(f"serving {', '.join(serving.DEPLOYMENTS)} (pid {info['serve_pid']}); logs in {info['logs']}")
+        print(f"serving {', '.join(info['deployments'])} (pid {info['serve_pid']}); logs in {info['logs']}")
         print(f"UI: {info['api_url'].removesuffix('/api')}   stop: make stop")
         return
     _prefect_env()
@@ -294,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="run stages even when DVC says they are fresh")
     run.set_defaults(func=_cmd_run)
     serve = sub.add_parser(
-        "serve", help="serve the deployments pipeline/default, watch/landing, retrain/on-new-scenes (blocks)"
+        "serve",
+        help="serve the deployments pipeline/<prefix>-default, watch/<prefix>-landing, retrain/<prefix>-on-new-scenes "
+        "(prefix: params tracking.model_prefix; blocks)",
     )
     serve.add_argument(
         "--detach",
