@@ -493,6 +493,7 @@ def test_killed_retrain_keeps_the_champion_and_the_next_retrain_takes_the_scene(
     tagged = [r for r in mlflow_runs(root) if r.info.start_time >= started_ms]
     assert tagged and all(r.data.tags.get("ms2rgb.data_version") == prepared for r in tagged)
     assert all(r.data.tags.get("ms2rgb.scenes") == "late" for r in tagged)
+    assert all(r.data.tags.get("ms2rgb.flow_run_id") == r.data.tags["ms2rgb.retrain"] for r in tagged)  # by its id
 
 
 def deployment_run(name: str, url: str, *params: str, timeout: int = 300) -> None:

@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 TIMEOUT_ENV = "MS2RGB_TRACKING_TIMEOUT"  # seconds to wait for a tracking server before giving up
 # Tags that let a later process tell a run left RUNNING by a killed process from a live one.
 PID_TAG, HOST_TAG = "ms2rgb.pid", "ms2rgb.host"
+# The Prefect flow run a run was made in (set on the pipeline's parent run, inherited by its stage runs and
+# their children): what a retrain tags its own runs by, never by time, so other flows' runs stay untouched.
+FLOW_RUN_TAG = "ms2rgb.flow_run_id"
 # Registry aliases: every newly registered version becomes the challenger once its stage succeeded
 # (tracking/pending.py); whoever promotes a version (the evaluate stage, a person) moves `champion`,
 # which serving reads (models:/NAME@champion).
@@ -153,7 +156,9 @@ def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 @contextmanager
 def pipeline_run(root: Path, experiment: str, name: str, tags: dict[str, str] | None = None) -> Iterator[str]:
-    """A parent run for one pipeline run in `experiment`; yields its id. Ends FAILED if the body raises."""
+    """A parent run for one pipeline run in `experiment`; yields its id. Ends FAILED if the body raises.
+
+    Its FLOW_RUN_TAG (in `tags`) is inherited by the stage runs nested under it (stage_run)."""
     configure(root, experiment)
     client = MlflowClient()
     found = mlflow.get_experiment_by_name(experiment)
@@ -177,10 +182,13 @@ class StageTracker:
     them when it failed.
     """
 
-    def __init__(self, run_id: str, pending: PendingVersions | None = None) -> None:
+    def __init__(
+        self, run_id: str, pending: PendingVersions | None = None, inherited: dict[str, str] | None = None
+    ) -> None:
         self.run_id = run_id
         self._client = MlflowClient()
         self.pending = PendingVersions() if pending is None else pending
+        self.inherited = dict(inherited or {})  # tags every child run carries too (FLOW_RUN_TAG)
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -257,9 +265,13 @@ class StageTracker:
     def child(self, name: str, tags: dict[str, str] | None = None) -> Iterator[StageTracker]:
         """A run nested under this one (a baseline or an ablation); ends FAILED if the body raises."""
         with mlflow.start_run(
-            run_name=name, parent_run_id=self.run_id, nested=True, tags={**_owner_tags(), **(tags or {})}
+            run_name=name,
+            parent_run_id=self.run_id,
+            nested=True,
+            tags={**self.inherited, **_owner_tags(), **(tags or {})},
         ) as run:
-            yield StageTracker(run.info.run_id, self.pending)  # the stage's registrations, one transaction
+            # the stage's registrations stay one transaction; the flow run's tag goes down the tree
+            yield StageTracker(run.info.run_id, self.pending, self.inherited)
 
     def log_torch_model(
         self,
@@ -482,19 +494,17 @@ def tag_version(root: Path, name: str, version: int, tags: dict[str, str]) -> No
         raise Ms2rgbError(f"{name} version {version} could not be tagged: {err.message}") from err
 
 
-def tag_runs_since(root: Path, experiment: str, since_ms: int, tags: dict[str, str]) -> int:
-    """Put `tags` on every run of `experiment` started at or after `since_ms`; how many.
-
-    Under the project lock every such run belongs to the caller (a retrain marks its data version so).
-    """
+def tag_flow_run(root: Path, experiment: str, flow_run_id: str, tags: dict[str, str]) -> int:
+    """Put `tags` on every run of `experiment` made in the Prefect flow run `flow_run_id` (its FLOW_RUN_TAG);
+    how many. A retrain marks its own runs with its data version so; runs of any other flow run, project or
+    person on the same server are left alone, whenever they started."""
     configure(root, experiment)
     client = MlflowClient()
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return 0
-    runs = client.search_runs(
-        [found.experiment_id], filter_string=f"attributes.start_time >= {since_ms}", max_results=5000
-    )
+    query = f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'"
+    runs = client.search_runs([found.experiment_id], filter_string=query, max_results=5000)
     for run in runs:
         for key, value in tags.items():
             client.set_tag(run.info.run_id, key, value)
@@ -514,7 +524,7 @@ def stage_run(
     root: Path, experiment: str, stage: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None
 ) -> Iterator[StageTracker]:
     """A run for one stage in `experiment`, nested under `parent_run_id` when the stage is part of a pipeline
-    run.
+    run (whose FLOW_RUN_TAG it and its children carry too).
 
     The registry changes with the stage's outputs: the versions registered inside the block get the
     `challenger` alias when the block ends normally (the stage runner swaps the outputs in inside
@@ -522,13 +532,17 @@ def stage_run(
     they were.
     """
     configure(root, experiment)
+    inherited = {}
+    if parent_run_id is not None:
+        parent_tags = MlflowClient().get_run(parent_run_id).data.tags
+        inherited = {key: parent_tags[key] for key in (FLOW_RUN_TAG,) if key in parent_tags}
     with mlflow.start_run(
         run_name=stage,
         parent_run_id=parent_run_id,
         nested=parent_run_id is not None,
-        tags={"ms2rgb.stage": stage, **_owner_tags(), **(tags or {})},
+        tags={"ms2rgb.stage": stage, **inherited, **_owner_tags(), **(tags or {})},
     ) as run:
-        tracker = StageTracker(run.info.run_id)
+        tracker = StageTracker(run.info.run_id, inherited=inherited)
         try:
             yield tracker
         except BaseException:  # Ctrl-C too: only a finished stage publishes what it registered
