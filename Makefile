@@ -45,7 +45,8 @@ typecheck: $(STAMP)
 	$(BIN)/mypy -p ms2rgb
 
 # A local Prefect server (127.0.0.1, SQLite in .prefect/, analytics off; skipped when PREFECT_API_URL is set)
-# and one process serving pipeline/default, watch/landing and retrain/on-new-scenes, in the background.
+# and one process serving pipeline/<prefix>-default, watch/<prefix>-landing and retrain/<prefix>-on-new-scenes
+# (prefix: params.yaml tracking.model_prefix), in the background.
 # Pid files and logs: .prefect/serve/. `make stop` ends both.
 PREFECT_PORT ?= 4200
 serve: $(STAMP)

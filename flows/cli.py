@@ -73,7 +73,9 @@ def _cmd_watch(args: argparse.Namespace) -> None:
     from ms2rgb.tasks.config import load_params
 
     root = Path(args.root).resolve()
-    cfg = load_params(root).landing
+    params = load_params(root)
+    cfg = params.landing
+    from ms2rgb.flows.deployments import full_name
     from ms2rgb.flows.watch import watch
 
     if not args.verbose:
@@ -90,7 +92,7 @@ def _cmd_watch(args: argparse.Namespace) -> None:
     if summary["status"] == "busy":
         print("the project is busy (a retrain or another command holds it): not polled; try again later")
     elif summary["announced"]:
-        served = "a served retrain/on-new-scenes starts on it"
+        served = f"a served {full_name(params.tracking.model_prefix, 'retrain')} starts on it"
         alone = "no PREFECT_API_URL, so no served retrain hears it: `ms2rgb run` trains on them now"
         then = served if "PREFECT_API_URL" in os.environ else alone
         print(f"announced {summary['announced']} (ms2rgb.scene.landed): {then}")
@@ -110,7 +112,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     if args.detach:
         info = serving.detach(root, args.port, ui=not args.no_ui)
         print(f"Prefect API: {info['api_url']} ({'started here' if info['server_started'] else 'PREFECT_API_URL'})")
-        print(f"serving {', '.join(serving.DEPLOYMENTS)} (pid {info['serve_pid']}); logs in {info['logs']}")
+        print(f"serving {', '.join(info['deployments'])} (pid {info['serve_pid']}); logs in {info['logs']}")
         print(f"UI: {info['api_url'].removesuffix('/api')}   stop: make stop")
         return
     _prefect_env()
@@ -140,7 +142,10 @@ def _cmd_compare(args: argparse.Namespace) -> None:
         raise ParamsError("compare.grids", args.grid, f"choose one of {sorted(params.compare.grids)}")
     make_deterministic(params.threads)
     lock = project_lock(root, f"ms2rgb compare --grid {args.grid}", args.wait)
-    with lock, tracking.stage_run(root, "compare", tags={"ms2rgb.grid": args.grid}) as tracker:
+    with (
+        lock,
+        tracking.stage_run(root, params.tracking.experiment, "compare", tags={"ms2rgb.grid": args.grid}) as tracker,
+    ):
         report = compare(root, params, tracker, args.grid, staged=False)
         tracker.log_artifact(write_report(root, f"compare-{args.grid}", report))
     print(f"comparison written to {root / 'reports'}/compare-{args.grid}.json and compare-{args.grid}/")
@@ -291,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="run stages even when DVC says they are fresh")
     run.set_defaults(func=_cmd_run)
     serve = sub.add_parser(
-        "serve", help="serve the deployments pipeline/default, watch/landing, retrain/on-new-scenes (blocks)"
+        "serve",
+        help="serve the deployments pipeline/<prefix>-default, watch/<prefix>-landing, retrain/<prefix>-on-new-scenes "
+        "(prefix: params tracking.model_prefix; blocks)",
     )
     serve.add_argument(
         "--detach",
@@ -352,7 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     masks.set_defaults(func=_cmd_masks)
     promote = sub.add_parser("promote", help="make a registered version the champion if it beats the current one")
-    promote.add_argument("model", help="registered model, e.g. ms2rgb-student")
+    promote.add_argument(
+        "model", help="registered model: <prefix>-<stage>, e.g. ms2rgb-student (prefix: params tracking.model_prefix)"
+    )
     promote.add_argument("version", type=int, help="its version number")
     promote.add_argument("--force", action="store_true", help="skip the check (recorded as 'forced')")
     promote.set_defaults(func=_cmd_promote)
@@ -369,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument(
         "--model",
         help="MLflow model URI, e.g. models:/ms2rgb-detector/1, or 'artifacts' for artifacts/detector/ "
-        "(default: models:/ms2rgb-detector@champion; artifacts/detector/ only when there is no MLflow store)",
+        "(default: models:/<prefix>-detector@champion, prefix: params tracking.model_prefix; artifacts/detector/ "
+        "only when there is no MLflow store)",
     )
     det.add_argument(
         "--stride", type=int, default=32, help="window step in px; < 64 overlaps and averages (default 32)"
@@ -391,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument(
         "--model",
         help="MLflow model URI, e.g. models:/ms2rgb-student/3, or 'artifacts' for artifacts/student/model.pt "
-        "(default: models:/ms2rgb-student@champion; artifacts/student/model.pt only when there is no MLflow store)",
+        "(default: models:/<prefix>-student@champion, prefix: params tracking.model_prefix; "
+        "artifacts/student/model.pt only when there is no MLflow store)",
     )
     pred.add_argument("--resample", action="store_true", help=RESAMPLE_HELP)
     pred.set_defaults(func=_cmd_predict)

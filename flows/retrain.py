@@ -14,14 +14,15 @@ Around that run, under the project lock (one writer per project, so `watch` cann
 - each stage that ran is recorded in dvc.lock (the pipeline's `dvc_state.record`); afterwards the
   data version (the `data/prepared` hash in dvc.lock) is pushed to the configured DVC remote, and
   every MLflow run this retrain made gets the tags `ms2rgb.data_version`, `ms2rgb.scenes` and
-  `ms2rgb.retrain` (this flow run's id).
+  `ms2rgb.retrain` (this flow run's id). Which runs those are is told by their `ms2rgb.flow_run_id`
+  tag, this flow run's id (the pipeline subflow stamps it), not by when they started: runs of other
+  flow runs, projects or people on a shared tracking server stay as they were.
 The deployment `retrain/on-new-scenes` (flows/serve.py) allows one run at a time; others queue.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from prefect import flow, get_run_logger
 
 from ms2rgb.flows import ledger
 from ms2rgb.flows.lock import project_lock
-from ms2rgb.flows.pipeline import pipeline
+from ms2rgb.flows.pipeline import current_flow_run_id, pipeline
 from ms2rgb.tasks import tracking
 from ms2rgb.tasks.config import load_params
 
@@ -66,27 +67,19 @@ def push(root: Path) -> str:
     return f"dvc push to {remote!r}: {count} file(s) transferred"
 
 
-def _flow_run_id() -> str | None:
-    from prefect.runtime import flow_run
-
-    run_id = flow_run.id
-    return str(run_id) if run_id else None
-
-
 @flow(name="retrain", log_prints=True)
 def retrain(root: str = ".", scene_ids: list[str] | None = None, wait: float = 3600.0) -> dict[str, Any]:
     """Run the stages DVC finds stale (new scenes: prepare, validate, pairs, student, evaluate), record
     the data version in dvc.lock, push it, and tag the MLflow runs with it."""
     logger = get_run_logger()
     path = Path(root).resolve()
-    load_params(path)  # every section checked before anything starts
-    run_id = _flow_run_id()
+    params = load_params(path)  # every section checked before anything starts
+    run_id = current_flow_run_id()
     with project_lock(path, f"retrain {run_id or ''}".strip(), wait):
         taken = ledger.start_retrain(path, run_id)
         logger.info("retrain: announced %s; untrained scenes in the pool: %s", scene_ids or [], taken)
-        since_ms = int(time.time() * 1000)
         try:
-            reports = pipeline(root=str(path), skip=RETRAIN_SKIPS)
+            reports = pipeline(root=str(path), skip=RETRAIN_SKIPS, flow_run_id=run_id)
         except Exception as exc:  # a kill never gets here: then the scenes stay `running` and are retried
             ledger.finish_retrain(path, taken, "failed", reason=f"{type(exc).__name__}: {exc}"[:4000])
             raise
@@ -95,14 +88,14 @@ def retrain(root: str = ".", scene_ids: list[str] | None = None, wait: float = 3
         version = versions.get(PREPARED, "")
         pushed = push(path) if ran else "nothing ran: nothing to push"
         tagged = 0
-        if ran:
+        if ran and run_id:
             tags = {
                 "ms2rgb.data_version": version,
                 "ms2rgb.data_version.scenes": versions.get("data/scenes", ""),
                 "ms2rgb.scenes": ",".join(taken or scene_ids or [])[:5000],
-                "ms2rgb.retrain": run_id or "",
+                "ms2rgb.retrain": run_id,
             }
-            tagged = tracking.tag_runs_since(path, since_ms, tags)
+            tagged = tracking.tag_flow_run(path, params.tracking.experiment, run_id, tags)
         ledger.finish_retrain(path, taken, "trained", data_version=version, run_id=run_id)
     evaluation = reports.get("evaluate") or {}
     promotion = {name: d.get("decision") for name, d in (evaluation.get("promotion") or {}).items()}

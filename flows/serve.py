@@ -1,14 +1,16 @@
 """Serve the project's deployments from one long-running process; start and stop a local server for them.
 
-Three deployments, each made with `flow.to_deployment` and served together by one `prefect.serve`:
+Three deployments, each made with `flow.to_deployment` and served together by one `prefect.serve`; their
+names carry the project's `tracking.model_prefix` (flows/deployments.py; `ms2rgb` below), and so does the
+retrain trigger's automation, so projects sharing a Prefect server keep theirs apart:
 
 | deployment | runs | started by |
 | --- | --- | --- |
-| `pipeline/default` | the stale stages, under the project lock | hand: UI or `prefect deployment run` |
-| `watch/landing` | one poll of the landing location | an interval schedule of `landing.poll_seconds` |
-| `retrain/on-new-scenes` | stale stages after new scenes, promotion | the event `ms2rgb.scene.landed` of this project |
+| `pipeline/ms2rgb-default` | the stale stages, under the project lock | hand: UI or `prefect deployment run` |
+| `watch/ms2rgb-landing` | one poll of the landing location | an interval schedule of `landing.poll_seconds` |
+| `retrain/ms2rgb-on-new-scenes` | stale stages after new scenes, promotion | this project's `ms2rgb.scene.landed` |
 
-`retrain/on-new-scenes` has a deployment concurrency limit of 1 with collision strategy ENQUEUE: a
+`retrain/ms2rgb-on-new-scenes` has a deployment concurrency limit of 1 with collision strategy ENQUEUE: a
 second retrain waits (state `AwaitingConcurrencySlot`) until the first has finished.
 
 Why `prefect.serve` with `to_deployment` rather than a work pool with `deploy`: one process on the
@@ -48,6 +50,7 @@ from typing import Any
 
 from prefect import flow
 
+from ms2rgb.flows.deployments import all_names, deployment_name, full_name
 from ms2rgb.flows.lock import project_lock
 from ms2rgb.flows.pipeline import pipeline
 from ms2rgb.flows.retrain import retrain
@@ -55,8 +58,6 @@ from ms2rgb.flows.watch import EVENT, project_resource, watch
 from ms2rgb.tasks.config import Params, load_params
 from ms2rgb.tasks.errors import Ms2rgbError
 
-DEPLOYMENTS = ("pipeline/default", "watch/landing", "retrain/on-new-scenes")
-AUTOMATION_NAME = "ms2rgb: retrain on ms2rgb.scene.landed"
 RUN_DIR = Path(".prefect") / "serve"  # pid files and logs of `make serve`
 HOST = "127.0.0.1"
 HEALTH_AFTER_WRITE_S = 20.0  # how long the server may take to answer again after an automation write
@@ -88,33 +89,43 @@ def healthy(url: str, timeout: float) -> bool:
 # ---------------------------------------------------------------- the deployments
 
 
+def automation_name(prefix: str) -> str:
+    """The retrain trigger's automation, per project: `ms2rgb: retrain on ms2rgb.scene.landed` for `ms2rgb`.
+    ensure_automation replaces automations of this name, so another project's name must differ."""
+    return f"{prefix}: retrain on {EVENT}"
+
+
 @flow(name="pipeline", log_prints=True)
 def locked_pipeline(root: str = ".", until: str | None = None, force: bool = False, wait: float = 3600.0) -> Any:
     """The `pipeline` flow's body under the project lock, as `ms2rgb run` runs it: a run started from the
-    UI waits for a retrain or a poll instead of writing beside it (pipeline/default serves this)."""
+    UI waits for a retrain or a poll instead of writing beside it (pipeline/<prefix>-default serves this)."""
     path = Path(root).resolve()
-    with project_lock(path, "pipeline/default", wait):
+    with project_lock(path, "the served pipeline deployment", wait):
         return pipeline.fn(root=str(path), until=until, force=force)
 
 
 def build_deployments(root: Path, params: Params) -> list[Any]:
-    """pipeline/default, watch/landing and retrain/on-new-scenes for the project at `root`."""
+    """pipeline/<prefix>-default, watch/<prefix>-landing and retrain/<prefix>-on-new-scenes for the project at
+    `root` (prefix: params tracking.model_prefix)."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.types.entrypoint import EntrypointType
 
+    prefix = params.tracking.model_prefix
     common: dict[str, Any] = {"parameters": {"root": str(root)}, "entrypoint_type": EntrypointType.MODULE_PATH}
     return [
         locked_pipeline.to_deployment(
-            "default", description="The whole pipeline: the stages DVC finds stale.", **common
+            deployment_name(prefix, "pipeline"),
+            description="The whole pipeline: the stages DVC finds stale.",
+            **common,
         ),
         watch.to_deployment(
-            "landing",
+            deployment_name(prefix, "watch"),
             interval=datetime.timedelta(seconds=params.landing.poll_seconds),
             description=f"One poll of {params.landing.location}: new scenes are ingested and announced.",
             **common,
         ),
         retrain.to_deployment(
-            "on-new-scenes",
+            deployment_name(prefix, "retrain"),
             concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
             description=f"Started by {EVENT}: the stale stages, evaluation and promotion; one at a time.",
             **common,
@@ -122,13 +133,13 @@ def build_deployments(root: Path, params: Params) -> list[Any]:
     ]
 
 
-def retrain_trigger(root: Path) -> Any:
-    """The event trigger of retrain/on-new-scenes: any `ms2rgb.scene.landed` of this project."""
+def retrain_trigger(root: Path, prefix: str) -> Any:
+    """The event trigger of retrain/<prefix>-on-new-scenes: any `ms2rgb.scene.landed` of this project."""
     from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
     return DeploymentEventTrigger(
-        name=AUTOMATION_NAME,
-        description=f"Runs retrain/on-new-scenes for {root} when watch announces new scenes.",
+        name=automation_name(prefix),
+        description=f"Runs {full_name(prefix, 'retrain')} for {root} when watch announces new scenes.",
         expect={EVENT},
         match={"prefect.resource.id": project_resource(root)["prefect.resource.id"]},
         parameters={"scene_ids": "{{ event.payload.scene_ids }}"},
@@ -143,16 +154,16 @@ def _spec(automation: Any) -> dict[str, Any]:
     return dumped
 
 
-def ensure_automation(root: Path, deployment_id: Any) -> str:
+def ensure_automation(root: Path, prefix: str, deployment_id: Any) -> str:
     """Create the retrain trigger's automation unless an identical one exists: "kept" or "created"."""
     from prefect.client.orchestration import get_client
 
-    trigger = retrain_trigger(root)
+    trigger = retrain_trigger(root, prefix)
     trigger.set_deployment_id(deployment_id)
     wanted = trigger.as_automation()
     wanted.owner_resource = project_resource(root)["prefect.resource.id"]
     with get_client(sync_client=True) as client:
-        existing = client.read_automations_by_name(AUTOMATION_NAME)
+        existing = client.read_automations_by_name(automation_name(prefix))
         if len(existing) == 1 and _spec(existing[0]) == _spec(wanted):
             return "kept"
         for automation in existing:
@@ -176,16 +187,18 @@ def serve(root: Path) -> None:
     if not healthy(url, 30):
         raise Ms2rgbError(f"the Prefect server at {url} does not answer. Fix: start it, or fix the URL")
     params = load_params(root)
+    prefix = params.tracking.model_prefix
     deployments = build_deployments(root, params)
     retrain_id = deployments[2].apply()
-    automation = ensure_automation(root, retrain_id)
+    automation = ensure_automation(root, prefix, retrain_id)
     if automation != "kept" and not healthy(url, HEALTH_AFTER_WRITE_S):
         raise Ms2rgbError(
             f"the Prefect server at {url} stopped answering right after the retrain trigger's "
             f"automation was written: the SQLite automations deadlock ({ISSUE_23055}). The automation is stored, "
             "so a restart writes none. Fix: `make stop && make serve` (or restart your server, then `ms2rgb serve`)"
         )
-    print(f"retrain trigger ({AUTOMATION_NAME!r}): {automation}", flush=True)
+    print(f"serving {', '.join(all_names(prefix))}", flush=True)
+    print(f"retrain trigger ({automation_name(prefix)!r}): {automation}", flush=True)
     prefect.serve(*deployments)
 
 
@@ -267,7 +280,7 @@ def start_server(root: Path, port: int, ui: bool = True, timeout: float = 180.0)
 def detach(root: Path, port: int, ui: bool = True, timeout: float = 300.0) -> dict[str, Any]:
     """`make serve`: a server (unless PREFECT_API_URL names one), then `ms2rgb serve`, both in the background."""
     root = root.resolve()
-    load_params(root)  # a params mistake stops here, not in a background log
+    prefix = load_params(root).tracking.model_prefix  # a params mistake stops here, not in a background log
     run_dir = _run_dir(root)
     run_dir.mkdir(parents=True, exist_ok=True)
     running = _pid(run_dir / "serve.pid", "serve")
@@ -284,25 +297,31 @@ def detach(root: Path, port: int, ui: bool = True, timeout: float = 300.0) -> di
     process = _spawn(command, run_dir / "serve.log", env)
     (run_dir / "serve.pid").write_text(f"{process.pid}\n")
     deadline = time.monotonic() + timeout
-    while not _registered(url):
+    while not _registered(url, prefix):
         if process.poll() is not None or time.monotonic() > deadline:
             stop(root)
             log = run_dir / "serve.log"
             raise Ms2rgbError(f"`ms2rgb serve` did not come up; {log} ends:\n{_tail(log)}")
         time.sleep(1)
-    return {"api_url": url, "server_started": started, "serve_pid": process.pid, "logs": str(run_dir)}
+    return {
+        "api_url": url,
+        "server_started": started,
+        "serve_pid": process.pid,
+        "logs": str(run_dir),
+        "deployments": all_names(prefix),
+    }
 
 
-def _registered(url: str) -> bool:
-    """Whether the server knows all three deployments and the retrain automation."""
+def _registered(url: str, prefix: str) -> bool:
+    """Whether the server knows all three deployments of the project and its retrain automation."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     try:
         with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
-            for name in DEPLOYMENTS:
+            for name in all_names(prefix):
                 client.read_deployment_by_name(name)
-            return bool(client.read_automations_by_name(AUTOMATION_NAME))
+            return bool(client.read_automations_by_name(automation_name(prefix)))
     except Exception:
         return False
 

@@ -61,7 +61,7 @@ def run_stage(name: str, root: Path, parent_run_id: str | None = None) -> dict[s
     fn = stage_function(name)
     params = load_params(root)
     make_deterministic(params.threads)
-    with tracking.stage_run(root, name, parent_run_id) as tracker:
+    with tracking.stage_run(root, params.tracking.experiment, name, parent_run_id) as tracker:
         try:
             report = fn(root, params, tracker)
         except Ms2rgbError as exc:

@@ -3,7 +3,7 @@
 `watch` holds the project lock while it polls (flows/landing.py), so two polls, or a poll and a
 retrain, never touch the pool at once, and no scene is ingested twice. Scenes that joined the pool
 are announced as the Prefect event `ms2rgb.scene.landed` (payload `scene_ids`), about this project's
-resource; the `retrain/on-new-scenes` deployment's trigger (flows/serve.py) starts `retrain` on it.
+resource; the `retrain/<prefix>-on-new-scenes` deployment's trigger (flows/serve.py) starts `retrain` on it.
 A poll that finds nothing new emits nothing, so it starts no run and makes no model version. The
 one exception: scenes that a killed retrain left untrained are announced again, once no retrain is
 queued (at most ledger.MAX_RETRAIN_ATTEMPTS times, flows/ledger.py).
@@ -19,11 +19,11 @@ from typing import Any
 from prefect import flow
 
 from ms2rgb.flows import landing, ledger
+from ms2rgb.flows.deployments import deployment_name
 from ms2rgb.flows.lock import ProjectBusy, project_lock
 from ms2rgb.tasks.config import load_params
 
 EVENT = "ms2rgb.scene.landed"
-RETRAIN_FLOW, RETRAIN_DEPLOYMENT = "retrain", "on-new-scenes"
 
 
 def project_resource(root: Path) -> dict[str, str]:
@@ -51,9 +51,10 @@ def scan(
         return None
 
 
-def retrain_queued() -> bool | None:
-    """Whether a run of retrain/on-new-scenes is scheduled, waiting for its slot, pending or running;
-    None when the API cannot say (then nothing is announced again)."""
+def retrain_queued(prefix: str) -> bool | None:
+    """Whether a run of this project's retrain/<prefix>-on-new-scenes is scheduled, waiting for its slot,
+    pending or running (another project's retrain on the same server does not count); None when the API
+    cannot say (then nothing is announced again)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         DeploymentFilter,
@@ -70,8 +71,10 @@ def retrain_queued() -> bool | None:
     try:
         with get_client(sync_client=True) as client:
             runs = client.read_flow_runs(
-                flow_filter=FlowFilter(name=FlowFilterName(any_=[RETRAIN_FLOW])),
-                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[RETRAIN_DEPLOYMENT])),
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["retrain"])),
+                deployment_filter=DeploymentFilter(
+                    name=DeploymentFilterName(any_=[deployment_name(prefix, "retrain")])
+                ),
                 flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=active))),
                 limit=1,
             )
@@ -100,7 +103,7 @@ def watch(root: str = ".", wait: float = 30.0) -> dict[str, Any]:
         return {"status": "busy", "announced": [], "event_id": None}
     result, awaiting = scanned
     scenes, again = result.ingested, False
-    if not scenes and awaiting and retrain_queued() is False:
+    if not scenes and awaiting and retrain_queued(load_params(path).tracking.model_prefix) is False:
         scenes, again = awaiting, True
         print(f"watch: {awaiting} were ingested but no retrain finished with them and none is queued: announced again")
     event_id = announce(path, scenes, again) if scenes else None

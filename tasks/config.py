@@ -10,8 +10,9 @@ are applied to the base sections; the base and every profile must each be valid 
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -458,6 +459,53 @@ class LandingConfig(Section):
         return self
 
 
+# The registered models of a project, by the stage kind that trains them: each is registered as
+# `<tracking.model_prefix>-<kind>` (model_name).
+ModelKind = Literal["teacher", "matcher", "student", "detector", "clip-backbone"]
+MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
+# What MLflow accepts in a registered model name and what survives in its URIs (models:/NAME@ALIAS,
+# models:/NAME/VERSION) and search filters (name='NAME'): no "/", ":", "@", quotes or spaces.
+_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+_EXPERIMENT_MAX = 500  # MLflow's limit on experiment names
+
+
+class TrackingConfig(Section):
+    """The names this project takes on a shared MLflow (and Prefect) server."""
+
+    experiment: str  # the MLflow experiment every run of the project logs into
+    model_prefix: str  # registered models are <prefix>-<kind>; deployments <flow>/<prefix>-<name>
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment_name(cls, value: str) -> str:
+        if not value.strip() or value != value.strip() or len(value) > _EXPERIMENT_MAX:
+            raise ValueError(
+                f"give a non-empty name of at most {_EXPERIMENT_MAX} characters without leading or trailing "
+                "spaces, e.g. ms2rgb or team-a/ms2rgb"
+            )
+        if not value.isprintable():
+            raise ValueError("the name holds a control character (a tab or a newline); use printable characters")
+        return value
+
+    @field_validator("model_prefix")
+    @classmethod
+    def _prefix_name(cls, value: str) -> str:
+        if not _PREFIX.fullmatch(value):
+            raise ValueError(
+                "use 1 to 100 letters, digits, '-', '_' or '.', starting with a letter or digit (MLflow refuses "
+                "'/' and ':' in model names, and '@' or a space breaks models:/ URIs), e.g. ms2rgb or team-a"
+            )
+        return value
+
+
+def model_name(prefix: str, kind: ModelKind) -> str:
+    """The registered model of `kind` in the project whose `tracking.model_prefix` is `prefix`:
+    model_name(params.tracking.model_prefix, "detector") -> "ms2rgb-detector" (by default)."""
+    if kind not in MODEL_KINDS:  # callers are typed; a name from a command line is checked here
+        raise ValueError(f"unknown model kind {kind!r}; valid kinds are {list(MODEL_KINDS)}")
+    return f"{prefix}-{kind}"
+
+
 class Params(Section):
     """Every section of params.yaml after the profile's overrides."""
 
@@ -477,6 +525,7 @@ class Params(Section):
     evaluation: EvaluateConfig = Field(alias="evaluate")  # named like the stage
     promote: PromoteConfig
     landing: LandingConfig
+    tracking: TrackingConfig
 
     @model_validator(mode="after")
     def _heads_divide_features(self) -> Params:

@@ -8,7 +8,7 @@ largest K its ablations, base-to-novel, and the baselines a user would try inste
 CoCoOp-style meta-network, per-pixel random forest, U-Net), each over ``seeds`` seeds (mean, std,
 95 % interval; ``tasks/detection/report.py``). The full method at the largest K and the params
 seed is saved to ``artifacts/detector/detector.pt`` (what ``ms2rgb detect`` loads) and registered
-as ``ms2rgb-detector``.
+as ``<tracking.model_prefix>-detector``.
 
 Classes are those of the segmentation source's legend (``data/prepared/legend.json``, index =
 mask value; ``tasks/data/legend.py``): the surfaces for the synthetic masks, the weak-label
@@ -34,7 +34,7 @@ from ms2rgb.models.clip_linear_probe import LinearProbeCLIP
 from ms2rgb.models.clip_meta_prompt import MetaPromptedCLIP
 from ms2rgb.models.clip_prompt import PromptedCLIP
 from ms2rgb.models.pixel_evidence import PixelGaussians
-from ms2rgb.tasks.config import DetectorConfig, Params
+from ms2rgb.tasks.config import DetectorConfig, Params, model_name
 from ms2rgb.tasks.data.artifacts import resumable_staging_dir
 from ms2rgb.tasks.data.atomic import write_atomic
 from ms2rgb.tasks.data.cache import CachedSplit, open_split
@@ -57,7 +57,6 @@ from ms2rgb.tasks.training.loop import fingerprint, pick_device, seed_everything
 from ms2rgb.tasks.training.memory import PeakMemory
 from ms2rgb.tasks.training.metrics import tile_confusions
 
-DETECTOR_MODEL = "ms2rgb-detector"
 # split -> modalities; the detector alone reads the masks too (dvc.yaml lists exactly these files).
 READS = {"captions": ("rgb",), "fewshot": ("rgb",), "seg_test": ("rgb",)}
 
@@ -254,7 +253,9 @@ def backbone(
     settings, prepared = params.detector, root / params.data.prepared_dir
     captions_digest = require_validated(root, prepared, {"captions": ("rgb",)})
     # What the fallback's weights depend on: the dense term aligns the layers the prompts score.
-    pretraining = (
+    backbone_name = model_name(params.tracking.model_prefix, "clip-backbone")
+    pretraining = (  # and the name it is registered under, which the detector's report names
+        backbone_name,
         settings.clip.model_dump(),
         settings.pretrain.model_dump(),
         settings.prompt.similarity_layers,
@@ -281,6 +282,7 @@ def backbone(
         classes,
         settings.prompt,
         reuse,
+        registered_name=backbone_name,
     )
 
 
@@ -316,14 +318,15 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     log_figures(results, shots, settings.tune.loss_threshold, test_tiles, settings.examples, tracker, list(classes))
     report = summarise(results, shots, info, novel)
     example = test_images[:1].numpy().astype(np.float32)  # serving input: RGB 0..255, any multiple of 8
+    registered = model_name(params.tracking.model_prefix, "detector")
     version = tracker.log_pyfunc_model(  # weights as detector.pt (+ backbone.pt) artifacts; serves class ids
         LandCoverPyfunc(),
         detector_artifacts(ctx.out_dir / DETECTOR_FILE, root),
         example,
-        DETECTOR_MODEL,
+        registered,
         any_size=True,
         metadata={"class_names": list(head.class_names)},
         extra_requirements=SERVING["extra_requirements"],
     )
-    report.update(registered_model=f"{DETECTOR_MODEL}/{version}", stage_seconds=round(time.perf_counter() - start, 1))
+    report.update(registered_model=f"{registered}/{version}", stage_seconds=round(time.perf_counter() - start, 1))
     return report

@@ -25,7 +25,7 @@ import numpy as np
 import yaml
 
 from ms2rgb.tasks import tracking
-from ms2rgb.tasks.config import Params
+from ms2rgb.tasks.config import ModelKind, Params, model_name
 from ms2rgb.tasks.data.artifacts import model_path
 from ms2rgb.tasks.data.atomic import write_text_atomic
 from ms2rgb.tasks.data.cache import open_split
@@ -34,7 +34,6 @@ from ms2rgb.tasks.data.validated import require_validated
 from ms2rgb.tasks.detection.data import load_tiles
 from ms2rgb.tasks.detection.index_maps import index_tiles
 from ms2rgb.tasks.detection.model import load_local
-from ms2rgb.tasks.detection.pretrain import BACKBONE_MODEL
 from ms2rgb.tasks.errors import Ms2rgbError
 from ms2rgb.tasks.evaluation.promotion import Decision, weigh
 from ms2rgb.tasks.evaluation.scoring import Scored, TestData, headline, score_classifier, score_detector, score_matcher
@@ -43,13 +42,8 @@ from ms2rgb.tasks.tracking.lineage import latest_stage_runs
 from ms2rgb.tasks.training.store import load_model
 
 READS = {"test": ("ms", "rgb"), "pair_test": ("ms", "rgb"), "seg_test": ("rgb",)}
-# stage -> registered model it trains
-MODELS = {
-    "teacher": "ms2rgb-teacher",
-    "matcher": "ms2rgb-matcher",
-    "student": "ms2rgb-student",
-    "detector": "ms2rgb-detector",
-}
+# The stages whose registered model (model_name(tracking.model_prefix, stage)) is judged here.
+MODELS: tuple[ModelKind, ...] = ("teacher", "matcher", "student", "detector")
 FIGURES_DIR = Path("reports") / "evaluate"
 COMPARE_REPORT = Path("reports") / "compare.json"
 
@@ -91,7 +85,7 @@ def challenger_version(root: Path, stage: str) -> int:
 
 def judge(
     root: Path,
-    stage: str,
+    stage: ModelKind,
     new: Scored,
     data: TestData,
     params: Params,
@@ -99,14 +93,14 @@ def judge(
     version: int | None = None,
 ) -> Decision:
     """Compare a challenger with the champion, re-scored on the same tiles (paired, seeded)."""
-    name = MODELS[stage]
+    name = model_name(params.tracking.model_prefix, stage)
     version = challenger_version(root, stage) if version is None else version
     champion = tracking.version_by_alias(root, name, "champion")
     old = None
     if champion is not None and champion != version and not force:
         old = score(stage, tracking.load_registered_module(root, f"models:/{name}/{champion}"), data, params)
     samples, seed = params.evaluation.bootstrap, params.seed
-    return weigh(name, version, new, champion, old, params.promote, samples, seed, force)
+    return weigh(stage, version, new, champion, old, params.promote, samples, seed, force)
 
 
 def apply(root: Path, name: str, decision: Decision) -> None:
@@ -120,26 +114,27 @@ def apply(root: Path, name: str, decision: Decision) -> None:
     tracking.set_alias(root, name, "champion", decision.champion)
 
 
-def follow_backbone(root: Path) -> None:
+def follow_backbone(root: Path, params: Params) -> None:
     """The fallback CLIP backbone the detector was tuned on becomes champion with that detector.
 
     Which version that is comes from the detector's report ("fallback:ms2rgb-clip-backbone v5 (...)"),
     not from the backbone's `challenger` alias: a detector run resumed after a kill reuses the killed
     run's backbone without registering it again, and a detector on named CLIP weights has none.
     """
+    backbone = model_name(params.tracking.model_prefix, "clip-backbone")
     weights = str(json.loads((root / "reports" / "detector.json").read_text()).get("weights", ""))
-    found = re.search(rf"fallback:{re.escape(BACKBONE_MODEL)} v(\d+)", weights)
+    found = re.search(rf"fallback:{re.escape(backbone)} v(\d+)", weights)
     if found is None:
         return
     version = int(found.group(1))
-    if not tracking.version_exists(root, BACKBONE_MODEL, version):
+    if not tracking.version_exists(root, backbone, version):
         print(
-            f"evaluate: {BACKBONE_MODEL} v{version} (the detector's fallback backbone) is not in the registry, "
+            f"evaluate: {backbone} v{version} (the detector's fallback backbone) is not in the registry, "
             "so its champion stays; re-run the detector stage to register it",
             flush=True,
         )
         return
-    tracking.set_alias(root, BACKBONE_MODEL, "champion", version)
+    tracking.set_alias(root, backbone, "champion", version)
 
 
 def lineage(root: Path, params: Params) -> dict[str, Any]:
@@ -161,7 +156,7 @@ def lineage(root: Path, params: Params) -> dict[str, Any]:
         "git_commit": commit,
         "dvc_data": data,
         "params": params.model_dump(by_alias=True),
-        "mlflow_run_ids": latest_stage_runs(root),
+        "mlflow_run_ids": latest_stage_runs(root, params.tracking.experiment),
         "clip_weights": str(weights),
     }
 
@@ -172,7 +167,7 @@ def summary(root: Path, scores: dict[str, dict[str, Any]]) -> dict[str, Any]:
     rgb_only = rgb_only_at(read_compare(root), student.get("rgb_labels_per_class"))
     detector = json.loads((root / "reports" / "detector.json").read_text())
     by_k = {str(k): v.get("miou") if isinstance(v, dict) else v for k, v in detector.get("by_shots", {}).items()}
-    out = {stage: {"version": challenger_version(root, stage), **scores[stage]} for stage in MODELS}
+    out: dict[str, Any] = {stage: {"version": challenger_version(root, stage), **scores[stage]} for stage in MODELS}
     out["detector"]["miou_by_k"] = by_k
     if rgb_only:
         out["rgb_only"] = {"accuracy": rgb_only.get("mean"), "std": rgb_only.get("std"), "k": rgb_only["k"]}
@@ -194,8 +189,9 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     data = load_test_data(prepared)
     models = {stage: load_challenger(root, stage) for stage in MODELS}
     scored = {stage: score(stage, models[stage], data, params) for stage in MODELS}
-    decisions = {MODELS[stage]: judge(root, stage, scored[stage], data, params) for stage in MODELS}
-    scores = {stage: scored[stage].figures for stage in MODELS}
+    names = {stage: model_name(params.tracking.model_prefix, stage) for stage in MODELS}
+    decisions = {names[stage]: judge(root, stage, scored[stage], data, params) for stage in MODELS}
+    scores: dict[str, dict[str, Any]] = {stage: scored[stage].figures for stage in MODELS}
     preds = scored["detector"].maps
     assert preds is not None, "score_detector keeps the predicted maps"
     evaluation = summary(root, scores)
@@ -204,15 +200,13 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     n = params.evaluation.overlays
     overlays = (data.seg_images[:n].numpy(), preds[:n], data.seg_masks[:n].numpy(), models["detector"].class_names)
     overlay_indices = index_tiles(root, prepared, "seg_test", range(len(overlays[0])))  # None: no such figure
-    tracker.log_metrics(
-        {f"{stage}.{k}": v for stage in MODELS for k, v in headline(MODELS[stage], scores[stage]).items()}
-    )
+    tracker.log_metrics({f"{stage}.{k}": v for stage in MODELS for k, v in headline(stage, scores[stage]).items()})
     evaluation["seconds"] = round(time.perf_counter() - start, 2)
     report_page(root, evaluation, overlays, tracker, overlay_indices)
     for name, decision in decisions.items():  # last: a champion only ever points at an evaluated version
         apply(root, name, decision)
-        if name == MODELS["detector"] and decision.champion == decision.challenger:
-            follow_backbone(root)
+        if name == names["detector"] and decision.champion == decision.challenger:
+            follow_backbone(root, params)
         print(
             f"evaluate: {name}: {decision.decision} (champion v{decision.champion}, challenger "
             f"v{decision.challenger}): {'; '.join(decision.reasons)}",
@@ -233,9 +227,12 @@ def write_plot_data(evaluation: dict[str, Any], out: Path) -> None:
 
 def promote_by_hand(root: Path, params: Params, name: str, version: int, force: bool) -> Decision:
     """`ms2rgb promote NAME VERSION`: the evaluate stage's check for one version; --force overrides it."""
-    stages = {model: stage for stage, model in MODELS.items()}
+    stages = {model_name(params.tracking.model_prefix, stage): stage for stage in MODELS}
     if name not in stages:
-        raise Ms2rgbError(f"promote: unknown registered model {name!r}; valid names are {sorted(stages)}")
+        raise Ms2rgbError(
+            f"promote: {name!r} is not a registered model of this project; valid names are {sorted(stages)} "
+            "(<tracking.model_prefix>-<stage>, params.yaml)"
+        )
     stage = stages[name]
     module = tracking.load_registered_module(root, f"models:/{name}/{version}")
     data = load_test_data(root / params.data.prepared_dir)

@@ -8,7 +8,7 @@ the teacher's space; the stage then also reads artifacts/teacher. The stage read
 splits (pair_train, pair_test), so a scene ingested into ms_pool leaves it fresh; how often a
 match within the pool has the right class is the pairs stage's `same_class_rate_true`.
 Outputs: artifacts/matcher/model.pt, artifacts/matcher/checkpoints/, reports/matcher.json;
-registered in MLflow as `ms2rgb-matcher` (as a PairScorer: one stacked RGB+MS tensor in, score out).
+registered in MLflow as `<tracking.model_prefix>-matcher` (as a PairScorer: one stacked RGB+MS tensor in, score out).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 
 from ms2rgb.models.classifier import SceneCNN
 from ms2rgb.models.matcher import CrossModalMatcher, PairScorer, build_groups, group_contrastive_loss
-from ms2rgb.tasks.config import MatcherStageConfig, Params
+from ms2rgb.tasks.config import MatcherStageConfig, Params, model_name
 from ms2rgb.tasks.data.artifacts import MODEL_FILE, model_path, staging_dir
 from ms2rgb.tasks.data.geotiff import sha256_of
 from ms2rgb.tasks.data.pairing import PairSet, load_true_pairs
@@ -43,7 +43,6 @@ from ms2rgb.tasks.training.loop import (
 from ms2rgb.tasks.training.progress import epoch_printer, log_curves
 from ms2rgb.tasks.training.store import load_model, save_model
 
-REGISTERED_NAME = "ms2rgb-matcher"
 READS = {"pair_train": ("ms", "rgb"), "pair_test": ("ms", "rgb")}  # split -> modalities (dvc.yaml deps)
 
 
@@ -124,9 +123,8 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     log_curves(tracker, trainer.history, "matcher (group InfoNCE)", "matcher/training_curves.png")
     example = torch.cat([to_tensor(test_pairs.rgb, np.arange(2)), to_tensor(test_pairs.ms, np.arange(2))], 1)
     # Pickled (not exported): `evaluate` re-scores a champion's retrieval through its towers.
-    version = tracker.log_torch_model(
-        PairScorer(matcher), example.numpy(), REGISTERED_NAME, serialization_format="pickle"
-    )
+    registered = model_name(params.tracking.model_prefix, "matcher")
+    version = tracker.log_torch_model(PairScorer(matcher), example.numpy(), registered, serialization_format="pickle")
     return {
         **metrics,
         "train_pairs": len(train_pairs.labels),

@@ -4,7 +4,7 @@ One run of the full method at the params seed, with `student.rgb_labels_per_clas
 (the other rgb_train tiles train without their label, through their matched MS partner). The
 baselines and ablations are the `compare` stage's, so a retrain after new scenes trains only this.
 Outputs: artifacts/student/model.pt, checkpoints in artifacts/student/checkpoints/, registered as
-`ms2rgb-student`; reports/student.json with the RGB test accuracy (95 % bootstrap interval),
+`<tracking.model_prefix>-student`; reports/student.json with the RGB test accuracy (95 % bootstrap interval),
 per-class accuracy and the re-matching rounds (pseudo-label accuracy, share changed).
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ms2rgb.tasks.config import Params
+from ms2rgb.tasks.config import Params, model_name
 from ms2rgb.tasks.data.artifacts import MODEL_FILE, staging_dir
 from ms2rgb.tasks.data.classes import SCENE_NAMES
 from ms2rgb.tasks.data.validated import require_validated
@@ -32,7 +32,6 @@ from ms2rgb.tasks.training.store import save_model
 from ms2rgb.tasks.training.student_data import READS, StudentInputs, upstream_identity
 from ms2rgb.tasks.training.variants import FULL_METHOD, VARIANTS
 
-REGISTERED_NAME = "ms2rgb-student"
 BOOTSTRAP = 2000  # resamples of the test tiles for the interval printed here (evaluate uses its own param)
 
 
@@ -84,7 +83,7 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
         SceneClassifierPyfunc(),
         {MODEL_ARTIFACT: out / MODEL_FILE},
         to_tensor(inputs.test.images, np.arange(2)).numpy(),
-        REGISTERED_NAME,
+        model_name(params.tracking.model_prefix, "student"),
         metadata={"class_names": list(SCENE_NAMES)},
     )
     labelled = int((data.labels >= 0).sum())

@@ -5,7 +5,7 @@ matcher's true pairs, whose classes are known). pair_test and test stay held out
 
 Outputs: artifacts/teacher/model.pt (weights + config, read by the pairs and student stages),
 artifacts/teacher/checkpoints/epoch_XXX.pt, reports/teacher.json; the model is registered in
-MLflow as `ms2rgb-teacher`.
+MLflow as `<tracking.model_prefix>-teacher` (`ms2rgb-teacher` by default).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 
 from ms2rgb.models.bands import S2_BANDS
 from ms2rgb.models.classifier import SceneCNN
-from ms2rgb.tasks.config import Params, TeacherConfig
+from ms2rgb.tasks.config import Params, TeacherConfig, model_name
 from ms2rgb.tasks.data.artifacts import MODEL_FILE, staging_dir
 from ms2rgb.tasks.data.cache import CachedSplit, open_split, require_bands
 from ms2rgb.tasks.data.classes import SCENE_NAMES
@@ -38,7 +38,6 @@ from ms2rgb.tasks.training.metrics import accuracy_report
 from ms2rgb.tasks.training.progress import epoch_printer, log_curves, log_evaluation
 from ms2rgb.tasks.training.store import save_model
 
-REGISTERED_NAME = "ms2rgb-teacher"
 TRAIN_SPLITS = ("ms_train", "pair_train")
 READS = {"ms_train": ("ms",), "pair_train": ("ms",), "test": ("ms",)}  # split -> modalities; dvc.yaml lists their files
 
@@ -94,7 +93,8 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     log_evaluation(tracker, report, "teacher (MS test)", "teacher")
     # Pickled (not exported): `evaluate` re-scores a champion as the SceneCNN it is.
     example = to_tensor(test.images, np.arange(2)).numpy()
-    version = tracker.log_torch_model(model, example, REGISTERED_NAME, serialization_format="pickle")
+    registered = model_name(params.tracking.model_prefix, "teacher")
+    version = tracker.log_torch_model(model, example, registered, serialization_format="pickle")
     return {
         "test_accuracy": report["accuracy"],
         "per_class": report["per_class"],

@@ -26,9 +26,10 @@ from ms2rgb.models.clip_backbone import TINY_MODEL, ClipWeightsError
 from ms2rgb.tasks.data.cache import CachedSplit
 from ms2rgb.tasks.data.classes import SURFACE_NAMES
 from ms2rgb.tasks.detection.model import resolve_pretrained
-from ms2rgb.tasks.detection.pretrain import BACKBONE_FILE, BACKBONE_MODEL, prepare_backbone
+from ms2rgb.tasks.detection.pretrain import BACKBONE_FILE, prepare_backbone
 
 CPU = torch.device("cpu")
+BACKBONE_MODEL = "team-a-clip-backbone"  # what the stage passes: <tracking.model_prefix>-clip-backbone
 
 
 class DownloadAttempted(RuntimeError):
@@ -117,7 +118,14 @@ def test_a_checkpoint_built_from_a_registered_config_is_the_backbone_and_nothing
     tracker, out_dir = RecordingTracker(), root / "artifacts" / "detector"
     torch.manual_seed(123)  # another random init: equal weights below prove the file was read
     clip, tokenizer, info = prepare_backbone(
-        resolved, config("detector.pretrain"), never_captions, out_dir, 0, CPU, tracker=tracker
+        resolved,
+        config("detector.pretrain"),
+        never_captions,
+        out_dir,
+        0,
+        CPU,
+        tracker=tracker,
+        registered_name=BACKBONE_MODEL,
     )
     assert info == {"weights": "file:rs_clip.pt", "clip_model": TINY_MODEL}  # no pretrain_seconds, no backbone_file
     assert tracker.params == [{"clip.weights": "file:rs_clip.pt"}] and tracker.models == []
@@ -134,7 +142,9 @@ def test_nothing_configured_pretrains_the_fallback_and_downloads_nothing(tmp_pat
     pretrain_cfg = config("detector.pretrain", steps=1, batch_size=4, warmup_steps=1)
     tracker, out_dir = RecordingTracker(), tmp_path / "detector"
     out_dir.mkdir()
-    _, _, info = prepare_backbone(clip_cfg, pretrain_cfg, captions_split, out_dir, 0, CPU, tracker=tracker)
+    _, _, info = prepare_backbone(
+        clip_cfg, pretrain_cfg, captions_split, out_dir, 0, CPU, tracker=tracker, registered_name=BACKBONE_MODEL
+    )
     assert info["weights"].startswith(f"fallback:{BACKBONE_MODEL} v1 (1 steps on the captions split")
     assert (out_dir / BACKBONE_FILE).is_file() and tracker.models == [BACKBONE_MODEL]
     assert downloads == []
@@ -145,5 +155,14 @@ def test_an_open_clip_tag_is_fetched_through_the_guarded_functions(tmp_path: Pat
     without a network, and says what to set instead."""
     clip_cfg = config("detector.clip", model="ViT-B-32", pretrained="laion2b_s34b_b79k")
     with pytest.raises(ClipWeightsError, match="could not be fetched.*local checkpoint path or null"):
-        prepare_backbone(clip_cfg, config("detector.pretrain"), never_captions, tmp_path, 0, CPU, tracker=None)
+        prepare_backbone(
+            clip_cfg,
+            config("detector.pretrain"),
+            never_captions,
+            tmp_path,
+            0,
+            CPU,
+            tracker=None,
+            registered_name=BACKBONE_MODEL,
+        )
     assert downloads == ["open_clip.factory.download_pretrained"]

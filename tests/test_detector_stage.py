@@ -156,6 +156,7 @@ def test_zero_fallback_steps_refuse_to_tune_random_weights(trained: tuple[Path, 
             0,
             torch.device("cpu"),
             tracker=None,
+            registered_name="ms2rgb-clip-backbone",
         )
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers_params import config
+from helpers_params import REPO, config
 from helpers_rasters import recorded_reads, smooth_rgb, write_raster
 
 from ms2rgb.models.clip_backbone import TINY_MODEL, load_clip
@@ -344,14 +344,21 @@ def test_detect_reads_by_windows_and_writes_the_same_map(
 def test_detect_uses_the_champion_and_the_artifacts_only_without_a_store(
     clip_and_tokenizer: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import yaml
+
     from ms2rgb.tasks import tracking
-    from ms2rgb.tasks.detection.detect import CHAMPION_URI, choose_detector
+    from ms2rgb.tasks.detection.detect import choose_detector
 
     # the real loader first: this project has no MLflow store, and no artifacts either
     with pytest.raises(Ms2rgbError, match=r"no detector: no MLflow store .*detector.pt does not exist") as caught:
         choose_detector(tmp_path, None)
     assert "\n" not in str(caught.value)
-    tracking.configure(tmp_path)  # now there is a store: the champion it must hold is used
+    tracking.configure(tmp_path, "ms2rgb")  # now there is a store: the champion it must hold is used
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["tracking"]["model_prefix"] = "team-b"  # the project's own registered detector, not ms2rgb's
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     detector = make_detector(clip_and_tokenizer)
-    monkeypatch.setattr(tracking, "load_registered_module", lambda root, uri: detector)
-    assert choose_detector(tmp_path, None) == (detector, CHAMPION_URI, None)
+    asked: list[str] = []
+    monkeypatch.setattr(tracking, "load_registered_module", lambda root, uri: asked.append(uri) or detector)
+    assert choose_detector(tmp_path, None) == (detector, "models:/team-b-detector@champion", None)
+    assert asked == ["models:/team-b-detector@champion"]

@@ -9,7 +9,7 @@ from ms2rgb.tasks.evaluation.evidence import Gain
 from ms2rgb.tasks.evaluation.promotion import FIRST, FORCED, HELD, PROMOTED, decide
 from ms2rgb.tasks.training.metrics import bootstrap_ci, calibration, macro_f1
 
-STUDENT = "ms2rgb-student"
+STUDENT = "student"  # a model kind: promotion judges by the stage that trains it
 BASE = {"accuracy": 0.80, "macro_f1": 0.78, "ece": 0.05}
 EVIDENT = Gain("accuracy", 0.02, 0.01, 0.03, 1000)  # a paired interval of the gain well above min_gain
 

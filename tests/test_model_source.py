@@ -4,6 +4,7 @@ the fix."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,14 +18,17 @@ from ms2rgb.tasks.data.artifacts import model_path
 from ms2rgb.tasks.training.store import save_model
 
 DEAD = "http://127.0.0.1:9"  # the discard port: nothing answers
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    """A project holding the student stage's model file and no detector."""
+    """A project holding its params.yaml (which names its registered models) and the student stage's model
+    file, and no detector."""
     root = tmp_path / "project"
     cfg = SceneCNNConfig(bands=RGB_BANDS, from_8bit=True, width=4, dropout=0.0)
     save_model(model_path(root, "student"), "scene_cnn", SceneCNN(cfg).eval(), cfg)
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
     return root
 
 
@@ -87,7 +91,7 @@ def test_without_any_store_the_file_is_used_and_the_result_says_so(
 def test_a_store_without_a_champion_stops_instead_of_using_the_file(
     name: str, root: Path, image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    tracking.configure(root)  # the project's store exists, and holds no registered model
+    tracking.configure(root, "ms2rgb")  # the project's store exists, and holds no registered model
     capsys.readouterr()  # MLflow's lines about creating it
     assert cli_main(command(root, image, tmp_path / "out", name)) == 2
     err = capsys.readouterr().err

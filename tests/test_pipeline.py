@@ -63,11 +63,11 @@ def test_mlflow_has_parent_and_nested_stage_runs(project: Path) -> None:
 def test_dvc_repro_then_prefect_skips_everything(project: Path) -> None:
     subprocess.run([str(DVC), "repro"], cwd=project, check=True, capture_output=True)
     assert json.loads((project / "reports" / "validate.json").read_text())["passed"] is True
-    tracking.configure(project)
-    runs = len(MlflowClient().search_runs([MlflowClient().get_experiment_by_name(tracking.EXPERIMENT).experiment_id]))
+    tracking.configure(project, "ms2rgb")
+    runs = len(MlflowClient().search_runs([MlflowClient().get_experiment_by_name("ms2rgb").experiment_id]))
     again = pipeline(root=str(project))
     assert again and all(report is None for report in again.values())
-    experiment = MlflowClient().get_experiment_by_name(tracking.EXPERIMENT).experiment_id
+    experiment = MlflowClient().get_experiment_by_name("ms2rgb").experiment_id
     assert len(MlflowClient().search_runs([experiment])) == runs  # a run that does nothing leaves no run
 
 

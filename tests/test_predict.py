@@ -5,6 +5,7 @@ The student is a tiny SceneCNN with random weights saved as the student stage sa
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +24,13 @@ from ms2rgb.tasks.data.classes import SCENE_NAMES
 from ms2rgb.tasks.data.render import render_rgb
 from ms2rgb.tasks.data.windows import plan_blocks
 from ms2rgb.tasks.errors import Ms2rgbError, RasterError
-from ms2rgb.tasks.prediction.scene_map import CHAMPION_URI, predict
+from ms2rgb.tasks.prediction.scene_map import predict
 from ms2rgb.tasks.tracking.pyfunc import MODEL_ARTIFACT, SceneClassifierPyfunc
 from ms2rgb.tasks.training.store import save_model
 
 CELL = 64
+REPO = Path(__file__).resolve().parents[1]
+CHAMPION_URI = "models:/ms2rgb-student@champion"  # the champion of the repository's params.yaml
 
 
 def tiny_student(seed: int = 0, bands: tuple[str, ...] = RGB_BANDS) -> tuple[SceneCNN, SceneCNNConfig]:
@@ -43,10 +46,12 @@ def tiny_student(seed: int = 0, bands: tuple[str, ...] = RGB_BANDS) -> tuple[Sce
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    """A project holding only the student stage's model file (no MLflow store)."""
+    """A project holding only its params.yaml (whose tracking.model_prefix names the registered student)
+    and the student stage's model file (no MLflow store)."""
     root = tmp_path / "project"
     model, cfg = tiny_student()
     save_model(model_path(root, "student"), "scene_cnn", model, cfg)
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
     return root
 
 
@@ -230,7 +235,7 @@ def test_champion_is_the_default_and_model_picks_a_version(
 ) -> None:
     """With load_registered_module stubbed: the champion wins over the file; --model is passed through;
     a registered model that is not an RGB student is refused; no champion is an error, not the file."""
-    tracking.configure(root)  # the project has a store, so the champion is what it must use
+    tracking.configure(root, "ms2rgb")  # the project has a store, so the champion is what it must use
     image = write_raster(tmp_path / "a.tif", smooth_rgb(128, 128))
     asked: list[str] = []
     registered = {
@@ -276,7 +281,7 @@ def test_cli_uses_the_registered_champion(root: Path, tmp_path: Path, capsys: py
     assert "grid: 2 x 3 cells of 64 px" in printed and "cli_scenes.tif" in printed
     champion, cfg = tiny_student(seed=7)
     weights = save_model(tmp_path / "champion" / "model.pt", "scene_cnn", champion, cfg)
-    with tracking.stage_run(root, "student") as tracker:  # registered the way the student stage registers it
+    with tracking.stage_run(root, "ms2rgb", "student") as tracker:  # registered the way the student stage registers it
         version = tracker.log_pyfunc_model(
             SceneClassifierPyfunc(),
             {MODEL_ARTIFACT: weights},

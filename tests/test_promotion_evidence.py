@@ -20,7 +20,7 @@ PARAMS = repo_params()
 RULE = PARAMS.promote
 SAMPLES, SEED = 2000, 0
 TILES = 600
-STUDENT, DETECTOR = "ms2rgb-student", "ms2rgb-detector"
+STUDENT, DETECTOR = "student", "detector"  # model kinds: promotion judges by the stage that trains them
 
 
 def right_on(count: int, seed: int) -> np.ndarray:
@@ -35,8 +35,8 @@ def scored(outcomes: np.ndarray) -> Scored:
     return Scored({"accuracy": float(outcomes.mean()), "macro_f1": 0.7, "ece": 0.05}, outcomes)
 
 
-def judged(new: Scored, old: Scored, name: str = STUDENT) -> Decision:
-    return weigh(name, 2, new, 1, old, RULE, SAMPLES, SEED)
+def judged(new: Scored, old: Scored, kind: str = STUDENT) -> Decision:
+    return weigh(kind, 2, new, 1, old, RULE, SAMPLES, SEED)
 
 
 def test_equal_skill_is_held_even_when_its_point_estimate_is_ahead() -> None:

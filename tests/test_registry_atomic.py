@@ -29,7 +29,7 @@ class AfterTraining(RuntimeError):
 
 def registry(root: Path) -> dict[str, tuple[list[int], dict[str, int]]]:
     """Every registered model: (its versions, its aliases) — what a failed stage must leave as it was."""
-    tracking.configure(root)
+    tracking.configure(root, "ms2rgb")
     client = MlflowClient()
     out = {}
     for model in client.search_registered_models():

@@ -104,16 +104,16 @@ def test_yaml_syntax_error_is_one_line_naming_file_line_and_column(project: Path
 def test_runs_left_running_by_a_killed_process_are_marked_killed(tmp_path: Path) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    tracking.configure(tmp_path)
+    tracking.configure(tmp_path, "ms2rgb")
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
+    experiment = client.get_experiment_by_name("ms2rgb")
     orphan = client.create_run(
         experiment.experiment_id, tags={tracking.PID_TAG: str(dead.pid), tracking.HOST_TAG: os.uname().nodename}
     )
     alive = client.create_run(
         experiment.experiment_id, tags={tracking.PID_TAG: str(os.getpid()), tracking.HOST_TAG: os.uname().nodename}
     )
-    tracking.configure(tmp_path)  # the next start reaps
+    tracking.configure(tmp_path, "ms2rgb")  # the next start reaps
     assert client.get_run(orphan.info.run_id).info.status == "KILLED"
     assert client.get_run(alive.info.run_id).info.status == "RUNNING"
 

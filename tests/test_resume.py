@@ -65,7 +65,7 @@ def test_killed_teacher_keeps_the_stored_model_and_resumes_to_the_uninterrupted_
     run_stage("teacher", root)  # the stored teacher and a registered version, before the change
     _longer_teacher(root)
     stored = {p: _digest(root / p) for p in ("artifacts/teacher/model.pt", "reports/teacher.json")}
-    tracking.configure(root)
+    tracking.configure(root, "ms2rgb")
     versions = len(MlflowClient().search_model_versions("name='ms2rgb-teacher'"))
 
     _kill_stage_when(root, "teacher", _five_epochs_done)
@@ -139,7 +139,7 @@ def test_killed_detector_keeps_the_stored_one_and_resumes_without_pretraining_ag
     run_stage("detector", root)  # the stored detector and registered versions, before the change
     _longer_tuning(root)
     stored = {p: _digest(root / p) for p in ("artifacts/detector/detector.pt", "reports/detector.json")}
-    tracking.configure(root)
+    tracking.configure(root, "ms2rgb")
     detectors = _versions("ms2rgb-detector")
 
     _kill_stage_when(root, "detector", _one_seed_done_and_another_midway)

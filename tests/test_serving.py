@@ -68,7 +68,7 @@ def _detector_file(out: Path) -> Path:
 
 
 def _register_student(root: Path, seed: int = 0) -> int:
-    with tracking.stage_run(root, "student") as tracker:
+    with tracking.stage_run(root, "ms2rgb", "student") as tracker:
         version = tracker.log_pyfunc_model(
             SceneClassifierPyfunc(), {"model": _student_file(root / "files", seed)}, _tiles(2), STUDENT
         )
@@ -83,7 +83,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         _register_student(root)
-        with tracking.stage_run(root, "detector") as tracker:
+        with tracking.stage_run(root, "ms2rgb", "detector") as tracker:
             detector_file = _detector_file(root / "files" / "detector")
             version = tracker.log_pyfunc_model(
                 LandCoverPyfunc(),
@@ -125,7 +125,7 @@ def test_registration_sets_challenger_and_set_alias_moves_champion(tmp_path: Pat
 
 def test_torch_models_get_the_challenger_alias_too(tmp_path: Path) -> None:
     model = SceneCNN(SceneCNNConfig(bands=RGB_BANDS, n_classes=3, width=4, from_8bit=True))
-    with tracking.stage_run(tmp_path, "teacher") as tracker:
+    with tracking.stage_run(tmp_path, "ms2rgb", "teacher") as tracker:
         version = tracker.log_torch_model(model, _tiles(2), "test-teacher")
     assert version == 1 and tracking.version_by_alias(tmp_path, "test-teacher", tracking.CHALLENGER) == 1
     loaded = tracking.load_registered_module(tmp_path, "models:/test-teacher@challenger")
@@ -137,7 +137,7 @@ def test_the_registry_holds_weight_files_a_signature_and_an_example(registry: Pa
     import mlflow.artifacts
     import mlflow.models
 
-    tracking.configure(registry)
+    tracking.configure(registry, "ms2rgb")
     info = mlflow.models.get_model_info(f"models:/{STUDENT}@champion")
     assert set(info.flavors) == {"python_function"}
     (tensor_in,), (tensor_out,) = info.signature.inputs.inputs, info.signature.outputs.inputs
@@ -245,7 +245,7 @@ def serve(registry: Path, tmp_path: Path) -> Iterator[Callable[[str], str]]:
 def test_served_student_answers_like_the_model_in_process(registry: Path, serve: Callable[[str], str]) -> None:
     import mlflow.pyfunc
 
-    tracking.configure(registry)
+    tracking.configure(registry, "ms2rgb")
     uri = f"models:/{STUDENT}@champion"
     tiles = _tiles(3, seed=5)
     answer = _post(f"{serve(uri)}/invocations", {"inputs": tiles.tolist()})
@@ -264,7 +264,7 @@ def test_served_detector_answers_class_ids_like_the_model_in_process(
 ) -> None:
     import mlflow.pyfunc
 
-    tracking.configure(registry)
+    tracking.configure(registry, "ms2rgb")
     uri = f"models:/{DETECTOR}@champion"
     tiles = _tiles(2, size=32, seed=6)  # any size: the signature leaves H and W free
     answer = _post(f"{serve(uri)}/invocations", {"inputs": tiles.tolist()})

@@ -10,7 +10,7 @@ from ms2rgb.tasks import tracking
 
 
 def test_a_stage_tracker_used_inside_its_child_still_logs_to_its_own_run(tmp_path: Path) -> None:
-    with tracking.stage_run(tmp_path, "teacher") as stage, stage.child("teacher/variant") as child:
+    with tracking.stage_run(tmp_path, "ms2rgb", "teacher") as stage, stage.child("teacher/variant") as child:
         stage.log_metrics({"stage_metric": 1.0})
         stage.log_params({"stage": {"width": 8}})
         stage.log_json({"a": 1}, "stage.json")

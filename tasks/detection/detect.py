@@ -14,7 +14,8 @@ block by block: a block is read with the 63-px margin its windows need, each rea
 ``window_px`` pixels, so memory follows that budget (about 3 + 4 K bytes per pixel of it for K
 classes) and not the image. Every pixel sees the same windows as in a whole-image pass.
 
-Model: the registered champion ``models:/ms2rgb-detector@champion``; when it cannot be loaded (no
+Model: the registered champion ``models:/<prefix>-detector@champion`` (``tracking.model_prefix`` in the
+project's params.yaml: ``models:/ms2rgb-detector@champion`` by default); when it cannot be loaded (no
 champion alias yet, an unreachable tracking server) the command stops and says how to fix it.
 ``artifacts/detector/`` is used only when asked for (``model_uri="artifacts"``, ``--model artifacts``)
 or when there is no tracking store at all, and the result says so (``tasks/tracking/champion.py``).
@@ -60,7 +61,6 @@ from ms2rgb.tasks.errors import Ms2rgbError, UnknownClassError
 from ms2rgb.tasks.training.loop import autocast, pick_device
 
 WINDOW = 64
-CHAMPION_URI = "models:/ms2rgb-detector@champion"
 Score = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -181,7 +181,8 @@ def choose_detector(root: Path, model_uri: str | None) -> tuple[ClassMapDetector
     registered champion, or an error naming the store and the fix; the stage's artifacts only when
     there is no tracking store at all (tasks/tracking/champion.py).
     """
-    from ms2rgb.tasks.tracking.champion import LOCAL_MODEL, has_store, load_champion, store_uri
+    from ms2rgb.tasks.tracking import CHAMPION
+    from ms2rgb.tasks.tracking.champion import LOCAL_MODEL, has_store, load_champion, registered_name, store_uri
 
     if model_uri == LOCAL_MODEL:
         return (*load_detector(root, None), None)
@@ -193,13 +194,15 @@ def choose_detector(root: Path, model_uri: str | None) -> tuple[ClassMapDetector
         except Ms2rgbError as err:
             raise Ms2rgbError(f"no detector: no MLflow store ({store_uri(root)}), and {err}") from err
         return model, source, f"no MLflow store ({store_uri(root)}), so no champion; used {source}"
-    module = load_champion(root, "ms2rgb-detector", root / OUT_DIR / DETECTOR_FILE)
+    name = registered_name(root, "detector")
+    champion = f"models:/{name}@{CHAMPION}"
+    module = load_champion(root, name, root / OUT_DIR / DETECTOR_FILE)
     if not isinstance(module, ClassMapDetector):
         raise Ms2rgbError(
-            f"{CHAMPION_URI} holds a {type(module).__name__}, not a ClassMapDetector. Fix: make a version of "
-            f"ms2rgb-detector champion (`ms2rgb promote ms2rgb-detector <version>`), or pass --model {LOCAL_MODEL}"
+            f"{champion} holds a {type(module).__name__}, not a ClassMapDetector. Fix: make a version of "
+            f"{name} champion (`ms2rgb promote {name} <version>`), or pass --model {LOCAL_MODEL}"
         )
-    return module, CHAMPION_URI, None
+    return module, champion, None
 
 
 def write_overlay(path: Path, rgb: np.ndarray, classes: np.ndarray, names: list[str], colours: np.ndarray) -> None:

@@ -76,13 +76,20 @@ def load_local(root: Path) -> ClassMapDetector:
     return load_local_with_weights(root)[0]
 
 
+def _detector_hint(root: Path) -> str:
+    """The project's registered detector, for a fix (tasks/tracking/champion.py)."""
+    from ms2rgb.tasks.tracking.champion import name_hint
+
+    return name_hint(root, "detector")
+
+
 def load_local_with_weights(root: Path) -> tuple[ClassMapDetector, str]:
     """load_local, and which CLIP weights it carries (load_clip's description, e.g. "file:backbone.pt")."""
     path = root / OUT_DIR / DETECTOR_FILE
     if not path.is_file():
         raise Ms2rgbError(
             f"{path} does not exist: run the detector stage first (`ms2rgb stage detector` or "
-            f"`dvc repro detector`), or pass --model models:/ms2rgb-detector/<version>"
+            f"`dvc repro detector`), or pass --model models:/{_detector_hint(root)}/<version>"
         )
     state = torch.load(path, map_location="cpu", weights_only=True)
     pretrained = state["clip_pretrained"]
@@ -104,13 +111,13 @@ def load_detector(root: Path, model_uri: str | None = None) -> tuple[ClassMapDet
         model = load_torch_model(root, model_uri)
     except Exception as err:  # MLflow raises its own types for unknown names / versions / stores
         raise Ms2rgbError(
-            f"--model {model_uri!r} could not be loaded ({err}); use models:/ms2rgb-detector/"
+            f"--model {model_uri!r} could not be loaded ({err}); use models:/{_detector_hint(root)}/"
             f"<version> from this project's MLflow store, or leave --model out"
         ) from err
     if not isinstance(model, ClassMapDetector):
         raise Ms2rgbError(
             f"--model {model_uri!r} is a {type(model).__name__}, not a ClassMapDetector; "
-            f"pass a version of ms2rgb-detector"
+            f"pass a version of {_detector_hint(root)}"
         )
     return model, model_uri
 

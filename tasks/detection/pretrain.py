@@ -5,8 +5,9 @@ meaningless, so with ``clip.pretrained: null`` the project's tiny CLIP is first 
 CLIP-style on the ``captions`` split (image + caption from class description and mask
 composition, ``tasks/detection/captions.py``) plus, since those tiles carry masks, a dense
 patch-text alignment (``models/clip_dense.py``); saved to ``artifacts/detector/backbone.pt``
-(a plain state dict that ``clip.pretrained`` accepts), registered as ``ms2rgb-clip-backbone``,
-frozen. A later run whose pretraining inputs are the same reuses the previous run's backbone.
+(a plain state dict that ``clip.pretrained`` accepts), registered as ``<prefix>-clip-backbone``
+(``tracking.model_prefix``), frozen. A later run whose pretraining inputs are the same reuses the
+previous run's backbone.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from ms2rgb.tasks.training.augment import random_dihedral
 from ms2rgb.tasks.training.loop import adamw, autocast
 
 BACKBONE_FILE = "backbone.pt"
-BACKBONE_MODEL = "ms2rgb-clip-backbone"
 
 
 class ServingOptions(TypedDict):
@@ -203,6 +203,7 @@ def _pretrain_fallback(
     captions_split: Callable[[], CachedSplit],
     cfg: PretrainConfig,
     model_name: str,
+    registered_name: str,
     out_dir: Path,
     seed: int,
     device: torch.device,
@@ -220,11 +221,11 @@ def _pretrain_fallback(
         child.log_metric_series("pretrain_loss", losses)
         write_atomic(out_dir / BACKBONE_FILE, lambda tmp: torch.save(clip.state_dict(), tmp))
         version = child.log_torch_model(
-            ImageEmbedder(clip), np.zeros((1, 3, 64, 64), np.float32), BACKBONE_MODEL, **SERVING
+            ImageEmbedder(clip), np.zeros((1, 3, 64, 64), np.float32), registered_name, **SERVING
         )
         clip.to(device)  # log_torch_model moved it to the CPU
     info = {
-        "weights": f"fallback:{BACKBONE_MODEL} v{version} ({cfg.steps} steps on the captions split, "
+        "weights": f"fallback:{registered_name} v{version} ({cfg.steps} steps on the captions split, "
         f"dense weight {cfg.dense_weight})",
         "pretrain_seconds": round(seconds, 2),
         "pretrain_final_loss": losses[-1],
@@ -261,11 +262,14 @@ def prepare_backbone(
     classes: Mapping[str, str] = SURFACE_CLASSES,
     prompt: PromptParams | None = None,
     reuse: tuple[str, Sequence[Path]] = ("", ()),
+    *,
+    registered_name: str,
 ) -> tuple[nn.Module, Callable[..., torch.Tensor], dict[str, Any]]:
     """Load the configured weights or pretrain the fallback; return (frozen CLIP, tokenizer, info).
     `classes`: the legend of the captions split's masks; `prompt`: whose layers the dense term aligns
     (None: the last layer); `reuse`: (identity of the pretraining inputs, folders that may hold a
-    backbone pretrained from them).
+    backbone pretrained from them); `registered_name`: what the fallback is registered as
+    (`<tracking.model_prefix>-clip-backbone`).
 
     info["weights"] says which weights the detector was tuned on; it is logged and reported.
     """
@@ -290,6 +294,7 @@ def prepare_backbone(
                 captions_split,
                 pretrain_cfg,
                 clip_cfg.model,
+                registered_name,
                 out_dir,
                 seed,
                 device,

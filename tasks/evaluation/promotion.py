@@ -34,9 +34,9 @@ class Decision:
         return asdict(self)
 
 
-def _regressions(name: str, new: dict[str, float], old: dict[str, float], limit: float) -> list[str]:
+def _regressions(kind: str, new: dict[str, float], old: dict[str, float], limit: float) -> list[str]:
     out = []
-    for metric in HEADLINE[name][1]:
+    for metric in HEADLINE[kind][1]:
         key, lower_better = metric.lstrip("-"), metric.startswith("-")
         loss = (new[key] - old[key]) if lower_better else (old[key] - new[key])
         if loss > limit:
@@ -45,7 +45,7 @@ def _regressions(name: str, new: dict[str, float], old: dict[str, float], limit:
 
 
 def decide(
-    name: str,
+    kind: str,
     challenger: int,
     new: dict[str, float],
     champion: int | None,
@@ -56,9 +56,10 @@ def decide(
     gain: Gain | None = None,
 ) -> Decision:
     """Compare the challenger's figures `new` with the champion's `old`, and the paired `gain` of the
-    headline metric on the same test tiles (needed whenever there is a champion to compare with)."""
+    headline metric on the same test tiles (needed whenever there is a champion to compare with).
+    `kind` is the stage that trains the model (HEADLINE's key), whatever name it is registered under."""
     metrics = {"challenger": new, "champion": old}
-    head = HEADLINE[name][0]
+    head = HEADLINE[kind][0]
     if force:
         return Decision(FORCED, challenger, challenger, ["forced by hand (ms2rgb promote --force)"], metrics)
     if champion is None:
@@ -66,9 +67,9 @@ def decide(
     if champion == challenger:
         return Decision(HELD, champion, challenger, ["the challenger is the champion already"], metrics)
     if old is None or gain is None:
-        raise ValueError(f"{name}: champion v{champion} has no figures or paired gain to compare with")
+        raise ValueError(f"{kind}: champion v{champion} has no figures or paired gain to compare with")
     reasons = [f"{metric_name(head)} {old[head]:.4f} -> {new[head]:.4f}; {gain.describe()}"]
-    regressions = _regressions(name, new, old, max_regression)
+    regressions = _regressions(kind, new, old, max_regression)
     evident = gain.low > min_gain
     if not evident:
         reasons.append(
@@ -82,7 +83,7 @@ def decide(
 
 
 def weigh(
-    name: str,
+    kind: str,
     challenger: int,
     new: Scored,
     champion: int | None,
@@ -94,8 +95,8 @@ def weigh(
 ) -> Decision:
     """decide() on two scored models: their figures, and the paired bootstrap (`samples` resamples,
     `seed`) of the headline gain from their per-tile outcomes on the same tiles."""
-    head = HEADLINE[name][0]
+    head = HEADLINE[kind][0]
     gain = None if old is None else paired_gain(head, new.outcomes, old.outcomes, samples, seed)
-    new_figures, old_figures = headline(name, new.figures), None if old is None else headline(name, old.figures)
+    new_figures, old_figures = headline(kind, new.figures), None if old is None else headline(kind, old.figures)
     limits = (rule.min_gain, rule.max_regression)
-    return decide(name, challenger, new_figures, champion, old_figures, *limits, force=force, gain=gain)
+    return decide(kind, challenger, new_figures, champion, old_figures, *limits, force=force, gain=gain)

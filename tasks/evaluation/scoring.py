@@ -2,8 +2,9 @@
 
 One function per model kind; each returns the figures `evaluate` reports and promotion compares,
 and the per-tile outcomes behind the headline metric, which promotion compares tile by tile
-(`tasks/evaluation/evidence.py`). HEADLINE names, per registered model, the metric that must
-improve and the metrics that must not regress (a leading "-" marks one where lower is better).
+(`tasks/evaluation/evidence.py`). HEADLINE names, per model kind (the stage that trains it), the
+metric that must improve and the metrics that must not regress (a leading "-" marks one where lower
+is better).
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ from ms2rgb.tasks.training.metrics import accuracy_report, bootstrap_ci, calibra
 if TYPE_CHECKING:
     from ms2rgb.models.clip_detector import ClassMapDetector  # imports open_clip: only the detector needs it
 
-# registered model -> (headline metric, other tracked metrics; "-" = lower is better)
+# model kind -> (headline metric, other tracked metrics; "-" = lower is better)
 HEADLINE: dict[str, tuple[str, tuple[str, ...]]] = {
-    "ms2rgb-teacher": ("accuracy", ("macro_f1",)),
-    "ms2rgb-matcher": ("pair_top1", ("pair_top5",)),
-    "ms2rgb-student": ("accuracy", ("macro_f1", "-ece")),
-    "ms2rgb-detector": ("miou", ("pixel_accuracy",)),
+    "teacher": ("accuracy", ("macro_f1",)),
+    "matcher": ("pair_top1", ("pair_top5",)),
+    "student": ("accuracy", ("macro_f1", "-ece")),
+    "detector": ("miou", ("pixel_accuracy",)),
 }
 
 
@@ -104,7 +105,7 @@ def score_detector(model: ClassMapDetector, data: TestData, cfg: EvaluateConfig)
     return Scored(figures, tile_confusions(data.seg_masks.numpy(), preds, n_classes, MASK_NODATA), preds)
 
 
-def headline(name: str, metrics: dict[str, Any]) -> dict[str, float]:
-    """The figures promotion compares for one registered model."""
-    head, others = HEADLINE[name]
+def headline(kind: str, metrics: dict[str, Any]) -> dict[str, float]:
+    """The figures promotion compares for one kind of model."""
+    head, others = HEADLINE[kind]
     return {m.lstrip("-"): float(metrics[m.lstrip("-")]) for m in (head, *others)}

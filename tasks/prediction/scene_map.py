@@ -9,7 +9,8 @@ ceil(H / 64) x ceil(W / 64) cells. Partial cells at the bottom and right borders
 (the last row / column repeated, as `detect` pads small images) and classified; a cell holding no
 valid pixel (all outside the input's data mask) is no data.
 
-Model: by default the registered champion `models:/ms2rgb-student@champion`; when it cannot be loaded
+Model: by default the registered champion `models:/<prefix>-student@champion` (`tracking.model_prefix` in
+the project's params.yaml: `models:/ms2rgb-student@champion` by default); when it cannot be loaded
 (no champion alias yet, an unreachable tracking server) the command stops and says how to fix it.
 `artifacts/student/model.pt` is used only when asked for (`model_uri="artifacts"`, `--model artifacts`)
 or when there is no tracking store at all, and the result says so (`tasks/tracking/champion.py`).
@@ -55,8 +56,6 @@ from ms2rgb.tasks.training.loop import autocast, pick_device
 from ms2rgb.tasks.training.store import load_model
 
 CELL = TILE_SIZE  # px per output pixel: the student's tile size
-REGISTERED_NAME = "ms2rgb-student"
-CHAMPION_URI = f"models:/{REGISTERED_NAME}@champion"
 SUFFIXES = {
     "scenes.tif": "scenes.tif",
     "scenes.tif.aux.xml": "scenes.tif.aux.xml",  # the class names, for GIS (tasks/data/class_raster.py)
@@ -71,12 +70,19 @@ def _one_line(err: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def check_student(model: nn.Module, where: str) -> nn.Module:
-    """The model in eval mode, if it reads 3-band RGB tiles and scores the scene classes."""
+def _student_hint(root: Path) -> str:
+    from ms2rgb.tasks.tracking.champion import name_hint
+
+    return name_hint(root, "student")
+
+
+def check_student(model: nn.Module, where: str, root: Path) -> nn.Module:
+    """The model in eval mode, if it reads 3-band RGB tiles and scores the scene classes (`root`: the
+    project whose registered student a fix names)."""
     if isinstance(model, SceneCNN) and model.bands != RGB_BANDS:
         raise Ms2rgbError(
             f"{where} reads bands {model.bands}, not the RGB bands {RGB_BANDS}; "
-            f"pass a version of {REGISTERED_NAME} (the RGB student)"
+            f"pass a version of {_student_hint(root)} (the RGB student)"
         )
     with contextlib.suppress(NotImplementedError):  # a torch.export graph (MLflow's default) is traced in eval mode
         model.eval()
@@ -86,12 +92,12 @@ def check_student(model: nn.Module, where: str) -> nn.Module:
         except Exception as err:  # wrong channels or tile size: torch raises RuntimeError, export guards others
             raise Ms2rgbError(
                 f"{where} does not take (N, 3, {CELL}, {CELL}) RGB tiles ({_one_line(err)}); "
-                f"pass a version of {REGISTERED_NAME}"
+                f"pass a version of {_student_hint(root)}"
             ) from err
     if width != len(SCENE_NAMES):
         raise Ms2rgbError(
             f"{where} scores {width} classes, not the {len(SCENE_NAMES)} scene classes {SCENE_NAMES}; "
-            f"pass a version of {REGISTERED_NAME}"
+            f"pass a version of {_student_hint(root)}"
         )
     return model
 
@@ -109,7 +115,7 @@ def local_student(root: Path, asked: bool) -> nn.Module:
             f"no student model: {local} does not exist. Fix: run the student stage (`ms2rgb stage student` "
             f"or `ms2rgb run`), or {instead}"
         )
-    return check_student(load_model(local, "scene_cnn", "student"), str(local))
+    return check_student(load_model(local, "scene_cnn", "student"), str(local), root)
 
 
 def load_student(root: Path, model_uri: str | None = None) -> tuple[nn.Module, str, str | None]:
@@ -120,7 +126,7 @@ def load_student(root: Path, model_uri: str | None = None) -> tuple[nn.Module, s
     there is no tracking store at all (tasks/tracking/champion.py).
     """
     from ms2rgb.tasks import tracking
-    from ms2rgb.tasks.tracking.champion import LOCAL_MODEL, has_store, load_champion, store_uri
+    from ms2rgb.tasks.tracking.champion import LOCAL_MODEL, has_store, load_champion, registered_name, store_uri
 
     local = model_path(root, "student")
     if model_uri == LOCAL_MODEL:
@@ -131,16 +137,19 @@ def load_student(root: Path, model_uri: str | None = None) -> tuple[nn.Module, s
         except Ms2rgbError as err:  # no store, no such name / version / alias, not a torch model
             message = " ".join(str(err).split())
             if "Fix:" not in message:
+                name = _student_hint(root)
                 message += (
-                    f". Fix: use models:/{REGISTERED_NAME}/<version> or {CHAMPION_URI} from this project's "
-                    "MLflow store, or leave --model out"
+                    f". Fix: use models:/{name}/<version> or models:/{name}@{tracking.CHAMPION} from this "
+                    "project's MLflow store, or leave --model out"
                 )
             raise Ms2rgbError(f"--model {model_uri!r}: {message}") from err
-        return check_student(module, f"--model {model_uri!r}"), model_uri, None
+        return check_student(module, f"--model {model_uri!r}", root), model_uri, None
     if not has_store(root):  # nothing registered anywhere: the stage's file is all there is
         note = f"no MLflow store ({store_uri(root)}), so no champion; used {local}"
         return local_student(root, asked=False), str(local), note
-    return check_student(load_champion(root, REGISTERED_NAME, local), CHAMPION_URI), CHAMPION_URI, None
+    name = registered_name(root, "student")
+    champion = f"models:/{name}@{tracking.CHAMPION}"
+    return check_student(load_champion(root, name, local), champion, root), champion, None
 
 
 @torch.no_grad()

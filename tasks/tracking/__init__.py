@@ -2,7 +2,9 @@
 
 Embedded default: a SQLite tracking store at <root>/mlflow.db and artifacts under
 <root>/mlartifacts. MLFLOW_TRACKING_URI overrides both (any server or store MLflow supports).
-One parent run per pipeline run; one nested run per stage.
+One parent run per pipeline run; one nested run per stage. Nothing here names the experiment or a
+registered model: callers pass the names params.yaml gives (`tracking.experiment`,
+`config.model_name(params.tracking.model_prefix, kind)`), so projects sharing a server stay apart.
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ if TYPE_CHECKING:
 
     from ms2rgb.tasks.tracking.pyfunc import TorchPyfunc
 
-EXPERIMENT = "ms2rgb"
 TIMEOUT_ENV = "MS2RGB_TRACKING_TIMEOUT"  # seconds to wait for a tracking server before giving up
 # Tags that let a later process tell a run left RUNNING by a killed process from a live one.
 PID_TAG, HOST_TAG = "ms2rgb.pid", "ms2rgb.host"
+# The Prefect flow run a run was made in (set on the pipeline's parent run, inherited by its stage runs and
+# their children): what a retrain tags its own runs by, never by time, so other flows' runs stay untouched.
+FLOW_RUN_TAG = "ms2rgb.flow_run_id"
 # Registry aliases: every newly registered version becomes the challenger once its stage succeeded
 # (tracking/pending.py); whoever promotes a version (the evaluate stage, a person) moves `champion`,
 # which serving reads (models:/NAME@champion).
@@ -50,7 +54,7 @@ class TrackingUnreachable(Ms2rgbError):
 _MODELS_DIR = Path(__file__).resolve().parents[2] / "models"  # shipped beside logged models
 
 
-_embedded_uri: str | None = None  # the last embedded store configure() chose
+_embedded_uri: str | None = None  # the last embedded store connect() chose
 
 
 def _user_uri() -> str | None:
@@ -87,8 +91,8 @@ def check_reachable(uri: str) -> None:
     )
 
 
-def configure(root: Path) -> str:
-    """Point MLflow at the store for this project and make sure the experiment exists."""
+def connect(root: Path) -> str:
+    """Point MLflow at the store for this project (the registry needs no experiment); its URI."""
     global _embedded_uri
     user = _user_uri()
     uri = user or f"sqlite:///{(root / 'mlflow.db').resolve()}"
@@ -96,12 +100,18 @@ def configure(root: Path) -> str:
         _embedded_uri = uri
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+    return uri
+
+
+def configure(root: Path, experiment: str) -> str:
+    """connect(), then make `experiment` (params tracking.experiment) exist and be the active one."""
+    uri = connect(root)
+    if mlflow.get_experiment_by_name(experiment) is None:
         # Only the embedded store gets a local artifact folder; a server chooses its own.
-        location = None if user else (root / "mlartifacts").resolve().as_uri()
-        mlflow.create_experiment(EXPERIMENT, artifact_location=location)
-    mlflow.set_experiment(EXPERIMENT)
-    _mark_orphans_killed()
+        location = None if _user_uri() else (root / "mlartifacts").resolve().as_uri()
+        mlflow.create_experiment(experiment, artifact_location=location)
+    mlflow.set_experiment(experiment)
+    _mark_orphans_killed(experiment)
     return uri
 
 
@@ -119,15 +129,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _mark_orphans_killed() -> None:
+def _mark_orphans_killed(experiment: str) -> None:
     """Runs of this host left RUNNING by a process that no longer exists (kill -9) become KILLED."""
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    if experiment is None:
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
         return
     host = socket.gethostname()
     query = f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'"
-    for run in client.search_runs([experiment.experiment_id], filter_string=query, max_results=500):
+    for run in client.search_runs([found.experiment_id], filter_string=query, max_results=500):
         pid = run.data.tags.get(PID_TAG, "")
         if pid.isdigit() and not _alive(int(pid)):
             client.set_terminated(run.info.run_id, "KILLED")
@@ -145,13 +155,15 @@ def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 @contextmanager
-def pipeline_run(root: Path, name: str, tags: dict[str, str] | None = None) -> Iterator[str]:
-    """A parent run for one pipeline run; yields its id. Ends FAILED if the body raises."""
-    configure(root)
+def pipeline_run(root: Path, experiment: str, name: str, tags: dict[str, str] | None = None) -> Iterator[str]:
+    """A parent run for one pipeline run in `experiment`; yields its id. Ends FAILED if the body raises.
+
+    Its FLOW_RUN_TAG (in `tags`) is inherited by the stage runs nested under it (stage_run)."""
+    configure(root, experiment)
     client = MlflowClient()
-    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
-    assert experiment is not None, "configure() creates the experiment"
-    run = client.create_run(experiment.experiment_id, run_name=name, tags={**_owner_tags(), **(tags or {})})
+    found = mlflow.get_experiment_by_name(experiment)
+    assert found is not None, "configure() creates the experiment"
+    run = client.create_run(found.experiment_id, run_name=name, tags={**_owner_tags(), **(tags or {})})
     status = "FAILED"
     try:
         yield run.info.run_id
@@ -170,10 +182,13 @@ class StageTracker:
     them when it failed.
     """
 
-    def __init__(self, run_id: str, pending: PendingVersions | None = None) -> None:
+    def __init__(
+        self, run_id: str, pending: PendingVersions | None = None, inherited: dict[str, str] | None = None
+    ) -> None:
         self.run_id = run_id
         self._client = MlflowClient()
         self.pending = PendingVersions() if pending is None else pending
+        self.inherited = dict(inherited or {})  # tags every child run carries too (FLOW_RUN_TAG)
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -250,9 +265,13 @@ class StageTracker:
     def child(self, name: str, tags: dict[str, str] | None = None) -> Iterator[StageTracker]:
         """A run nested under this one (a baseline or an ablation); ends FAILED if the body raises."""
         with mlflow.start_run(
-            run_name=name, parent_run_id=self.run_id, nested=True, tags={**_owner_tags(), **(tags or {})}
+            run_name=name,
+            parent_run_id=self.run_id,
+            nested=True,
+            tags={**self.inherited, **_owner_tags(), **(tags or {})},
         ) as run:
-            yield StageTracker(run.info.run_id, self.pending)  # the stage's registrations, one transaction
+            # the stage's registrations stay one transaction; the flow run's tag goes down the tree
+            yield StageTracker(run.info.run_id, self.pending, self.inherited)
 
     def log_torch_model(
         self,
@@ -365,14 +384,14 @@ def _has_store(root: Path) -> bool:
 
 
 def _open_store(root: Path, what: str) -> None:
-    """configure() for a command that reads or edits the registry: never creates an embedded store."""
+    """connect() for a command that reads or edits the registry: never creates an embedded store."""
     if not _has_store(root):
         raise Ms2rgbError(
             f"{root / 'mlflow.db'}: no MLflow store in this project, so {what}. "
             "Fix: run the pipeline first (`make run`), or set MLFLOW_TRACKING_URI to the store "
             "that holds the model"
         )
-    configure(root)
+    connect(root)
 
 
 def load_torch_model(root: Path, uri: str) -> Any:
@@ -441,7 +460,7 @@ def version_by_alias(root: Path, name: str, alias: str) -> int | None:
 
     if not _has_store(root):  # reading must not create a store
         return None
-    configure(root)
+    connect(root)
     try:
         return int(MlflowClient().get_model_version_by_alias(name, alias).version)
     except MlflowException as err:
@@ -458,7 +477,7 @@ def version_exists(root: Path, name: str, version: int) -> bool:
     """Whether registered model `name` holds `version` (False without a store; none is created)."""
     if not _has_store(root):
         return False
-    configure(root)
+    connect(root)
     return any(int(v.version) == version for v in MlflowClient().search_model_versions(f"name='{name}'"))
 
 
@@ -475,19 +494,17 @@ def tag_version(root: Path, name: str, version: int, tags: dict[str, str]) -> No
         raise Ms2rgbError(f"{name} version {version} could not be tagged: {err.message}") from err
 
 
-def tag_runs_since(root: Path, since_ms: int, tags: dict[str, str]) -> int:
-    """Put `tags` on every run of the project's experiment started at or after `since_ms`; how many.
-
-    Under the project lock every such run belongs to the caller (a retrain marks its data version so).
-    """
-    configure(root)
+def tag_flow_run(root: Path, experiment: str, flow_run_id: str, tags: dict[str, str]) -> int:
+    """Put `tags` on every run of `experiment` made in the Prefect flow run `flow_run_id` (its FLOW_RUN_TAG);
+    how many. A retrain marks its own runs with its data version so; runs of any other flow run, project or
+    person on the same server are left alone, whenever they started."""
+    configure(root, experiment)
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    if experiment is None:
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
         return 0
-    runs = client.search_runs(
-        [experiment.experiment_id], filter_string=f"attributes.start_time >= {since_ms}", max_results=5000
-    )
+    query = f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'"
+    runs = client.search_runs([found.experiment_id], filter_string=query, max_results=5000)
     for run in runs:
         for key, value in tags.items():
             client.set_tag(run.info.run_id, key, value)
@@ -504,23 +521,28 @@ def _has_tabulate() -> bool:
 
 @contextmanager
 def stage_run(
-    root: Path, stage: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None
+    root: Path, experiment: str, stage: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None
 ) -> Iterator[StageTracker]:
-    """A run for one stage, nested under `parent_run_id` when the stage is part of a pipeline run.
+    """A run for one stage in `experiment`, nested under `parent_run_id` when the stage is part of a pipeline
+    run (whose FLOW_RUN_TAG it and its children carry too).
 
     The registry changes with the stage's outputs: the versions registered inside the block get the
     `challenger` alias when the block ends normally (the stage runner swaps the outputs in inside
     it), and are deleted again when it raises, so a failed stage leaves versions and aliases as
     they were.
     """
-    configure(root)
+    configure(root, experiment)
+    inherited = {}
+    if parent_run_id is not None:
+        parent_tags = MlflowClient().get_run(parent_run_id).data.tags
+        inherited = {key: parent_tags[key] for key in (FLOW_RUN_TAG,) if key in parent_tags}
     with mlflow.start_run(
         run_name=stage,
         parent_run_id=parent_run_id,
         nested=parent_run_id is not None,
-        tags={"ms2rgb.stage": stage, **_owner_tags(), **(tags or {})},
+        tags={"ms2rgb.stage": stage, **inherited, **_owner_tags(), **(tags or {})},
     ) as run:
-        tracker = StageTracker(run.info.run_id)
+        tracker = StageTracker(run.info.run_id, inherited=inherited)
         try:
             yield tracker
         except BaseException:  # Ctrl-C too: only a finished stage publishes what it registered

@@ -2,7 +2,8 @@
 
 - `--model models:/NAME/VERSION` (or `@ALIAS`): that registered model.
 - `--model artifacts`: the stage's own model file under artifacts/, the registry untouched.
-- no `--model`: the registered champion. Only when there is no tracking store at all (no
+- no `--model`: the registered champion of the project's model, `<tracking.model_prefix>-<kind>` in its
+  params.yaml (registered_name). Only when there is no tracking store at all (no
   MLFLOW_TRACKING_URI and no mlflow.db in the project, e.g. a copy without the store) is the stage's
   file used instead, and the result says so. Any other failure to load the champion (an unreachable
   server, no champion alias yet, a broken version) stops with one line naming the store and the fixes.
@@ -19,6 +20,8 @@ from ms2rgb.tasks.errors import Ms2rgbError
 if TYPE_CHECKING:
     import torch
 
+    from ms2rgb.tasks.config import ModelKind
+
 LOCAL_MODEL = "artifacts"  # the --model value that asks for the stage's model file under artifacts/
 
 
@@ -30,6 +33,22 @@ def store_uri(root: Path) -> str:
 def has_store(root: Path) -> bool:
     """Whether there is a tracking store to read (a user's URI, or the project's mlflow.db)."""
     return tracking._has_store(root)
+
+
+def registered_name(root: Path, kind: ModelKind) -> str:
+    """The project's registered model of `kind`: `<tracking.model_prefix>-<kind>` from its params.yaml."""
+    from ms2rgb.tasks.config import load_params, model_name
+
+    return model_name(load_params(root).tracking.model_prefix, kind)
+
+
+def name_hint(root: Path, kind: ModelKind) -> str:
+    """registered_name for an error's fix; the pattern when params.yaml cannot be read (the error being
+    reported is the one that matters, not a missing params.yaml)."""
+    try:
+        return registered_name(root, kind)
+    except Ms2rgbError:
+        return f"<tracking.model_prefix>-{kind}"
 
 
 def _reason(err: BaseException, uri: str, store: str) -> str:

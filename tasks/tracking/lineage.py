@@ -6,18 +6,18 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from ms2rgb.tasks.tracking import EXPERIMENT, configure
+from ms2rgb.tasks.tracking import configure
 
 
-def latest_stage_runs(root: Path) -> dict[str, str]:
-    """stage -> id of its newest run in this project's store (stages never run are absent)."""
-    configure(root)
+def latest_stage_runs(root: Path, experiment: str) -> dict[str, str]:
+    """stage -> id of its newest run in the project's `experiment` (stages never run are absent)."""
+    configure(root, experiment)
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    if experiment is None:
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
         return {}
     runs = client.search_runs(
-        [experiment.experiment_id],
+        [found.experiment_id],
         filter_string="tags.`ms2rgb.stage` != ''",
         order_by=["attributes.start_time DESC"],
         max_results=500,
