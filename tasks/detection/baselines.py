@@ -152,8 +152,8 @@ def run_max_likelihood(
     start = time.perf_counter()
     with torch.no_grad():
         step = settings.eval_batch_size
-        pred = torch.cat([gaussians(test[0][i : i + step]).argmax(dim=1) for i in range(0, len(test[0]), step)])
-    pred = pred.to(torch.uint8).numpy()
+        maps = torch.cat([gaussians(test[0][i : i + step]).argmax(dim=1) for i in range(0, len(test[0]), step)])
+    pred = maps.to(torch.uint8).numpy()
     scores = score(pred, test[1], class_names, time.perf_counter() - start)
     parameters = sum(b.numel() for b in gaussians.buffers())
     return BaselineResult(scores, pred, train_seconds, parameters, memory.mb, [])
