@@ -7,14 +7,15 @@ so a registered model's input is plain RGB and no caller can forget the normalis
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ms2rgb.models.clip_prompt import PromptedCLIP
+from ms2rgb.models.clip_prompt import PromptConfig, PromptedCLIP
 from ms2rgb.models.pixel_evidence import PixelGaussians
 
 
@@ -138,3 +139,37 @@ class ImageEmbedder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.clip.encode_image(self.pixels(images)), dim=-1)
+
+
+def detector_from_payload(
+    payload: Mapping[str, Any],
+    clip: nn.Module,
+    tokenizer: Callable[..., torch.Tensor],
+    pixel_size_m: float | None,
+) -> ClassMapDetector:
+    """The ClassMapDetector a saved detector.pt payload describes, around the CLIP its weights were loaded into.
+
+    Raises ValueError when the saved prompts do not fit the payload's prompt config. A payload without
+    ``pixel_evidence`` (written before it existed) gives the CLIP's map alone.
+    """
+    prompted = PromptedCLIP(clip, PromptConfig(**payload["prompt_config"]))
+    result = prompted.load_state_dict(payload["prompt_state"], strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("clip.")]  # the CLIP came from its own file
+    if missing or result.unexpected_keys:
+        raise ValueError(f"does not fit its prompt config (missing {missing}, unexpected {result.unexpected_keys})")
+    evidence, weight = None, 0.0
+    saved = payload.get("pixel_evidence")
+    if saved is not None:
+        evidence = PixelGaussians(saved["windows"], len(payload["class_names"]))
+        evidence.load_state_dict(saved["state"])
+        weight = saved["weight"]
+    return ClassMapDetector(
+        prompted,
+        tokenizer(payload["texts"]),
+        payload["class_names"],
+        payload["texts"],
+        payload["clip_model"],
+        pixel_size_m,
+        evidence=evidence,
+        evidence_weight=weight,
+    )

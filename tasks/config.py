@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
 from ms2rgb.models.bands import RGB_BANDS, S2_BANDS
@@ -30,6 +30,15 @@ PARAMS_FILE = "params.yaml"
 # YAML gives lists; sequences are tuples once parsed (hashable, immutable like the rest).
 Splits = Annotated[tuple[str, ...], Field(strict=False)]
 Ints = Annotated[tuple[int, ...], Field(strict=False, min_length=1)]
+
+
+def _odd_sides(value: tuple[int, ...]) -> tuple[int, ...]:
+    if any(w < 3 or w % 2 == 0 for w in value):
+        raise ValueError(f"window sides must be odd and >= 3 (centred on the pixel), got {list(value)}")
+    return value
+
+
+Windows = Annotated[Ints, AfterValidator(_odd_sides)]  # sides of square windows centred on a pixel
 
 
 class Section(BaseModel):
@@ -332,14 +341,7 @@ class PixelForestConfig(Section):
     trees: int = Field(ge=1, le=1000)  # trees of the forest
     max_depth: int | None = Field(ge=1, le=64)  # null: grow until the leaves are pure (memory grows with pixels)
     max_pixels: int = Field(ge=100)  # labelled training pixels sampled from the shots (uniformly, seeded)
-    windows: Ints  # sides of the square windows whose per-band mean and std join each pixel's RGB
-
-    @field_validator("windows")
-    @classmethod
-    def _odd_windows(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        if any(w < 3 or w % 2 == 0 for w in value):
-            raise ValueError(f"window sides must be odd and >= 3 (centred on the pixel), got {list(value)}")
-        return value
+    windows: Windows  # sides of the square windows whose per-band mean and std join each pixel's RGB
 
 
 class UNetBaselineConfig(Section):
@@ -363,16 +365,9 @@ class BaselinesConfig(Section):
 class PixelEvidenceConfig(Section):
     """Per-pixel class Gaussians fitted on the shots and added to the CLIP's logits (models/pixel_evidence.py)."""
 
-    windows: Ints  # sides of the windows whose per-band mean and std join each pixel's RGB
+    windows: Windows  # sides of the windows whose per-band mean and std join each pixel's RGB
     ridge: float = Field(gt=0)  # added to each class's covariance (standardised units): few pixels stay invertible
     init_weight: float = Field(ge=0)  # the evidence's weight before tuning; it trains with the prompts
-
-    @field_validator("windows")
-    @classmethod
-    def _odd_windows(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        if any(w < 3 or w % 2 == 0 for w in value):
-            raise ValueError(f"window sides must be odd and >= 3 (centred on the pixel), got {list(value)}")
-        return value
 
 
 # What detector.grids may name beside the method (tasks/detection/plan.py builds each of them).

@@ -13,9 +13,7 @@ import open_clip
 import torch
 
 from ms2rgb.models.clip_backbone import load_clip  # importing it registers the project's CLIP configs
-from ms2rgb.models.clip_detector import ClassMapDetector
-from ms2rgb.models.clip_prompt import PromptConfig, PromptedCLIP
-from ms2rgb.models.pixel_evidence import PixelGaussians
+from ms2rgb.models.clip_detector import ClassMapDetector, detector_from_payload
 from ms2rgb.tasks.data.pixel_size import recorded_pixel_size
 from ms2rgb.tasks.errors import Ms2rgbError
 
@@ -45,30 +43,10 @@ def detector_from_state(
     state: dict[str, Any], clip: torch.nn.Module, tokenizer: Callable[..., torch.Tensor], source: Path
 ) -> ClassMapDetector:
     """The ClassMapDetector a detector.pt payload describes, around the CLIP its weights were loaded into."""
-    prompted = PromptedCLIP(clip, PromptConfig(**state["prompt_config"]))
-    result = prompted.load_state_dict(state["prompt_state"], strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("clip.")]  # the CLIP came from its own file
-    if missing or result.unexpected_keys:
-        raise Ms2rgbError(
-            f"{source} does not fit its prompt config (missing {missing}, unexpected "
-            f"{result.unexpected_keys}); re-run the detector stage"
-        )
-    evidence, weight = None, 0.0
-    saved = state.get("pixel_evidence")  # absent from detectors tuned before the pixel evidence existed
-    if saved is not None:
-        evidence = PixelGaussians(saved["windows"], len(state["class_names"]))
-        evidence.load_state_dict(saved["state"])
-        weight = saved["weight"]
-    return ClassMapDetector(
-        prompted,
-        tokenizer(state["texts"]),
-        state["class_names"],
-        state["texts"],
-        state["clip_model"],
-        recorded_pixel_size(state),
-        evidence=evidence,
-        evidence_weight=weight,
-    )
+    try:
+        return detector_from_payload(state, clip, tokenizer, recorded_pixel_size(state))
+    except ValueError as err:
+        raise Ms2rgbError(f"{source} {err}; re-run the detector stage") from err
 
 
 def load_local(root: Path) -> ClassMapDetector:

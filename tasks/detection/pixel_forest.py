@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.ensemble import RandomForestClassifier
 
+from ms2rgb.models.pixel_evidence import pixel_features as local_features
 from ms2rgb.tasks.config import PixelForestConfig
 from ms2rgb.tasks.data.classes import MASK_NODATA
 from ms2rgb.tasks.errors import Ms2rgbError
@@ -34,16 +34,11 @@ def pixel_features(images: torch.Tensor, windows: Sequence[int]) -> np.ndarray:
     if images.ndim != 4 or images.shape[1] != 3:
         raise Ms2rgbError(f"the pixel forest takes RGB tiles (N, 3, H, W); got shape {tuple(images.shape)}")
     x = images.float()  # (N, 3, H, W), 0..255
-    columns = [x]
-    for w in windows:
-        # Windows shrink at the border to the pixels inside the tile (count_include_pad=False).
-        pool = lambda t, w=w: F.avg_pool2d(t, w, stride=1, padding=w // 2, count_include_pad=False)
-        mean = pool(x)  # (N, 3, H, W)
-        var = pool(x * x) - mean * mean
-        columns += [mean, var.clamp_min(0).sqrt()]
     grey = x.mean(1)  # (N, H, W)
     dy, dx = torch.gradient(grey, dim=(1, 2))
-    columns.append(torch.sqrt(dx * dx + dy * dy).unsqueeze(1))  # (N, 1, H, W)
+    gradient = torch.sqrt(dx * dx + dy * dy).unsqueeze(1)  # (N, 1, H, W)
+    # RGB and local statistics are those of the detector's pixel evidence, plus the edge strength.
+    columns = [local_features(x, windows), gradient]
     stacked = torch.cat(columns, dim=1)  # (N, F, H, W)
     return stacked.permute(0, 2, 3, 1).reshape(-1, stacked.shape[1]).numpy()  # (N*H*W, F)
 

@@ -119,14 +119,18 @@ class LandCoverPyfunc(TorchPyfunc):
 
     def build(self, artifacts: dict[str, Path]) -> nn.Module:
         from ms2rgb.models.clip_backbone import load_clip
-        from ms2rgb.tasks.detection.model import detector_from_state
+        from ms2rgb.models.clip_detector import detector_from_payload
+        from ms2rgb.tasks.data.pixel_size import recorded_pixel_size
 
         path = artifacts[DETECTOR_ARTIFACT]
         state = torch.load(path, map_location="cpu", weights_only=True)
         backbone = artifacts.get(BACKBONE_ARTIFACT)
         # Without a weight file the detector.pt names an open_clip pretrained tag, which open_clip fetches.
         clip, tokenizer, _ = load_clip(state["clip_model"], str(backbone) if backbone else state["clip_pretrained"])
-        return detector_from_state(state, clip, tokenizer, path)
+        try:
+            return detector_from_payload(state, clip, tokenizer, recorded_pixel_size(state))
+        except ValueError as err:
+            raise ValueError(f"{path} {err}") from err
 
     def answer(self, module: nn.Module, images: torch.Tensor) -> torch.Tensor:
         return module(images).argmax(dim=1)
