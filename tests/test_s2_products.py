@@ -179,6 +179,54 @@ def test_bare_band_files_with_the_offset_option_match_the_04_product(
     assert applied["source"] == "option" and applied["origin"] == "--offset"
 
 
+# ---------------------------------------------------------------- a STAC item without raster:bands
+
+
+@pytest.mark.parametrize(
+    "baseline, dn_offset, given, source, offset",
+    [  # Earth Search's items: s2:processing_baseline, and no raster:bands on older collections
+        ("05.09", OFFSET, NO_OFFSET, "baseline", -1000.0),
+        ("04.00", OFFSET, NO_OFFSET, "baseline", -1000.0),
+        ("03.01", 0, NO_OFFSET, "baseline", 0.0),  # before 04.00 ESA added none
+        ("03.01", 0, given_offset(OFFSET, "param", "data.radiometric_offset"), "baseline", 0.0),
+        ("05.09", 0, given_offset(0, "option", "--offset"), "option", 0.0),  # a host that shifted DNs back
+        (None, OFFSET, given_offset(OFFSET, "param", "data.radiometric_offset"), "param", -1000.0),  # as before
+        (None, 0, NO_OFFSET, "none", 0.0),  # as before: nothing stated, nothing given
+    ],
+)
+def test_a_stac_item_without_raster_bands_takes_the_offset_of_its_baseline(
+    tmp_path: Path,
+    reference: tuple[set[str], dict[str, np.ndarray], Path],
+    baseline: str | None,
+    dn_offset: int,
+    given: Radiometry,
+    source: str,
+    offset: float,
+) -> None:
+    safe = write_safe(tmp_path / "product", shifted(ground(SEED), dn_offset), offset=dn_offset or None)
+    item = write_stac_item(tmp_path / "item.json", safe_band_files(safe), None, baseline=baseline)
+    assert set(ingest([item], tmp_path / "out", given)["sha256"]) == reference[0]
+    applied = radiometry(tmp_path / "out")
+    assert applied["source"] == source and set(applied["offsets"].values()) == {offset}
+    assert applied["baseline"] == baseline and applied["level"] == ("L1C" if baseline else None)
+    notes = " ".join(applied["notes"])  # which rule gave the offset, in ingest.json
+    if source == "baseline":
+        assert applied["origin"] == f"{item} (s2:processing_baseline)"
+        assert f"no raster:bands offsets; s2:processing_baseline {baseline} gives {offset:g}" in notes
+    elif source == "option":
+        assert "--offset 0 given over the baseline rule (no raster:bands offsets; s2:processing_baseline 05.09" in notes
+    else:
+        assert f"{item} states no offset (no raster:bands offsets, no s2:processing_baseline)" in notes
+        assert f"the offset for bare files applies: offset {offset:g}" in notes
+
+
+def test_a_stac_item_with_a_malformed_baseline_is_refused(tmp_path: Path) -> None:
+    safe = write_safe(tmp_path / "product", shifted(ground(SEED), OFFSET))
+    item = write_stac_item(tmp_path / "item.json", safe_band_files(safe), None, baseline="N0509")
+    with pytest.raises(Ms2rgbError, match=r"s2:processing_baseline='N0509' is not a processing baseline like '04.00'"):
+        ingest([item], tmp_path / "out")
+
+
 # ---------------------------------------------------------------- a STAC item from a URL
 
 ITEM_ID = "S2A_33UUP_20220105_0_L1C"

@@ -6,9 +6,11 @@ so ``blue`` is taken over a ``blue-jp2`` copy. Hrefs are resolved against the it
 (its file, or its URL) and read through GDAL: a local file, or a URL rasterio opens through
 /vsicurl/ (tasks/data/sources/remote.py), nothing copied.
 
-When every band asset states ``raster:bands`` scale and offset (reflectance = DN * scale + offset),
-they are the radiometry: offset/scale DN, quantification 1/scale; otherwise the offset given for
-bare files applies.
+Radiometry (reflectance = DN * scale + offset), first rule that applies:
+1. every band asset states ``raster:bands`` scale and offset: offset/scale DN, quantification 1/scale;
+2. else the item's ``s2:processing_baseline``: from 04.00 on ESA adds -1000 to every DN
+   (RADIO_ADD_OFFSET / BOA_ADD_OFFSET), before it none; source "baseline" in ingest.json;
+3. else nothing: the offset given for bare files applies (scene_inputs.py notes why).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pystac.utils import make_absolute_href
 
 from ms2rgb.models.bands import S2_BANDS
 from ms2rgb.tasks.data.sources.band_names import band_name
-from ms2rgb.tasks.data.sources.radiometry import Radiometry
+from ms2rgb.tasks.data.sources.radiometry import BASELINE_OFFSET, Radiometry, baseline_offset
 from ms2rgb.tasks.data.sources.remote import fetch_text, is_url
 from ms2rgb.tasks.data.sources.s2_metadata import product_level
 from ms2rgb.tasks.data.sources.s2_product import Product, check_bands, scene_name
@@ -69,7 +71,8 @@ def read_stac_item(href: str) -> Product:
     check_bands(href, set(assets), level, "the item's asset keys and eo:bands names")
     hrefs = {b: assets[b].get_absolute_href() or assets[b].href for b in S2_BANDS}
     name = item.id or scene_name(Path(href).name)
-    return Product(href, name, hrefs, _stated_radiometry(item, assets, href, level))
+    stated = _stated_radiometry(item, assets, href, level)
+    return Product(href, name, hrefs, stated or _baseline_radiometry(item, href, level))
 
 
 def _load_item(href: str) -> pystac.Item:
@@ -120,7 +123,7 @@ def _scale_offset(asset: pystac.Asset) -> tuple[float, float] | None:
 def _stated_radiometry(
     item: pystac.Item, assets: dict[str, pystac.Asset], where: str, level: str | None
 ) -> Radiometry | None:
-    """The assets' raster:bands, when every band asset states them; else None."""
+    """Rule 1: the assets' raster:bands, when every band asset states them; else None."""
     stated = {band: _scale_offset(assets[band]) for band in S2_BANDS}
     if any(v is None for v in stated.values()):
         return None
@@ -140,4 +143,23 @@ def _stated_radiometry(
         str(baseline) if baseline else None,
         level,
         f"{where} (raster:bands)",
+    )
+
+
+def _baseline_radiometry(item: pystac.Item, where: str, level: str | None) -> Radiometry | None:
+    """Rule 2: ESA's offset for the item's s2:processing_baseline; None when the item states none."""
+    baseline = item.properties.get("s2:processing_baseline")
+    if baseline is None or str(baseline).strip() == "":
+        return None
+    offset = baseline_offset(str(baseline), where, "s2:processing_baseline")
+    note = f"no raster:bands offsets; s2:processing_baseline {baseline} gives {offset:g}"
+    if offset:
+        note += f" (ESA's offset from baseline {BASELINE_OFFSET[0]})"
+    return Radiometry(
+        dict.fromkeys(S2_BANDS, offset),
+        source="baseline",
+        baseline=str(baseline),
+        level=level,
+        origin=f"{where} (s2:processing_baseline)",
+        notes=(note,),
     )
