@@ -141,10 +141,16 @@ def zip_folder(folder: Path, dest: Path) -> Path:
     return dest
 
 
-def write_stac_item(path: Path, band_files: dict[str, Path], scale_offset: tuple[float, float] | None) -> Path:
+def write_stac_item(
+    path: Path,
+    band_files: dict[str, Path],
+    scale_offset: tuple[float, float] | None,
+    baseline: str | None = "04.00",
+) -> Path:
     """A STAC item whose hrefs are relative to it. Assets are keyed the way Earth Search keys them
     (common names), except B8A, found by its eo:bands name only; a "blue-jp2" copy and a 3-band
-    "visual" asset must not be taken."""
+    "visual" asset must not be taken. `scale_offset` None: no raster:bands; `baseline` None: no
+    s2:processing_baseline."""
     assets: dict[str, Any] = {}
     for band, file in band_files.items():
         key = "asset_8a" if band == "B8A" else STAC_KEYS[band]
@@ -169,10 +175,10 @@ def write_stac_item(path: Path, band_files: dict[str, Path], scale_offset: tuple
         "bbox": [15.0, 45.1, 15.02, 45.12],
         "properties": {
             "datetime": "2022-01-05T10:03:01Z",
-            "s2:processing_baseline": "04.00",
             "s2:product_type": "S2MSI1C",
             "proj:bbox": [west, north - SIZE_M, west + SIZE_M, north],
-        },
+        }
+        | ({"s2:processing_baseline": baseline} if baseline else {}),
         "links": [],
         "assets": assets,
     }

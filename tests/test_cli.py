@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -66,3 +68,27 @@ def test_eurosat_source_runs_through_prepare_and_validate(project: Path, tmp_pat
     assert run_stage("validate", project)["passed"] is True
     manifest = pd.read_parquet(project / "data" / "prepared" / "manifest.parquet")
     assert set(manifest["source"]) == {"eurosat"}
+
+
+def _imported(code: str) -> set[str]:
+    """The top-level packages a fresh interpreter holds after running `code`."""
+    report = "import sys; print(' '.join({m.split('.')[0] for m in sys.modules}))"
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}\n{report}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return set(out.split())
+
+
+HEAVY = {"mlflow", "prefect", "dvc", "pandas", "pyogrio", "matplotlib"}  # none needed to read a model file
+
+
+def test_reading_commands_import_only_what_they_need() -> None:
+    # `--help` of any command: argparse only, not even torch (0.1 s instead of seconds).
+    assert not _imported("from ms2rgb.flows.cli import build_parser; build_parser()") & (HEAVY | {"torch"})
+    # detect / predict with `--model artifacts`: MLflow (and its pandas) only for a registered model,
+    # pyogrio only for --gpkg, matplotlib only once the overlay is drawn.
+    code = "import ms2rgb.tasks.detection.detect, ms2rgb.tasks.prediction.scene_map"
+    assert not _imported(code) & HEAVY

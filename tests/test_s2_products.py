@@ -1,5 +1,6 @@
 """Real Sentinel-2 products as scene inputs (issue 25): the baseline 04.00 offset, .SAFE folders, their
-zips and STAC items, through `ingest_scene`, `ms2rgb data ingest` and the landing watch.
+zips and STAC items (local, or served over loopback HTTP), through `ingest_scene`, `ms2rgb data ingest`
+and the landing watch.
 
 Every product here holds one ground (tests/helpers_s2_products.py); whatever form it comes in, its
 tiles must be the tiles of that ground given as bare band files with no offset (`reference`).
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ import pytest
 import rasterio
 import yaml
 from conftest import REPO
+from helpers_http import bytes_sent, serve
 from helpers_s2_products import (
     ground,
     safe_band_files,
@@ -174,6 +177,150 @@ def test_bare_band_files_with_the_offset_option_match_the_04_product(
     assert set(read_manifest(scenes / "s" / "manifest.parquet")["sha256"]) == reference[0]
     applied = radiometry(scenes)
     assert applied["source"] == "option" and applied["origin"] == "--offset"
+
+
+# ---------------------------------------------------------------- a STAC item without raster:bands
+
+
+@pytest.mark.parametrize(
+    "baseline, dn_offset, given, source, offset",
+    [  # Earth Search's items: s2:processing_baseline, and no raster:bands on older collections
+        ("05.09", OFFSET, NO_OFFSET, "baseline", -1000.0),
+        ("04.00", OFFSET, NO_OFFSET, "baseline", -1000.0),
+        ("03.01", 0, NO_OFFSET, "baseline", 0.0),  # before 04.00 ESA added none
+        ("03.01", 0, given_offset(OFFSET, "param", "data.radiometric_offset"), "baseline", 0.0),
+        ("05.09", 0, given_offset(0, "option", "--offset"), "option", 0.0),  # a host that shifted DNs back
+        (None, OFFSET, given_offset(OFFSET, "param", "data.radiometric_offset"), "param", -1000.0),  # as before
+        (None, 0, NO_OFFSET, "none", 0.0),  # as before: nothing stated, nothing given
+    ],
+)
+def test_a_stac_item_without_raster_bands_takes_the_offset_of_its_baseline(
+    tmp_path: Path,
+    reference: tuple[set[str], dict[str, np.ndarray], Path],
+    baseline: str | None,
+    dn_offset: int,
+    given: Radiometry,
+    source: str,
+    offset: float,
+) -> None:
+    safe = write_safe(tmp_path / "product", shifted(ground(SEED), dn_offset), offset=dn_offset or None)
+    item = write_stac_item(tmp_path / "item.json", safe_band_files(safe), None, baseline=baseline)
+    assert set(ingest([item], tmp_path / "out", given)["sha256"]) == reference[0]
+    applied = radiometry(tmp_path / "out")
+    assert applied["source"] == source and set(applied["offsets"].values()) == {offset}
+    assert applied["baseline"] == baseline and applied["level"] == ("L1C" if baseline else None)
+    notes = " ".join(applied["notes"])  # which rule gave the offset, in ingest.json
+    if source == "baseline":
+        assert applied["origin"] == f"{item} (s2:processing_baseline)"
+        assert f"no raster:bands offsets; s2:processing_baseline {baseline} gives {offset:g}" in notes
+    elif source == "option":
+        assert "--offset 0 given over the baseline rule (no raster:bands offsets; s2:processing_baseline 05.09" in notes
+    else:
+        assert f"{item} states no offset (no raster:bands offsets, no s2:processing_baseline)" in notes
+        assert f"the offset for bare files applies: offset {offset:g}" in notes
+
+
+def test_a_stac_item_with_a_malformed_baseline_is_refused(tmp_path: Path) -> None:
+    safe = write_safe(tmp_path / "product", shifted(ground(SEED), OFFSET))
+    item = write_stac_item(tmp_path / "item.json", safe_band_files(safe), None, baseline="N0509")
+    with pytest.raises(Ms2rgbError, match=r"s2:processing_baseline='N0509' is not a processing baseline like '04.00'"):
+        ingest([item], tmp_path / "out")
+
+
+# ---------------------------------------------------------------- a STAC item from a URL
+
+ITEM_ID = "S2A_33UUP_20220105_0_L1C"
+
+
+def served_folder(tmp: Path) -> tuple[Path, dict[str, Path]]:
+    """A folder to serve: a product, and items/item.json whose hrefs are relative to the item
+    (../product/...); returns the folder and the band files."""
+    safe = write_safe(tmp / "www" / "product", shifted(ground(SEED), OFFSET))
+    write_stac_item(tmp / "www" / "items" / "item.json", safe_band_files(safe), (0.0001, -0.1))
+    return tmp / "www", safe_band_files(safe)
+
+
+def test_a_stac_item_url_gives_the_tiles_of_the_local_item(
+    tmp_path: Path, reference: tuple[set[str], dict[str, np.ndarray], Path]
+) -> None:
+    www, band_files = served_folder(tmp_path)
+    local = ingest_scene([www / "items" / "item.json"], tmp_path / "local", progress=None)
+    root = light_root(tmp_path / "project")
+    with serve(www, tmp_path / "http.log") as base:
+        url = f"{base}/items/item.json"
+        assert main(["--root", str(root), "data", "ingest", url]) == 0
+    scenes = root / "data" / "scenes"
+    remote = read_manifest(scenes / ITEM_ID / "manifest.parquet")
+    assert list(remote["sha256"]) == list(local["sha256"]) and set(remote["sha256"]) == reference[0]
+    assert list(remote["location_id"]) == list(local["location_id"])
+    applied = radiometry(scenes, ITEM_ID)
+    assert applied["origin"] == f"{url} (raster:bands)" and set(applied["offsets"].values()) == {-1000.0}
+    # Each band file is read in place through /vsicurl/ (relative hrefs resolved against the URL):
+    # never more bytes than the file holds, nothing else fetched (no decoy asset, no sidecar probes).
+    sent = bytes_sent(tmp_path / "http.log")
+    served = {"/" + f.relative_to(www).as_posix(): f.stat().st_size for f in band_files.values()}
+    assert set(sent) == {"/items/item.json", *served}
+    assert all(0 < sent[path] <= size for path, size in served.items()), (sent, served)
+
+
+def _missing_item(www: Path) -> str:
+    return "/items/missing.json"
+
+
+def _collection(www: Path) -> str:
+    (www / "collection.json").write_text(json.dumps({"type": "Collection", "id": "c", "links": []}))
+    return "/collection.json"
+
+
+def _html_page(www: Path) -> str:
+    (www / "index.html").write_text("<html><body>STAC browser</body></html>")
+    return "/index.html"
+
+
+def _missing_asset(www: Path) -> str:
+    (www / "product").rename(www / "moved")  # the item's hrefs now point nowhere
+    return "/items/item.json"
+
+
+@pytest.mark.parametrize(
+    "build, named, problem",
+    [
+        (
+            _missing_item,
+            "/items/missing.json",
+            r": the server answered HTTP 404 \(File not found\)\. Fix: check the URL:",
+        ),
+        (_collection, "/collection.json", r": is not a STAC item \(its JSON is a 'Collection', not a Feature with"),
+        (_html_page, "/index.html", r": is not JSON \(.*\)\. Fix: pass one STAC item's JSON"),
+        (
+            _missing_asset,
+            "/product/",
+            r"_B01.jp2: cannot be opened as a raster \(HTTP response code: 404\)\. Fix: check that",
+        ),
+    ],
+)
+def test_a_bad_stac_url_stops_with_one_line_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], build: Callable[[Path], str], named: str, problem: str
+) -> None:
+    www, _ = served_folder(tmp_path)
+    root = light_root(tmp_path / "project")
+    path = build(www)
+    with serve(www, tmp_path / "http.log") as base:
+        assert main(["--root", str(root), "data", "ingest", f"{base}{path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"ms2rgb: error: {base}{named}"), err
+    assert re.search(problem, err), err
+    assert not (root / "data" / "scenes").exists() or not any((root / "data" / "scenes").iterdir())
+
+
+def test_an_unreachable_stac_url_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/item.json"
+    root = light_root(tmp_path / "project")
+    assert main(["--root", str(root), "data", "ingest", url]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ms2rgb: error: {url}: could not be reached (") and "Fix: check the host and port" in err
 
 
 # ---------------------------------------------------------------- bad products

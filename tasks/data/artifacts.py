@@ -11,6 +11,9 @@ from pathlib import Path
 ARTIFACTS = Path("artifacts")
 MODEL_FILE = "model.pt"
 RUN_IDENTITY_FILE = "run-identity.txt"  # names the run a staging folder belongs to
+# The --model value of `ms2rgb detect` / `predict` that asks for the stage's model file under artifacts/.
+# Here, not in tasks/tracking/, so that checking for it imports no MLflow (about 2 s of start-up).
+LOCAL_MODEL = "artifacts"
 
 
 def stage_dir(root: Path, stage: str) -> Path:

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
-import pyogrio.raw
 import rasterio
 import rasterio.features
 import rasterio.warp
@@ -86,6 +85,8 @@ class PolygonSink:
             self._write_gpkg(native, properties, append=self.count > len(polygons))
 
     def _write_gpkg(self, geometries: list[Any], properties: list[dict[str, Any]], append: bool) -> None:
+        import pyogrio.raw  # with pandas, about 0.8 s of start-up: only `--gpkg` needs it
+
         names = ["class_id", *self.fields, "area_m2"]
         dtypes: list[Any] = [np.int64, *(object for _ in self.fields), np.float64]
         pyogrio.raw.write(

@@ -51,6 +51,7 @@ import torch
 from rasterio.windows import Window
 
 from ms2rgb.models.clip_detector import ClassMapDetector
+from ms2rgb.tasks.data.artifacts import LOCAL_MODEL
 from ms2rgb.tasks.data.class_polygons import PolygonSink, max_min_px, polygonize
 from ms2rgb.tasks.data.class_raster import colour_table, to_cog, write_class_names
 from ms2rgb.tasks.data.classes import MASK_NODATA, SCENE_CLASSES, SURFACE_CLASSES
@@ -181,13 +182,13 @@ def choose_detector(root: Path, model_uri: str | None) -> tuple[ClassMapDetector
     registered champion, or an error naming the store and the fix; the stage's artifacts only when
     there is no tracking store at all (tasks/tracking/champion.py).
     """
-    from ms2rgb.tasks.tracking import CHAMPION
-    from ms2rgb.tasks.tracking.champion import LOCAL_MODEL, has_store, load_champion, registered_name, store_uri
-
-    if model_uri == LOCAL_MODEL:
+    if model_uri == LOCAL_MODEL:  # checked before tasks.tracking (MLflow) is imported: it is not needed
         return (*load_detector(root, None), None)
     if model_uri is not None:
         return (*load_detector(root, model_uri), None)
+    from ms2rgb.tasks.tracking import CHAMPION
+    from ms2rgb.tasks.tracking.champion import has_store, load_champion, registered_name, store_uri
+
     if not has_store(root):  # nothing registered anywhere: the stage's artifacts are all there is
         try:
             model, source = load_detector(root, None)

@@ -45,7 +45,7 @@ from torch import nn
 
 from ms2rgb.models.bands import RGB_BANDS
 from ms2rgb.models.classifier import SceneCNN
-from ms2rgb.tasks.data.artifacts import model_path
+from ms2rgb.tasks.data.artifacts import LOCAL_MODEL, model_path
 from ms2rgb.tasks.data.class_raster import colour_table, to_cog, write_class_names
 from ms2rgb.tasks.data.classes import MASK_NODATA, SCENE_NAMES
 from ms2rgb.tasks.data.geotiff import TILE_SIZE
@@ -125,12 +125,12 @@ def load_student(root: Path, model_uri: str | None = None) -> tuple[nn.Module, s
     None: the champion, or an error naming the store and the fix; the stage's model file only when
     there is no tracking store at all (tasks/tracking/champion.py).
     """
-    from ms2rgb.tasks import tracking
-    from ms2rgb.tasks.tracking.champion import LOCAL_MODEL, has_store, load_champion, registered_name, store_uri
-
     local = model_path(root, "student")
-    if model_uri == LOCAL_MODEL:
+    if model_uri == LOCAL_MODEL:  # checked before tasks.tracking (MLflow) is imported: it is not needed
         return local_student(root, asked=True), str(local), None
+    from ms2rgb.tasks import tracking
+    from ms2rgb.tasks.tracking.champion import has_store, load_champion, registered_name, store_uri
+
     if model_uri is not None:
         try:
             module = tracking.load_registered_module(root, model_uri)

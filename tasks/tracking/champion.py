@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ms2rgb.tasks import tracking
+from ms2rgb.tasks.data.artifacts import LOCAL_MODEL as LOCAL_MODEL  # re-exported: the value this module offers
 from ms2rgb.tasks.errors import Ms2rgbError
 
 if TYPE_CHECKING:
     import torch
 
     from ms2rgb.tasks.config import ModelKind
-
-LOCAL_MODEL = "artifacts"  # the --model value that asks for the stage's model file under artifacts/
 
 
 def store_uri(root: Path) -> str:

@@ -3,23 +3,27 @@
 ESA's processing baseline 04.00 (products from 25 January 2022 on) shifts every DN by an offset:
 reflectance = (DN + offset) / quantification, with RADIO_ADD_OFFSET (L1C) or BOA_ADD_OFFSET (L2A)
 = -1000 and QUANTIFICATION_VALUE = 10000. Stored without it, such a scene reads about 0.1 too
-bright. A product brings both numbers in its metadata (tasks/data/sources/s2_metadata.py); bare
+bright. A product brings both numbers in its metadata (tasks/data/sources/s2_metadata.py); a STAC
+item without them its processing baseline (source "baseline": -1000 from 04.00 on, else 0); bare
 band files take the offset from `ms2rgb data ingest --offset` or params `data.radiometric_offset`.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
 from ms2rgb.models.bands import S2_BANDS
-from ms2rgb.tasks.errors import Ms2rgbError
+from ms2rgb.tasks.errors import Ms2rgbError, RasterError
 
 STORED_SCALE = 10000.0  # the pool's uint16 tiles hold reflectance x10000
 OFFSET_RANGE = (-10000, 0)  # ESA adds a negative offset (-1000); a positive one is a sign mistake
-Source = Literal["metadata", "param", "option", "none"]
+BASELINE_OFFSET = ("04.00", -1000.0)  # from this processing baseline on, ESA adds this offset to every DN
+# metadata: stated by the product; baseline: ESA's rule for the baseline it states; param / option: given
+Source = Literal["metadata", "baseline", "param", "option", "none"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,20 @@ def given_offset(offset: float, source: Source, key: str) -> Radiometry:
         )
     source = "none" if (offset == 0 and source == "param") else source
     return Radiometry(dict.fromkeys(S2_BANDS, float(offset)), source=source, origin=None if source == "none" else key)
+
+
+def baseline_offset(baseline: str, where: object, key: str) -> float:
+    """ESA's offset for a processing baseline ("05.09" -> -1000, "03.01" -> 0); `where` and `key`
+    name the input and field in the error for a value that is not a baseline."""
+    match = re.fullmatch(r"(\d{1,2})\.(\d{1,2})", baseline.strip())
+    if match is None:
+        raise RasterError(
+            where,
+            f"{key}={baseline!r} is not a processing baseline like '04.00'",
+            "correct it, or state the offset in the band assets' raster:bands (scale 0.0001, offset -0.1)",
+        )
+    first = tuple(int(part) for part in BASELINE_OFFSET[0].split("."))
+    return BASELINE_OFFSET[1] if (int(match[1]), int(match[2])) >= first else 0.0
 
 
 NO_OFFSET = Radiometry(dict.fromkeys(S2_BANDS, 0.0))

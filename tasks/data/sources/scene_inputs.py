@@ -84,17 +84,25 @@ def _product(item: Input) -> Product | None:
 
 
 def _radiometry(product: Product, given: Radiometry) -> Radiometry:
-    """The product's own radiometry; the offset given for bare files only when it states none."""
+    """The product's own radiometry; the offset given for bare files only when it states none.
+
+    A `--offset` contradicting what the product states is refused, but it overrides an offset
+    inferred from the processing baseline alone (a host may serve DNs already shifted back)."""
     own = product.radiometry
     if own is None:
-        return given
+        said = "states no offset (no raster:bands offsets, no s2:processing_baseline)"
+        note = f"{product.where} {said}; the offset for bare files applies: {given.describe()}"
+        return replace(given, notes=(*given.notes, note))
     if given.source == "option" and given.offsets != own.offsets:
+        if own.source == "baseline":
+            note = f"--offset {given.offsets['B01']:g} given over the baseline rule ({own.notes[0]})"
+            return replace(given, baseline=own.baseline, level=own.level, notes=(note,))
         raise Ms2rgbError(
             f"{product.where}: its metadata ({own.origin}) gives offset(s) {sorted(set(own.offsets.values()))} "
             f"but --offset {given.offsets['B01']:g} was given. Fix: drop --offset; a product's own metadata applies"
         )
     if given.source == "param":
-        return replace(own, notes=(f"{given.origin} not used: the product's metadata applies",))
+        return replace(own, notes=(*own.notes, f"{given.origin} not used: the product's metadata applies"))
     return own
 
 

@@ -36,6 +36,7 @@ from ms2rgb.tasks.data.geotiff import PIXEL_SIZE, TILE_SIZE, sha256_of, tile_bou
 from ms2rgb.tasks.data.manifest import MANIFEST_NAME, make_manifest, write_manifest
 from ms2rgb.tasks.data.sources.band_names import band_from_filename, band_name
 from ms2rgb.tasks.data.sources.radiometry import NO_OFFSET, Radiometry
+from ms2rgb.tasks.data.sources.remote import REMOTE_GDAL_OPTIONS, is_url
 from ms2rgb.tasks.data.sources.scene_inputs import Input, SceneInputs, resolve_inputs
 from ms2rgb.tasks.data.sources.scene_inputs import default_scene_id as default_scene_id
 from ms2rgb.tasks.errors import Ms2rgbError, RasterError, SceneAlreadyInPool
@@ -84,14 +85,17 @@ def _open(path: Input, stack: ExitStack) -> rasterio.DatasetReader:
             "file does not exist",
             "check the path; pass the scene's band files (e.g. *_B01.jp2 ... *_B12.jp2) or one 13-band GeoTIFF",
         )
+    remote = is_url(path)
     try:
-        return stack.enter_context(rasterio.open(path))
+        with rasterio.Env(**(REMOTE_GDAL_OPTIONS if remote else {})):
+            return stack.enter_context(rasterio.open(path))
     except RasterioError as exc:
-        raise RasterError(
-            path,
-            f"cannot be opened as a raster ({exc})",
-            "the file is corrupt or truncated; re-download or re-export it",
-        ) from exc
+        fix = (
+            "check that the URL serves the band file and answers HTTP Range requests (GDAL reads it in place)"
+            if remote
+            else "the file is corrupt or truncated; re-download or re-export it"
+        )
+        raise RasterError(path, f"cannot be opened as a raster ({exc})", fix) from exc
 
 
 def _source(band: str, path: Input, index: int, src: rasterio.DatasetReader) -> BandSource:
