@@ -37,6 +37,27 @@ def _hermetic_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Temp
     monkeypatch.setenv("PATH", f"{DVC.parent}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _free_disk_after_module(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A tiny project that ran the pipeline weighs 0.2-0.7 GB and a full run makes dozens: the folders a
+    module made go once all its tests passed, so the suite fits a CI disk (a failed module's stay for a look)."""
+    base = tmp_path_factory.getbasetemp()
+    before, failed = set(base.iterdir()), request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        for made in set(base.iterdir()) - before:
+            shutil.rmtree(made, ignore_errors=True)
+
+
+def run_checked(args: list[str], cwd: Path, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """subprocess.run that, when the command fails, fails the test with the command's own stderr (tail),
+    so a CI log says why `dvc repro` stopped instead of only its exit status."""
+    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, **kwargs)  # type: ignore[call-overload]
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, args))} exited {done.returncode} in {cwd}:\n{done.stderr[-4000:]}")
+    return done
+
+
 def make_project(dest: Path, profile: str = "tiny") -> Path:
     """Copy what a pipeline run needs into `dest` and make it a git + DVC repo."""
     dest.mkdir(parents=True, exist_ok=True)

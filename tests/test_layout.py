@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 import rasterio
 import yaml
-from conftest import DVC, PROJECT_FILES, REPO
+from conftest import DVC, PROJECT_FILES, REPO, run_checked
 from helpers_data import make_dataset, meadow
 from helpers_params import repo_params
 
@@ -429,7 +429,7 @@ def write_scene(path: Path, size: int = 128) -> Path:
 
 @pytest.fixture
 def reproduced(project: Path) -> Iterator[Path]:
-    subprocess.run([str(DVC), "repro"], cwd=project, check=True, capture_output=True)
+    run_checked([str(DVC), "repro"], cwd=project)
     yield project
 
 

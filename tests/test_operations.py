@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import rasterio
 import yaml
-from conftest import DVC, make_project
+from conftest import DVC, make_project, run_checked
 from fsspec.implementations.memory import MemoryFileSystem
 from helpers_data import meadow
 from rasterio.transform import Affine
@@ -377,7 +377,7 @@ def venv_env(**extra: str) -> dict[str, str]:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny project on which the whole pipeline ran once (dvc repro): every model has a champion."""
     root = make_project(tmp_path_factory.mktemp("trained") / "project")
-    subprocess.run([str(DVC), "repro"], cwd=root, env=venv_env(), check=True, capture_output=True, timeout=1200)
+    run_checked([str(DVC), "repro"], cwd=root, env=venv_env(), timeout=1200)
     return root
 
 

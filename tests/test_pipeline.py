@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from conftest import DVC
+from conftest import DVC, run_checked
 from mlflow.tracking import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
@@ -61,7 +61,7 @@ def test_mlflow_has_parent_and_nested_stage_runs(project: Path) -> None:
 
 
 def test_dvc_repro_then_prefect_skips_everything(project: Path) -> None:
-    subprocess.run([str(DVC), "repro"], cwd=project, check=True, capture_output=True)
+    run_checked([str(DVC), "repro"], cwd=project)
     assert json.loads((project / "reports" / "validate.json").read_text())["passed"] is True
     tracking.configure(project, "ms2rgb")
     runs = len(MlflowClient().search_runs([MlflowClient().get_experiment_by_name("ms2rgb").experiment_id]))
