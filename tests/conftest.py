@@ -13,6 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DVC = Path(sys.executable).parent / "dvc"  # the venv's dvc, whether or not the venv is activated
+SHARED_BUILD_PREFIX = "built-"  # tests/helpers_method_a.py: one build per stage, reused all session
 PROJECT_FILES = ("dvc.yaml", ".dvcignore", "data/scenes/README.md", "data/masks/README.md")
 
 
@@ -40,13 +41,15 @@ def _hermetic_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Temp
 @pytest.fixture(autouse=True, scope="module")
 def _free_disk_after_module(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """A tiny project that ran the pipeline weighs 0.2-0.7 GB and a full run makes dozens: the folders a
-    module made go once all its tests passed, so the suite fits a CI disk (a failed module's stay for a look)."""
+    module made go once all its tests passed, so the suite fits a CI disk (a failed module's stay for a look).
+    The session's shared builds (``built-*``, tests/helpers_method_a.py) serve later modules and stay."""
     base = tmp_path_factory.getbasetemp()
     before, failed = set(base.iterdir()), request.session.testsfailed
     yield
     if request.session.testsfailed == failed:
         for made in set(base.iterdir()) - before:
-            shutil.rmtree(made, ignore_errors=True)
+            if not made.name.startswith(SHARED_BUILD_PREFIX) and not made.is_symlink():
+                shutil.rmtree(made, ignore_errors=True)
 
 
 def run_checked(args: list[str], cwd: Path, **kwargs: object) -> subprocess.CompletedProcess[str]:

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import make_project
+from conftest import SHARED_BUILD_PREFIX, make_project
 
 from ms2rgb.flows.stages import run_stage
 
@@ -23,7 +23,7 @@ def _built(factory: pytest.TempPathFactory, until: str) -> Path:
     """The session's project on which `until` (and every stage before it) has run."""
     if until not in _BUILT:
         index = ORDER.index(until)
-        base = factory.mktemp(f"built-{until}") / "project"
+        base = factory.mktemp(f"{SHARED_BUILD_PREFIX}{until}") / "project"
         if index == 0:
             make_project(base)
         else:
