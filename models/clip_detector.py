@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ms2rgb.models.clip_prompt import PromptConfig, PromptedCLIP
-from ms2rgb.models.pixel_evidence import PixelGaussians
+from ms2rgb.models.pixel_evidence import PixelEvidence, empty_evidence
 
 
 class ClipPixels(nn.Module):
@@ -57,9 +57,9 @@ class ClipPixels(nn.Module):
 class ClassMapDetector(nn.Module):
     """A tuned PromptedCLIP with its class descriptions baked in: RGB 0..255 -> logits (B, K, H, W).
 
-    With ``evidence`` (per-pixel class Gaussians fitted on the shots, ``models/pixel_evidence.py``)
-    the map is the CLIP's upsampled logits plus ``evidence_weight`` times each class's pixel
-    log-likelihood; the weight trains with the prompts (:meth:`trainable_parameters`).
+    With ``evidence`` (a per-pixel expert fitted on the shots, ``models/pixel_evidence.py``) the
+    map is the CLIP's upsampled logits plus ``evidence_weight`` times each class's pixel log-score;
+    the weight trains with the prompts (:meth:`trainable_parameters`), the expert stays as fitted.
 
     ``class_names`` / ``texts`` / ``clip_model`` travel with the pickled model so a loaded
     registry version can say what it detects and re-tokenise other descriptions
@@ -77,7 +77,7 @@ class ClassMapDetector(nn.Module):
         texts: Sequence[str],
         clip_model: str,
         pixel_size_m: float | None = None,
-        evidence: PixelGaussians | None = None,
+        evidence: PixelEvidence | None = None,
         evidence_weight: float = 0.3,
     ) -> None:
         super().__init__()
@@ -160,7 +160,7 @@ def detector_from_payload(
     evidence, weight = None, 0.0
     saved = payload.get("pixel_evidence")
     if saved is not None:
-        evidence = PixelGaussians(saved["windows"], len(payload["class_names"]))
+        evidence = empty_evidence(saved, len(payload["class_names"]))
         evidence.load_state_dict(saved["state"])
         weight = saved["weight"]
     return ClassMapDetector(

@@ -363,11 +363,16 @@ class BaselinesConfig(Section):
 
 
 class PixelEvidenceConfig(Section):
-    """Per-pixel class Gaussians fitted on the shots and added to the CLIP's logits (models/pixel_evidence.py)."""
+    """A per-pixel expert fitted on the shots; its class log-scores join the CLIP's logits (pixel_evidence.py)."""
 
+    model: Literal["mlp", "gaussian"]  # per-pixel network (cross-entropy) or one Gaussian per class (closed form)
     windows: Windows  # sides of the windows whose per-band mean and std join each pixel's RGB
-    ridge: float = Field(gt=0)  # added to each class's covariance (standardised units): few pixels stay invertible
-    init_weight: float = Field(ge=0)  # the evidence's weight before tuning; it trains with the prompts
+    hidden: int = Field(ge=1)  # mlp: width of its two hidden layers
+    steps: int = Field(ge=1)  # mlp: Adam steps of 4096 shot pixels each
+    lr: float = Field(gt=0)  # mlp: Adam's learning rate
+    ridge: float = Field(gt=0)  # gaussian (and the max_likelihood baseline): added to each class's covariance
+    # the evidence's weight before tuning (it trains with the prompts); auto: cross-fitted on the shots
+    init_weight: Annotated[float, Field(ge=0)] | Literal["auto"]
 
 
 # What detector.grids may name beside the method (tasks/detection/plan.py builds each of them).
@@ -383,6 +388,7 @@ DETECTOR_VARIANTS = (
     "pixel_forest",
     "unet",
     "max_likelihood",
+    "pixel_mlp",
 )
 
 

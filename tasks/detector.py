@@ -20,9 +20,10 @@ description"); zero-shot reads ``zero_shot_template`` filled with it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from ms2rgb.models.clip_detector import ClassMapDetector
 from ms2rgb.models.clip_linear_probe import LinearProbeCLIP
 from ms2rgb.models.clip_meta_prompt import MetaPromptedCLIP
 from ms2rgb.models.clip_prompt import PromptedCLIP
-from ms2rgb.models.pixel_evidence import PixelGaussians
+from ms2rgb.models.pixel_evidence import PixelEvidence
 from ms2rgb.tasks.config import DetectorConfig, Params, model_name
 from ms2rgb.tasks.data.artifacts import resumable_staging_dir
 from ms2rgb.tasks.data.atomic import write_atomic
@@ -43,8 +44,9 @@ from ms2rgb.tasks.data.geotiff import PIXEL_SIZE
 from ms2rgb.tasks.data.legend import read_legend
 from ms2rgb.tasks.data.manifest import FOLDER_SOURCE_PREFIX
 from ms2rgb.tasks.data.validated import require_validated
-from ms2rgb.tasks.detection.baselines import run_baseline
+from ms2rgb.tasks.detection.baselines import fit_pixel_expert, run_baseline
 from ms2rgb.tasks.detection.data import first_k_per_class, load_tiles
+from ms2rgb.tasks.detection.evidence_weight import AUTO_FALLBACK_WEIGHT, cross_fitted_weight
 from ms2rgb.tasks.detection.model import DETECTOR_FILE, OUT_DIR, evidence_payload, resolve_pretrained
 from ms2rgb.tasks.detection.plan import PIXEL_BASELINES, Variant, novel_classes, plan
 from ms2rgb.tasks.detection.pretrain import SERVING, prepare_backbone
@@ -76,14 +78,48 @@ class Context:
     out_dir: Path
     device: torch.device
     threads: int
+    # (seed, shots) -> fitted pixel evidence: the variants of one seed and K share one fit (the MLP's ~5 s)
+    evidence_fits: dict[tuple[int, bytes], PixelEvidence] = field(default_factory=dict)
 
 
-def pixel_evidence(ctx: Context, variant: Variant, shots: tuple[torch.Tensor, torch.Tensor]) -> PixelGaussians | None:
-    """The per-pixel class Gaussians of the variant's shots, or None where it goes without them."""
-    cfg = ctx.settings.pixel_evidence
-    if cfg is None or not variant.pixel_evidence or not variant.shots:
+def pixel_evidence(
+    ctx: Context, variant: Variant, shots: tuple[torch.Tensor, torch.Tensor], seed: int
+) -> PixelEvidence | None:
+    """The pixel evidence fitted on the variant's shots (frozen), or None where it goes without it."""
+    if ctx.settings.pixel_evidence is None or not variant.pixel_evidence or not variant.shots:
         return None
-    return PixelGaussians(cfg.windows, len(ctx.classes)).fit(*shots, ridge=cfg.ridge)
+    return fitted_evidence(ctx, *shots, seed)
+
+
+def fitted_evidence(ctx: Context, images: torch.Tensor, masks: torch.Tensor, seed: int) -> PixelEvidence:
+    """The configured expert fitted on these tiles with this seed, fitted once per stage run."""
+    cfg = ctx.settings.pixel_evidence
+    assert cfg is not None  # callers check
+    key = (seed, hashlib.sha1(images.numpy().tobytes() + masks.numpy().tobytes()).digest())
+    if key not in ctx.evidence_fits:
+        ctx.evidence_fits[key] = fit_pixel_expert(cfg, cfg.model, len(ctx.classes), images, masks, seed)
+    return ctx.evidence_fits[key]
+
+
+def start_evidence_weight(
+    ctx: Context, detector: ClassMapDetector, shots: tuple[torch.Tensor, torch.Tensor], seed: int
+) -> None:
+    """Set the evidence weight tuning starts from: params' number, or with ``auto`` the one that
+    cross-fitting on the shots picks (tasks/detection/evidence_weight.py)."""
+    cfg = ctx.settings.pixel_evidence
+    if cfg is None or detector.evidence is None or detector.evidence_weight is None or cfg.init_weight != "auto":
+        return
+    weight = cross_fitted_weight(
+        detector,
+        lambda images, masks: fitted_evidence(ctx, images, masks, seed),
+        *shots,
+        batch_size=ctx.settings.eval_batch_size,
+        fallback=AUTO_FALLBACK_WEIGHT,
+        device=ctx.device,
+    )
+    with torch.no_grad():
+        detector.evidence_weight.fill_(weight)
+    print(f"detector: evidence weight {weight} cross-fitted on the shots (seed {seed})", flush=True)
 
 
 def build_detector(
@@ -105,17 +141,20 @@ def build_detector(
             prompted = PromptedCLIP(ctx.clip, prompt.model(variant.mode))
     except ValueError as err:  # e.g. depth or a similarity layer beyond this CLIP's layers
         raise ParamsError("detector.prompt", prompt.model_dump(), str(err)) from err
-    evidence = pixel_evidence(ctx, variant, shots) if shots is not None else None
-    weight = ctx.settings.pixel_evidence.init_weight if ctx.settings.pixel_evidence else 0.0
-    return ClassMapDetector(
+    evidence = pixel_evidence(ctx, variant, shots, seed) if shots is not None else None
+    configured = ctx.settings.pixel_evidence.init_weight if ctx.settings.pixel_evidence else 0.0
+    detector = ClassMapDetector(
         prompted,
         ctx.tokenizer(texts),
         list(ctx.classes),
         texts,
         ctx.settings.clip.model,
         evidence=evidence,
-        evidence_weight=weight,
+        evidence_weight=AUTO_FALLBACK_WEIGHT if configured == "auto" else configured,
     )
+    if shots is not None:
+        start_evidence_weight(ctx, detector, shots, seed)
+    return detector
 
 
 def _step_printer(label: str, max_steps: int) -> Callable[[int, float], None]:

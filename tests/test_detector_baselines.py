@@ -8,7 +8,7 @@ import torch
 from helpers_params import config, repo_params
 
 from ms2rgb.models.bands import BandMismatchError
-from ms2rgb.models.pixel_evidence import PixelGaussians
+from ms2rgb.models.pixel_evidence import PixelGaussians, PixelMLP
 from ms2rgb.models.unet import UNet, UNetConfig
 from ms2rgb.tasks.config import DetectorConfig
 from ms2rgb.tasks.data.classes import MASK_NODATA
@@ -151,9 +151,9 @@ def test_unet_result_is_a_run_of_the_detector_stage(tiles, settings: DetectorCon
 
 
 def test_unknown_baseline_lists_the_valid_names(tiles, settings: DetectorConfig) -> None:
-    with pytest.raises(Ms2rgbError, match=r"unknown baseline 'svm'.*\['max_likelihood', 'pixel_forest', 'unet'\]"):
+    with pytest.raises(Ms2rgbError, match=r"unknown baseline 'svm'.*\['max_likelihood', 'pixel_forest', 'pixel_mlp'"):
         run_baseline("svm", *tiles, NAMES, settings, 0, CPU, 2)
-    assert set(BASELINE_RUNNERS) == {"pixel_forest", "unet", "max_likelihood"}
+    assert set(BASELINE_RUNNERS) == {"pixel_forest", "unet", "max_likelihood", "pixel_mlp"}
 
 
 def test_max_likelihood_is_the_pixel_evidence_alone(tiles, settings: DetectorConfig) -> None:
@@ -166,6 +166,19 @@ def test_max_likelihood_is_the_pixel_evidence_alone(tiles, settings: DetectorCon
     without = settings.model_copy(update={"pixel_evidence": None})
     with pytest.raises(ParamsError, match="detector.pixel_evidence"):
         run_baseline("max_likelihood", *tiles, NAMES, without, 0, CPU, 2)
+
+
+def test_pixel_mlp_is_the_default_evidence_alone_and_repeats_for_a_seed(tiles, settings: DetectorConfig) -> None:
+    cfg = settings.pixel_evidence
+    result = run_baseline("pixel_mlp", *tiles, NAMES, settings, 3, CPU, 2)
+    again = run_baseline("pixel_mlp", *tiles, NAMES, settings, 3, CPU, 2)
+    evidence = PixelMLP(cfg.windows, 3, cfg.hidden).fit(*tiles[0], steps=cfg.steps, lr=cfg.lr, seed=3)
+    with torch.no_grad():
+        expected = evidence(tiles[1][0]).argmax(dim=1).numpy()
+    assert (result.preds == expected).all() and (again.preds == result.preds).all()
+    assert result.trainable_params == sum(p.numel() for p in evidence.parameters()) + sum(
+        b.numel() for b in evidence.buffers()
+    )
 
 
 # --- cost and config --------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ REQUIRED = (
 )
 COMPARED = {
     "zero_shot", "no_pixel_evidence", "text_prompts", "visual_prompts", "independent", "linear_probe", "meta_net",
-    "pixel_forest", "unet", "max_likelihood",
+    "pixel_forest", "unet", "max_likelihood", "pixel_mlp",
 }  # fmt: skip
 VARIANTS = {"pretrain", "full_k1", "base_to_novel", *COMPARED}
 SEEDS = 2  # the tiny profile's detector.seeds

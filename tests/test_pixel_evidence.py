@@ -1,4 +1,5 @@
-"""The detector's per-pixel evidence: Gaussians fitted on the shots, their place in the map, tuning and resume."""
+"""The detector's per-pixel evidence: Gaussians or a pixel MLP fitted on the shots, their place in the map, tuning
+and resume."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from helpers_params import config
 from ms2rgb.models.clip_backbone import TINY_MODEL, load_clip
 from ms2rgb.models.clip_detector import ClassMapDetector
 from ms2rgb.models.clip_prompt import PromptConfig, PromptedCLIP
-from ms2rgb.models.pixel_evidence import PixelGaussians
+from ms2rgb.models.pixel_evidence import PixelGaussians, PixelMLP
+from ms2rgb.tasks.detection.evidence_weight import WEIGHTS, cross_fitted_weight
 from ms2rgb.tasks.detection.model import detector_from_state, evidence_payload
 from ms2rgb.tasks.detection.tune import tune
 from ms2rgb.tasks.training.augment import dihedral
@@ -75,6 +77,35 @@ def test_evidence_turns_with_the_tile() -> None:
         torch.testing.assert_close(evidence(dihedral(images, k)), dihedral(evidence(images), k), atol=1e-3, rtol=1e-4)
 
 
+def test_the_pixel_mlp_learns_a_class_no_single_gaussian_fits() -> None:
+    # Class 0 is red *or* blue, class 1 green: one Gaussian per class puts class 0's mean on purple.
+    masks = stripes(6, classes=3)
+    images = painted(masks, 0, noise_std=8.0)
+    two_class = torch.where(masks == 2, torch.zeros_like(masks), masks)  # blue stripes labelled 0 as well
+    mlp = PixelMLP([5], 2, hidden=32).fit(images, two_class, steps=300, seed=0)
+    test = stripes(3)
+    truth = torch.where(test == 2, torch.zeros_like(test), test)
+    with torch.no_grad():
+        accuracy = (mlp(painted(test, 1, noise_std=8.0)).argmax(1) == truth).float().mean().item()
+    assert accuracy > 0.95
+    assert all(not p.requires_grad for p in mlp.parameters()), "a fitted expert must stay frozen during tuning"
+
+
+def test_the_pixel_mlp_repeats_for_a_seed_and_gives_unseen_classes_the_best_known_score() -> None:
+    masks = stripes(4)
+    images = painted(masks, 0)
+    first = PixelMLP([5], 4, hidden=16).fit(images, masks, steps=30, seed=7)
+    second = PixelMLP([5], 4, hidden=16).fit(images, masks, steps=30, seed=7)
+    other = PixelMLP([5], 4, hidden=16).fit(images, masks, steps=30, seed=8)
+    with torch.no_grad():
+        scores = first(images[:2])
+        torch.testing.assert_close(scores, second(images[:2]), rtol=0, atol=0)
+        assert not torch.equal(scores, other(images[:2]))
+    assert first.known.tolist() == [True, True, True, False]
+    torch.testing.assert_close(scores[:, 3], scores[:, :3].max(dim=1).values)
+    assert torch.allclose(scores[:, :3].exp().sum(dim=1), torch.ones(1))  # probabilities over the known classes
+
+
 @pytest.fixture(scope="module")
 def clip_and_tokenizer() -> tuple[torch.nn.Module, object]:
     torch.manual_seed(0)
@@ -82,12 +113,15 @@ def clip_and_tokenizer() -> tuple[torch.nn.Module, object]:
     return clip, tokenizer
 
 
-def detector_with_evidence(clip_and_tokenizer: tuple, images: torch.Tensor, masks: torch.Tensor) -> ClassMapDetector:
+def detector_with_evidence(
+    clip_and_tokenizer: tuple, images: torch.Tensor, masks: torch.Tensor, kind: str = "gaussian"
+) -> ClassMapDetector:
     clip, tokenizer = clip_and_tokenizer
     torch.manual_seed(0)
     prompted = PromptedCLIP(clip, PromptConfig(n_ctx=2, depth=2, similarity_layers=(2, 3), mode="coupled"))
     texts = ["red tiled roofs", "green grass", "blue water"]
-    evidence = PixelGaussians([5], 3).fit(images, masks)
+    mlp = PixelMLP([5], 3, hidden=8)
+    evidence = PixelGaussians([5], 3).fit(images, masks) if kind == "gaussian" else mlp.fit(images, masks, steps=5)
     names, tokens = ["roof", "grass", "water"], tokenizer(texts)
     return ClassMapDetector(prompted, tokens, names, texts, TINY_MODEL, evidence=evidence, evidence_weight=0.3)
 
@@ -130,8 +164,9 @@ def test_tuning_moves_the_weight_and_a_resume_reproduces_it(
         torch.testing.assert_close(value, resumed.tuned_state_dict()[key], rtol=0, atol=0, msg=key)
 
 
-def test_saved_evidence_gives_the_same_map_after_loading(clip_and_tokenizer: tuple, shots: tuple) -> None:
-    detector = detector_with_evidence(clip_and_tokenizer, *shots).eval()
+@pytest.mark.parametrize("kind", ["gaussian", "mlp"])
+def test_saved_evidence_gives_the_same_map_after_loading(clip_and_tokenizer: tuple, shots: tuple, kind: str) -> None:
+    detector = detector_with_evidence(clip_and_tokenizer, *shots, kind=kind).eval()
     with torch.no_grad():
         detector.evidence_weight.fill_(0.7)
     state = {
@@ -145,3 +180,30 @@ def test_saved_evidence_gives_the_same_map_after_loading(clip_and_tokenizer: tup
     loaded = detector_from_state(state, clip_and_tokenizer[0], clip_and_tokenizer[1], Path("detector.pt")).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(shots[0][:2]), detector(shots[0][:2]))
+
+
+def test_cross_fitting_weights_a_telling_expert_up_and_a_blind_one_down(clip_and_tokenizer: tuple) -> None:
+    masks = torch.cat([stripes(4), stripes(2)]).repeat(1, 2, 2)  # 64 px: the tiny CLIP's size
+    coloured = painted(masks, 3, noise_std=40.0)  # the colours tell the classes apart: trust the pixels
+    grey = torch.full_like(coloured, 128) + torch.randint_like(coloured, 0, 3)  # nothing in the pixels
+    detector = detector_with_evidence(clip_and_tokenizer, coloured, masks)
+
+    def fit(images: torch.Tensor, labels: torch.Tensor) -> PixelMLP:
+        return PixelMLP([5], 3, hidden=16).fit(images, labels, steps=100)
+
+    telling = cross_fitted_weight(detector, fit, coloured, masks, batch_size=4, fallback=0.3, device=CPU)
+    blind = cross_fitted_weight(detector, fit, grey, masks, batch_size=4, fallback=0.3, device=CPU)
+    assert telling in WEIGHTS and blind in WEIGHTS
+    assert telling >= 1.0 and blind == 0.0, (telling, blind)
+
+
+def test_cross_fitting_falls_back_when_a_fold_has_no_labelled_pixel(clip_and_tokenizer: tuple, shots: tuple) -> None:
+    images, masks = shots
+    unlabelled_odd = masks.clone()
+    unlabelled_odd[1::2] = 255
+    detector = detector_with_evidence(clip_and_tokenizer, images, masks)
+
+    def fit(tiles: torch.Tensor, labels: torch.Tensor) -> PixelGaussians:
+        return PixelGaussians([5], 3).fit(tiles, labels)
+
+    assert cross_fitted_weight(detector, fit, images, unlabelled_odd, 4, fallback=0.42, device=CPU) == 0.42

@@ -2,8 +2,10 @@
 
 - ``pixel_forest``: a per-pixel random forest on RGB and local texture (``pixel_forest.py``);
 - ``unet``: a small U-Net from scratch, trained like the prompts (``unet_baseline.py``);
-- ``max_likelihood``: the classic Gaussian maximum-likelihood classifier per pixel, which is the
-  detector's pixel evidence alone (``models/pixel_evidence.py``, same features), without the CLIP.
+- ``max_likelihood``: the classic Gaussian maximum-likelihood classifier per pixel
+  (``models/pixel_evidence.py``, the detector's pixel features), without the CLIP;
+- ``pixel_mlp``: the detector's default pixel evidence alone (a per-pixel network on the same
+  features), without the CLIP: what the CLIP adds to it is the method's row minus this one.
 
 Each runner fits on the shots, predicts the test tiles and returns a :class:`BaselineResult` whose
 ``scores`` have the keys ``tune.evaluate`` returns (``miou``, ``pixel_accuracy``, ``per_class_iou``,
@@ -21,8 +23,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ms2rgb.models.pixel_evidence import PixelGaussians
-from ms2rgb.tasks.config import DetectorConfig
+from ms2rgb.models.pixel_evidence import PixelEvidence, PixelGaussians, PixelMLP
+from ms2rgb.tasks.config import DetectorConfig, PixelEvidenceConfig
 from ms2rgb.tasks.data.classes import MASK_NODATA
 from ms2rgb.tasks.detection.pixel_forest import fit_pixel_forest, node_count, predict_pixel_forest
 from ms2rgb.tasks.detection.unet_baseline import build_unet, predict_unet, train_unet
@@ -128,6 +130,41 @@ def run_unet(
     return BaselineResult(scores, pred, train_seconds, trainable, memory.mb, losses)
 
 
+def _evidence_settings(settings: DetectorConfig, name: str) -> PixelEvidenceConfig:
+    if settings.pixel_evidence is None:
+        raise ParamsError(
+            "detector.pixel_evidence", None, f"the {name} baseline uses its windows and fitting settings; set them"
+        )
+    return settings.pixel_evidence
+
+
+def fit_pixel_expert(
+    cfg: PixelEvidenceConfig, model: str, n_classes: int, images: torch.Tensor, masks: torch.Tensor, seed: int
+) -> PixelEvidence:
+    """The pixel expert ``model`` ("mlp" or "gaussian") with ``cfg``'s settings, fitted on these tiles."""
+    if model == "mlp":
+        return PixelMLP(cfg.windows, n_classes, cfg.hidden).fit(images, masks, steps=cfg.steps, lr=cfg.lr, seed=seed)
+    return PixelGaussians(cfg.windows, n_classes).fit(images, masks, ridge=cfg.ridge)
+
+
+def _evidence_alone(
+    fit: Callable[[], PixelEvidence], test: Tiles, class_names: Sequence[str], settings: DetectorConfig
+) -> BaselineResult:
+    """Fit a pixel expert, then give each test pixel its best-scoring class."""
+    start = time.perf_counter()
+    with PeakMemory(CPU) as memory:
+        evidence = fit()
+    train_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    with torch.no_grad():
+        step = settings.eval_batch_size
+        maps = torch.cat([evidence(test[0][i : i + step]).argmax(dim=1) for i in range(0, len(test[0]), step)])
+    pred = maps.to(torch.uint8).numpy()
+    scores = score(pred, test[1], class_names, time.perf_counter() - start)
+    fitted = sum(b.numel() for b in evidence.buffers()) + sum(p.numel() for p in evidence.parameters())
+    return BaselineResult(scores, pred, train_seconds, fitted, memory.mb, [])
+
+
 def run_max_likelihood(
     train: Tiles,
     test: Tiles,
@@ -140,29 +177,32 @@ def run_max_likelihood(
 ) -> BaselineResult:
     """Fit one Gaussian per class on the shots' pixels (closed form: the seed, device and steps are unused)
     and give each test pixel its most likely class."""
-    cfg = settings.pixel_evidence
-    if cfg is None:
-        raise ParamsError(
-            "detector.pixel_evidence", None, "the max_likelihood baseline uses its windows and ridge; set them"
-        )
-    start = time.perf_counter()
-    with PeakMemory(CPU) as memory:
-        gaussians = PixelGaussians(cfg.windows, len(class_names)).fit(*train, ridge=cfg.ridge)
-    train_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    with torch.no_grad():
-        step = settings.eval_batch_size
-        maps = torch.cat([gaussians(test[0][i : i + step]).argmax(dim=1) for i in range(0, len(test[0]), step)])
-    pred = maps.to(torch.uint8).numpy()
-    scores = score(pred, test[1], class_names, time.perf_counter() - start)
-    parameters = sum(b.numel() for b in gaussians.buffers())
-    return BaselineResult(scores, pred, train_seconds, parameters, memory.mb, [])
+    cfg = _evidence_settings(settings, "max_likelihood")
+    expert = lambda: fit_pixel_expert(cfg, "gaussian", len(class_names), *train, seed)
+    return _evidence_alone(expert, test, class_names, settings)
+
+
+def run_pixel_mlp(
+    train: Tiles,
+    test: Tiles,
+    class_names: Sequence[str],
+    settings: DetectorConfig,
+    seed: int,
+    device: torch.device,
+    threads: int,
+    on_step: Callable[[int, float], None] | None = None,
+) -> BaselineResult:
+    """Train the per-pixel network of ``detector.pixel_evidence`` on the shots (CPU, seeded) and map with it alone."""
+    cfg = _evidence_settings(settings, "pixel_mlp")
+    expert = lambda: fit_pixel_expert(cfg, "mlp", len(class_names), *train, seed)
+    return _evidence_alone(expert, test, class_names, settings)
 
 
 BASELINE_RUNNERS: dict[str, Runner] = {
     "pixel_forest": run_pixel_forest,
     "unet": run_unet,
     "max_likelihood": run_max_likelihood,
+    "pixel_mlp": run_pixel_mlp,
 }
 
 

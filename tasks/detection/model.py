@@ -14,6 +14,7 @@ import torch
 
 from ms2rgb.models.clip_backbone import load_clip  # importing it registers the project's CLIP configs
 from ms2rgb.models.clip_detector import ClassMapDetector, detector_from_payload
+from ms2rgb.models.pixel_evidence import evidence_spec
 from ms2rgb.tasks.data.pixel_size import recorded_pixel_size
 from ms2rgb.tasks.errors import Ms2rgbError
 
@@ -29,11 +30,11 @@ def resolve_pretrained(root: Path, pretrained: str | None) -> str | None:
 
 
 def evidence_payload(detector: ClassMapDetector) -> dict[str, Any] | None:
-    """What detector.pt keeps of the pixel evidence (windows, fitted Gaussians, tuned weight), or None."""
+    """What detector.pt keeps of the pixel evidence (its kind and shape, fitted state, tuned weight), or None."""
     if detector.evidence is None or detector.evidence_weight is None:
         return None
     return {
-        "windows": list(detector.evidence.windows),
+        **evidence_spec(detector.evidence),
         "state": detector.evidence.state_dict(),
         "weight": float(detector.evidence_weight.detach()),
     }

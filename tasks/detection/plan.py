@@ -6,8 +6,8 @@ with the same seeds. Kinds:
 - ``prompts``: the frozen CLIP with learned prompts of one ``PromptConfig.mode`` (zero-shot: none);
 - ``linear_probe`` / ``meta_net``: the same frozen CLIP with a 1x1 classifier on its patch features
   (``models/clip_linear_probe.py``), or CoCoOp's meta-network (``models/clip_meta_prompt.py``);
-- ``pixel_forest`` / ``unet`` / ``max_likelihood``: no CLIP, fitted on the same shots
-  (``tasks/detection/baselines.py``); the last is the pixel evidence alone.
+- ``pixel_forest`` / ``unet`` / ``max_likelihood`` / ``pixel_mlp``: no CLIP, fitted on the same
+  shots (``tasks/detection/baselines.py``); the last is the default pixel evidence alone.
 
 Every tuned CLIP variant adds the shots' per-pixel evidence to its map when ``detector.pixel_evidence``
 is set (``models/pixel_evidence.py``); ``no_pixel_evidence`` is the full method without it, the seed's
@@ -30,7 +30,7 @@ FULL_MODE = "coupled"
 ABLATIONS = {"text_prompts": "text", "visual_prompts": "visual", "independent": "independent"}
 PURE_METHOD = "no_pixel_evidence"  # the full method without the pixel evidence
 CLIP_BASELINES = ("linear_probe", "meta_net")  # on the frozen CLIP
-PIXEL_BASELINES = ("pixel_forest", "unet", "max_likelihood")  # without it
+PIXEL_BASELINES = ("pixel_forest", "unet", "max_likelihood", "pixel_mlp")  # without it
 META_NET_MODE = "independent"  # prompts the meta-network conditions: both branches, as the method
 OPEN_VOCABULARY = "base_to_novel"
 
