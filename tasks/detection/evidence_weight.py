@@ -1,8 +1,8 @@
 """The pixel evidence's starting weight, chosen on the shots by two-fold cross-fitting (``init_weight: auto``).
 
 Tuning stops at the loss threshold after a handful of steps, so the weight that multiplies the
-evidence barely leaves where it starts, and the best start differs by data: 0.3 suits the
-default's Gaussians, 1.0 the per-pixel network on scene tiles (README, Method B). The shots
+evidence barely leaves where it starts, and the best start differs by data: for the per-pixel
+network 0.3 suits the embedded default, 1.0 real scene tiles (README, Method B). The shots
 cannot score a weight directly, since an expert fitted on them is sure of their every pixel. So
 the shot tiles are split in two folds; the expert fitted on one fold scores the other's labelled
 pixels beside the untuned CLIP's logits, and the weight with the lowest mean cross-entropy over
