@@ -14,21 +14,18 @@ import pyogrio
 import pytest
 import rasterio
 import shapely.geometry
-import torch
 import yaml
-from conftest import REPO, make_project
+from conftest import REPO
 from helpers_params import config, repo_params
 from helpers_rasters import CRS, TRANSFORM, smooth_rgb, write_raster
 from PIL import Image as PILImage
 
 from ms2rgb.flows.cli import main as cli_main
-from ms2rgb.flows.stages import run_stage
 from ms2rgb.tasks.data.classes import MASK_NODATA
 from ms2rgb.tasks.data.legend import read_legend
 from ms2rgb.tasks.data.manifest import MANIFEST_NAME, SEGMENTATION_SPLITS, SOURCE_FILE, read_manifest
 from ms2rgb.tasks.data.sources.mask_folder import IMPORT_DIR, build_folder_segmentation, image_splits, import_masks
 from ms2rgb.tasks.detection.captions import captions
-from ms2rgb.tasks.detection.model import DETECTOR_FILE
 from ms2rgb.tasks.errors import DataError, Ms2rgbError, ParamsError
 from ms2rgb.tasks.validate import validate_dataset
 
@@ -470,22 +467,3 @@ def test_the_cli_command_tiles_into_the_params_folder_and_refuses_inputs_inside_
     err = capsys.readouterr().err.strip()
     assert err.startswith("ms2rgb: error: ") and "--legend lies inside" in err and "\n" not in err
     assert inside.is_file()
-
-
-@pytest.mark.slow
-def test_a_tiny_project_trains_the_detector_on_the_users_classes(inputs: tuple, tmp_path: Path) -> None:
-    root = make_project(tmp_path / "project")
-    assert (root / "data/masks/README.md").is_file()  # the committed file prepare's DVC dep needs
-    images, masks, legend = inputs
-    import_masks(images, masks, legend, root / "data" / "masks", max_ignore_share=LIMIT, progress=lambda _: None)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["data"]["segmentation"]["source"] = "folder"
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert run_stage("prepare", root)["segmentation_source"] == "folder"
-    assert read_legend(root / "data" / "prepared") == {"water": "open water of a lake", "forest": "dense tree canopy"}
-    assert run_stage("validate", root)["passed"]
-    report = run_stage("detector", root)
-    assert set(report["per_class_iou"]) <= {"water", "forest"}
-    saved = torch.load(root / "artifacts" / "detector" / DETECTOR_FILE, weights_only=False)
-    assert saved["class_names"] == ["water", "forest"]
-    assert saved["pixel_size_m"] is None  # the user's images keep a GSD the stage does not see: detect skips the check
