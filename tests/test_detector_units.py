@@ -17,6 +17,7 @@ from ms2rgb.tasks.data.cache import CachedSplit
 from ms2rgb.tasks.data.classes import SURFACE_CLASSES, SURFACE_NAMES
 from ms2rgb.tasks.data.windows import ImageReader, plan_blocks
 from ms2rgb.tasks.detection.captions import caption, composition
+from ms2rgb.tasks.detection.data import first_k_per_class
 from ms2rgb.tasks.detection.detect import block_logits, resolve_classes, sliding_logits, window_starts
 from ms2rgb.tasks.detection.pretrain import multi_positive_clip_loss, pretrain_clip
 from ms2rgb.tasks.detection.tune import STOP_MAX_STEPS, STOP_THRESHOLD, latest_checkpoint, stop_reason, tune
@@ -189,6 +190,30 @@ def test_fallback_pretraining_is_seeded_and_trains_every_clip_tensor(tiles: tupl
         assert torch.equal(value, states[1][key]), key
     assert not torch.equal(states[0]["visual.proj"], start["visual.proj"])
     assert not torch.equal(states[0]["text_projection"], start["text_projection"])
+
+
+def shot_split(labels: list[int], locations: list[str]) -> CachedSplit:
+    n = len(labels)
+    return CachedSplit(
+        images=np.zeros((n, 3, 4, 4), np.uint8),
+        labels=np.array(labels),
+        ids=[f"t{i}" for i in range(n)],
+        location_ids=locations,
+        masks=None,
+    )
+
+
+def test_shots_are_spread_over_images_before_a_second_tile_of_one_image_is_taken() -> None:
+    # class 0: three tiles of image a, then one each of b and c; class 1: two of image a, one of d
+    split = shot_split([0, 0, 0, 1, 1, 0, 0, 1], ["a", "a", "a", "a", "a", "b", "c", "d"])
+    assert first_k_per_class(split, 2).tolist() == [0, 3, 5, 7]  # cache order alone: [0, 1, 3, 4]
+    assert first_k_per_class(split, 3).tolist() == [0, 3, 4, 5, 6, 7]
+
+
+def test_shots_of_tiles_that_are_each_their_own_location_keep_cache_order() -> None:
+    labels = [2, 0, 1, 0, 2, 1, 0]
+    split = shot_split(labels, [f"loc{i}" for i in range(len(labels))])
+    assert first_k_per_class(split, 2).tolist() == [0, 1, 2, 3, 4, 5]
 
 
 # ---------------------------------------------------------------- captions and metrics

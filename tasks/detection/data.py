@@ -29,8 +29,27 @@ def shot_groups(split: CachedSplit) -> np.ndarray:
     return np.where(counts.max(1) > 0, counts.argmax(1), -1)
 
 
+def spread_over_locations(groups: np.ndarray, locations: np.ndarray) -> np.ndarray:
+    """Row indices in the order shots are taken: every location's first tile of a class before any
+    location's second, cache order within a round.
+
+    Tiles cut from one image or scene block share a location, and cache order lists them together:
+    K shots taken in plain cache order came from one or two images of a user's own masks (aerial
+    sample: every `land` and `water` shot from a single image). Where every tile is its own location
+    (the synthetic tiles) this is plain cache order.
+    """
+    keys = np.char.add(np.char.add(groups.astype(str), "|"), np.asarray(locations).astype(str))
+    _, key_ids = np.unique(keys, return_inverse=True)
+    order = np.argsort(key_ids, kind="stable")  # rows grouped by (class, location), cache order inside
+    starts = np.r_[0, np.flatnonzero(np.diff(key_ids[order])) + 1]
+    rank = np.empty(len(groups), dtype=np.int64)
+    rank[order] = np.arange(len(groups)) - np.repeat(starts, np.diff(np.r_[starts, len(groups)]))
+    return np.lexsort((np.arange(len(groups)), rank))  # by rank within (class, location), then cache order
+
+
 def first_k_per_class(split: CachedSplit, k: int) -> np.ndarray:
-    """Row indices of the first K tiles (cache order) of every class present in the split (shot_groups)."""
+    """Row indices (ascending) of K tiles of every class present in the split (shot_groups), spread over
+    the split's locations (`spread_over_locations`)."""
     if k < 1:
         raise Ms2rgbError(f"K={k} shots per class: K must be >= 1")
     groups = shot_groups(split)
@@ -42,7 +61,8 @@ def first_k_per_class(split: CachedSplit, k: int) -> np.ndarray:
             f"the few-shot split has {int(counts.min())} tile(s) of class {short}, fewer than "
             f"K={k}; lower detector.shots or give the few-shot split more tiles and re-run prepare"
         )
-    return np.flatnonzero(first_k_of_each(groups, k))
+    order = spread_over_locations(groups, split.location_ids)
+    return np.sort(order[first_k_of_each(groups[order], k)])
 
 
 def load_tiles(split: CachedSplit, rows: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
