@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export MPLBACKEND := Agg
 
-.PHONY: run test quick lint format typecheck install bench clean serve stop compare
+.PHONY: run test quick lint format typecheck install bench clean serve stop deploy worker compare
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -54,6 +54,18 @@ serve: $(STAMP)
 
 stop:
 	$(BIN)/ms2rgb serve --stop
+
+# The work-pool path to the same three deployments: prefect.yaml on the process pool WORK_POOL of the server at
+# PREFECT_API_URL (pool created if missing; `prefect deploy --all`; the retrain trigger), see flows/work_pool.py.
+# Then `make worker` here, or `.venv/bin/prefect worker start --pool $(WORK_POOL)` on any machine that has the
+# project at this path: each flow run is a subprocess of the worker, in this folder.
+# The pool prefect.yaml names (tests/test_work_pool.py keeps the two equal).
+WORK_POOL := ms2rgb
+deploy: $(STAMP)
+	$(BIN)/ms2rgb deploy
+
+worker: $(STAMP)
+	$(BIN)/prefect worker start --pool $(WORK_POOL)
 
 # Method A's full comparison (every variant x K in {5, 25, all} x seeds), after `make run`; see README.
 compare: $(STAMP)

@@ -119,6 +119,20 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     serving.serve(root)
 
 
+def _cmd_deploy(args: argparse.Namespace) -> None:
+    from ms2rgb.flows import work_pool
+
+    _prefect_env()
+    root = Path(args.root).resolve()
+    info = work_pool.deploy(root)
+    print(f"Prefect API: {info['api_url']}")
+    print(f"work pool {info['pool']!r} ({work_pool.POOL_TYPE}): {info['pool_state']}")
+    print(f"deployed {', '.join(info['deployments'])}; retrain trigger: {info['trigger']}")
+    # The worker's Python runs each flow run, so it must be the one that has ms2rgb installed.
+    prefect_cli = Path(sys.executable).parent / "prefect"
+    print(f"run them: {prefect_cli} worker start --pool {info['pool']}   (or `make worker`)")
+
+
 def _cmd_stage(args: argparse.Namespace) -> None:
     from ms2rgb.flows.stages import run_stage
 
@@ -173,6 +187,7 @@ def _cmd_eurosat(args: argparse.Namespace) -> None:
 
 
 def _cmd_ingest(args: argparse.Namespace) -> None:
+    from ms2rgb.flows.dvc_state import track_raw
     from ms2rgb.tasks.config import load_params
     from ms2rgb.tasks.data.sources.radiometry import given_offset
     from ms2rgb.tasks.data.sources.scenes import ingest_scene
@@ -190,10 +205,14 @@ def _cmd_ingest(args: argparse.Namespace) -> None:
         frame = ingest_scene(
             scenes, scenes_dir, scene_id=args.scene_id, max_cloud_share=data.max_cloud_share, radiometry=given
         )
+        tracked = track_raw(Path(args.root), scenes_dir / frame["path"].iloc[0].split("/")[0])
     print(f"{len(frame)} tiles added to the MS pool under {scenes_dir}; the next run re-prepares the data")
+    if tracked is not None:
+        print(f"versioned by DVC: commit {tracked.name} to git, `dvc push` to share the scene")
 
 
 def _cmd_masks(args: argparse.Namespace) -> None:
+    from ms2rgb.flows.dvc_state import track_raw
     from ms2rgb.tasks.config import load_params
     from ms2rgb.tasks.data.sources.mask_folder import IMPORT_DIR, import_masks
 
@@ -209,10 +228,13 @@ def _cmd_masks(args: argparse.Namespace) -> None:
             out,
             max_ignore_share=params.validation.max_ignore_share,
         )
+        tracked = track_raw(Path(args.root), out / IMPORT_DIR)
     images = done.manifest["location_id"].nunique()
     hint = "" if seg.source == "folder" else "; set data.segmentation.source: folder to train the detector on them"
     print(f"{len(done.manifest)} tiles of {images} images written to {out / IMPORT_DIR}{hint}")
     print(f"tiles left out: {done.left_out.describe(done.max_ignore_share)}")
+    if tracked is not None:
+        print(f"versioned by DVC: commit {tracked.name} to git, `dvc push` to share the tiles")
 
 
 RESAMPLE_HELP = (
@@ -309,6 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=4200, help="port of the local server --detach starts (default 4200)")
     serve.add_argument("--no-ui", action="store_true", help="start the local server without its web UI")
     serve.set_defaults(func=_cmd_serve)
+    deploy = sub.add_parser(
+        "deploy",
+        help="register prefect.yaml's deployments on its process work pool (created if missing) and the retrain "
+        "trigger with the server at PREFECT_API_URL (`make deploy`); workers run them",
+    )
+    deploy.set_defaults(func=_cmd_deploy)
     watch = sub.add_parser("watch", help="poll the landing location: ingest new scenes, quarantine bad ones")
     watch.add_argument(
         "--polls", type=int, default=0, help="polls at most, until nothing is settling (default: landing.stable_polls)"

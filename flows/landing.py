@@ -42,6 +42,7 @@ import fsspec
 import pandas as pd
 from rasterio.errors import RasterioError
 
+from ms2rgb.flows.dvc_state import track_raw
 from ms2rgb.flows.ledger import load_ledger, now, save_ledger, state_dir
 from ms2rgb.flows.locations import (
     CHUNK,
@@ -275,6 +276,7 @@ def _take(ctx: _Poll, entry: _Entry, sha: str) -> Outcome:
         return _refuse(ctx, entry.name, str(exc))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    track_raw(ctx.root, ctx.scenes_dir / scene_id)  # pushed and pulled with the project (flows/dvc_state.py)
     info = {"scene_id": scene_id, "tiles": len(frame), "reason": None, "ingested_s": time.time()}
     _record(ctx, entry, sha, "ingested", retrain={"status": "pending", "attempts": 0}, **info)
     ctx.progress(f"landing: {entry.name}: {len(frame)} tiles joined the MS pool as {scene_id}")

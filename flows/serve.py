@@ -13,10 +13,13 @@ retrain trigger's automation, so projects sharing a Prefect server keep theirs a
 `retrain/ms2rgb-on-new-scenes` has a deployment concurrency limit of 1 with collision strategy ENQUEUE: a
 second retrain waits (state `AwaitingConcurrencySlot`) until the first has finished.
 
-Why `prefect.serve` with `to_deployment` rather than a work pool with `deploy`: one process on the
-project's machine, nothing else to install or configure (no work pool, no worker, no image or code
-storage); each flow run is a subprocess of it that sees the project's files and `.venv`, which is
-exactly what the pipeline needs. `make stop` (or killing that process) ends the runs it started.
+Why `prefect.serve` with `to_deployment` for the one-command path: one process on the project's
+machine, nothing else to install or configure (no work pool, no worker, no image or code storage); each
+flow run is a subprocess of it that sees the project's files and `.venv`, which is exactly what the
+pipeline needs. `make stop` (or killing that process) ends the runs it started. The other path,
+prefect.yaml on a process work pool (`make deploy`, then `prefect worker start`; flows/work_pool.py),
+registers the same three deployments for workers that run apart from this process (tests/test_work_pool.py
+keeps the two equal).
 
 Why the retrain trigger is created here and not passed as `triggers=` to `to_deployment`: `serve`
 would delete and re-create the automation at every start, and on a SQLite server every automation
@@ -172,6 +175,19 @@ def ensure_automation(root: Path, prefix: str, deployment_id: Any) -> str:
     return "created"
 
 
+def install_trigger(root: Path, prefix: str, deployment_id: Any, url: str, rerun: str) -> str:
+    """ensure_automation, then a check that the server at `url` still answers (see the module docstring);
+    `rerun` is the fix that restarts it. Shared by `ms2rgb serve` and `ms2rgb deploy` (flows/work_pool.py)."""
+    automation = ensure_automation(root, prefix, deployment_id)
+    if automation != "kept" and not healthy(url, HEALTH_AFTER_WRITE_S):
+        raise Ms2rgbError(
+            f"the Prefect server at {url} stopped answering right after the retrain trigger's "
+            f"automation was written: the SQLite automations deadlock ({ISSUE_23055}). The automation is stored, "
+            f"so a restart writes none. Fix: {rerun}"
+        )
+    return automation
+
+
 def serve(root: Path) -> None:
     """Register the three deployments and serve them until interrupted (the `ms2rgb serve` command)."""
     import prefect
@@ -190,13 +206,9 @@ def serve(root: Path) -> None:
     prefix = params.tracking.model_prefix
     deployments = build_deployments(root, params)
     retrain_id = deployments[2].apply()
-    automation = ensure_automation(root, prefix, retrain_id)
-    if automation != "kept" and not healthy(url, HEALTH_AFTER_WRITE_S):
-        raise Ms2rgbError(
-            f"the Prefect server at {url} stopped answering right after the retrain trigger's "
-            f"automation was written: the SQLite automations deadlock ({ISSUE_23055}). The automation is stored, "
-            "so a restart writes none. Fix: `make stop && make serve` (or restart your server, then `ms2rgb serve`)"
-        )
+    automation = install_trigger(
+        root, prefix, retrain_id, url, rerun="`make stop && make serve` (or restart your server, then `ms2rgb serve`)"
+    )
     print(f"serving {', '.join(all_names(prefix))}", flush=True)
     print(f"retrain trigger ({automation_name(prefix)!r}): {automation}", flush=True)
     prefect.serve(*deployments)

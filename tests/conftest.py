@@ -1,9 +1,11 @@
-"""Shared fixtures: a real project copy (git + DVC repo) on the tiny profile, under tmp dirs."""
+"""Shared fixtures: a real project copy (git + DVC repo) on the tiny profile, under tmp dirs; a loopback
+Prefect server for the modules that start real flow runs."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DVC = Path(sys.executable).parent / "dvc"  # the venv's dvc, whether or not the venv is activated
 SHARED_BUILD_PREFIX = "built-"  # tests/helpers_method_a.py: one build per stage, reused all session
-PROJECT_FILES = ("dvc.yaml", ".dvcignore", "data/scenes/README.md", "data/masks/README.md")
+PROJECT_FILES = ("dvc.yaml", ".dvcignore", "prefect.yaml", "data/scenes/README.md", "data/masks/README.md")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -82,3 +84,26 @@ def make_project(dest: Path, profile: str = "tiny") -> Path:
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     return make_project(tmp_path / "project")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`prefect server start --host 127.0.0.1 --port <free>` with a temporary PREFECT_HOME, stopped after."""
+    from ms2rgb.flows import serve as serving
+
+    home = tmp_path_factory.mktemp("prefect-server")
+    with pytest.MonkeyPatch.context() as patch:  # short waits, so a queued retrain is retried quickly
+        patch.setenv("PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS", "5")
+        patch.delenv("PREFECT_API_URL", raising=False)
+        url = serving.start_server(home, free_port(), ui=False, timeout=240)
+    try:
+        yield url
+    finally:
+        stopped = serving.stop(home)
+        assert stopped["server"] is not None

@@ -13,12 +13,10 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ import yaml
 from conftest import DVC, make_project, run_checked
 from fsspec.implementations.memory import MemoryFileSystem
 from helpers_data import meadow
+from helpers_prefect import PREFECT, champions, flow_runs, venv_env, wait_for
 from rasterio.transform import Affine
 from test_ingest import S2_DIR
 
@@ -39,7 +38,6 @@ from ms2rgb.tasks.config import load_params
 from ms2rgb.tasks.errors import ParamsError
 
 PY = sys.executable
-PREFECT = str(Path(sys.executable).parent / "prefect")
 
 
 # ---------------------------------------------------------------- helpers
@@ -301,7 +299,9 @@ def test_unsafe_landing_names_are_refused_end_to_end(project: Path, tmp_path: Pa
     assert not (project / "data" / "escape_B01.tif").exists() and not (project / "escape_B01.tif").exists()
     assert not (tmp_path / "evil.tif").exists() and not (project / "data" / "evil.tif").exists()
     new = files_under(tmp_path) - before
-    assert new and all(f.startswith("project/data/") for f in new), new  # nothing written outside the data folder
+    # nothing written outside the data folder, and DVC's cache, where the ingested scene is versioned
+    assert new and all(f.startswith(("project/data/", "project/.dvc/")) for f in new), new
+    assert (project / "data" / "scenes" / "good.dvc").is_file()  # the landed scene is DVC-tracked
     reasons = [p.read_text() for p in (project / "data" / "quarantine").glob("refused-*.reason.txt")]
     assert any("'../evil.tif'" in r for r in reasons) and any(str(tmp_path / "evil.tif") in r for r in reasons)
     assert poll(project).get("refused")  # refused again, but written about only once
@@ -360,19 +360,6 @@ def test_two_watch_processes_at_once_ingest_each_scene_once(project: Path) -> No
 # ---------------------------------------------------------------- real processes: server, serve, retrain
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def venv_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PATH": f"{DVC.parent}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    return env
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny project on which the whole pipeline ran once (dvc repro): every model has a champion."""
@@ -381,34 +368,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`prefect server start --host 127.0.0.1 --port <free>` with a temporary PREFECT_HOME, stopped after."""
-    from ms2rgb.flows import serve as serving
-
-    home = tmp_path_factory.mktemp("prefect-server")
-    with pytest.MonkeyPatch.context() as patch:  # short waits, so the queued retrain is retried quickly
-        patch.setenv("PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS", "5")
-        patch.delenv("PREFECT_API_URL", raising=False)
-        url = serving.start_server(home, free_port(), ui=False, timeout=240)
-    try:
-        yield url
-    finally:
-        stopped = serving.stop(home)
-        assert stopped["server"] is not None
-
-
 def copy_project(src: Path, dest: Path) -> Path:
     return shutil.copytree(src, dest, symlinks=True)
-
-
-def champions(root: Path) -> dict[str, int | None]:
-    from ms2rgb.tasks import tracking
-    from ms2rgb.tasks.config import model_name
-    from ms2rgb.tasks.evaluate import MODELS
-
-    names = [model_name("ms2rgb", stage) for stage in MODELS]  # the repository's tracking.model_prefix
-    return {name: tracking.version_by_alias(root, name, "champion") for name in names}
 
 
 def dvc_stale(root: Path) -> str:
@@ -426,16 +387,6 @@ def mlflow_runs(root: Path) -> list[Any]:
     client = MlflowClient()
     experiment = client.get_experiment_by_name("ms2rgb")
     return list(client.search_runs([experiment.experiment_id], max_results=5000)) if experiment else []
-
-
-def wait_for(predicate: Any, timeout: float, what: str, every: float = 1.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 RETRAIN_SCRIPT = """
@@ -503,17 +454,6 @@ def deployment_run(name: str, url: str, *params: str, timeout: int = 300) -> Non
     subprocess.run(
         [*command, "--watch-timeout", str(timeout)], env=env, check=True, capture_output=True, timeout=timeout + 60
     )
-
-
-def flow_runs(url: str, deployment: str = "ms2rgb-on-new-scenes") -> list[Any]:
-    """The flow runs of one of the served deployments (by deployment name)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
-        found = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])))
-    return list(found)
 
 
 def run_states(url: str, run_id: Any) -> list[str]:

@@ -7,6 +7,8 @@ uninterrupted run would have drawn.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -29,7 +31,7 @@ def shot_groups(split: CachedSplit) -> np.ndarray:
     return np.where(counts.max(1) > 0, counts.argmax(1), -1)
 
 
-def spread_over_locations(groups: np.ndarray, locations: np.ndarray) -> np.ndarray:
+def spread_over_locations(groups: np.ndarray, locations: Sequence[str]) -> np.ndarray:
     """Row indices in the order shots are taken: every location's first tile of a class before any
     location's second, cache order within a round.
 
