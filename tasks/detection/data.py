@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ms2rgb.tasks.data.cache import CachedSplit
@@ -40,13 +41,9 @@ def spread_over_locations(groups: np.ndarray, locations: Sequence[str]) -> np.nd
     sample: every `land` and `water` shot from a single image). Where every tile is its own location
     (the synthetic tiles) this is plain cache order.
     """
-    keys = np.char.add(np.char.add(groups.astype(str), "|"), np.asarray(locations).astype(str))
-    _, key_ids = np.unique(keys, return_inverse=True)
-    order = np.argsort(key_ids, kind="stable")  # rows grouped by (class, location), cache order inside
-    starts = np.r_[0, np.flatnonzero(np.diff(key_ids[order])) + 1]
-    rank = np.empty(len(groups), dtype=np.int64)
-    rank[order] = np.arange(len(groups)) - np.repeat(starts, np.diff(np.r_[starts, len(groups)]))
-    return np.lexsort((np.arange(len(groups)), rank))  # by rank within (class, location), then cache order
+    # n-th tile of its (class, location) pair, counted in cache order
+    rank = pd.DataFrame({"group": groups, "location": locations}).groupby(["group", "location"]).cumcount()
+    return np.lexsort((np.arange(len(groups)), rank.to_numpy()))  # by rank within (class, location), then cache order
 
 
 def first_k_per_class(split: CachedSplit, k: int) -> np.ndarray:
