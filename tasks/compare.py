@@ -31,6 +31,7 @@ from ms2rgb.tasks.tracking import StageTracker
 from ms2rgb.tasks.training.distill import train_student
 from ms2rgb.tasks.training.inference import predict_logits
 from ms2rgb.tasks.training.loop import fingerprint
+from ms2rgb.tasks.training.parallel import run_all
 from ms2rgb.tasks.training.progress import epoch_printer
 from ms2rgb.tasks.training.store import load_model
 from ms2rgb.tasks.training.student_data import READS, StudentInputs, upstream_identity
@@ -61,10 +62,33 @@ def production_student(inputs: StudentInputs, name: str, k: int | None, seed: in
     return load_model(model, "scene_cnn", "student")
 
 
+class InputsCache:
+    """One process's StudentInputs for the (root, identity) it last served: the serial grid and every
+    worker process load the tiles and teacher-encode the MS pool once, not once per cell. The identity
+    names the student config, the validated data and the upstream models (upstream_identity)."""
+
+    key: str | None = None
+    inputs: StudentInputs | None = None
+
+    @classmethod
+    def get(cls, root: Path, params: Params, identity: str) -> StudentInputs:
+        key = f"{root}|{identity}"
+        if cls.key != key or cls.inputs is None:
+            cls.inputs = StudentInputs(root, params)
+            cls.inputs.identity, cls.key = identity, key
+        return cls.inputs
+
+    @classmethod
+    def clear(cls) -> None:
+        cls.key, cls.inputs = None, None
+
+
 def correctness(
-    inputs: StudentInputs, name: str, k: int | None, seed: int, params: Params, scratch: Path
+    root: Path, params: Params, identity: str, name: str, k: int | None, seed: int, scratch: Path
 ) -> np.ndarray:
-    """Train one (variant, K, seed), or reuse the production student, and return its (N,) per-test-tile correctness."""
+    """Train one (variant, K, seed), or reuse the production student, and return its (N,) per-test-tile
+    correctness. One cell of the grid: it reads its inputs itself, so it can run in another process."""
+    inputs = InputsCache.get(root, params, identity)
     label = f"{name}/k{k_name(k)}/seed{seed}"
     reused = production_student(inputs, name, k, seed)
     if reused is not None:
@@ -95,20 +119,26 @@ def score(model: SceneCNN, inputs: StudentInputs, label: str) -> np.ndarray:
 
 
 def run_grid(
-    inputs: StudentInputs, grid: CompareGrid, params: Params, scratch: Path
+    root: Path, params: Params, identity: str, grid: CompareGrid, scratch: Path
 ) -> dict[str, dict[str, np.ndarray]]:
-    """K name -> variant -> (seeds, N) correctness. The oracle ignores K, so it trains once per seed."""
+    """K name -> variant -> (seeds, N) correctness. Cells run on params' `compute` task runner (one after
+    another by default); the oracle ignores K, so it trains once per seed."""
     seeds = [params.seed + s for s in range(grid.seeds)]
-    cache: dict[tuple[str, int | None], np.ndarray] = {}
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for k in grid.shots:
-        out[k_name(k)] = {}
-        for name in grid.variants:
-            key = (name, None if VARIANTS[name].every_label else k)
-            if key not in cache:
-                cache[key] = np.stack([correctness(inputs, name, key[1], s, params, scratch) for s in seeds])
-            out[k_name(k)][name] = cache[key]
-    return out
+    cells = list(
+        dict.fromkeys((name, None if VARIANTS[name].every_label else k) for k in grid.shots for name in grid.variants)
+    )
+    runs = [(name, k, seed) for name, k in cells for seed in seeds]
+    calls = [
+        {"root": root, "params": params, "identity": identity, "name": name, "k": k, "seed": seed, "scratch": scratch}
+        for name, k, seed in runs
+    ]
+    names = [f"{name}/k{k_name(k)}/seed{seed}" for name, k, seed in runs]
+    results = iter(run_all(correctness, calls, names, params.compute, params.threads))
+    by_cell = {cell: np.stack([next(results) for _ in seeds]) for cell in cells}
+    return {
+        k_name(k): {name: by_cell[(name, None if VARIANTS[name].every_label else k)] for name in grid.variants}
+        for k in grid.shots
+    }
 
 
 def write_outputs(folder: Path, summary: dict[str, Any], tracker: StageTracker) -> dict[str, Path]:
@@ -135,10 +165,12 @@ def compare(root: Path, params: Params, tracker: StageTracker, grid_name: str, s
     data_digest = require_validated(root, root / params.data.prepared_dir, READS)
     grid = params.compare.grids[grid_name]
     tracker.log_params({"compare": params.compare.model_dump(), "student": params.student.model_dump()})
-    inputs = StudentInputs(root, params)
-    inputs.identity = upstream_identity(root, params, data_digest)
+    identity = upstream_identity(root, params, data_digest)
     scratch = root / "artifacts" / f"compare-{grid_name}.partial"  # checkpoints only; removed after success
-    correct = run_grid(inputs, grid, params, scratch)
+    try:
+        correct = run_grid(root, params, identity, grid, scratch)
+    finally:
+        InputsCache.clear()  # a served process runs many stages: do not keep the tiles
     summary = compare_summary(correct, BASELINE, params.compare.bootstrap, params.seed)
     write_outputs(out_folder(root, grid_name, staged), summary, tracker)
     print(compare_markdown(summary), flush=True)
@@ -146,7 +178,7 @@ def compare(root: Path, params: Params, tracker: StageTracker, grid_name: str, s
     return summary | {
         "grid": grid_name,
         "seeds": grid.seeds,
-        "test_tiles": len(inputs.test.labels),
+        "test_tiles": correct[k_name(grid.shots[0])][grid.variants[0]].shape[1],
         "seconds": round(time.perf_counter() - start, 1),
     }
 

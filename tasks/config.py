@@ -438,6 +438,14 @@ class PromoteConfig(Section):
     max_regression: float = Field(ge=0, le=1)  # no other tracked metric may get worse by more
 
 
+class ComputeConfig(Section):
+    """How independent pieces of a stage (the compare grid's cells) run: one after another, or at once."""
+
+    workers: int = Field(ge=1, le=1024)  # cells at once; 1: one after another in the stage's own process
+    task_runner: Literal["processes", "dask"]  # Prefect's process pool, or prefect-dask's runner (workers > 1)
+    dask_address: str | None  # a running Dask scheduler (tcp://host:8786); null: a local cluster of `workers`
+
+
 class LandingConfig(Section):
     location: str  # folder (relative to the project) or fsspec URL where new scenes are dropped
     quarantine: str  # folder (relative to the project) or fsspec URL that receives bad scenes
@@ -525,6 +533,7 @@ class Params(Section):
     detector: DetectorConfig
     evaluation: EvaluateConfig = Field(alias="evaluate")  # named like the stage
     promote: PromoteConfig
+    compute: ComputeConfig
     landing: LandingConfig
     tracking: TrackingConfig
 

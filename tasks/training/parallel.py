@@ -1,0 +1,162 @@
+"""Independent pieces of a stage as Prefect tasks on a task runner (params.yaml `compute`).
+
+`run_all(fn, calls, ...)` returns `[fn(**call) for call in calls]`, in order. With `compute.workers`
+1 that is literally the loop, in the stage's own process. With more, each call is a Prefect task
+submitted to Prefect's process-pool runner or to prefect-dask's DaskTaskRunner (a local cluster of
+`workers` processes, or the scheduler at `compute.dask_address`), so the calls show as task runs in
+the Prefect UI and can spread over a cluster. Every call pins torch to the params' `threads`
+first: CPU reductions split by the thread count, so pinning it is what keeps the numbers identical
+to the serial run's, and it keeps `workers` processes from each taking every core. There is no
+thread-pool choice: a cell seeds torch's and numpy's process-wide generators, which threads would share.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
+
+from ms2rgb.tasks.config import ComputeConfig
+from ms2rgb.tasks.errors import Ms2rgbError
+from ms2rgb.tasks.training.loop import make_deterministic
+
+R = TypeVar("R")
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def pinned_call(fn: Callable[..., R], threads: int, kwargs: dict[str, Any], on_dask: bool = False) -> R:
+    """`fn(**kwargs)` with torch on `threads` CPU threads, wherever the runner put it."""
+    make_deterministic(threads)
+    if on_dask:
+        adaptive_malloc()
+    return fn(**kwargs)
+
+
+def adaptive_malloc() -> None:
+    """Undo what a Dask worker's start-up did to glibc's malloc. Dask's nanny sets
+    MALLOC_TRIM_THRESHOLD_=65536, and any fixed value turns off glibc's adaptive mmap threshold, so
+    torch maps and unmaps each large buffer on every step: a training step ran about 2.5x slower
+    (60 small steps: 4.4 s, 1.7 s after this). Set the thresholds glibc's adaptive mode would reach."""
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl): no such variable to undo
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's adaptive ceiling on 64-bit
+    libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)  # twice the mmap threshold, as the adaptive mode keeps it
+
+
+def api_url() -> str:
+    """The Prefect API this process reports to, which worker processes must report to as well (else
+    each would start a temporary server of its own): the configured one, or Prefect's temporary one."""
+    configured = PREFECT_API_URL.value()
+    if configured:
+        return str(configured)
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the one Prefect's client starts when no API is configured
+    server.start()
+    return str(server.api_url)
+
+
+def dask_runner(compute: ComputeConfig) -> TaskRunner:
+    """prefect-dask's runner: the configured scheduler, or a local cluster of one-task worker processes."""
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError as err:
+        raise Ms2rgbError(
+            "compute.task_runner: dask needs prefect-dask; run `pip install -e '.[dask]'` or set task_runner: processes"
+        ) from err
+    if compute.dask_address:
+        return DaskTaskRunner(address=compute.dask_address)
+    cluster = {"n_workers": compute.workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+    return DaskTaskRunner(cluster_kwargs=cluster | {"env": worker_env()})
+
+
+def task_runner(compute: ComputeConfig) -> TaskRunner:
+    """The runner `compute.task_runner` names, `compute.workers` wide."""
+    if compute.task_runner == "dask":
+        return dask_runner(compute)
+    return ProcessPoolTaskRunner(max_workers=compute.workers)
+
+
+def oversubscription(compute: ComputeConfig, threads: int) -> str | None:
+    """A warning when local workers would ask for more threads than this machine has cores."""
+    cores = os.cpu_count() or 1
+    if compute.dask_address or compute.workers * threads <= cores:
+        return None
+    return (
+        f"compute.workers {compute.workers} x threads {threads} > {cores} cores: the cells will slow each other "
+        f"down; set threads: {max(1, cores // compute.workers)} (the numbers then differ from threads {threads}'s)"
+    )
+
+
+def worker_env() -> dict[str, str]:
+    """What a worker process needs from Prefect's settings before a task's context reaches it: the API
+    (else it starts a temporary server of its own), and quiet about task logs outside a flow run."""
+    return {"PREFECT_API_URL": api_url(), "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore"}
+
+
+@contextmanager
+def inherited_env(values: dict[str, str]) -> Iterator[None]:
+    """`values` set in the environment that processes started meanwhile inherit, restored after."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def literal(name: str) -> str:
+    """`name` as a Prefect task-run name, which Prefect formats with the task's parameters: a brace in
+    it would fail there, in a thread whose error never reaches the future (the caller waits forever)."""
+    return name.replace("{", "{{").replace("}", "}}")
+
+
+def run_all(
+    fn: Callable[..., R],
+    calls: Sequence[dict[str, Any]],
+    names: Sequence[str],
+    compute: ComputeConfig,
+    threads: int,
+) -> list[R]:
+    """`fn(**call)` for every call, results in the calls' order; `names` label the Prefect task runs."""
+    if compute.workers == 1:
+        return [pinned_call(fn, threads, call) for call in calls]
+    warning = oversubscription(compute, threads)
+    if warning:
+        print(f"warning: {warning}", flush=True)
+    env = worker_env()
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), inherited_env(env):
+        return submit_all(fn, calls, names, compute, threads)
+
+
+def submit_all(
+    fn: Callable[..., R], calls: Sequence[dict[str, Any]], names: Sequence[str], compute: ComputeConfig, threads: int
+) -> list[R]:
+    """Every call as a Prefect task on a fresh runner, waited for in the calls' order."""
+    cell = task(name=getattr(fn, "__name__", "cell"), cache_policy=NO_CACHE, persist_result=False)(pinned_call)
+    on_dask = compute.task_runner == "dask"
+    with task_runner(compute) as runner:
+        futures = [
+            runner.submit(
+                cell.with_options(task_run_name=literal(name)),
+                {"fn": fn, "threads": threads, "kwargs": call, "on_dask": on_dask},
+            )
+            for name, call in zip(names, calls, strict=True)
+        ]
+        return [future.result() for future in futures]

@@ -1,0 +1,86 @@
+"""Parallel work (params.yaml `compute`, tasks/training/parallel.py): the compare grid's cells as Prefect
+tasks on Prefect's process pool and on a real 2-worker local Dask cluster give exactly the serial run's
+numbers (the report, and every weight of the students), in two worker processes, with torch pinned to
+`threads`."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_method_a import staged_project, student_weights
+
+from ms2rgb.flows.stages import run_stage
+from ms2rgb.tasks.config import ComputeConfig
+from ms2rgb.tasks.training.parallel import oversubscription, run_all
+
+
+def set_compute(root: Path, threads: int, **compute: object) -> None:
+    """Edit the project's `threads` and `compute` section in place."""
+    text = (root / "params.yaml").read_text()
+    text = re.sub(r"^threads: \d+", f"threads: {threads}", text, count=1, flags=re.M)
+    for key, value in compute.items():
+        text = re.sub(rf"^(  {key}:) \S+", rf"\1 {value}", text, count=1, flags=re.M)
+    (root / "params.yaml").write_text(text)
+
+
+def per_seed(report: dict) -> dict[str, dict[str, list[float]]]:
+    return {k: {name: cell["per_seed"] for name, cell in cells.items()} for k, cells in report["by_k"].items()}
+
+
+def threads_seen(tag: int) -> tuple[int, int]:
+    return tag, torch.get_num_threads()
+
+
+def test_serial_and_process_pool_return_every_call_in_order_with_pinned_threads(prefect_api: str) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    calls = [{"tag": tag} for tag in range(4)]
+    names = [f"call{tag}" for tag in range(4)]
+    serial = ComputeConfig(workers=1, task_runner="processes", dask_address=None)
+    assert run_all(threads_seen, calls, names, serial, threads=2) == [(tag, 2) for tag in range(4)]
+    pool = ComputeConfig(workers=2, task_runner="processes", dask_address=None)
+    with temporary_settings({PREFECT_API_URL: prefect_api}):
+        assert run_all(threads_seen, calls, names, pool, threads=1) == [(tag, 1) for tag in range(4)]
+
+
+def test_oversubscription_is_named_with_the_threads_to_set() -> None:
+    cores = os.cpu_count() or 1
+    wide = ComputeConfig(workers=cores + 1, task_runner="dask", dask_address=None)
+    message = oversubscription(wide, threads=2)
+    assert message is not None and f"{cores} cores" in message and "set threads: 1" in message
+    assert oversubscription(ComputeConfig(workers=1, task_runner="dask", dask_address=None), threads=cores) is None
+    remote = ComputeConfig(workers=64, task_runner="dask", dask_address="tcp://127.0.0.1:8786")
+    assert oversubscription(remote, threads=2) is None  # a remote cluster's cores are not this machine's
+
+
+@pytest.mark.slow
+def test_compare_grid_on_two_processes_and_on_two_dask_workers_matches_the_serial_run(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, prefect_api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # worker processes import student_weights
+    root = staged_project(tmp_path_factory, "student", tmp_path / "project")
+    set_compute(root, threads=1)  # each cell on one thread, in every run below
+    serial = per_seed(run_stage("compare", root))
+    cells = [{"name": name, "seed": seed} for name in ("rgb_only", "full_method") for seed in (0, 1)]
+    calls = {runner: [c | {"root": root, "scratch": tmp_path / runner} for c in cells] for runner in RUNNERS}
+    labels = [str(c) for c in cells]  # braces: Prefect formats run names, so run_all must escape them
+    one = ComputeConfig(workers=1, task_runner="processes", dask_address=None)
+    weights = run_all(student_weights, calls["serial"], labels, one, threads=1)
+    with temporary_settings({PREFECT_API_URL: prefect_api}):
+        for runner in RUNNERS[1:]:
+            set_compute(root, threads=1, workers=2, task_runner=runner)
+            assert per_seed(run_stage("compare", root)) == serial, runner
+            two = ComputeConfig(workers=2, task_runner=runner, dask_address=None)
+            again = run_all(student_weights, calls[runner], labels, two, threads=1)
+            assert all(torch.equal(a[1], b[1]) for a, b in zip(weights, again, strict=True)), runner
+            workers = {pid for pid, _ in again}
+            assert len(workers) == 2 and os.getpid() not in workers, runner  # two worker processes shared the cells
+
+
+RUNNERS = ("serial", "processes", "dask")
