@@ -118,15 +118,18 @@ def score(model: SceneCNN, inputs: StudentInputs, label: str) -> np.ndarray:
     return right
 
 
+def trained_k(name: str, k: int | None) -> tuple[str, int | None]:
+    """The cell that answers (variant, K): a variant that sees every label (the oracle) ignores K."""
+    return name, None if VARIANTS[name].every_label else k
+
+
 def run_grid(
     root: Path, params: Params, identity: str, grid: CompareGrid, scratch: Path
 ) -> dict[str, dict[str, np.ndarray]]:
     """K name -> variant -> (seeds, N) correctness. Cells run on params' `compute` task runner (one after
     another by default); the oracle ignores K, so it trains once per seed."""
     seeds = [params.seed + s for s in range(grid.seeds)]
-    cells = list(
-        dict.fromkeys((name, None if VARIANTS[name].every_label else k) for k in grid.shots for name in grid.variants)
-    )
+    cells = list(dict.fromkeys(trained_k(name, k) for k in grid.shots for name in grid.variants))
     runs = [(name, k, seed) for name, k in cells for seed in seeds]
     calls = [
         {"root": root, "params": params, "identity": identity, "name": name, "k": k, "seed": seed, "scratch": scratch}
@@ -135,10 +138,7 @@ def run_grid(
     names = [f"{name}/k{k_name(k)}/seed{seed}" for name, k, seed in runs]
     results = iter(run_all(correctness, calls, names, params.compute, params.threads))
     by_cell = {cell: np.stack([next(results) for _ in seeds]) for cell in cells}
-    return {
-        k_name(k): {name: by_cell[(name, None if VARIANTS[name].every_label else k)] for name in grid.variants}
-        for k in grid.shots
-    }
+    return {k_name(k): {name: by_cell[trained_k(name, k)] for name in grid.variants} for k in grid.shots}
 
 
 def write_outputs(folder: Path, summary: dict[str, Any], tracker: StageTracker) -> dict[str, Path]:

@@ -79,7 +79,7 @@ def dask_runner(compute: ComputeConfig) -> TaskRunner:
     if compute.dask_address:
         return DaskTaskRunner(address=compute.dask_address)
     cluster = {"n_workers": compute.workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
-    return DaskTaskRunner(cluster_kwargs=cluster | {"env": worker_env()})
+    return DaskTaskRunner(cluster_kwargs=cluster)  # its workers inherit run_all's worker_env()
 
 
 def task_runner(compute: ComputeConfig) -> TaskRunner:
