@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export MPLBACKEND := Agg
 
-.PHONY: run test quick lint format typecheck install bench clean serve stop deploy worker compare
+.PHONY: run test quick postgres lint format typecheck install bench clean serve stop deploy worker compare
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,12 +23,21 @@ run: $(STAMP)
 	$(BIN)/ms2rgb run
 
 # Everything CI checks: lint, format, types, then every test (slow ones included).
-test: lint typecheck
-	$(BIN)/python -m pytest -q --durations=15
+# Two pytest-xdist workers, a test file each at a time (tests/conftest.py: longest files first, OpenMP threads
+# that sleep while they wait); TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 2
+test: lint typecheck postgres
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 # The inner loop: no pipeline, server or multi-minute tests (about a minute).
 quick: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# tests/test_team_services.py starts a PostgreSQL server of its own from Debian's package `postgresql`.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -257,13 +257,15 @@ def _spawn(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Pop
 
 
 def server_env(root: Path) -> dict[str, str]:
-    """Environment of a project-local server: PREFECT_HOME and its SQLite database under the project,
-    analytics off, bound to 127.0.0.1."""
+    """Environment of a project-local server: PREFECT_HOME under the project, analytics off, bound to
+    127.0.0.1; its database is SQLite under the project unless PREFECT_API_DATABASE_CONNECTION_URL names
+    one (a team's PostgreSQL: README, "Team services")."""
     home = root / ".prefect"
+    database = os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL") or f"sqlite+aiosqlite:///{home / 'prefect.db'}"
     return {
         **os.environ,
         "PREFECT_HOME": str(home),
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        "PREFECT_API_DATABASE_CONNECTION_URL": database,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_API_HOST": HOST,
     }
