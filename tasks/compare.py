@@ -31,7 +31,7 @@ from ms2rgb.tasks.tracking import StageTracker
 from ms2rgb.tasks.training.distill import train_student
 from ms2rgb.tasks.training.inference import predict_logits
 from ms2rgb.tasks.training.loop import fingerprint
-from ms2rgb.tasks.training.parallel import run_all
+from ms2rgb.tasks.training.parallel import ProcessLocal, run_all
 from ms2rgb.tasks.training.progress import epoch_printer
 from ms2rgb.tasks.training.store import load_model
 from ms2rgb.tasks.training.student_data import READS, StudentInputs, upstream_identity
@@ -62,25 +62,19 @@ def production_student(inputs: StudentInputs, name: str, k: int | None, seed: in
     return load_model(model, "scene_cnn", "student")
 
 
-class InputsCache:
-    """One process's StudentInputs for the (root, identity) it last served: the serial grid and every
-    worker process load the tiles and teacher-encode the MS pool once, not once per cell. The identity
-    names the student config, the validated data and the upstream models (upstream_identity)."""
+# One process's StudentInputs for the (root, identity) it last served: the serial grid and every worker
+# process load the tiles and teacher-encode the MS pool once. The identity names the student config, the
+# validated data and the upstream models (upstream_identity).
+INPUTS: ProcessLocal[StudentInputs] = ProcessLocal()
 
-    key: str | None = None
-    inputs: StudentInputs | None = None
 
-    @classmethod
-    def get(cls, root: Path, params: Params, identity: str) -> StudentInputs:
-        key = f"{root}|{identity}"
-        if cls.key != key or cls.inputs is None:
-            cls.inputs = StudentInputs(root, params)
-            cls.inputs.identity, cls.key = identity, key
-        return cls.inputs
+def student_inputs(root: Path, params: Params, identity: str) -> StudentInputs:
+    def build() -> StudentInputs:
+        inputs = StudentInputs(root, params)
+        inputs.identity = identity
+        return inputs
 
-    @classmethod
-    def clear(cls) -> None:
-        cls.key, cls.inputs = None, None
+    return INPUTS.get(f"{root}|{identity}", build)
 
 
 def correctness(
@@ -88,7 +82,7 @@ def correctness(
 ) -> np.ndarray:
     """Train one (variant, K, seed), or reuse the production student, and return its (N,) per-test-tile
     correctness. One cell of the grid: it reads its inputs itself, so it can run in another process."""
-    inputs = InputsCache.get(root, params, identity)
+    inputs = student_inputs(root, params, identity)
     label = f"{name}/k{k_name(k)}/seed{seed}"
     reused = production_student(inputs, name, k, seed)
     if reused is not None:
@@ -170,7 +164,7 @@ def compare(root: Path, params: Params, tracker: StageTracker, grid_name: str, s
     try:
         correct = run_grid(root, params, identity, grid, scratch)
     finally:
-        InputsCache.clear()  # a served process runs many stages: do not keep the tiles
+        INPUTS.clear()  # a served process runs many stages: do not keep the tiles
     summary = compare_summary(correct, BASELINE, params.compare.bootstrap, params.seed)
     write_outputs(out_folder(root, grid_name, staged), summary, tracker)
     print(compare_markdown(summary), flush=True)

@@ -6,9 +6,11 @@ MLflow run with the same seeds and budget, score on ``seg_test`` what ``tasks/de
 lists: zero-shot, the full method (coupled text + image prompts) at every K in ``shots``, and at the
 largest K its ablations, base-to-novel, and the baselines a user would try instead (linear probe,
 CoCoOp-style meta-network, per-pixel random forest, U-Net), each over ``seeds`` seeds (mean, std,
-95 % interval; ``tasks/detection/report.py``). The full method at the largest K and the params
-seed is saved to ``artifacts/detector/detector.pt`` (what ``ms2rgb detect`` loads) and registered
-as ``<tracking.model_prefix>-detector``.
+95 % interval; ``tasks/detection/report.py``). Each (variant, seed) is one call that params'
+``compute`` runner places: in this process by default, else on worker processes or a Dask cluster,
+with the same numbers; the stage's own process logs every result. The full method at the largest K
+and the params seed is saved to ``artifacts/detector/detector.pt`` (what ``ms2rgb detect`` loads)
+and registered as ``<tracking.model_prefix>-detector``.
 
 Classes are those of the segmentation source's legend (``data/prepared/legend.json``, index =
 mask value; ``tasks/data/legend.py``): the surfaces for the synthetic masks, the weak-label
@@ -30,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ms2rgb.models.clip_backbone import freeze, load_clip
 from ms2rgb.models.clip_detector import ClassMapDetector
 from ms2rgb.models.clip_linear_probe import LinearProbeCLIP
 from ms2rgb.models.clip_meta_prompt import MetaPromptedCLIP
@@ -58,6 +61,7 @@ from ms2rgb.tasks.tracking.pyfunc import LandCoverPyfunc, detector_artifacts
 from ms2rgb.tasks.training.loop import fingerprint, pick_device, seed_everything
 from ms2rgb.tasks.training.memory import PeakMemory
 from ms2rgb.tasks.training.metrics import tile_confusions
+from ms2rgb.tasks.training.parallel import ProcessLocal, run_all
 
 # split -> modalities; the detector alone reads the masks too (dvc.yaml lists exactly these files).
 READS = {"captions": ("rgb",), "fewshot": ("rgb",), "seg_test": ("rgb",)}
@@ -174,9 +178,7 @@ def shot_tiles(ctx: Context, variant: Variant) -> tuple[torch.Tensor, torch.Tens
     return images, masks
 
 
-def tune_and_score(
-    ctx: Context, variant: Variant, seed: int, child: StageTracker
-) -> tuple[dict[str, Any], ClassMapDetector]:
+def tune_and_score(ctx: Context, variant: Variant, seed: int) -> tuple[dict[str, Any], ClassMapDetector]:
     """Tune one seed of a CLIP-based variant (unless zero-shot) and score it on seg_test."""
     shots = shot_tiles(ctx, variant) if variant.shots else None
     detector = build_detector(ctx, variant, seed, shots)
@@ -195,7 +197,6 @@ def tune_and_score(
                 resume_from=latest_checkpoint(checkpoints),
                 on_step=_step_printer(label, ctx.settings.tune.max_steps),
             )
-        child.log_metric_series(f"train_loss_seed{seed}", result.losses)
         run.update(
             losses=result.losses,
             stopped_by=result.stopped_by,
@@ -209,15 +210,13 @@ def tune_and_score(
             flush=True,
         )
     scores, preds = evaluate(detector, ctx.test_images, ctx.test_masks, ctx.device, ctx.settings.eval_batch_size)
-    run.update(scores, preds=preds, trainable_params=detector.num_trainable)
+    run.update(scores, preds=preds, trainable_params=detector.num_trainable, texts=detector.texts)
     if detector.evidence_weight is not None:
         run["evidence_weight"] = round(float(detector.evidence_weight.detach()), 4)
     return run, detector
 
 
-def score_seed(
-    ctx: Context, variant: Variant, seed: int, child: StageTracker
-) -> tuple[dict[str, Any], ClassMapDetector | None]:
+def score_seed(ctx: Context, variant: Variant, seed: int) -> tuple[dict[str, Any], ClassMapDetector | None]:
     """One seed of any variant: its run dict (scores, cost, maps, per-tile confusions) and its model, if a CLIP one."""
     model: ClassMapDetector | None = None
     if variant.kind in PIXEL_BASELINES:
@@ -228,26 +227,95 @@ def score_seed(
         )
         run = result.as_run(seed) | {"trainable_params": result.trainable_params}
     else:
-        run, model = tune_and_score(ctx, variant, seed, child)
+        run, model = tune_and_score(ctx, variant, seed)
     run["tile_conf"] = tile_confusions(ctx.test_masks.numpy(), run["preds"], len(ctx.classes), MASK_NODATA)
     return run, model
 
 
-def run_variant(
-    ctx: Context, variant: Variant, tracker: StageTracker
+# One process's Context for the (root, run identity) it last served: the stage's own process seeds it
+# for the serial loop; each worker process of `compute` builds it once, from the backbone file the stage
+# wrote and the prepared tiles.
+CONTEXTS: ProcessLocal[Context] = ProcessLocal()
+
+
+def load_context(
+    root: Path, params: Params, clip: torch.nn.Module, tokenizer: Any, out_dir: Path, device: torch.device
+) -> Context:
+    """The legend, the few-shot and test tiles around a frozen CLIP."""
+    settings, prepared = params.detector, root / params.data.prepared_dir
+    classes = read_legend(prepared)
+    test_images, test_masks = load_tiles(open_split(prepared, "seg_test", "rgb", masks=True))
+    fewshot = open_split(prepared, "fewshot", "rgb", masks=True)
+    novel = novel_classes(settings, list(classes))
+    return Context(
+        settings, classes, novel, clip, tokenizer, fewshot, test_images, test_masks, out_dir, device, params.threads
+    )
+
+
+def worker_context(root: Path, params: Params, out_dir: Path, info: dict[str, Any]) -> Context:
+    """The stage's Context rebuilt in another process: the same frozen weights (the fallback from the
+    stage's folder, else the configured ones), tiles and settings."""
+    backbone_file = info.get("backbone_file")
+    configured = resolve_pretrained(root, params.detector.clip.pretrained)
+    clip, tokenizer, _ = load_clip(
+        params.detector.clip.model, str(out_dir / backbone_file) if backbone_file else configured
+    )
+    device = pick_device()
+    return load_context(root, params, freeze(clip.to(device)), tokenizer, out_dir, device)
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """What a cell needs of the stage's run to rebuild its Context: `identity` names the params, data
+    and seed (a remote Dask worker outlives one run), `out_dir` holds the backbone and checkpoints."""
+
+    root: Path
+    params: Params
+    identity: str
+    out_dir: Path
+    info: dict[str, Any]
+
+    def context(self) -> Context:
+        key = f"{self.root}|{self.identity}"
+        return CONTEXTS.get(key, lambda: worker_context(self.root, self.params, self.out_dir, self.info))
+
+
+def detector_cell(
+    stage: StageRun, variant: Variant, seed: int, keep: bool
 ) -> tuple[dict[str, Any], ClassMapDetector | None]:
-    """Every seed of one variant in its own nested run; returns the aggregate and the first seed's model."""
+    """One (variant, seed): its run dict and, where `keep`, its model. It reads its inputs itself, so it
+    can run in another process (tasks/training/parallel.py)."""
+    ctx = stage.context()
+    run, model = score_seed(ctx, variant, seed)
+    return run, model if keep else None
+
+
+def run_cells(
+    stage: StageRun, variants: list[Variant], head: str
+) -> dict[str, list[tuple[dict[str, Any], ClassMapDetector | None]]]:
+    """Variant name -> (run, model) per seed, on params' `compute` task runner (one after another by
+    default). Only the head's first seed brings its model back: it is what the stage saves."""
+    cells = [(variant, i, seed) for variant in variants for i, seed in enumerate(variant.seeds)]
+    calls = [
+        {"stage": stage, "variant": variant, "seed": seed, "keep": variant.name == head and i == 0}
+        for variant, i, seed in cells
+    ]
+    names = [f"{variant.name}/seed{seed}" for variant, _, seed in cells]
+    results = iter(run_all(detector_cell, calls, names, stage.params.compute, stage.params.threads))
+    return {variant.name: [next(results) for _ in variant.seeds] for variant in variants}
+
+
+def log_variant(ctx: Context, variant: Variant, runs: list[dict[str, Any]], tracker: StageTracker) -> dict[str, Any]:
+    """Every seed of one variant in its own nested run; returns the aggregate."""
     with tracker.child(variant.name, tags={"ms2rgb.variant": variant.name}) as child:
         child.log_params({"kind": variant.kind, "mode": variant.mode, "shots": variant.shots, "seeds": variant.seeds})
-        runs, kept = [], None
-        for i, seed in enumerate(variant.seeds):
-            run, model = score_seed(ctx, variant, seed, child)
-            runs.append(run)
-            kept = model if i == 0 else kept  # only the params seed's prompts are kept
-            child.log_metrics({"miou_by_seed": run["miou"]}, step=seed)
+        for run in runs:
+            if run.get("losses"):
+                child.log_metric_series(f"train_loss_seed{run['seed']}", run["losses"])
+            child.log_metrics({"miou_by_seed": run["miou"]}, step=run["seed"])
         result = aggregate(variant, runs, ctx.settings.tune.max_steps, ctx.novel)
-        if kept is not None:
-            child.log_params({"texts": "; ".join(kept.texts)})
+        if "texts" in runs[0]:  # a CLIP variant: the texts its first seed's prompts read
+            child.log_params({"texts": "; ".join(runs[0]["texts"])})
         child.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float)) and v is not None})
         child.log_json({k: v for k, v in result.items() if k not in ("preds", "losses", "tile_conf")}, "variant.json")
     print(
@@ -256,7 +324,7 @@ def run_variant(
         f"pixel accuracy {result['pixel_accuracy']:.3f}",
         flush=True,
     )
-    return result, kept
+    return result
 
 
 def tuned_pixel_size(fewshot: CachedSplit) -> float | None:
@@ -332,7 +400,6 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     prepared = root / params.data.prepared_dir
     data_digest = require_validated(root, prepared, READS)
     classes = read_legend(prepared)
-    novel = novel_classes(settings, list(classes))
     tracker.log_params(
         {"detector": settings.model_dump(), "seed": seed, "device": str(device), "classes": list(classes)}
     )
@@ -341,22 +408,22 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     identity = fingerprint(settings.model_dump(), data_digest, seed, classes)
     out_dir = resumable_staging_dir(root, "detector", identity)
     clip, tokenizer, info = backbone(root, params, out_dir, classes, tracker, device)
-    test_images, test_masks = load_tiles(open_split(prepared, "seg_test", "rgb", masks=True))
-    fewshot = open_split(prepared, "fewshot", "rgb", masks=True)
-    ctx = Context(
-        settings, classes, novel, clip, tokenizer, fewshot, test_images, test_masks, out_dir, device, params.threads
-    )
-    results, models = {}, {}
-    for variant in plan(settings, seed):
-        results[variant.name], models[variant.name] = run_variant(ctx, variant, tracker)
-    shots = settings.shots
-    head = models[f"full_k{max(shots)}"]
+    ctx = load_context(root, params, clip, tokenizer, out_dir, device)
+    shots, variants = settings.shots, plan(settings, seed)
+    head_name = f"full_k{max(shots)}"
+    CONTEXTS.put(f"{root}|{identity}", ctx)  # the serial loop uses this process's own
+    try:
+        cells = run_cells(StageRun(root, params, identity, out_dir, info), variants, head_name)
+    finally:
+        CONTEXTS.clear()  # a served process runs many stages: do not keep the backbone and tiles
+    results = {v.name: log_variant(ctx, v, [run for run, _ in cells[v.name]], tracker) for v in variants}
+    head = cells[head_name][0][1]
     assert head is not None, "the full method is a CLIP variant"
     save_detector(ctx, head, info)
-    test_tiles = (test_images, test_masks)
+    test_tiles = (ctx.test_images, ctx.test_masks)
     log_figures(results, shots, settings.tune.loss_threshold, test_tiles, settings.examples, tracker, list(classes))
-    report = summarise(results, shots, info, novel)
-    example = test_images[:1].numpy().astype(np.float32)  # serving input: RGB 0..255, any multiple of 8
+    report = summarise(results, shots, info, ctx.novel)
+    example = ctx.test_images[:1].numpy().astype(np.float32)  # serving input: RGB 0..255, any multiple of 8
     registered = model_name(params.tracking.model_prefix, "detector")
     version = tracker.log_pyfunc_model(  # weights as detector.pt (+ backbone.pt) artifacts; serves class ids
         LandCoverPyfunc(),

@@ -5,7 +5,7 @@ on data drawn the way `prepare` draws it, but not MLflow or Prefect: each stage'
 called with a tracker that records nothing, and its outputs are swapped in as the stage runner
 does. `validate` is replaced by its stamps (the synthetic set's validity is other tests' business),
 so the floors time only training. The detector goes through the
-detector stage's own functions (backbone, Context, score_seed) at one K and one seed instead of its plan.
+detector stage's own functions (backbone, load_context, score_seed) at one K and one seed instead of its plan.
 """
 
 from __future__ import annotations
@@ -19,13 +19,11 @@ from ms2rgb.flows.stages import stage_function, write_report
 from ms2rgb.tasks.config import Params
 from ms2rgb.tasks.data.artifacts import stage_dir, staging_dir
 from ms2rgb.tasks.data.atomic import swap_in_dir
-from ms2rgb.tasks.data.cache import open_split
 from ms2rgb.tasks.data.legend import read_legend
 from ms2rgb.tasks.data.manifest import read_manifest
 from ms2rgb.tasks.data.validated import write_stamps
-from ms2rgb.tasks.detection.data import load_tiles
-from ms2rgb.tasks.detection.plan import FULL_MODE, PURE_METHOD, Variant, novel_classes
-from ms2rgb.tasks.detector import Context, backbone, score_seed
+from ms2rgb.tasks.detection.plan import FULL_MODE, PURE_METHOD, Variant
+from ms2rgb.tasks.detector import backbone, load_context, score_seed
 from ms2rgb.tasks.training.loop import make_deterministic, pick_device
 
 METHOD_A = ("prepare", "teacher", "matcher", "pairs", "student", "compare")  # in DAG order, validate aside
@@ -60,7 +58,7 @@ def detector_miou(root: Path, params: Params) -> dict[str, float]:
     """mIoU on seg_test of zero-shot, of the coupled prompts alone tuned at the largest K ("coupled"),
     of the full method with the pixel evidence ("with_evidence") and of the pixel forest, at the
     params seed, on the backbone the detector stage would use (the fallback pretrained on captions). Needs
-    `prepare` to have run at `root`. Goes through the stage's own Context and score_seed, one variant
+    `prepare` to have run at `root`. Goes through the stage's own load_context and score_seed, one variant
     and one seed each instead of the stage's plan."""
     make_deterministic(params.threads)
     settings, seed, device = params.detector, params.seed, pick_device()
@@ -68,12 +66,7 @@ def detector_miou(root: Path, params: Params) -> dict[str, float]:
     classes = read_legend(prepared)
     untracked = Untracked()
     clip, tokenizer, _ = backbone(root, params, out_dir, classes, untracked, device)  # type: ignore[arg-type]
-    test_images, test_masks = load_tiles(open_split(prepared, "seg_test", "rgb", masks=True))
-    fewshot = open_split(prepared, "fewshot", "rgb", masks=True)
-    novel = novel_classes(settings, list(classes))
-    ctx = Context(
-        settings, classes, novel, clip, tokenizer, fewshot, test_images, test_masks, out_dir, device, params.threads
-    )
+    ctx = load_context(root, params, clip, tokenizer, out_dir, device)
     k = max(settings.shots)
     variants = {
         "zero_shot": Variant("zero_shot", "prompts", "zero_shot", 0, (seed,)),
@@ -81,7 +74,4 @@ def detector_miou(root: Path, params: Params) -> dict[str, float]:
         "with_evidence": Variant(f"full_k{k}", "prompts", FULL_MODE, k, (seed,)),
         "pixel_forest": Variant("pixel_forest", "pixel_forest", "", k, (seed,), pixel_evidence=False),
     }
-    return {
-        name: float(score_seed(ctx, variant, seed, untracked)[0]["miou"])  # type: ignore[arg-type]
-        for name, variant in variants.items()
-    }
+    return {name: float(score_seed(ctx, variant, seed)[0]["miou"]) for name, variant in variants.items()}

@@ -15,7 +15,7 @@ import torch
 from conftest import SHARED_BUILD_PREFIX, make_project
 
 from ms2rgb.flows.stages import run_stage
-from ms2rgb.tasks.compare import InputsCache
+from ms2rgb.tasks.compare import student_inputs
 from ms2rgb.tasks.config import load_params
 from ms2rgb.tasks.training.distill import train_student
 from ms2rgb.tasks.training.variants import VARIANTS
@@ -49,7 +49,7 @@ def student_weights(root: Path, name: str, seed: int, scratch: Path) -> tuple[in
     tiny test split's accuracy, which two slightly different students often share; and the process
     that trained it. Module-level, so the worker processes of tests/test_parallel.py can import it."""
     params = load_params(root)
-    inputs = InputsCache.get(root, params, "test")
+    inputs = student_inputs(root, params, "test")
     data, truth = inputs.data_for(VARIANTS[name], seed, 1)
     run = train_student(VARIANTS[name], data, params.student, inputs.arch, seed, truth, scratch / f"{name}{seed}")
     return os.getpid(), torch.cat([value.flatten().float() for value in run.model.state_dict().values()])

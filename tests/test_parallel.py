@@ -84,3 +84,39 @@ def test_compare_grid_on_two_processes_and_on_two_dask_workers_matches_the_seria
 
 
 RUNNERS = ("serial", "processes", "dask")
+
+
+def scores(report: dict) -> dict[str, tuple]:
+    """Every variant's numbers in reports/detector.json, without its timings."""
+    variants = report["by_shots"] | report["baseline_details"]
+    return {name: (v["miou"], v["miou_ci95"], v["per_class_iou"], v["pixel_accuracy"]) for name, v in variants.items()}
+
+
+def prompts(root: Path) -> dict[str, torch.Tensor]:
+    """The saved head's learned tensors: its prompts and its pixel evidence."""
+    saved = torch.load(root / "artifacts" / "detector" / "detector.pt", weights_only=True)
+    evidence = saved["pixel_evidence"] or {"state": {}}
+    return {f"prompt.{k}": v for k, v in saved["prompt_state"].items()} | {
+        f"evidence.{k}": v for k, v in evidence["state"].items()
+    }
+
+
+@pytest.mark.slow
+def test_detector_variants_on_two_dask_workers_match_the_serial_run(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, prefect_api: str
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    root = staged_project(tmp_path_factory, "validate", tmp_path / "project")
+    set_compute(root, threads=1)
+    serial, serial_prompts = run_stage("detector", root), prompts(root)
+    set_compute(root, threads=1, workers=2, task_runner="dask")
+    with temporary_settings({PREFECT_API_URL: prefect_api}):
+        parallel = run_stage("detector", root)
+        with get_client(sync_client=True) as client:
+            ran = {run.name for run in client.read_task_runs() if run.name.endswith("/seed0")}
+    assert scores(parallel) == scores(serial) and len(scores(serial)) >= 5
+    again = prompts(root)
+    assert again.keys() == serial_prompts.keys() and all(torch.equal(again[k], serial_prompts[k]) for k in again)
+    assert {f"full_k{max(parallel['by_shots'], key=int)}/seed0", "pixel_forest/seed0", "unet/seed0"} <= ran

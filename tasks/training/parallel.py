@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -29,7 +29,30 @@ from ms2rgb.tasks.errors import Ms2rgbError
 from ms2rgb.tasks.training.loop import make_deterministic
 
 R = TypeVar("R")
+T = TypeVar("T")
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+class ProcessLocal(Generic[T]):
+    """One value per process, for the key it last served: a stage's inputs (tiles, frozen models),
+    built once by the stage's own process for the serial loop and once by each worker process, not
+    once per call. One slot: a served process runs many stages, and each clears it after itself."""
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.value: T | None = None
+
+    def get(self, key: str, build: Callable[[], T]) -> T:
+        if self.key != key or self.value is None:
+            self.key, self.value = None, None  # a failed build leaves nothing half-made behind
+            self.value, self.key = build(), key
+        return self.value
+
+    def put(self, key: str, value: T) -> None:
+        self.key, self.value = key, value
+
+    def clear(self) -> None:
+        self.key, self.value = None, None
 
 
 def pinned_call(fn: Callable[..., R], threads: int, kwargs: dict[str, Any], on_dask: bool = False) -> R:
