@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,10 +42,11 @@ def _as_owner(command: list[str], owner: str | None) -> list[str]:
     return ["runuser", "-u", owner, "--", *command] if owner else command
 
 
-def _wait(ready: object, what: str, process: subprocess.Popen[bytes] | None, log: Path, timeout: float) -> None:
+def _wait(ready: Callable[[], bool], what: str, process: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    """Until `ready()`; fails the test with the log's end if the process exits or time runs out first."""
     deadline = time.monotonic() + timeout
-    while not ready():  # type: ignore[operator]
-        if (process is not None and process.poll() is not None) or time.monotonic() > deadline:
+    while not ready():
+        if process.poll() is not None or time.monotonic() > deadline:
             pytest.fail(f"{what} did not start; {log} ends:\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
 
