@@ -31,8 +31,9 @@ checks that the server still answers after a write. The automation is the one
 deployment so that `serve` leaves it alone.
 
 `detach` / `stop` (what `make serve` / `make stop` call) start a Prefect server bound to 127.0.0.1,
-with its SQLite database and PREFECT_HOME under `<project>/.prefect/` and analytics off, unless
-PREFECT_API_URL names one already; then the `ms2rgb serve` process. Pid files and logs are kept in
+with PREFECT_HOME under `<project>/.prefect/`, its SQLite database there too (or the database
+PREFECT_API_DATABASE_CONNECTION_URL names, e.g. a team's PostgreSQL) and analytics off, unless
+PREFECT_API_URL names a server already; then the `ms2rgb serve` process. Pid files and logs are kept in
 `<project>/.prefect/serve/` (git-ignored).
 """
 
