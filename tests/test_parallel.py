@@ -15,7 +15,7 @@ from helpers_method_a import staged_project, student_weights
 
 from ms2rgb.flows.stages import run_stage
 from ms2rgb.tasks.config import ComputeConfig
-from ms2rgb.tasks.training.parallel import oversubscription, run_all
+from ms2rgb.tasks.training.parallel import ProcessLocal, oversubscription, run_all
 
 
 def set_compute(root: Path, threads: int, **compute: object) -> None:
@@ -45,6 +45,29 @@ def test_serial_and_process_pool_return_every_call_in_order_with_pinned_threads(
     pool = ComputeConfig(workers=2, task_runner="processes", dask_address=None)
     with temporary_settings({PREFECT_API_URL: prefect_api}):
         assert run_all(threads_seen, calls, names, pool, threads=1) == [(tag, 1) for tag in range(4)]
+
+
+def test_process_local_builds_once_per_key_and_keeps_nothing_from_a_failed_build() -> None:
+    built: list[str] = []
+
+    def build(value: str) -> str:
+        built.append(value)
+        return value
+
+    cache: ProcessLocal[str] = ProcessLocal()
+    assert [cache.get("a", lambda: build("A")) for _ in range(3)] == ["A"] * 3 and built == ["A"]
+    assert cache.get("b", lambda: build("B")) == "B" and built == ["A", "B"]  # another run: built again
+
+    def broken() -> str:
+        raise OSError("tiles unreadable")
+
+    with pytest.raises(OSError):
+        cache.get("c", broken)
+    assert cache.key is None and cache.value is None  # not "b"'s value under any key
+    cache.put("d", "D")
+    assert cache.get("d", lambda: build("never")) == "D" and "never" not in built
+    cache.clear()
+    assert cache.get("d", lambda: build("D2")) == "D2"
 
 
 def test_oversubscription_is_named_with_the_threads_to_set() -> None:
