@@ -275,9 +275,12 @@ class StageRun:
     out_dir: Path
     info: dict[str, Any]
 
+    @property
+    def key(self) -> str:
+        return f"{self.root}|{self.identity}"
+
     def context(self) -> Context:
-        key = f"{self.root}|{self.identity}"
-        return CONTEXTS.get(key, lambda: worker_context(self.root, self.params, self.out_dir, self.info))
+        return CONTEXTS.get(self.key, lambda: worker_context(self.root, self.params, self.out_dir, self.info))
 
 
 def detector_cell(
@@ -411,9 +414,10 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     ctx = load_context(root, params, clip, tokenizer, out_dir, device)
     shots, variants = settings.shots, plan(settings, seed)
     head_name = f"full_k{max(shots)}"
-    CONTEXTS.put(f"{root}|{identity}", ctx)  # the serial loop uses this process's own
+    stage = StageRun(root, params, identity, out_dir, info)
+    CONTEXTS.put(stage.key, ctx)  # the serial loop uses this process's own
     try:
-        cells = run_cells(StageRun(root, params, identity, out_dir, info), variants, head_name)
+        cells = run_cells(stage, variants, head_name)
     finally:
         CONTEXTS.clear()  # a served process runs many stages: do not keep the backbone and tiles
     results = {v.name: log_variant(ctx, v, [run for run, _ in cells[v.name]], tracker) for v in variants}
