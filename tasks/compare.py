@@ -130,7 +130,7 @@ def run_grid(
         for name, k, seed in runs
     ]
     names = [f"{name}/k{k_name(k)}/seed{seed}" for name, k, seed in runs]
-    results = iter(run_all(correctness, calls, names, params.compute, params.threads))
+    results = iter(run_all(correctness, calls, names, params.compute))
     by_cell = {cell: np.stack([next(results) for _ in seeds]) for cell in cells}
     return {k_name(k): {name: by_cell[trained_k(name, k)] for name in grid.variants} for k in grid.shots}
 
@@ -158,7 +158,13 @@ def compare(root: Path, params: Params, tracker: StageTracker, grid_name: str, s
     start = time.perf_counter()
     data_digest = require_validated(root, root / params.data.prepared_dir, READS)
     grid = params.compare.grids[grid_name]
-    tracker.log_params({"compare": params.compare.model_dump(), "student": params.student.model_dump()})
+    tracker.log_params(
+        {
+            "compare": params.compare.model_dump(),
+            "student": params.student.model_dump(),
+            "cell_threads": params.compute.cell_threads,  # the cells' numbers depend on it, unlike `workers`
+        }
+    )
     identity = upstream_identity(root, params, data_digest)
     scratch = root / "artifacts" / f"compare-{grid_name}.partial"  # checkpoints only; removed after success
     try:

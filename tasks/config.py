@@ -439,9 +439,13 @@ class PromoteConfig(Section):
 
 
 class ComputeConfig(Section):
-    """How independent pieces of a stage (the compare grid's cells) run: one after another, or at once."""
+    """How independent pieces of a stage (the compare grid's and the detector's cells) run: one after
+    another, or at once."""
 
     workers: int = Field(ge=1, le=1024)  # cells at once; 1: one after another in the stage's own process
+    # torch threads of every cell, serial or parallel: reductions split by the thread count, so one fixed
+    # number keeps a cell's results the same for any `workers`
+    cell_threads: int = Field(ge=1, le=256)
     task_runner: Literal["processes", "dask"]  # Prefect's process pool, or prefect-dask's runner (workers > 1)
     dask_address: str | None  # a running Dask scheduler (tcp://host:8786); null: a local cluster of `workers`
 

@@ -81,7 +81,7 @@ class Context:
     test_masks: torch.Tensor
     out_dir: Path
     device: torch.device
-    threads: int
+    threads: int  # a cell's CPU threads (compute.cell_threads): the forest's jobs
     # (seed, shots) -> fitted pixel evidence: the variants of one seed and K share one fit (the MLP's ~5 s)
     evidence_fits: dict[tuple[int, bytes], PixelEvidence] = field(default_factory=dict)
 
@@ -248,7 +248,17 @@ def load_context(
     fewshot = open_split(prepared, "fewshot", "rgb", masks=True)
     novel = novel_classes(settings, list(classes))
     return Context(
-        settings, classes, novel, clip, tokenizer, fewshot, test_images, test_masks, out_dir, device, params.threads
+        settings,
+        classes,
+        novel,
+        clip,
+        tokenizer,
+        fewshot,
+        test_images,
+        test_masks,
+        out_dir,
+        device,
+        params.compute.cell_threads,
     )
 
 
@@ -304,7 +314,7 @@ def run_cells(
         for variant, i, seed in cells
     ]
     names = [f"{variant.name}/seed{seed}" for variant, _, seed in cells]
-    results = iter(run_all(detector_cell, calls, names, stage.params.compute, stage.params.threads))
+    results = iter(run_all(detector_cell, calls, names, stage.params.compute))
     return {variant.name: [next(results) for _ in variant.seeds] for variant in variants}
 
 
@@ -403,12 +413,19 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     prepared = root / params.data.prepared_dir
     data_digest = require_validated(root, prepared, READS)
     classes = read_legend(prepared)
+    threads = params.compute.cell_threads  # the cells' numbers depend on it, unlike on `workers`
     tracker.log_params(
-        {"detector": settings.model_dump(), "seed": seed, "device": str(device), "classes": list(classes)}
+        {
+            "detector": settings.model_dump(),
+            "seed": seed,
+            "device": str(device),
+            "classes": list(classes),
+            "cell_threads": threads,
+        }
     )
     # Swapped in whole by the stage runner after success; what a killed run of these params and
     # data left here (backbone, tuning checkpoints) is picked up again.
-    identity = fingerprint(settings.model_dump(), data_digest, seed, classes)
+    identity = fingerprint(settings.model_dump(), data_digest, seed, classes, threads)
     out_dir = resumable_staging_dir(root, "detector", identity)
     clip, tokenizer, info = backbone(root, params, out_dir, classes, tracker, device)
     ctx = load_context(root, params, clip, tokenizer, out_dir, device)

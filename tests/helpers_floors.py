@@ -67,6 +67,7 @@ def detector_miou(root: Path, params: Params) -> dict[str, float]:
     untracked = Untracked()
     clip, tokenizer, _ = backbone(root, params, out_dir, classes, untracked, device)  # type: ignore[arg-type]
     ctx = load_context(root, params, clip, tokenizer, out_dir, device)
+    make_deterministic(params.compute.cell_threads)  # the stage's cells run on these threads
     k = max(settings.shots)
     variants = {
         "zero_shot": Variant("zero_shot", "prompts", "zero_shot", 0, (seed,)),

@@ -1,7 +1,7 @@
 """Parallel work (params.yaml `compute`, tasks/training/parallel.py): the compare grid's cells as Prefect
 tasks on Prefect's process pool and on a real 2-worker local Dask cluster give exactly the serial run's
 numbers (the report, and every weight of the students), in two worker processes, with torch pinned to
-`threads`."""
+`compute.cell_threads`."""
 
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ from ms2rgb.tasks.config import ComputeConfig
 from ms2rgb.tasks.training.parallel import ProcessLocal, oversubscription, run_all
 
 
-def set_compute(root: Path, threads: int, **compute: object) -> None:
-    """Edit the project's `threads` and `compute` section in place."""
+def set_compute(root: Path, **compute: object) -> None:
+    """Set the tiny profile's `compute` section (the first profile's) of the project to `compute`."""
     text = (root / "params.yaml").read_text()
-    text = re.sub(r"^threads: \d+", f"threads: {threads}", text, count=1, flags=re.M)
-    for key, value in compute.items():
-        text = re.sub(rf"^(  {key}:) \S+", rf"\1 {value}", text, count=1, flags=re.M)
+    section = "    compute: {" + ", ".join(f"{key}: {value}" for key, value in compute.items()) + "}"
+    text, found = re.subn(r"^    compute: \{.*?\}", section, text, count=1, flags=re.M)
+    assert found == 1, "params.yaml: the tiny profile no longer sets compute"
     (root / "params.yaml").write_text(text)
 
 
@@ -40,11 +40,13 @@ def test_serial_and_process_pool_return_every_call_in_order_with_pinned_threads(
 
     calls = [{"tag": tag} for tag in range(4)]
     names = [f"call{tag}" for tag in range(4)]
-    serial = ComputeConfig(workers=1, task_runner="processes", dask_address=None)
-    assert run_all(threads_seen, calls, names, serial, threads=2) == [(tag, 2) for tag in range(4)]
-    pool = ComputeConfig(workers=2, task_runner="processes", dask_address=None)
+    torch.set_num_threads(2)
+    serial = ComputeConfig(workers=1, cell_threads=1, task_runner="processes", dask_address=None)
+    assert run_all(threads_seen, calls, names, serial) == [(tag, 1) for tag in range(4)]
+    assert torch.get_num_threads() == 2  # the stage's own work after the cells keeps its threads
+    pool = ComputeConfig(workers=2, cell_threads=1, task_runner="processes", dask_address=None)
     with temporary_settings({PREFECT_API_URL: prefect_api}):
-        assert run_all(threads_seen, calls, names, pool, threads=1) == [(tag, 1) for tag in range(4)]
+        assert run_all(threads_seen, calls, names, pool) == [(tag, 1) for tag in range(4)]
 
 
 def test_process_local_builds_once_per_key_and_keeps_nothing_from_a_failed_build() -> None:
@@ -72,12 +74,13 @@ def test_process_local_builds_once_per_key_and_keeps_nothing_from_a_failed_build
 
 def test_oversubscription_is_named_with_the_threads_to_set() -> None:
     cores = os.cpu_count() or 1
-    wide = ComputeConfig(workers=cores + 1, task_runner="dask", dask_address=None)
-    message = oversubscription(wide, threads=2)
-    assert message is not None and f"{cores} cores" in message and "set threads: 1" in message
-    assert oversubscription(ComputeConfig(workers=1, task_runner="dask", dask_address=None), threads=cores) is None
-    remote = ComputeConfig(workers=64, task_runner="dask", dask_address="tcp://127.0.0.1:8786")
-    assert oversubscription(remote, threads=2) is None  # a remote cluster's cores are not this machine's
+    wide = ComputeConfig(workers=cores + 1, cell_threads=2, task_runner="dask", dask_address=None)
+    message = oversubscription(wide)
+    assert message is not None and f"{cores} cores" in message and "set compute.cell_threads: 1" in message
+    alone = ComputeConfig(workers=1, cell_threads=cores, task_runner="dask", dask_address=None)
+    assert oversubscription(alone) is None
+    remote = ComputeConfig(workers=64, cell_threads=2, task_runner="dask", dask_address="tcp://127.0.0.1:8786")
+    assert oversubscription(remote) is None  # a remote cluster's cores are not this machine's
 
 
 @pytest.mark.slow
@@ -88,19 +91,19 @@ def test_compare_grid_on_two_processes_and_on_two_dask_workers_matches_the_seria
 
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # worker processes import student_weights
     root = staged_project(tmp_path_factory, "student", tmp_path / "project")
-    set_compute(root, threads=1)  # each cell on one thread, in every run below
+    set_compute(root, workers=1, cell_threads=1)  # each cell on one thread, in every run below
     serial = per_seed(run_stage("compare", root))
     cells = [{"name": name, "seed": seed} for name in ("rgb_only", "full_method") for seed in (0, 1)]
     calls = {runner: [c | {"root": root, "scratch": tmp_path / runner} for c in cells] for runner in RUNNERS}
     labels = [str(c) for c in cells]  # braces: Prefect formats run names, so run_all must escape them
-    one = ComputeConfig(workers=1, task_runner="processes", dask_address=None)
-    weights = run_all(student_weights, calls["serial"], labels, one, threads=1)
+    one = ComputeConfig(workers=1, cell_threads=1, task_runner="processes", dask_address=None)
+    weights = run_all(student_weights, calls["serial"], labels, one)
     with temporary_settings({PREFECT_API_URL: prefect_api}):
         for runner in RUNNERS[1:]:
-            set_compute(root, threads=1, workers=2, task_runner=runner)
+            set_compute(root, workers=2, cell_threads=1, task_runner=runner)
             assert per_seed(run_stage("compare", root)) == serial, runner
-            two = ComputeConfig(workers=2, task_runner=runner, dask_address=None)
-            again = run_all(student_weights, calls[runner], labels, two, threads=1)
+            two = ComputeConfig(workers=2, cell_threads=1, task_runner=runner, dask_address=None)
+            again = run_all(student_weights, calls[runner], labels, two)
             assert all(torch.equal(a[1], b[1]) for a, b in zip(weights, again, strict=True)), runner
             workers = {pid for pid, _ in again}
             assert len(workers) == 2 and os.getpid() not in workers, runner  # two worker processes shared the cells
@@ -132,9 +135,9 @@ def test_detector_variants_on_two_dask_workers_match_the_serial_run(
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     root = staged_project(tmp_path_factory, "validate", tmp_path / "project")
-    set_compute(root, threads=1)
+    set_compute(root, workers=1, cell_threads=1)
     serial, serial_prompts = run_stage("detector", root), prompts(root)
-    set_compute(root, threads=1, workers=2, task_runner="dask")
+    set_compute(root, workers=2, cell_threads=1, task_runner="dask")
     with temporary_settings({PREFECT_API_URL: prefect_api}):
         parallel = run_stage("detector", root)
         with get_client(sync_client=True) as client:

@@ -4,9 +4,10 @@
 1 that is literally the loop, in the stage's own process. With more, each call is a Prefect task
 submitted to Prefect's process-pool runner or to prefect-dask's DaskTaskRunner (a local cluster of
 `workers` processes, or the scheduler at `compute.dask_address`), so the calls show as task runs in
-the Prefect UI and can spread over a cluster. Every call pins torch to the params' `threads`
-first: CPU reductions split by the thread count, so pinning it is what keeps the numbers identical
-to the serial run's, and it keeps `workers` processes from each taking every core. There is no
+the Prefect UI and can spread over a cluster. Every call pins torch to `compute.cell_threads`
+first, the serial loop's calls too: CPU reductions split by the thread count, so pinning it is what
+keeps the numbers identical for any `workers`, and it keeps `workers` processes from each taking
+every core. The stage's own work around the calls keeps the params' `threads`. There is no
 thread-pool choice: a cell seeds torch's and numpy's process-wide generators, which threads would share.
 """
 
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
 
+import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -112,14 +114,15 @@ def task_runner(compute: ComputeConfig) -> TaskRunner:
     return ProcessPoolTaskRunner(max_workers=compute.workers)
 
 
-def oversubscription(compute: ComputeConfig, threads: int) -> str | None:
+def oversubscription(compute: ComputeConfig) -> str | None:
     """A warning when local workers would ask for more threads than this machine has cores."""
-    cores = os.cpu_count() or 1
+    cores, threads = os.cpu_count() or 1, compute.cell_threads
     if compute.dask_address or compute.workers * threads <= cores:
         return None
     return (
-        f"compute.workers {compute.workers} x threads {threads} > {cores} cores: the cells will slow each other "
-        f"down; set threads: {max(1, cores // compute.workers)} (the numbers then differ from threads {threads}'s)"
+        f"compute.workers {compute.workers} x cell_threads {threads} > {cores} cores: the cells will slow each "
+        f"other down; set compute.cell_threads: {max(1, cores // compute.workers)} or fewer workers (other "
+        f"cell_threads give slightly different numbers)"
     )
 
 
@@ -151,25 +154,30 @@ def literal(name: str) -> str:
 
 
 def run_all(
-    fn: Callable[..., R],
-    calls: Sequence[dict[str, Any]],
-    names: Sequence[str],
-    compute: ComputeConfig,
-    threads: int,
+    fn: Callable[..., R], calls: Sequence[dict[str, Any]], names: Sequence[str], compute: ComputeConfig
 ) -> list[R]:
     """`fn(**call)` for every call, results in the calls' order; `names` label the Prefect task runs."""
     if compute.workers == 1:
-        return [pinned_call(fn, threads, call) for call in calls]
-    warning = oversubscription(compute, threads)
+        return serial(fn, calls, compute.cell_threads)
+    warning = oversubscription(compute)
     if warning:
         print(f"warning: {warning}", flush=True)
     env = worker_env()
     with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), inherited_env(env):
-        return submit_all(fn, calls, names, compute, threads)
+        return submit_all(fn, calls, names, compute)
+
+
+def serial(fn: Callable[..., R], calls: Sequence[dict[str, Any]], threads: int) -> list[R]:
+    """The calls one after another in this process, on `threads`; the stage's own count comes back after."""
+    own = torch.get_num_threads()
+    try:
+        return [pinned_call(fn, threads, call) for call in calls]
+    finally:
+        torch.set_num_threads(own)
 
 
 def submit_all(
-    fn: Callable[..., R], calls: Sequence[dict[str, Any]], names: Sequence[str], compute: ComputeConfig, threads: int
+    fn: Callable[..., R], calls: Sequence[dict[str, Any]], names: Sequence[str], compute: ComputeConfig
 ) -> list[R]:
     """Every call as a Prefect task on a fresh runner, waited for in the calls' order."""
     cell = task(name=getattr(fn, "__name__", "cell"), cache_policy=NO_CACHE, persist_result=False)(pinned_call)
@@ -178,7 +186,7 @@ def submit_all(
         futures = [
             runner.submit(
                 cell.with_options(task_run_name=literal(name)),
-                {"fn": fn, "threads": threads, "kwargs": call, "on_dask": on_dask},
+                {"fn": fn, "threads": compute.cell_threads, "kwargs": call, "on_dask": on_dask},
             )
             for name, call in zip(names, calls, strict=True)
         ]
