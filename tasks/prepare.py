@@ -34,7 +34,6 @@ from ms2rgb.tasks.data.sources.scenes import INGEST_REPORT
 from ms2rgb.tasks.data.sources.synth import generate
 from ms2rgb.tasks.data.tile_stats import MEMO
 from ms2rgb.tasks.tracking import StageTracker
-from ms2rgb.tasks.training.parallel import run_all
 
 SOURCE_IDENTITY = "source-identity.txt"  # in <raw_dir>: what made the synthetic tiles there
 GENERATOR_CODE = Path(__file__).parent / "data"  # the synthetic tiles depend on this code and the synth params
@@ -72,7 +71,7 @@ def make_source(root: Path, params: Params) -> Path:
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if data.source == "synth":
-        generate(tmp, params.synth, params.seed, run=lambda fn, calls, names: run_all(fn, calls, names, params.compute))
+        generate(tmp, params.synth, params.seed)
         (tmp / SOURCE_IDENTITY).write_text(identity)
     else:
         from ms2rgb.tasks.data.sources.eurosat import given_test_stems, ingest_eurosat

@@ -19,11 +19,11 @@ from ms2rgb.tasks.training.parallel import ProcessLocal, oversubscription, run_a
 
 
 def set_compute(root: Path, **compute: object) -> None:
-    """Set the tiny profile's `compute` section (the first profile's) of the project to `compute`."""
+    """Edit keys of the project's `compute` section in place."""
     text = (root / "params.yaml").read_text()
-    section = "    compute: {" + ", ".join(f"{key}: {value}" for key, value in compute.items()) + "}"
-    text, found = re.subn(r"^    compute: \{.*?\}", section, text, count=1, flags=re.M)
-    assert found == 1, "params.yaml: the tiny profile no longer sets compute"
+    for key, value in compute.items():
+        text, found = re.subn(rf"^(  {key}:) \S+", rf"\1 {value}", text, count=1, flags=re.M)
+        assert found == 1, f"params.yaml has no compute.{key}"
     (root / "params.yaml").write_text(text)
 
 

@@ -38,7 +38,6 @@ ALWAYS_ALLOWED = {
 # Reads that cannot change what a stage computes.
 READ_EXEMPT = {
     ("evaluate", ""): "the lineage record in reports/evaluate.json lists the resolved params; it computes nothing",
-    ("prepare", "compute"): "how many synthetic blocks are written at once: the same tiles (own generator each)",
     ("compare", "compute"): "how many cells run at once and where: the same numbers (tests/test_parallel.py)",
     ("detector", "compute"): "the same for the detector's variants and seeds (tests/test_parallel.py)",
 }

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from rasterio.crs import CRS
@@ -73,55 +72,23 @@ def _rows_for(
     return rows
 
 
-# How generate() runs its blocks: `run(fn, calls, names)` returns `[fn(**call) for call in calls]`, in
-# order (the prepare stage passes its task runner, tasks/training/parallel.py).
-BlockRunner = Callable[[Callable[..., list[dict]], list[dict[str, Any]], list[str]], list[list[dict]]]
-
-
-def one_after_another(fn: Callable[..., list[dict]], calls: list[dict[str, Any]], names: list[str]) -> list[list[dict]]:
-    return [fn(**call) for call in calls]
-
-
-def class_block(
-    out: Path, cfg: SynthConfig, seed: int, split_no: int, class_no: int, first_index: int, announce: str | None
-) -> list[dict]:
-    """Write the locations of one split and scene class; `first_index` places them on the grid. Each
-    location draws from its own generator, so a block's tiles do not depend on which process writes it."""
-    split, scene_class = list(cfg.per_class)[split_no], SCENE_NAMES[class_no]
-    spectra, crs = surface_spectra(cfg.rgb_ambiguity), CRS.from_string(cfg.crs)
+def generate(out: Path, cfg: SynthConfig, seed: int, progress: Callable[[str], None] = print) -> Path:
+    """Write the synthetic data set under `out` and return its manifest path."""
+    spectra = surface_spectra(cfg.rgb_ambiguity)
+    crs = CRS.from_string(cfg.crs)
+    total = len(SCENE_NAMES) * sum(cfg.per_class.values())
     rows: list[dict] = []
-    for k in range(cfg.per_class[split]):
-        rng = np.random.default_rng([seed, split_no, class_no, k])
-        ms, mask = render_location(rng, scene_class, spectra, cfg)
-        loc_id = f"synth-{split}-{scene_class}-{k:04d}"
-        rows += _rows_for(out, loc_id, scene_class, split, _location_transform(first_index + k), crs, ms, mask)
-    if announce:
-        print(announce, flush=True)
-    return rows
-
-
-def generate(
-    out: Path,
-    cfg: SynthConfig,
-    seed: int,
-    progress: Callable[[str], None] = print,
-    run: BlockRunner = one_after_another,
-) -> Path:
-    """Write the synthetic data set under `out` and return its manifest path: one block per split and
-    scene class, through `run`."""
-    calls: list[dict[str, Any]] = []
-    names: list[str] = []
     index = 0
     for split_no, (split, count) in enumerate(cfg.per_class.items()):
         for class_no, scene_class in enumerate(SCENE_NAMES):
-            calls.append(dict(out=out, cfg=cfg, seed=seed, split_no=split_no, class_no=class_no, first_index=index))
-            names.append(f"synth/{split}/{scene_class}")
-            index += count
-    for i, call in enumerate(calls):  # about ten progress lines, from wherever the blocks run
-        last = i == len(calls) - 1
-        call["announce"] = f"synth: {i + 1}/{len(calls)} blocks written" if (i + 1) % 10 == 0 or last else None
-    progress(f"synth: {index} locations in {len(calls)} blocks (one per split and scene class)")
-    rows = [row for block in run(class_block, calls, names) for row in block]
+            for k in range(count):
+                rng = np.random.default_rng([seed, split_no, class_no, k])
+                ms, mask = render_location(rng, scene_class, spectra, cfg)
+                loc_id = f"synth-{split}-{scene_class}-{k:04d}"
+                rows += _rows_for(out, loc_id, scene_class, split, _location_transform(index), crs, ms, mask)
+                index += 1
+                if index % 500 == 0 or index == total:
+                    progress(f"synth: {index}/{total} locations written")
     manifest_path = out / MANIFEST_NAME
     write_manifest(make_manifest(rows), manifest_path)
     return manifest_path
