@@ -137,11 +137,14 @@ def polygonize(
                 counts += np.bincount(ids.ravel(), minlength=256)
                 if out is not None:
                     out.write(ids, 1, window=block)
+                whole, whole_ids = [], []  # one write a block: each write sets up a reprojection (~0.8 ms)
                 for polygon, class_id, on_border in _block_regions(ids, block, src.height, src.width, nodata):
                     if on_border:
                         pieces[class_id].append(polygon)
                     else:
-                        sink.write([polygon], [class_id])
+                        whole.append(polygon)
+                        whole_ids.append(class_id)
+                sink.write(whole, whole_ids)
         finally:
             if out is not None:
                 out.close()
