@@ -148,13 +148,14 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     from ms2rgb.tasks.compare import compare
     from ms2rgb.tasks.config import load_params
     from ms2rgb.tasks.errors import ParamsError
-    from ms2rgb.tasks.training.loop import make_deterministic
+    from ms2rgb.tasks.training.loop import make_deterministic, use_device
 
     root = Path(args.root).resolve()
     params = load_params(root)
     if args.grid not in params.compare.grids:
         raise ParamsError("compare.grids", args.grid, f"choose one of {sorted(params.compare.grids)}")
     make_deterministic(params.threads)
+    use_device(params.compute.device)
     lock = project_lock(root, f"ms2rgb compare --grid {args.grid}", args.wait)
     with (
         lock,

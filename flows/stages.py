@@ -12,7 +12,7 @@ from ms2rgb.tasks.config import Params, load_params
 from ms2rgb.tasks.data.artifacts import stage_dir, staging_dir
 from ms2rgb.tasks.data.atomic import swap_in_dir, write_json_atomic
 from ms2rgb.tasks.errors import Ms2rgbError
-from ms2rgb.tasks.training.loop import make_deterministic
+from ms2rgb.tasks.training.loop import make_deterministic, use_device
 
 StageFn = Callable[[Path, Params, tracking.StageTracker], dict[str, Any]]
 
@@ -61,6 +61,7 @@ def run_stage(name: str, root: Path, parent_run_id: str | None = None) -> dict[s
     fn = stage_function(name)
     params = load_params(root)
     make_deterministic(params.threads)
+    use_device(params.compute.device)
     with tracking.stage_run(root, params.tracking.experiment, name, parent_run_id) as tracker:
         try:
             report = fn(root, params, tracker)

@@ -446,6 +446,7 @@ class ComputeConfig(Section):
     # torch threads of every cell, serial or parallel: reductions split by the thread count, so one fixed
     # number keeps a cell's results the same for any `workers`
     cell_threads: int = Field(ge=1, le=256)
+    device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto: CUDA when torch sees one, else CPU
     task_runner: Literal["processes", "dask"]  # Prefect's process pool, or prefect-dask's runner (workers > 1)
     dask_address: str | None  # a running Dask scheduler (tcp://host:8786); null: a local cluster of `workers`
 

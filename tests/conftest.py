@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DVC = Path(sys.executable).parent / "dvc"  # the venv's dvc, whether or not the venv is activated
@@ -41,6 +42,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         path = item.nodeid.split("::")[0]
         slow[path] = slow.get(path, 0) + (item.get_closest_marker("slow") is not None)
     items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])
+    if not torch.cuda.is_available():  # `gpu` tests run wherever torch sees CUDA, and only there
+        no_gpu = pytest.mark.skip(reason="needs CUDA: torch sees no GPU here")
+        for item in items:
+            if item.get_closest_marker("gpu") is not None:
+                item.add_marker(no_gpu)
 
 
 @pytest.fixture(autouse=True, scope="module")

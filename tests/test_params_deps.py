@@ -34,6 +34,7 @@ ALWAYS_ALLOWED = {
     "profile": "selects the profile whose values override any section",
     "profiles": "a profile may override any key a stage reads",
     "threads": "flows/stages.py pins torch's CPU threads before every stage (reductions split by thread count)",
+    "compute.device": "flows/stages.py picks the torch device before every stage (CPU and CUDA numbers differ)",
 }
 # Reads that cannot change what a stage computes.
 READ_EXEMPT = {

@@ -19,12 +19,46 @@ import torch
 from torch import nn
 
 from ms2rgb.tasks.data.atomic import write_atomic
+from ms2rgb.tasks.errors import Ms2rgbError
 from ms2rgb.tasks.training.augment import random_dihedral
 
 
+class DeviceChoice:
+    """params.yaml `compute.device` for this process: the stage runner sets it before every stage and
+    each worker before every cell, so code deep in a stage asks `pick_device()` instead of the params."""
+
+    requested = "auto"
+
+
+def resolve_device(requested: str) -> torch.device:
+    """`auto`: CUDA when present, else CPU (CI and the dev machines have no GPU); `cpu`, `cuda` or
+    `cuda:N` as named, and an error naming the key when CUDA is asked for and torch sees none."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Ms2rgbError(
+            f"compute.device: {requested} but torch sees no CUDA device (CPU-only build, or no GPU here); "
+            "set compute.device: auto or cpu"
+        )
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise Ms2rgbError(
+            f"compute.device: {requested} but torch sees {torch.cuda.device_count()} CUDA device(s); "
+            f"name one of cuda:0..cuda:{torch.cuda.device_count() - 1}, or auto"
+        )
+    return device
+
+
+def use_device(requested: str) -> None:
+    """Make `requested` (compute.device) what `pick_device()` returns in this process; fails at once
+    when it names a device that is not there."""
+    resolve_device(requested)
+    DeviceChoice.requested = requested
+
+
 def pick_device() -> torch.device:
-    """CUDA when present, else CPU. CI and the dev machines have no GPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device the project trains and scores on: params' `compute.device` (see `use_device`)."""
+    return resolve_device(DeviceChoice.requested)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -91,6 +125,13 @@ def adamw(params: Iterable[Any], lr: float, weight_decay: float = 0.0) -> torch.
     a Python loop per tensor (35 ms -> 6 ms a step for the 8M-parameter fallback CLIP on 2 cores).
     `params` may be parameter groups, each with its own weight decay."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
+def restore_cuda_rng(states: list[torch.Tensor]) -> None:
+    """Put back the CUDA generators a checkpoint saved, when this process has the same GPUs; a
+    checkpoint written on CPU (none saved) or for other GPUs leaves them as seeded."""
+    if states and torch.cuda.is_available() and len(states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states)
 
 
 class Trainer:
@@ -163,6 +204,9 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
+            # each GPU's generator too (dropout, random augmentation on the device), so a resumed CUDA
+            # run draws what the uninterrupted one would; empty on CPU
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "history": [asdict(h) for h in self.history],
             "extra": extra or {},
         }
@@ -190,6 +234,7 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
             self.generator.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
+            restore_cuda_rng(state.get("cuda_rng", []))
             self.history[:] = [EpochStats(**h) for h in state["history"]]
             print(f"resumed from {path} (epoch {len(self.history)}/{self.epochs})", flush=True)
             return dict(state["extra"])

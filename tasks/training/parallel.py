@@ -28,7 +28,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
 
 from ms2rgb.tasks.config import ComputeConfig
 from ms2rgb.tasks.errors import Ms2rgbError
-from ms2rgb.tasks.training.loop import make_deterministic
+from ms2rgb.tasks.training.loop import make_deterministic, use_device
 
 R = TypeVar("R")
 T = TypeVar("T")
@@ -57,9 +57,13 @@ class ProcessLocal(Generic[T]):
         self.key, self.value = None, None
 
 
-def pinned_call(fn: Callable[..., R], threads: int, kwargs: dict[str, Any], on_dask: bool = False) -> R:
-    """`fn(**kwargs)` with torch on `threads` CPU threads, wherever the runner put it."""
+def pinned_call(
+    fn: Callable[..., R], threads: int, kwargs: dict[str, Any], on_dask: bool = False, device: str = "auto"
+) -> R:
+    """`fn(**kwargs)` with torch on `threads` CPU threads and `device` (compute.device), wherever the
+    runner put it."""
     make_deterministic(threads)
+    use_device(device)
     if on_dask:
         adaptive_malloc()
     return fn(**kwargs)
@@ -158,7 +162,7 @@ def run_all(
 ) -> list[R]:
     """`fn(**call)` for every call, results in the calls' order; `names` label the Prefect task runs."""
     if compute.workers == 1:
-        return serial(fn, calls, compute.cell_threads)
+        return serial(fn, calls, compute.cell_threads, compute.device)
     warning = oversubscription(compute)
     if warning:
         print(f"warning: {warning}", flush=True)
@@ -167,11 +171,11 @@ def run_all(
         return submit_all(fn, calls, names, compute)
 
 
-def serial(fn: Callable[..., R], calls: Sequence[dict[str, Any]], threads: int) -> list[R]:
+def serial(fn: Callable[..., R], calls: Sequence[dict[str, Any]], threads: int, device: str) -> list[R]:
     """The calls one after another in this process, on `threads`; the stage's own count comes back after."""
     own = torch.get_num_threads()
     try:
-        return [pinned_call(fn, threads, call) for call in calls]
+        return [pinned_call(fn, threads, call, device=device) for call in calls]
     finally:
         torch.set_num_threads(own)
 
@@ -186,7 +190,13 @@ def submit_all(
         futures = [
             runner.submit(
                 cell.with_options(task_run_name=literal(name)),
-                {"fn": fn, "threads": compute.cell_threads, "kwargs": call, "on_dask": on_dask},
+                {
+                    "fn": fn,
+                    "threads": compute.cell_threads,
+                    "kwargs": call,
+                    "on_dask": on_dask,
+                    "device": compute.device,
+                },
             )
             for name, call in zip(names, calls, strict=True)
         ]
