@@ -247,18 +247,9 @@ def load_context(
     test_images, test_masks = load_tiles(open_split(prepared, "seg_test", "rgb", masks=True))
     fewshot = open_split(prepared, "fewshot", "rgb", masks=True)
     novel = novel_classes(settings, list(classes))
+    threads = params.compute.cell_threads
     return Context(
-        settings,
-        classes,
-        novel,
-        clip,
-        tokenizer,
-        fewshot,
-        test_images,
-        test_masks,
-        out_dir,
-        device,
-        params.compute.cell_threads,
+        settings, classes, novel, clip, tokenizer, fewshot, test_images, test_masks, out_dir, device, threads
     )
 
 
