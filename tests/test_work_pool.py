@@ -116,12 +116,26 @@ def read_deployments(url: str) -> dict[str, Any]:
 
 
 def pause(url: str, deployment_id: Any) -> None:
-    """Pause a deployment: its schedule stops and the runs it had scheduled go."""
+    """Pause a deployment: its schedule stops, and every run it had scheduled goes. The pause itself
+    leaves a run that is already Late (its start time passed while a slow `deploy` ran), which the
+    one-run worker would then take before the pipeline run (seen once in CI)."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    waiting = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])))
     with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
         client.pause_deployment(deployment_id)
+        ours = DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+        for run in client.read_flow_runs(deployment_filter=ours, flow_run_filter=waiting):  # Late is a Scheduled type
+            client.delete_flow_run(run.id)
 
 
 @pytest.mark.slow
