@@ -162,7 +162,7 @@ def run_all(
 ) -> list[R]:
     """`fn(**call)` for every call, results in the calls' order; `names` label the Prefect task runs."""
     if compute.workers == 1:
-        return serial(fn, calls, compute.cell_threads, compute.device)
+        return serial(fn, calls, compute)
     warning = oversubscription(compute)
     if warning:
         print(f"warning: {warning}", flush=True)
@@ -171,11 +171,12 @@ def run_all(
         return submit_all(fn, calls, names, compute)
 
 
-def serial(fn: Callable[..., R], calls: Sequence[dict[str, Any]], threads: int, device: str) -> list[R]:
-    """The calls one after another in this process, on `threads`; the stage's own count comes back after."""
+def serial(fn: Callable[..., R], calls: Sequence[dict[str, Any]], compute: ComputeConfig) -> list[R]:
+    """The calls one after another in this process, on `compute.cell_threads`; the stage's own thread
+    count comes back after."""
     own = torch.get_num_threads()
     try:
-        return [pinned_call(fn, threads, call, device=device) for call in calls]
+        return [pinned_call(fn, compute.cell_threads, call, device=compute.device) for call in calls]
     finally:
         torch.set_num_threads(own)
 
