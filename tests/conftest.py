@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 DVC = Path(sys.executable).parent / "dvc"  # the venv's dvc, whether or not the venv is activated
@@ -114,6 +115,32 @@ def make_project(dest: Path, profile: str = "tiny") -> Path:
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     return make_project(tmp_path / "project")
+
+
+@pytest.fixture(scope="session")
+def reproduced_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny project on which `dvc repro` ran the whole pipeline: every stage fresh, every model a
+    champion. The first test of the session (of any xdist worker) to ask builds it, under a file lock
+    in the folder the workers share, and the others wait for it: one build of about 2.5 minutes instead
+    of one per module that needs it. Never change it: take a copy with :func:`copy_project`."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = shared / f"{SHARED_BUILD_PREFIX}reproduced-tiny"
+    with FileLock(str(shared / "reproduced-tiny.lock")):
+        if not (folder / "complete").is_file():  # a build that failed halfway is started again
+            shutil.rmtree(folder, ignore_errors=True)
+            # Built before any test's _hermetic_env applies: the same environment, by hand.
+            env = {**os.environ, "PATH": f"{DVC.parent}{os.pathsep}{os.environ.get('PATH', '')}", "MPLBACKEND": "Agg"}
+            env |= {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GX_ANALYTICS_ENABLED": "false"}
+            env.pop("MLFLOW_TRACKING_URI", None)
+            run_checked([str(DVC), "repro"], cwd=make_project(folder / "project"), env=env, timeout=1200)
+            (folder / "complete").touch()
+    return folder / "project"
+
+
+def copy_project(src: Path, dest: Path) -> Path:
+    """A project folder copied whole (git, DVC cache, MLflow store), links kept as links."""
+    return shutil.copytree(src, dest, symlinks=True)
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ import ast
 import copy
 import json
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 import rasterio
 import yaml
-from conftest import DVC, PROJECT_FILES, REPO, run_checked
+from conftest import DVC, PROJECT_FILES, REPO, copy_project
 from helpers_data import make_dataset, meadow
 from helpers_params import repo_params
 
@@ -428,9 +428,8 @@ def write_scene(path: Path, size: int = 128) -> Path:
 
 
 @pytest.fixture
-def reproduced(project: Path) -> Iterator[Path]:
-    run_checked([str(DVC), "repro"], cwd=project)
-    yield project
+def reproduced(reproduced_tiny: Path, tmp_path: Path) -> Path:
+    return copy_project(reproduced_tiny, tmp_path / "project")
 
 
 @pytest.mark.slow

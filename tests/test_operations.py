@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import rasterio
 import yaml
-from conftest import DVC, make_project, run_checked
+from conftest import DVC, copy_project
 from fsspec.implementations.memory import MemoryFileSystem
 from helpers_data import meadow
 from helpers_prefect import PREFECT, champions, flow_runs, venv_env, wait_for
@@ -360,18 +360,6 @@ def test_two_watch_processes_at_once_ingest_each_scene_once(project: Path) -> No
 # ---------------------------------------------------------------- real processes: server, serve, retrain
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny project on which the whole pipeline ran once (dvc repro): every model has a champion."""
-    root = make_project(tmp_path_factory.mktemp("trained") / "project")
-    run_checked([str(DVC), "repro"], cwd=root, env=venv_env(), timeout=1200)
-    return root
-
-
-def copy_project(src: Path, dest: Path) -> Path:
-    return shutil.copytree(src, dest, symlinks=True)
-
-
 def dvc_stale(root: Path) -> str:
     return subprocess.run(
         [str(DVC), "status"], cwd=root, env=venv_env(), capture_output=True, text=True, check=True, timeout=300
@@ -398,9 +386,9 @@ print("RESULT:" + json.dumps(retrain(root=sys.argv[1]), default=str), flush=True
 
 @pytest.mark.slow
 def test_killed_retrain_keeps_the_champion_and_the_next_retrain_takes_the_scene(
-    trained: Path, prefect_api: str, tmp_path: Path
+    reproduced_tiny: Path, prefect_api: str, tmp_path: Path
 ) -> None:
-    root = copy_project(trained, tmp_path / "project")
+    root = copy_project(reproduced_tiny, tmp_path / "project")
     write_scene(root / "data" / "landing" / "late.tif", seed=31)
     poll(root)
     assert poll(root) == {"ingested": ["late.tif"]}
@@ -466,14 +454,14 @@ def run_states(url: str, run_id: Any) -> list[str]:
 
 @pytest.mark.slow
 def test_served_watch_event_retrain_end_to_end(
-    trained: Path, prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    reproduced_tiny: Path, prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from ms2rgb.flows import serve as serving
 
-    root = copy_project(trained, tmp_path / "project")
+    root = copy_project(reproduced_tiny, tmp_path / "project")
     set_params(root, poll_seconds=3600)  # the schedule stays out of the way; the test runs watch itself
     monkeypatch.setenv("PREFECT_API_URL", prefect_api)
     monkeypatch.setenv("PREFECT_RUNNER_POLL_FREQUENCY", "2")
