@@ -109,7 +109,9 @@ def start_evidence_weight(
     ctx: Context, detector: ClassMapDetector, shots: tuple[torch.Tensor, torch.Tensor], seed: int
 ) -> None:
     """Set the evidence weight tuning starts from: params' number, or with ``auto`` the one that
-    cross-fitting on the shots picks (tasks/detection/evidence_weight.py)."""
+    cross-fitting on the shots picks (tasks/detection/evidence_weight.py). ``seed`` seeds the
+    folds' experts: the variant's first, so every seed of one K starts from the same weight and the
+    fold fits (two of the MLP's ~6 s each) are made once per K, not once per seed."""
     cfg = ctx.settings.pixel_evidence
     if cfg is None or detector.evidence is None or detector.evidence_weight is None or cfg.init_weight != "auto":
         return
@@ -123,7 +125,7 @@ def start_evidence_weight(
     )
     with torch.no_grad():
         detector.evidence_weight.fill_(weight)
-    print(f"detector: evidence weight {weight} cross-fitted on the shots (seed {seed})", flush=True)
+    print(f"detector: evidence weight {weight} cross-fitted on the shots (fold experts seeded {seed})", flush=True)
 
 
 def build_detector(
@@ -157,7 +159,7 @@ def build_detector(
         evidence_weight=AUTO_FALLBACK_WEIGHT if configured == "auto" else configured,
     )
     if shots is not None:
-        start_evidence_weight(ctx, detector, shots, seed)
+        start_evidence_weight(ctx, detector, shots, variant.seeds[0])
     return detector
 
 
