@@ -217,6 +217,7 @@ class PairsConfig(Section):
     batch_size: int = Field(ge=1, le=65536)  # tiles per inference batch (teacher and matcher)
     temperature: float = Field(ge=1e-3, le=10)  # matcher scores / this enter the Sinkhorn assignment
     sinkhorn_iters: int = Field(ge=1, le=10_000)  # balancing rounds: no MS tile absorbs most RGB tiles
+    chunk_tiles: int = Field(ge=1)  # pool tiles per pseudo-labelling call on params' `compute` runner
 
 
 class StudentConfig(Section):

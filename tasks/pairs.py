@@ -37,6 +37,7 @@ from ms2rgb.tasks.errors import DataError
 from ms2rgb.tasks.tracking import StageTracker
 from ms2rgb.tasks.training.inference import embed, teacher_probs
 from ms2rgb.tasks.training.loop import pick_device
+from ms2rgb.tasks.training.parallel import run_all
 from ms2rgb.tasks.training.store import load_model
 
 READS = {"rgb_train": ("rgb",), "ms_pool": ("ms",)}  # split -> modalities; dvc.yaml lists exactly their files
@@ -128,13 +129,38 @@ def pairing_report(frame: pd.DataFrame, free: Assignment, rgb: CachedSplit, pool
     }
 
 
+def pool_chunks(n_tiles: int, cfg: PairsConfig) -> list[tuple[int, int]]:
+    """(begin, end) of the pool slices that are pseudo-labelled as separate calls: `chunk_tiles` each,
+    rounded up to whole inference batches, so every batch holds the tiles it holds in one pass."""
+    size = -(-cfg.chunk_tiles // cfg.batch_size) * cfg.batch_size
+    return [(begin, min(begin + size, n_tiles)) for begin in range(0, n_tiles, size)]
+
+
+def chunk_pseudo_labels(root: Path, params: Params, begin: int, end: int) -> torch.Tensor:
+    """The teacher's class distribution (T = 1) of pool tiles [begin, end). It reads the teacher and
+    the memory-mapped pool itself, so params' `compute` runner may run it in another process."""
+    teacher = load_model(model_path(root, "teacher"), "scene_cnn", "teacher")
+    pool = open_split(root / params.data.prepared_dir, "ms_pool", "ms")
+    return teacher_probs(teacher, pool.images[begin:end], params.pairs.batch_size)
+
+
+def pool_pseudo_labels(root: Path, params: Params, n_tiles: int) -> torch.Tensor:
+    """(n_tiles, classes) teacher distributions of the whole pool, slice by slice on params' `compute`
+    runner (one slice in this process by default; the same numbers for any number of workers)."""
+    bounds = pool_chunks(n_tiles, params.pairs)
+    calls = [{"root": root, "params": params, "begin": begin, "end": end} for begin, end in bounds]
+    names = [f"pool[{begin}:{end}]" for begin, end in bounds]
+    if len(bounds) > 1:
+        print(f"pairs: pseudo-labelling {n_tiles} pool tiles in {len(bounds)} slices", flush=True)
+    return torch.cat(run_all(chunk_pseudo_labels, calls, names, params.compute))
+
+
 def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     """Stage entry point (DVC and Prefect call this alike)."""
     start = time.perf_counter()
     cfg = params.pairs
     prepared = root / params.data.prepared_dir
     require_validated(root, prepared, READS)
-    teacher = load_model(model_path(root, "teacher"), "scene_cnn", "teacher")
     matcher: CrossModalMatcher = load_model(model_path(root, "matcher"), "matcher", "matcher")
     rgb = require_bands(open_split(prepared, "rgb_train", "rgb"), RGB_BANDS, "rgb_train/rgb")
     pool = require_bands(open_split(prepared, "ms_pool", "ms"), S2_BANDS, "ms_pool/ms")
@@ -144,8 +170,8 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
             f"{int((rgb.labels < 0).sum())} RGB training tile(s) have no class",
             "the student set must be labelled; re-run prepare",
         )
-    tracker.log_params({"pairs": cfg.model_dump()})
-    probs = teacher_probs(teacher, pool.images, cfg.batch_size)
+    tracker.log_params({"pairs": cfg.model_dump(), "cell_threads": params.compute.cell_threads})
+    probs = pool_pseudo_labels(root, params, len(pool.labels))
     ms_class = probs.argmax(1).numpy()
     matcher.to(pick_device())
     scores = matcher.score(embed(matcher, rgb.images, "rgb"), embed(matcher, pool.images, "ms"))  # (N, M)

@@ -86,7 +86,9 @@ def test_label_free_pairing_follows_the_matcher_and_its_confidence_follows_the_c
     # class-1 tiles, tile 2 both alike: its partner's class is a coin flip, so its confidence is low.
     scores = torch.tensor([[0.9, 0.8, 0.0, 0.1], [0.0, 0.1, 0.9, 0.8], [0.5, 0.5, 0.5, 0.5]])
     teacher = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9], [0.2, 0.8]])
-    free = assign_without_labels(scores, teacher, PairsConfig(batch_size=4, temperature=0.1, sinkhorn_iters=50))
+    free = assign_without_labels(
+        scores, teacher, PairsConfig(batch_size=4, temperature=0.1, sinkhorn_iters=50, chunk_tiles=8)
+    )
     assert free.partner[0] in (0, 1) and free.partner[1] in (2, 3)
     assert free.confidence[2] < 0.6 < min(free.confidence[0], free.confidence[1])
     assert free.confidence.max() <= 0.9 + 1e-6  # never above the teacher's own confidence

@@ -9,12 +9,17 @@ import os
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from helpers_method_a import staged_project, student_weights
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from ms2rgb.flows.stages import run_stage
-from ms2rgb.tasks.config import ComputeConfig
+from ms2rgb.tasks.config import ComputeConfig, load_params
+from ms2rgb.tasks.data.cache import open_split
+from ms2rgb.tasks.data.pairing import PAIRS_FILE
+from ms2rgb.tasks.pairs import pool_chunks, pool_pseudo_labels
 from ms2rgb.tasks.training.parallel import ProcessLocal, oversubscription, run_all
 
 
@@ -36,7 +41,6 @@ def threads_seen(tag: int) -> tuple[int, int]:
 
 
 def test_serial_and_process_pool_return_every_call_in_order_with_pinned_threads(prefect_api: str) -> None:
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     calls = [{"tag": tag} for tag in range(4)]
     names = [f"call{tag}" for tag in range(4)]
@@ -89,7 +93,6 @@ def test_oversubscription_is_named_with_the_threads_to_set() -> None:
 def test_compare_grid_on_two_processes_and_on_two_dask_workers_matches_the_serial_run(
     tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, prefect_api: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # worker processes import student_weights
     root = staged_project(tmp_path_factory, "student", tmp_path / "project")
@@ -134,7 +137,6 @@ def test_detector_variants_on_two_dask_workers_match_the_serial_run(
     tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, prefect_api: str
 ) -> None:
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     root = staged_project(tmp_path_factory, "validate", tmp_path / "project")
     set_compute(root, workers=1, cell_threads=1)
@@ -148,3 +150,31 @@ def test_detector_variants_on_two_dask_workers_match_the_serial_run(
     again = prompts(root)
     assert again.keys() == serial_prompts.keys() and all(torch.equal(again[k], serial_prompts[k]) for k in again)
     assert {f"full_k{max(parallel['by_shots'], key=int)}/seed0", "pixel_forest/seed0", "unet/seed0"} <= ran
+
+
+@pytest.mark.slow
+def test_pool_pseudo_labels_in_slices_on_two_processes_match_one_pass(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, prefect_api: str
+) -> None:
+    """The pairs stage's pseudo-labelling of the MS pool, cut into slices of whole inference batches
+    and spread over two worker processes, gives every tile the distribution one pass gives it, and the
+    stage the same pairs."""
+    root = staged_project(tmp_path_factory, "matcher", tmp_path / "project")
+    one_pass = run_stage("pairs", root)
+    pairs = pd.read_parquet(root / "artifacts" / "pairs" / PAIRS_FILE)
+    params = load_params(root)
+    n_tiles = len(open_split(root / params.data.prepared_dir, "ms_pool", "ms").labels)
+    assert pool_chunks(n_tiles, params.pairs) == [(0, n_tiles)]  # the default: one call
+    whole = pool_pseudo_labels(root, params, n_tiles)
+    text = (root / "params.yaml").read_text()
+    text = text.replace("  chunk_tiles: 50000", "  chunk_tiles: 5").replace("  batch_size: 256 ", "  batch_size: 4 ")
+    (root / "params.yaml").write_text(text)
+    set_compute(root, workers=2, cell_threads=1)
+    sliced = load_params(root)
+    assert sliced.pairs.batch_size == 4 and len(pool_chunks(n_tiles, sliced.pairs)) >= 3
+    assert pool_chunks(n_tiles, sliced.pairs)[0] == (0, 8)  # 5 tiles rounded up to two whole batches
+    with temporary_settings({PREFECT_API_URL: prefect_api}):
+        torch.testing.assert_close(pool_pseudo_labels(root, sliced, n_tiles), whole, rtol=0, atol=1e-6)
+        again = run_stage("pairs", root)
+    assert again["same_class_rate"] == one_pass["same_class_rate"]
+    pd.testing.assert_frame_equal(pd.read_parquet(root / "artifacts" / "pairs" / PAIRS_FILE), pairs)

@@ -41,6 +41,7 @@ READ_EXEMPT = {
     ("evaluate", ""): "the lineage record in reports/evaluate.json lists the resolved params; it computes nothing",
     ("compare", "compute"): "how many cells run at once and where: the same numbers (tests/test_parallel.py)",
     ("detector", "compute"): "the same for the detector's variants and seeds (tests/test_parallel.py)",
+    ("pairs", "compute"): "the same for the pool's pseudo-labelling slices (tests/test_parallel.py)",
 }
 METHOD_A = ("teacher", "matcher", "pairs", "student", "compare")
 # Operations: the flows that poll, ingest and retrain outside the stages.
