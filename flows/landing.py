@@ -11,9 +11,12 @@ own metadata's offset. One `poll` is one look at the location:
    consecutive polls.
 2. A settled entry is known by its content, never by its name: the sha256 of the file, or of each
    band file together with its band. Content seen before is not processed again, under any name.
-3. New content goes through `ingest_scene`, which checks the rasters and refuses a scene whose tiles
-   are all in the pool already; then its tiles get the validate stage's per-tile checks. A scene
-   that fails moves to the quarantine with `<name>.reason.txt`; the other scenes go through.
+3. New content is cut into tiles and cloud-scored (`cut_scene`, which checks the rasters) on params'
+   `compute` runner: one scene after another in this process by default, side by side on its workers
+   otherwise. Then, one scene at a time in the entries' order, `commit_scene` puts it in the pool and
+   refuses it when all its tiles are there already (so side by side gives what one at a time gives),
+   and its tiles get the validate stage's per-tile checks. A scene that fails moves to the
+   quarantine with `<name>.reason.txt`; the other scenes go through.
 4. A name that is not one plain file name (`../x`, `/abs/x`, control characters) is never used to
    build a path: the entry is left alone and a reason file in the quarantine records it.
 
@@ -58,11 +61,12 @@ from ms2rgb.flows.locations import (
 )
 from ms2rgb.tasks.config import Params, ValidateConfig
 from ms2rgb.tasks.data.sources.band_names import RASTER_SUFFIXES, band_from_filename
-from ms2rgb.tasks.data.sources.radiometry import given_offset
+from ms2rgb.tasks.data.sources.radiometry import Radiometry, given_offset
 from ms2rgb.tasks.data.sources.s2_product import scene_name
-from ms2rgb.tasks.data.sources.scenes import ingest_scene
+from ms2rgb.tasks.data.sources.scenes import CutScene, commit_scene, cut_scene
 from ms2rgb.tasks.data.tile_stats import compute_tile_stats
 from ms2rgb.tasks.errors import Ms2rgbError, SceneAlreadyInPool
+from ms2rgb.tasks.training.parallel import run_all
 
 Progress = Callable[[str], None]
 _SCENE_ID_BAD = re.compile(r"[^A-Za-z0-9_.-]")
@@ -110,6 +114,26 @@ class _Entry:
     problem: str | None  # why its name, or a name inside it, is refused
 
 
+@dataclass(frozen=True)
+class _Job:
+    """A new scene this poll takes: planned here, cut on params' `compute` runner with the others
+    (tiles and cloud scores, the slow part), then committed to the pool here, in the entries' order."""
+
+    entry: _Entry
+    sha: str
+    scene_id: str
+    source: Path  # a local path: the landing folder's entry, or its copy under `staging`
+    staging: Path
+
+
+@dataclass(frozen=True)
+class _Deferred:
+    """An entry with the content of an entry before it in this poll: decided once that one is done."""
+
+    entry: _Entry
+    sha: str
+
+
 @dataclass
 class _Poll:
     root: Path
@@ -118,6 +142,8 @@ class _Poll:
     quarantine: Location
     ledger: dict[str, Any]
     progress: Progress
+    planned: set[str] = field(default_factory=set)  # contents (sha256) this poll takes
+    reserved: set[str] = field(default_factory=set)  # scene ids given to them
 
     @property
     def scenes_dir(self) -> Path:
@@ -135,8 +161,18 @@ def poll(root: Path, params: Params, progress: Progress = print) -> PollResult:
     listed = {e.name for e in entries}
     for name in [n for n in ctx.ledger["seen"] if n not in listed]:  # gone (taken away or quarantined)
         del ctx.ledger["seen"][name]
+    planned = []
     for entry in entries:
-        result.outcomes.append(_one(ctx, entry))
+        planned.append(_one(ctx, entry))
+        save_ledger(root, ctx.ledger)
+    cuts = iter(_cut_all(ctx, [item for item in planned if isinstance(item, _Job)]))
+    for item in planned:  # in the entries' order, as if each scene had been taken on its own
+        if isinstance(item, _Job):
+            item = _finish(ctx, item, next(cuts))
+        elif isinstance(item, _Deferred):  # the entry of the same content before it is done now
+            decided = _decide(ctx, item.entry, item.sha)
+            item = _finish(ctx, decided, _cut_all(ctx, [decided])[0]) if isinstance(decided, _Job) else decided
+        result.outcomes.append(item)
         save_ledger(root, ctx.ledger)
     save_ledger(root, ctx.ledger)
     return result
@@ -196,7 +232,7 @@ def content_sha(fs: fsspec.AbstractFileSystem, path: str, is_dir: bool) -> str:
     return hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
 
 
-def _one(ctx: _Poll, entry: _Entry) -> Outcome:
+def _one(ctx: _Poll, entry: _Entry) -> Outcome | _Job | _Deferred:
     if entry.problem:
         return _refuse(ctx, entry.name, entry.problem)
     seen = ctx.ledger["seen"].get(entry.name)
@@ -211,6 +247,12 @@ def _one(ctx: _Poll, entry: _Entry) -> Outcome:
     if seen["sha256"] is None:
         seen["sha256"] = content_sha(ctx.landing.fs, entry.path, entry.is_dir)
     sha = str(seen["sha256"])
+    return _Deferred(entry, sha) if sha in ctx.planned else _decide(ctx, entry, sha)
+
+
+def _decide(ctx: _Poll, entry: _Entry, sha: str) -> Outcome | _Job:
+    """What becomes of a settled entry: known content is skipped, quarantined or refused again; new
+    content becomes a job."""
     known = ctx.ledger["scenes"].get(sha)
     if known is not None and known["status"] in ("ingested", "duplicate"):
         if entry.name not in known["names"]:
@@ -222,7 +264,7 @@ def _one(ctx: _Poll, entry: _Entry) -> Outcome:
     if known is not None:  # the same bad bytes dropped again
         first = known["names"][0]
         return _quarantine(ctx, entry, sha, f"same content as {first!r}, quarantined before: {known['reason']}")
-    return _take(ctx, entry, sha)
+    return _plan(ctx, entry, sha)
 
 
 def _record(ctx: _Poll, entry: _Entry, sha: str, status: str, **info: Any) -> None:
@@ -232,8 +274,9 @@ def _record(ctx: _Poll, entry: _Entry, sha: str, status: str, **info: Any) -> No
     ctx.ledger["scenes"][sha] = {"status": status, "names": names, "at": now(), **info}
 
 
-def _take(ctx: _Poll, entry: _Entry, sha: str) -> Outcome:
-    """Check and ingest one new scene; quarantine it when it fails."""
+def _plan(ctx: _Poll, entry: _Entry, sha: str) -> Outcome | _Job:
+    """A job for new content: a local copy of a remote entry, a scene id; or the outcome that it is
+    refused (unsafe name) or quarantined (not a scene by its name)."""
     staging = state_dir(ctx.root) / "staging" / sha[:16]
     try:
         if ctx.landing.local is not None:
@@ -243,6 +286,7 @@ def _take(ctx: _Poll, entry: _Entry, sha: str) -> Outcome:
             source = staging / entry.name
             copy_tree(ctx.landing.fs, entry.path, fsspec.filesystem("file"), str(safe_child(staging, entry.name)))
         if not entry.is_dir and source.suffix.lower() not in RASTER_SUFFIXES + PRODUCT_SUFFIXES:
+            shutil.rmtree(staging, ignore_errors=True)
             return _quarantine(
                 ctx,
                 entry,
@@ -250,17 +294,62 @@ def _take(ctx: _Poll, entry: _Entry, sha: str) -> Outcome:
                 f"not a scene: expected a 13-band GeoTIFF ({', '.join(RASTER_SUFFIXES)}), a zipped .SAFE product, "
                 "a STAC item (.json) or a folder (per-band files, a .SAFE product, a STAC item with its assets)",
             )
-        scene_id = _scene_id(ctx, entry, sha)
-        ctx.progress(f"landing: {entry.name}: new scene (sha256 {sha[:12]}), ingesting as {scene_id}")
+    except UnsafeName as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        _record(ctx, entry, sha, "refused", scene_id=None, reason=str(exc))
+        return _refuse(ctx, entry.name, str(exc))
+    scene_id = _scene_id(ctx, entry, sha)
+    ctx.planned.add(sha)
+    ctx.reserved.add(scene_id)
+    ctx.progress(f"landing: {entry.name}: new scene (sha256 {sha[:12]}), ingesting as {scene_id}")
+    return _Job(entry, sha, scene_id, source, staging)
+
+
+def _cut_all(ctx: _Poll, jobs: list[_Job]) -> list[CutScene | str]:
+    """Every job's scene cut into tiles (or why it could not be), on params' `compute` runner: one after
+    another in this process by default, side by side on its workers otherwise."""
+    if not jobs:
+        return []
+    serial = ctx.params.compute.workers == 1
+    calls = [
+        {
+            "source": job.source,
+            "scenes_dir": ctx.scenes_dir,
+            "scene_id": job.scene_id,
+            "max_cloud_share": ctx.params.data.max_cloud_share,
+            "radiometry": given_offset(ctx.params.data.radiometric_offset, "param", "data.radiometric_offset"),
+            "progress": ctx.progress if serial else print,  # a worker process prints; Prefect keeps its logs
+        }
+        for job in jobs
+    ]
+    return run_all(cut_landed, calls, [f"cut {job.entry.name}" for job in jobs], ctx.params.compute)
+
+
+def cut_landed(
+    source: Path, scenes_dir: Path, scene_id: str, max_cloud_share: float, radiometry: Radiometry, progress: Progress
+) -> CutScene | str:
+    """One landed scene cut into tiles beside the pool, or the reason it is not a good scene."""
+    try:
+        return cut_scene(
+            [source],
+            scenes_dir,
+            scene_id=scene_id,
+            progress=progress,
+            max_cloud_share=max_cloud_share,
+            radiometry=radiometry,
+        )
+    except (Ms2rgbError, RasterioError) as exc:
+        return str(exc)
+
+
+def _finish(ctx: _Poll, job: _Job, cut: CutScene | str) -> Outcome:
+    """Commit a cut scene to the pool and check its tiles, or quarantine it; the outcome recorded."""
+    entry, sha, scene_id = job.entry, job.sha, job.scene_id
+    try:
+        if isinstance(cut, str):
+            return _quarantine(ctx, entry, sha, cut)
         try:
-            frame = ingest_scene(
-                [source],
-                ctx.scenes_dir,
-                scene_id=scene_id,
-                progress=ctx.progress,
-                max_cloud_share=ctx.params.data.max_cloud_share,
-                radiometry=given_offset(ctx.params.data.radiometric_offset, "param", "data.radiometric_offset"),
-            )
+            frame = commit_scene(cut, ctx.scenes_dir, ctx.progress)
         except SceneAlreadyInPool as exc:  # not a fault of the file: recorded, never quarantined
             _record(ctx, entry, sha, "duplicate", scene_id=None, reason=str(exc))
             ctx.progress(f"landing: {entry.name}: {exc}")
@@ -271,11 +360,8 @@ def _take(ctx: _Poll, entry: _Entry, sha: str) -> Outcome:
         if problems:
             shutil.rmtree(ctx.scenes_dir / scene_id, ignore_errors=True)
             return _quarantine(ctx, entry, sha, "its tiles fail the validate stage's checks: " + "; ".join(problems))
-    except UnsafeName as exc:
-        _record(ctx, entry, sha, "refused", scene_id=None, reason=str(exc))
-        return _refuse(ctx, entry.name, str(exc))
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(job.staging, ignore_errors=True)
     track_raw(ctx.root, ctx.scenes_dir / scene_id)  # pushed and pulled with the project (flows/dvc_state.py)
     info = {"scene_id": scene_id, "tiles": len(frame), "reason": None, "ingested_s": time.time()}
     _record(ctx, entry, sha, "ingested", retrain={"status": "pending", "attempts": 0}, **info)
@@ -287,7 +373,7 @@ def _scene_id(ctx: _Poll, entry: _Entry, sha: str) -> str:
     """A folder name under data/scenes from the entry's name; made unique rather than replacing a scene."""
     stem = scene_name(entry.name if entry.is_dir else PurePosixPath(entry.name).stem)  # x.SAFE.zip -> x
     base = _SCENE_ID_BAD.sub("_", stem).strip("._-") or "scene"
-    taken = {s.get("scene_id") for s in ctx.ledger["scenes"].values()}
+    taken = {s.get("scene_id") for s in ctx.ledger["scenes"].values()} | ctx.reserved
     for candidate in (base, f"{base}-{sha[:8]}", f"{base}-{sha[:16]}"):
         if candidate not in taken and not (ctx.scenes_dir / candidate).exists():
             return candidate

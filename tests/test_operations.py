@@ -22,6 +22,7 @@ from typing import Any
 
 import fsspec
 import numpy as np
+import pandas as pd
 import pytest
 import rasterio
 import yaml
@@ -29,6 +30,7 @@ from conftest import DVC, copy_project
 from fsspec.implementations.memory import MemoryFileSystem
 from helpers_data import meadow
 from helpers_prefect import PREFECT, champions, flow_runs, venv_env, wait_for
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from rasterio.transform import Affine
 from test_ingest import S2_DIR
 
@@ -203,6 +205,42 @@ def test_a_scene_already_in_the_pool_is_not_ingested_again_under_any_name(projec
     assert files_under(project / "data" / "scenes") == before
     assert (drop / "recompressed.tif").exists() and not (project / "data" / "quarantine").exists()  # not bad
     assert set(poll(project)) == {"known"}  # and later polls leave all of them alone
+
+
+@pytest.mark.slow
+def test_scenes_cut_on_two_worker_processes_land_as_one_poll_at_a_time_would(
+    project: Path, tmp_path: Path, prefect_api: str
+) -> None:
+    """New scenes of one poll are cut (read, tiled, cloud-scored) on params' `compute` runner; with two
+    worker processes the pool, the outcomes and the ledger are the serial poll's: a second name for
+    the same bytes is known, the same pixels in other bytes a duplicate, a broken file quarantined."""
+    side_by_side = copy_project(project, tmp_path / "side_by_side")
+    params = side_by_side / "params.yaml"
+    params.write_text(params.read_text().replace("  workers: 1 ", "  workers: 2 ", 1))
+    assert load_params(side_by_side).compute.workers == 2
+    for root in (project, side_by_side):
+        drop = root / "data" / "landing"
+        write_scene(drop / "a.tif", seed=1)
+        write_scene(drop / "b.tif", seed=2)
+        shutil.copy(drop / "a.tif", drop / "c.tif")  # a's bytes under another name
+        write_scene(drop / "d.tif", seed=2, compress="deflate")  # b's pixels in other bytes
+        truncate(write_scene(drop / "e.tif", seed=3))
+        assert set(poll(root)) == {"settling"}
+    expected = {"ingested": ["a.tif", "b.tif"], "known": ["c.tif"], "duplicate": ["d.tif"], "quarantined": ["e.tif"]}
+    assert poll(project) == expected
+    with temporary_settings({PREFECT_API_URL: prefect_api}):
+        assert poll(side_by_side) == expected
+    assert scene_folders(project) == scene_folders(side_by_side) == {"a", "b"}
+    for scene in ("a", "b"):
+        tiles = [
+            pd.read_parquet(root / "data" / "scenes" / scene / "manifest.parquet") for root in (project, side_by_side)
+        ]
+        assert list(tiles[0]["sha256"]) == list(tiles[1]["sha256"]) and len(tiles[0]) == 4
+    ledgers = [ledger.load_ledger(root)["scenes"] for root in (project, side_by_side)]
+    assert {sha: (s["status"], s["names"]) for sha, s in ledgers[0].items()} == {
+        sha: (s["status"], s["names"]) for sha, s in ledgers[1].items()
+    }
+    assert not list((side_by_side / "data" / "scenes").glob(".*partial*"))  # no work folder left behind
 
 
 def test_nothing_new_ingests_nothing_and_announces_nothing(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -446,7 +484,6 @@ def deployment_run(name: str, url: str, *params: str, timeout: int = 300) -> Non
 
 def run_states(url: str, run_id: Any) -> list[str]:
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
         return [str(s.name) for s in client.read_flow_run_states(run_id)]
@@ -457,7 +494,6 @@ def test_served_watch_event_retrain_end_to_end(
     reproduced_tiny: Path, prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from ms2rgb.flows import serve as serving
 

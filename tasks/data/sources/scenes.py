@@ -385,6 +385,19 @@ def _drop_known_tiles(
     return frame.loc[~dup].reset_index(drop=True)
 
 
+@dataclass
+class CutScene:
+    """A scene cut into tiles in a hidden work folder under the pool, not yet part of it: what
+    :func:`cut_scene` hands to :func:`commit_scene` (possibly from another process)."""
+
+    scene_id: str
+    work_dir: Path
+    frame: pd.DataFrame
+    skipped: Skipped
+    radiometry: dict
+    max_cloud_share: float
+
+
 def ingest_scene(
     inputs: Sequence[Input],
     out_root: Path,
@@ -415,6 +428,22 @@ def ingest_scene(
     Returns:
         The manifest (tasks.manifest.COLUMNS), split "ms_pool", unlabelled.
     """
+    cut = cut_scene(inputs, out_root, scene_id, min_valid, progress, max_cloud_share, radiometry)
+    return commit_scene(cut, out_root, progress)
+
+
+def cut_scene(
+    inputs: Sequence[Input],
+    out_root: Path,
+    scene_id: str | None = None,
+    min_valid: float = 1.0,
+    progress: Progress = print,
+    max_cloud_share: float = 1.0,
+    radiometry: Radiometry = NO_OFFSET,
+) -> CutScene:
+    """The reading, tiling and cloud scoring of :func:`ingest_scene` (same arguments): tiles written to a
+    work folder under ``out_root``, nothing added to the pool. Scenes can be cut side by side; their
+    commits then go one after another, each checked against the pool as the ones before left it."""
     if not 0.0 <= min_valid <= 1.0:
         raise Ms2rgbError(f"ingest_scene: min_valid={min_valid!r} must lie in [0, 1]")
     scene = resolve_inputs(inputs, radiometry)
@@ -439,12 +468,22 @@ def ingest_scene(
             frame, skipped = _write_tiles(
                 scene_id, sources, datasets, scene.radiometry, grid, work_dir, limits, progress
             )
-            frame = _drop_known_tiles(frame, out_root, scene_id, work_dir, progress)
-            write_manifest(frame, work_dir / MANIFEST_NAME)
-            summary = {"tiles": len(frame), **asdict(skipped), "max_cloud_share": max_cloud_share}
-            summary["radiometry"] = scene.radiometry.report()
-            (work_dir / INGEST_REPORT).write_text(json.dumps(summary) + "\n")
-            swap_in_dir(work_dir, out_root / scene_id)
-        finally:
-            shutil.rmtree(work_dir, ignore_errors=True)  # no-op after a successful commit
+        except BaseException:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            raise
+    return CutScene(scene_id, work_dir, frame, skipped, scene.radiometry.report(), max_cloud_share)
+
+
+def commit_scene(cut: CutScene, out_root: Path, progress: Progress = print) -> pd.DataFrame:
+    """Put a cut scene into the pool as ``<out_root>/<scene_id>``, without the tiles the pool already
+    holds (:class:`SceneAlreadyInPool` when that is all of them); the work folder goes either way."""
+    try:
+        frame = _drop_known_tiles(cut.frame, Path(out_root), cut.scene_id, cut.work_dir, progress)
+        write_manifest(frame, cut.work_dir / MANIFEST_NAME)
+        summary = {"tiles": len(frame), **asdict(cut.skipped), "max_cloud_share": cut.max_cloud_share}
+        summary["radiometry"] = cut.radiometry
+        (cut.work_dir / INGEST_REPORT).write_text(json.dumps(summary) + "\n")
+        swap_in_dir(cut.work_dir, Path(out_root) / cut.scene_id)
+    finally:
+        shutil.rmtree(cut.work_dir, ignore_errors=True)  # no-op after a successful commit
     return frame
