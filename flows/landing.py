@@ -170,8 +170,8 @@ def poll(root: Path, params: Params, progress: Progress = print) -> PollResult:
         if isinstance(item, _Job):
             item = _finish(ctx, item, next(cuts))
         elif isinstance(item, _Deferred):  # the entry of the same content before it is done now
-            decided = _decide(ctx, item.entry, item.sha)
-            item = _finish(ctx, decided, _cut_all(ctx, [decided])[0]) if isinstance(decided, _Job) else decided
+            item = _decide(ctx, item.entry, item.sha)
+            assert not isinstance(item, _Job), "every job's content is recorded once it is finished"
         result.outcomes.append(item)
         save_ledger(root, ctx.ledger)
     save_ledger(root, ctx.ledger)
@@ -310,18 +310,14 @@ def _cut_all(ctx: _Poll, jobs: list[_Job]) -> list[CutScene | str]:
     another in this process by default, side by side on its workers otherwise."""
     if not jobs:
         return []
-    serial = ctx.params.compute.workers == 1
-    calls = [
-        {
-            "source": job.source,
-            "scenes_dir": ctx.scenes_dir,
-            "scene_id": job.scene_id,
-            "max_cloud_share": ctx.params.data.max_cloud_share,
-            "radiometry": given_offset(ctx.params.data.radiometric_offset, "param", "data.radiometric_offset"),
-            "progress": ctx.progress if serial else print,  # a worker process prints; Prefect keeps its logs
-        }
-        for job in jobs
-    ]
+    shared = {
+        "scenes_dir": ctx.scenes_dir,
+        "max_cloud_share": ctx.params.data.max_cloud_share,
+        "radiometry": given_offset(ctx.params.data.radiometric_offset, "param", "data.radiometric_offset"),
+        # a worker process prints (Prefect keeps its logs); this process's progress may not pickle
+        "progress": ctx.progress if ctx.params.compute.workers == 1 else print,
+    }
+    calls = [{"source": job.source, "scene_id": job.scene_id} | shared for job in jobs]
     return run_all(cut_landed, calls, [f"cut {job.entry.name}" for job in jobs], ctx.params.compute)
 
 
