@@ -18,9 +18,10 @@ $(BIN)/python:
 # real scene crops, linters) would add minutes to it. An environment with them has the rest too.
 # Byte-code is compiled after the install on every core (pip compiles one file at a time): without it, a
 # shell with PYTHONDONTWRITEBYTECODE=1 (as on this project's machines) recompiles every import in every
-# process (28.7 s instead of 13.1 s to import the pipeline's libraries). compileall's complaints about
-# files no Python 3 imports (old test data inside packages) are dropped, as pip drops them.
-COMPILE = { $(BIN)/python -m compileall -q -j 0 $(VENV)/lib >/dev/null 2>&1 || true; }
+# process (28.7 s instead of 13.1 s to import the pipeline's libraries). The packages' own test folders
+# (3,600 of 21,000 files, never imported here) are left out: 27 s instead of 35 s on 2 cores. compileall's
+# complaints about files no Python 3 imports (old test data inside packages) are dropped, as pip drops them.
+COMPILE = { $(BIN)/python -m compileall -q -j 0 -x '[/\\]tests?[/\\]' $(VENV)/lib >/dev/null 2>&1 || true; }
 $(RUN_STAMP): pyproject.toml | $(BIN)/python
 	[ $(TEST_STAMP) -nt pyproject.toml ] || { $(BIN)/pip install --quiet --no-compile -e . && $(COMPILE); }
 	touch $(RUN_STAMP)

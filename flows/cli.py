@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ms2rgb.flows.lock import project_lock
 from ms2rgb.tasks.errors import Ms2rgbError
+from ms2rgb.tasks.training.malloc import steady_malloc
 
 
 class _QuietUserErrors(logging.Filter):
@@ -44,6 +45,9 @@ def _prefect_env() -> None:
 
 def _cmd_run(args: argparse.Namespace) -> None:
     _prefect_env()
+    from ms2rgb.flows.temporary_server import start_early
+
+    server_ready = start_early()  # comes up while the pipeline's libraries import
     from ms2rgb.tasks.config import load_params
 
     root = Path(args.root).resolve()
@@ -53,6 +57,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     if not args.verbose:
         _quiet_prefect_console()
     with project_lock(root, "ms2rgb run", args.wait):
+        server_ready()
         reports = pipeline(root=str(root), until=args.until, force=args.force)
     ran = [name for name, report in reports.items() if report is not None]
     print(f"\nstages run: {ran or 'none (all fresh per dvc.lock)'}")
@@ -440,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    steady_malloc()  # before any training, in this process and every process it starts
     try:
         args.func(args)
     except Ms2rgbError as exc:

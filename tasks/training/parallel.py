@@ -13,9 +13,7 @@ thread-pool choice: a cell seeds torch's and numpy's process-wide generators, wh
 
 from __future__ import annotations
 
-import ctypes
 import os
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
@@ -29,10 +27,10 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
 from ms2rgb.tasks.config import ComputeConfig
 from ms2rgb.tasks.errors import Ms2rgbError
 from ms2rgb.tasks.training.loop import make_deterministic, use_device
+from ms2rgb.tasks.training.malloc import steady_malloc
 
 R = TypeVar("R")
 T = TypeVar("T")
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
 class ProcessLocal(Generic[T]):
@@ -57,31 +55,13 @@ class ProcessLocal(Generic[T]):
         self.key, self.value = None, None
 
 
-def pinned_call(
-    fn: Callable[..., R], threads: int, kwargs: dict[str, Any], on_dask: bool = False, device: str = "auto"
-) -> R:
+def pinned_call(fn: Callable[..., R], threads: int, kwargs: dict[str, Any], device: str = "auto") -> R:
     """`fn(**kwargs)` with torch on `threads` CPU threads and `device` (compute.device), wherever the
-    runner put it."""
+    runner put it, and glibc's malloc thresholds set (a Dask worker's nanny changed them)."""
+    steady_malloc()
     make_deterministic(threads)
     use_device(device)
-    if on_dask:
-        adaptive_malloc()
     return fn(**kwargs)
-
-
-def adaptive_malloc() -> None:
-    """Undo what a Dask worker's start-up did to glibc's malloc. Dask's nanny sets
-    MALLOC_TRIM_THRESHOLD_=65536, and any fixed value turns off glibc's adaptive mmap threshold, so
-    torch maps and unmaps each large buffer on every step: a training step ran about 2.5x slower
-    (60 small steps: 4.4 s, 1.7 s after this). Set the thresholds glibc's adaptive mode would reach."""
-    if "MALLOC_TRIM_THRESHOLD_" not in os.environ or not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl): no such variable to undo
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's adaptive ceiling on 64-bit
-    libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)  # twice the mmap threshold, as the adaptive mode keeps it
 
 
 def api_url() -> str:
@@ -186,7 +166,6 @@ def submit_all(
 ) -> list[R]:
     """Every call as a Prefect task on a fresh runner, waited for in the calls' order."""
     cell = task(name=getattr(fn, "__name__", "cell"), cache_policy=NO_CACHE, persist_result=False)(pinned_call)
-    on_dask = compute.task_runner == "dask"
     with task_runner(compute) as runner:
         futures = [
             runner.submit(
@@ -195,7 +174,6 @@ def submit_all(
                     "fn": fn,
                     "threads": compute.cell_threads,
                     "kwargs": call,
-                    "on_dask": on_dask,
                     "device": compute.device,
                 },
             )
