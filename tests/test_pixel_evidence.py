@@ -12,7 +12,7 @@ from helpers_params import config
 from ms2rgb.models.clip_backbone import TINY_MODEL, load_clip
 from ms2rgb.models.clip_detector import ClassMapDetector
 from ms2rgb.models.clip_prompt import PromptConfig, PromptedCLIP
-from ms2rgb.models.pixel_evidence import PixelGaussians, PixelMLP
+from ms2rgb.models.pixel_evidence import PixelGaussians, PixelMLP, box_mean
 from ms2rgb.tasks.detection.evidence_weight import WEIGHTS, cross_fitted_weight
 from ms2rgb.tasks.detection.model import detector_from_state, evidence_payload
 from ms2rgb.tasks.detection.tune import tune
@@ -34,6 +34,15 @@ def stripes(n: int, classes: int = 3) -> torch.Tensor:
     """(n, 32, 32) masks of vertical stripes cycling through the classes, shifted per tile."""
     columns = (torch.arange(32) // 4).view(1, 1, 32) + torch.arange(n).view(n, 1, 1)
     return (columns % classes).expand(n, 32, 32).to(torch.uint8)
+
+
+@pytest.mark.parametrize("side", [1, 5, 17])
+def test_box_mean_is_the_mean_over_each_windows_pixels_inside_the_tile(side: int) -> None:
+    x = torch.rand(2, 3, 20, 23, generator=torch.Generator().manual_seed(side)) * 255
+    half = side // 2
+    for r, c in [(0, 0), (7, 11), (19, 22), (3, 20)]:  # corners, the middle, near an edge
+        window = x[:, :, max(0, r - half) : r + half + 1, max(0, c - half) : c + half + 1]
+        torch.testing.assert_close(box_mean(x, side)[:, :, r, c], window.mean(dim=(2, 3)), rtol=1e-5, atol=1e-4)
 
 
 def test_fitted_gaussians_tell_the_colours_apart_on_new_tiles() -> None:
