@@ -5,12 +5,13 @@ the backbone's pretraining the dense gradient of open_clip's 49408 x 128 token e
 twice a step). glibc's default hands such a buffer a fresh mmap until its adaptive threshold has
 learnt the size, and trims the top of the heap back to the OS, so step after step touches new
 pages: about a million minor page faults in the student stage on this project's 2-core machines,
-and a third of a pretraining step spent zero-filling fresh pages. A fixed mmap threshold at glibc's
+and a fifth of a pretraining step spent zero-filling fresh pages. A fixed mmap threshold at glibc's
 64-bit ceiling and a trim threshold well above a step's buffers keep them in the heap: the student
 stage's faults fell from 0.95-1.4 M to 0.39-0.42 M and it ran 4 % faster (52.0 and 52.2 s against
-49.9 and 50.4 s), 30 pretraining steps 4-8 % faster; the numbers are the same (where memory comes
-from never changes the arithmetic). The cost: up to TRIM_THRESHOLD of freed heap stays with a process
-until it allocates again or exits (``tasks/training/memory.py`` trims it before measuring a peak).
+49.9 and 50.4 s), the backbone's pretraining took 69 s instead of 80 s in `make run`; the numbers
+are the same (where memory comes from never changes the arithmetic). The cost: up to TRIM_THRESHOLD
+of freed heap stays with a process until it allocates again or exits (``tasks/training/memory.py``
+trims it before measuring a peak).
 
 Any fixed value turns glibc's adaptive mode off, so both are always set together: Dask's nanny
 starts its workers with MALLOC_TRIM_THRESHOLD_=65536 alone, and a training step there ran about
