@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,7 +15,9 @@ from ms2rgb.tasks.config import Params, load_params
 from ms2rgb.tasks.data.artifacts import stage_dir, staging_dir
 from ms2rgb.tasks.data.atomic import swap_in_dir, write_json_atomic
 from ms2rgb.tasks.errors import Ms2rgbError
-from ms2rgb.tasks.training.loop import make_deterministic, use_device
+from ms2rgb.tasks.tracking.quiet import QuietTracker
+from ms2rgb.tasks.training import distributed
+from ms2rgb.tasks.training.loop import make_deterministic, pick_device, use_device
 
 StageFn = Callable[[Path, Params, tracking.StageTracker], dict[str, Any]]
 
@@ -60,8 +65,43 @@ def run_stage(name: str, root: Path, parent_run_id: str | None = None) -> dict[s
     """
     fn = stage_function(name)
     params = load_params(root)
-    make_deterministic(params.threads)
+    nproc = params.compute.nproc
+    if nproc > 1 and name in distributed.DISTRIBUTED_STAGES and not distributed.under_torchrun():
+        return run_under_torchrun(name, root, nproc, parent_run_id)
+    make_deterministic(max(1, params.threads // distributed.world_size()))  # the processes share the cores
     use_device(params.compute.device)
+    distributed.join(pick_device())
+    try:
+        if not distributed.is_writer():
+            fn(root, params, QuietTracker())  # trains in step with process 0, which writes and logs
+            return {}
+        return _tracked(name, fn, root, params, parent_run_id)
+    finally:
+        distributed.leave()
+
+
+def run_under_torchrun(name: str, root: Path, nproc: int, parent_run_id: str | None) -> dict[str, Any]:
+    """Run stage `name` as `nproc` data-parallel processes (compute.nproc) and return process 0's report.
+
+    `--standalone` gives the processes a rendezvous on this machine; each runs `run_stage` again
+    (flows/torchrun_stage.py), which sees torchrun's environment and joins the group.
+    """
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "ms2rgb.flows.torchrun_stage", name, str(root), parent_run_id or "",
+    ]  # fmt: skip
+    print(f"{name}: training on {nproc} processes (compute.nproc) under torchrun", flush=True)
+    code = subprocess.run(command, cwd=root, check=False).returncode
+    if code != 0:
+        raise Ms2rgbError(
+            f"stage {name} failed in its torchrun processes (exit code {code}; the first error is printed above); "
+            "fix it, or set compute.nproc: 1 to train in one process"
+        )
+    return json.loads((root / REPORTS_DIR / f"{name}.json").read_text())
+
+
+def _tracked(name: str, fn: StageFn, root: Path, params: Params, parent_run_id: str | None) -> dict[str, Any]:
+    """The stage in its MLflow run: outputs swapped in, report written, only after it succeeded."""
     with tracking.stage_run(root, params.tracking.experiment, name, parent_run_id) as tracker:
         try:
             report = fn(root, params, tracker)

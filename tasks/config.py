@@ -450,6 +450,9 @@ class ComputeConfig(Section):
     device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto: CUDA when torch sees one, else CPU
     task_runner: Literal["processes", "dask"]  # Prefect's process pool, or prefect-dask's runner (workers > 1)
     dask_address: str | None  # a running Dask scheduler (tcp://host:8786); null: a local cluster of `workers`
+    # processes that train the teacher and the student together under torchrun (data parallel, summed
+    # gradients); 1: the stage's own process. Each takes `threads` / nproc torch threads
+    nproc: int = Field(ge=1, le=64)
 
 
 class LandingConfig(Section):

@@ -45,10 +45,12 @@ def test_serial_and_process_pool_return_every_call_in_order_with_pinned_threads(
     calls = [{"tag": tag} for tag in range(4)]
     names = [f"call{tag}" for tag in range(4)]
     torch.set_num_threads(2)
-    serial = ComputeConfig(workers=1, cell_threads=1, task_runner="processes", device="auto", dask_address=None)
+    serial = ComputeConfig(
+        workers=1, cell_threads=1, task_runner="processes", device="auto", dask_address=None, nproc=1
+    )
     assert run_all(threads_seen, calls, names, serial) == [(tag, 1) for tag in range(4)]
     assert torch.get_num_threads() == 2  # the stage's own work after the cells keeps its threads
-    pool = ComputeConfig(workers=2, cell_threads=1, task_runner="processes", device="auto", dask_address=None)
+    pool = ComputeConfig(workers=2, cell_threads=1, task_runner="processes", device="auto", dask_address=None, nproc=1)
     with temporary_settings({PREFECT_API_URL: prefect_api}):
         assert run_all(threads_seen, calls, names, pool) == [(tag, 1) for tag in range(4)]
 
@@ -78,13 +80,15 @@ def test_process_local_builds_once_per_key_and_keeps_nothing_from_a_failed_build
 
 def test_oversubscription_is_named_with_the_threads_to_set() -> None:
     cores = os.cpu_count() or 1
-    wide = ComputeConfig(workers=cores + 1, cell_threads=2, task_runner="dask", device="auto", dask_address=None)
+    wide = ComputeConfig(
+        workers=cores + 1, cell_threads=2, task_runner="dask", device="auto", dask_address=None, nproc=1
+    )
     message = oversubscription(wide)
     assert message is not None and f"{cores} cores" in message and "set compute.cell_threads: 1" in message
-    alone = ComputeConfig(workers=1, cell_threads=cores, task_runner="dask", device="auto", dask_address=None)
+    alone = ComputeConfig(workers=1, cell_threads=cores, task_runner="dask", device="auto", dask_address=None, nproc=1)
     assert oversubscription(alone) is None
     remote = ComputeConfig(
-        workers=64, cell_threads=2, task_runner="dask", device="auto", dask_address="tcp://127.0.0.1:8786"
+        workers=64, cell_threads=2, task_runner="dask", device="auto", dask_address="tcp://127.0.0.1:8786", nproc=1
     )
     assert oversubscription(remote) is None  # a remote cluster's cores are not this machine's
 
@@ -101,13 +105,15 @@ def test_compare_grid_on_two_processes_and_on_two_dask_workers_matches_the_seria
     cells = [{"name": name, "seed": seed} for name in ("rgb_only", "full_method") for seed in (0, 1)]
     calls = {runner: [c | {"root": root, "scratch": tmp_path / runner} for c in cells] for runner in RUNNERS}
     labels = [str(c) for c in cells]  # braces: Prefect formats run names, so run_all must escape them
-    one = ComputeConfig(workers=1, cell_threads=1, task_runner="processes", device="auto", dask_address=None)
+    one = ComputeConfig(workers=1, cell_threads=1, task_runner="processes", device="auto", dask_address=None, nproc=1)
     weights = run_all(student_weights, calls["serial"], labels, one)
     with temporary_settings({PREFECT_API_URL: prefect_api}):
         for runner in RUNNERS[1:]:
             set_compute(root, workers=2, cell_threads=1, task_runner=runner)
             assert per_seed(run_stage("compare", root)) == serial, runner
-            two = ComputeConfig(workers=2, cell_threads=1, task_runner=runner, device="auto", dask_address=None)
+            two = ComputeConfig(
+                workers=2, cell_threads=1, task_runner=runner, device="auto", dask_address=None, nproc=1
+            )
             again = run_all(student_weights, calls[runner], labels, two)
             assert all(torch.equal(a[1], b[1]) for a, b in zip(weights, again, strict=True)), runner
             workers = {pid for pid, _ in again}

@@ -35,6 +35,7 @@ ALWAYS_ALLOWED = {
     "profiles": "a profile may override any key a stage reads",
     "threads": "flows/stages.py pins torch's CPU threads before every stage (reductions split by thread count)",
     "compute.device": "flows/stages.py picks the torch device before every stage (CPU and CUDA numbers differ)",
+    "compute.nproc": "flows/stages.py trains teacher and student on that many processes (other float sums)",
 }
 # Reads that cannot change what a stage computes.
 READ_EXEMPT = {

@@ -24,6 +24,7 @@ from ms2rgb.models.classifier import SceneCNN, SceneCNNConfig
 from ms2rgb.models.distill import DistillLoss, js_divergence, self_training_loss
 from ms2rgb.tasks.config import StudentConfig
 from ms2rgb.tasks.data.pool import candidates_by_class
+from ms2rgb.tasks.training import distributed
 from ms2rgb.tasks.training.augment import dihedral, random_dihedral, strong_augment
 from ms2rgb.tasks.training.inference import predict
 from ms2rgb.tasks.training.loop import (
@@ -215,6 +216,13 @@ def distill_step(
         x = to_tensor(data.rgb, rows)
         if augment is not None:
             (x,) = random_dihedral((x,), augment)
+        # Strong views are drawn for the whole batch's unlabelled tiles, as one process draws them,
+        # then each process keeps its slice's (distributed.local_rows).
+        hidden = labels[rows] < 0
+        strong_views = strong_augment(x[hidden], strong_draws) if variant.self_training and hidden.any() else None
+        mine = distributed.local_rows(len(idx))
+        first, count = int(hidden[: mine.start].sum()), int(hidden[mine].sum())
+        x, rows = x[mine], rows[mine]
         y = labels[rows].to(device)
         feat = student.encode(x.to(device))  # (B, C, 8, 8)
         logits = student.classify(feat)
@@ -227,12 +235,13 @@ def distill_step(
         terms = loss_fn(feat, t_feat, logits, t_logits, y, w)
         total, st = terms.total, torch.zeros(())
         unlabelled = y < 0
-        if variant.self_training and bool(unlabelled.any()):
-            strong = strong_augment(x[unlabelled.cpu()], strong_draws).to(device)
+        if strong_views is not None and count:
+            strong = strong_views[first : first + count].to(device)
             st = self_training_loss(student(strong), logits[unlabelled], cfg.self_training_threshold)
             total = total + cfg.w_self_training * st
+        share = distributed.local_share(len(idx))  # 1 in one process; the epoch's sums add the slices
         for name, value in (("feat", terms.feat), ("kd", terms.kd), ("ce", terms.ce), ("st", st)):
-            meter[name] = meter.get(name, 0.0) + float(value.detach()) * len(idx)
+            meter[name] = meter.get(name, 0.0) + float(value.detach()) * len(idx) * share
         known = ~unlabelled
         return total, int((logits.argmax(1)[known] == y[known]).sum()), int(known.sum())
 
@@ -328,7 +337,8 @@ def train_student(
     save_every = max(1, epochs // CHECKPOINTS_PER_RUN)
     for epoch in trainer.remaining:
         stats = trainer.run_epoch(step)
-        run.terms.append({k: v / len(visits) for k, v in meter.items()})
+        sums = distributed.sum_numbers(list(meter.values()))
+        run.terms.append({k: v / len(visits) for k, v in zip(meter, sums, strict=True)})
         meter.clear()
         if epoch in rounds:
             old = data.partners.copy() if data.partners is not None else np.empty(0)

@@ -20,6 +20,7 @@ from torch import nn
 
 from ms2rgb.tasks.data.atomic import write_atomic
 from ms2rgb.tasks.errors import Ms2rgbError
+from ms2rgb.tasks.training import distributed
 from ms2rgb.tasks.training.augment import random_dihedral
 
 
@@ -105,6 +106,9 @@ class EpochStats:
 
 
 # Batch indices -> (loss to minimise, correct predictions, items with a label to be right about).
+# Under `compute.nproc` > 1 a step gets the global batch's indices and works on its process's slice
+# of them (distributed.local_rows, cut after any random augmentation of the whole batch, so every
+# process draws what one process would): the loss is that slice's mean, the counts the slice's.
 StepFn = Callable[[np.ndarray], tuple[torch.Tensor, int, int]]
 
 
@@ -138,7 +142,9 @@ class Trainer:
     """AdamW with a one-cycle schedule over `module`'s parameters, in a seeded batch order.
 
     The step function owns the forward pass; the trainer owns order, optimisation, timing and
-    what a checkpoint holds. With a `checkpoint_dir`, the caller writes a checkpoint after every
+    what a checkpoint holds. Across processes (distributed.py) it weights each slice's loss by its
+    share of the batch and sums the gradients, so every process takes the one-process step; only
+    process 0 writes checkpoints. With a `checkpoint_dir`, the caller writes a checkpoint after every
     epoch (`save_checkpoint`: weights, optimizer, scheduler, data-order generator, torch RNG,
     history and the caller's own state, e.g. its augmentation generator); only the newest is kept.
     `resume` continues a killed run from it, and the run then ends exactly as an uninterrupted
@@ -168,31 +174,40 @@ class Trainer:
             self.optimizer, max_lr=cfg.lr, total_steps=self.epochs * len(self.bounds)
         )
         self.history: list[EpochStats] = []
+        distributed.broadcast_module(module)
 
     def run_epoch(self, step: StepFn) -> EpochStats:
         """One pass over the items in a fresh seeded order."""
         device = next(self.module.parameters()).device
         self.module.train()
-        start, total, correct, scored = time.perf_counter(), 0.0, 0, 0
+        start, sums = time.perf_counter(), [0.0, 0.0, 0.0]  # loss x items, correct, labelled items
         order = torch.randperm(self.n_items, generator=self.generator).numpy()
-        for begin, end in self.bounds:
-            idx = order[begin:end]
-            with autocast(device):
-                loss, hits, labelled = step(idx)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.scheduler.step()
-            total += float(loss.detach()) * len(idx)
-            correct, scored = correct + hits, scored + labelled
+        with distributed.synced_batch_norm(self.module):
+            for begin, end in self.bounds:
+                loss, hits, labelled = self._update(step, order[begin:end], device)
+                sums = [sums[0] + loss * (end - begin), sums[1] + hits, sums[2] + labelled]
+        total, correct, scored = distributed.sum_numbers(sums)
         accuracy = correct / max(scored, 1)  # of the labelled items: hidden labels cannot be right or wrong
         stats = EpochStats(len(self.history), total / self.n_items, accuracy, time.perf_counter() - start)
         self.history.append(stats)
         return stats
 
+    def _update(self, step: StepFn, idx: np.ndarray, device: torch.device) -> tuple[float, int, int]:
+        """One optimiser step on the batch `idx`: its loss (this process's part of it) and counts."""
+        with autocast(device):
+            loss, hits, labelled = step(idx)
+        if distributed.active():  # this slice's part of the global batch's mean
+            loss = loss * distributed.local_share(len(idx))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        distributed.sum_gradients(self.module)
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(loss.detach()), hits, labelled
+
     def save_checkpoint(self, extra: dict[str, Any] | None = None) -> Path | None:
         """checkpoints/epoch_XXX.pt for the last finished epoch; None without a checkpoint_dir."""
-        if self.checkpoint_dir is None or not self.history:
+        if self.checkpoint_dir is None or not self.history or not distributed.is_writer():
             return None
         path = self.checkpoint_dir / f"epoch_{self.history[-1].epoch:03d}.pt"
         state = {
@@ -225,9 +240,13 @@ class Trainer:
         if self.checkpoint_dir is None:
             return {}
         for path in sorted(self.checkpoint_dir.glob("epoch_*.pt"), reverse=True):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except FileNotFoundError:  # another run's, just removed by process 0
+                continue
             if state.get("fingerprint") != self.fingerprint or state.get("epochs") != self.epochs:
-                path.unlink()
+                if distributed.is_writer():
+                    path.unlink()
                 continue
             self.module.load_state_dict(state["module"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -300,7 +319,8 @@ def fit_classifier(
         x = to_tensor(images, idx)
         if augment:
             (x,) = random_dihedral((x,), flips)
-        y = y_all[idx].to(device)
+        mine = distributed.local_rows(len(idx))
+        x, y = x[mine], y_all[idx][mine].to(device)
         logits = model(x.to(device))
         return nn.functional.cross_entropy(logits, y), int((logits.argmax(1) == y).sum()), len(idx)
 

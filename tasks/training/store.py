@@ -17,6 +17,7 @@ from ms2rgb.models.classifier import SceneCNN, SceneCNNConfig
 from ms2rgb.models.matcher import CrossModalMatcher, MatcherConfig
 from ms2rgb.tasks.data.atomic import write_atomic
 from ms2rgb.tasks.errors import DataError
+from ms2rgb.tasks.training import distributed
 
 MODEL_FILE = "model.pt"
 _BUILDERS: dict[str, tuple[type, type]] = {
@@ -29,6 +30,8 @@ def save_model(path: Path, kind: str, model: nn.Module, config: Any) -> Path:
     """Write weights + config atomically (a DVC output must never be half written)."""
     if kind not in _BUILDERS:
         raise ValueError(f"unknown model kind {kind!r}; valid kinds are {sorted(_BUILDERS)}")
+    if not distributed.is_writer():  # under torchrun every process holds the same weights; one writes
+        return path
     payload = {"kind": kind, "config": asdict(config), "state_dict": model.state_dict()}
     return write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
