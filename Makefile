@@ -10,24 +10,27 @@ export MPLBACKEND := Agg
 
 .PHONY: run test quick postgres lint format typecheck install bench clean serve stop deploy worker compare
 
+# uv (from PyPI, as pip) resolves, downloads and installs in parallel where pip goes one package after
+# another: the run set in 28 s instead of 66 s on 2 cores, the same versions (torch is pinned).
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet uv
+UV_INSTALL = $(BIN)/uv pip install --quiet --python $(BIN)/python
 
 # `make run` installs what the pipeline needs; the tests' extras (S3 and PostgreSQL clients, moto, Dask,
 # real scene crops, linters) would add minutes to it. An environment with them has the rest too.
-# Byte-code is compiled after the install on every core (pip compiles one file at a time): without it, a
+# Byte-code is compiled after the install on every core (neither uv nor pip does by default): without it, a
 # shell with PYTHONDONTWRITEBYTECODE=1 (as on this project's machines) recompiles every import in every
 # process (28.7 s instead of 13.1 s to import the pipeline's libraries). The packages' own test folders
 # (3,600 of 21,000 files, never imported here) are left out: 27 s instead of 35 s on 2 cores. compileall's
 # complaints about files no Python 3 imports (old test data inside packages) are dropped, as pip drops them.
 COMPILE = { $(BIN)/python -m compileall -q -j 0 -x '[/\\]tests?[/\\]' $(VENV)/lib >/dev/null 2>&1 || true; }
 $(RUN_STAMP): pyproject.toml | $(BIN)/python
-	[ $(TEST_STAMP) -nt pyproject.toml ] || { $(BIN)/pip install --quiet --no-compile -e . && $(COMPILE); }
+	[ $(TEST_STAMP) -nt pyproject.toml ] || { $(UV_INSTALL) -e . && $(COMPILE); }
 	touch $(RUN_STAMP)
 
 $(TEST_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet --no-compile -e '.[test]'
+	$(UV_INSTALL) -e '.[test]'
 	$(COMPILE)
 	touch $(TEST_STAMP)
 
