@@ -39,7 +39,7 @@ from ms2rgb.models.clip_meta_prompt import MetaPromptedCLIP
 from ms2rgb.models.clip_prompt import PromptedCLIP
 from ms2rgb.models.pixel_evidence import PixelEvidence
 from ms2rgb.tasks.config import DetectorConfig, Params, model_name
-from ms2rgb.tasks.data.artifacts import resumable_staging_dir
+from ms2rgb.tasks.data.artifacts import resumable_staging_dir, staging_dir
 from ms2rgb.tasks.data.atomic import write_atomic
 from ms2rgb.tasks.data.cache import CachedSplit, open_split
 from ms2rgb.tasks.data.classes import MASK_NODATA
@@ -58,6 +58,7 @@ from ms2rgb.tasks.detection.tune import evaluate, latest_checkpoint, tune
 from ms2rgb.tasks.errors import ParamsError
 from ms2rgb.tasks.tracking import StageTracker
 from ms2rgb.tasks.tracking.pyfunc import LandCoverPyfunc, detector_artifacts
+from ms2rgb.tasks.training import distributed
 from ms2rgb.tasks.training.loop import fingerprint, pick_device, seed_everything
 from ms2rgb.tasks.training.memory import PeakMemory
 from ms2rgb.tasks.training.metrics import tile_confusions
@@ -419,7 +420,10 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
     # Swapped in whole by the stage runner after success; what a killed run of these params and
     # data left here (backbone, tuning checkpoints) is picked up again.
     identity = fingerprint(settings.model_dump(), data_digest, seed, classes, threads)
-    out_dir = resumable_staging_dir(root, "detector", identity)
+    out_dir = staging_dir(root, "detector")
+    if distributed.is_writer():  # under torchrun process 0 alone keeps or empties what a killed run left
+        resumable_staging_dir(root, "detector", identity)
+    distributed.barrier()
     clip, tokenizer, info = backbone(root, params, out_dir, classes, tracker, device)
     ctx = load_context(root, params, clip, tokenizer, out_dir, device)
     shots, variants = settings.shots, plan(settings, seed)
@@ -430,6 +434,8 @@ def run(root: Path, params: Params, tracker: StageTracker) -> dict[str, Any]:
         cells = run_cells(stage, variants, head_name)
     finally:
         CONTEXTS.clear()  # a served process runs many stages: do not keep the backbone and tiles
+    if not distributed.is_writer():  # under torchrun the others tuned in step; process 0 saves and registers
+        return {}
     results = {v.name: log_variant(ctx, v, [run for run, _ in cells[v.name]], tracker) for v in variants}
     head = cells[head_name][0][1]
     assert head is not None, "the full method is a CLIP variant"

@@ -38,6 +38,7 @@ from ms2rgb.tasks.detection.captions import captions
 from ms2rgb.tasks.detection.data import load_tiles, sample_batch
 from ms2rgb.tasks.errors import ParamsError
 from ms2rgb.tasks.tracking import StageTracker
+from ms2rgb.tasks.training import distributed
 from ms2rgb.tasks.training.augment import random_dihedral
 from ms2rgb.tasks.training.loop import adamw, autocast
 
@@ -219,7 +220,8 @@ def _pretrain_fallback(
         losses = pretrain_clip(clip, tokenizer, captions_split(), cfg, seed, device, classes=classes, dense=dense)
         seconds = time.perf_counter() - start
         child.log_metric_series("pretrain_loss", losses)
-        write_atomic(out_dir / BACKBONE_FILE, lambda tmp: torch.save(clip.state_dict(), tmp))
+        if distributed.is_writer():  # under torchrun every process pretrains the same weights; one writes
+            write_atomic(out_dir / BACKBONE_FILE, lambda tmp: torch.save(clip.state_dict(), tmp))
         version = child.log_torch_model(
             ImageEmbedder(clip), np.zeros((1, 3, 64, 64), np.float32), registered_name, **SERVING
         )
@@ -233,7 +235,8 @@ def _pretrain_fallback(
         "backbone_version": version,
         "identity": identity,
     }
-    write_atomic(out_dir / BACKBONE_INFO, lambda tmp: tmp.write_text(json.dumps(info)))
+    if distributed.is_writer():
+        write_atomic(out_dir / BACKBONE_INFO, lambda tmp: tmp.write_text(json.dumps(info)))
     return info
 
 

@@ -24,6 +24,7 @@ from ms2rgb.tasks.data.atomic import write_atomic
 from ms2rgb.tasks.data.classes import MASK_NODATA
 from ms2rgb.tasks.detection.data import sample_batch
 from ms2rgb.tasks.errors import Ms2rgbError
+from ms2rgb.tasks.training import distributed
 from ms2rgb.tasks.training.augment import random_dihedral
 from ms2rgb.tasks.training.loop import adamw, autocast
 from ms2rgb.tasks.training.metrics import confusion_matrix, iou_report
@@ -123,24 +124,47 @@ def tune(
     if resume_from is not None:
         rng, losses = _resume(resume_from, detector, opt)
     start = time.perf_counter()
+    written_to = checkpoint_dir if distributed.is_writer() else None  # under torchrun, process 0 written_to
     while (reason := stop_reason(losses, cfg)) is None:
         idx = sample_batch(len(images), cfg.batch_size, rng)
         batch = (images[idx], masks[idx]) + (() if evidence is None else (evidence[idx],))
-        x, y, *turned = random_dihedral(batch, rng)
-        with autocast(device):
-            logits = detector(x.to(device), turned[0].to(device) if turned else None)
-            loss = segmentation_loss(logits, y.to(device), gamma=cfg.focal_gamma)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(_update(detector, opt, random_dihedral(batch, rng), cfg, device))
         if on_step is not None:
             on_step(len(losses), losses[-1])
-        if checkpoint_dir is not None and len(losses) % cfg.checkpoint_every == 0:
-            save_checkpoint(checkpoint_dir / f"step{len(losses):05d}.pt", detector, opt, rng, losses)
-    if checkpoint_dir is not None:
-        save_checkpoint(checkpoint_dir / "last.pt", detector, opt, rng, losses)
+        if written_to is not None and len(losses) % cfg.checkpoint_every == 0:
+            save_checkpoint(written_to / f"step{len(losses):05d}.pt", detector, opt, rng, losses)
+    if written_to is not None:
+        save_checkpoint(written_to / "last.pt", detector, opt, rng, losses)
     return TuneResult(losses, reason, time.perf_counter() - start)
+
+
+def _update(
+    detector: ClassMapDetector,
+    opt: torch.optim.Optimizer,
+    batch: tuple[torch.Tensor, ...],
+    cfg: TuneConfig,
+    device: torch.device,
+) -> float:
+    """One step on an augmented batch (images, masks[, evidence]); returns the batch's loss.
+
+    Under torchrun each process takes its slice of the batch; the loss sums its pixels' terms over
+    every process (segmentation_loss's `total`), so each holds the whole batch's loss and the stop
+    rule ends every process at the same step.
+    """
+    shared = distributed.active()
+    mine = distributed.local_rows(len(batch[0]))
+    x, y, *turned = (part[mine] for part in batch)
+    with autocast(device):
+        logits = detector(x.to(device), turned[0].to(device) if turned else None)
+        total = distributed.sum_over_processes if shared else None
+        loss = segmentation_loss(logits, y.to(device), gamma=cfg.focal_gamma, total=total)
+    opt.zero_grad(set_to_none=True)
+    # Every process back-propagates the same whole-batch loss through the summing: 1/N each, then the
+    # gradients are summed over the N processes
+    (loss / distributed.world_size() if shared else loss).backward()
+    distributed.sum_gradients(detector)
+    opt.step()
+    return float(loss.detach())
 
 
 @torch.no_grad()

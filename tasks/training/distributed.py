@@ -28,7 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-DISTRIBUTED_STAGES = ("teacher", "student")  # stages whose training spreads over compute.nproc processes
+# Stages whose training spreads over compute.nproc processes: the detector's prompt tuning only (every
+# process runs the rest of the stage, the backbone's pretraining and the baselines, as one would).
+DISTRIBUTED_STAGES = ("teacher", "student", "detector")
 
 
 def world_size() -> int:
