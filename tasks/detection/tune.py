@@ -124,7 +124,7 @@ def tune(
     if resume_from is not None:
         rng, losses = _resume(resume_from, detector, opt)
     start = time.perf_counter()
-    written_to = checkpoint_dir if distributed.is_writer() else None  # under torchrun, process 0 written_to
+    written_to = checkpoint_dir if distributed.is_writer() else None  # under torchrun, process 0 writes them
     while (reason := stop_reason(losses, cfg)) is None:
         idx = sample_batch(len(images), cfg.batch_size, rng)
         batch = (images[idx], masks[idx]) + (() if evidence is None else (evidence[idx],))
