@@ -35,11 +35,11 @@ class Stopped(Exception):
     """Ends a run after --stop-after epochs, as a kill between two epochs would."""
 
 
-def tiles() -> tuple[np.ndarray, np.ndarray]:
+def tiles(count: int = TILES) -> tuple[np.ndarray, np.ndarray]:
     """Seeded RGB tiles whose class sets their mean colour, so training has something to learn."""
     rng = np.random.default_rng(7)
-    labels = rng.integers(0, CLASSES, TILES)
-    images = rng.integers(0, 160, (TILES, 3, SIDE, SIDE)) + 24 * labels[:, None, None, None]
+    labels = rng.integers(0, CLASSES, count)
+    images = rng.integers(0, 160, (count, 3, SIDE, SIDE)) + 24 * labels[:, None, None, None]
     return images.astype(np.uint8), labels.astype(np.int64)
 
 
@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=Path)
     parser.add_argument("--stop-after", type=int, default=0)
     parser.add_argument("--tune", action="store_true")
+    parser.add_argument("--tiles", type=int, default=TILES)  # 91: a last batch of one tile
     args = parser.parse_args()
     make_deterministic(1)
     distributed.join(torch.device("cpu"))
@@ -83,7 +84,7 @@ def main() -> None:
             return tune_prompts(args.out)
         finally:
             distributed.leave()
-    images, labels = tiles()
+    images, labels = tiles(args.tiles)
     seed_everything(0)
     model = SceneCNN(
         SceneCNNConfig(bands=("B04", "B03", "B02"), n_classes=CLASSES, width=4, from_8bit=True, dropout=0.0)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from helpers_method_a import staged_project
@@ -49,6 +50,15 @@ def test_two_processes_train_what_one_process_trains_on_the_same_global_batch(tm
         torch.testing.assert_close(two["state"][key], value, atol=WEIGHT_TOLERANCE, rtol=0)
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), atol=1e-6, rtol=0)
     assert one["losses"][-1] < one["losses"][0]  # it learned something, so equal weights mean something
+
+
+@pytest.mark.slow
+def test_a_last_batch_of_one_tile_joins_the_batch_before_it_on_two_processes(tmp_path: Path) -> None:
+    """91 tiles in batches of 30 leave one tile, which one of two processes could not split with the
+    other (an empty slice's mean loss is NaN): it joins the third batch."""
+    two = train(tmp_path / "two.pt", 2, "--tiles", "91")
+    assert all(np.isfinite(loss) for loss in two["losses"])
+    assert all(torch.isfinite(value.float()).all() for value in two["state"].values())
 
 
 @pytest.mark.slow

@@ -167,7 +167,8 @@ class Trainer:
         self.module, self.n_items, self.cfg = module, n_items, cfg
         self.epochs = epochs or cfg.epochs
         self.checkpoint_dir, self.fingerprint = checkpoint_dir, fingerprint
-        self.bounds = batch_bounds(n_items, cfg.batch_size, min_batch)
+        # every process needs a row of each batch (an empty slice's mean loss is NaN)
+        self.bounds = batch_bounds(n_items, cfg.batch_size, max(min_batch, distributed.world_size()))
         self.generator = torch.Generator().manual_seed(seed)
         self.optimizer = adamw(module.parameters(), cfg.lr, cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
