@@ -11,11 +11,13 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+import yaml
+from conftest import REPO
 from helpers_method_a import staged_project
 from mlflow.tracking import MlflowClient
 
 from ms2rgb.flows.stages import run_stage
-from ms2rgb.tasks.training.distributed import rows_of
+from ms2rgb.tasks.training.distributed import DISTRIBUTED_STAGES, rows_of
 from ms2rgb.tasks.training.store import load_model
 
 HERE = Path(__file__).resolve().parent
@@ -31,6 +33,13 @@ def test_the_processes_slices_cover_a_batch_once_in_order(n_rows: int, processes
     assert [i for s in slices for i in range(n_rows)[s]] == list(range(n_rows))
     sizes = [s.stop - s.start for s in slices]
     assert max(sizes) - min(sizes) <= 1
+
+
+def test_the_stages_that_train_on_several_processes_and_only_they_have_compute_nproc_as_a_dvc_param() -> None:
+    """Their float sums change with the process count, so DVC must rerun them when it changes."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    listed = {name for name, stage in stages.items() if "compute.nproc" in stage.get("params", [])}
+    assert listed == set(DISTRIBUTED_STAGES)
 
 
 def train(out: Path, processes: int, *extra: str) -> dict[str, object]:
