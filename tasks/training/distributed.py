@@ -1,7 +1,7 @@
 """Data-parallel training across processes (params.yaml `compute.nproc`), started by `torchrun`.
 
 With `compute.nproc` > 1 the stage runner starts a distributed stage (`DISTRIBUTED_STAGES`) as
-`torchrun --standalone --nproc_per_node N -m ms2rgb.flows.cli stage NAME`. Every process runs the
+`torchrun --standalone --nproc_per_node N -m ms2rgb.flows.torchrun_stage NAME ROOT`. Every process runs the
 same stage code on the same data; the `Trainer` cuts each global batch into one contiguous slice
 per process (`local_rows`), each process computes its slice's loss, and the gradients are summed
 across processes before every optimiser step, so the weights stay identical on every process and
@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-# Stages whose training spreads over compute.nproc processes: the detector's prompt tuning only (every
-# process runs the rest of the stage, the backbone's pretraining and the baselines, as one would).
+# Stages whose training spreads over compute.nproc processes. Of the detector, only the prompt tuning
+# is split: every process runs the rest of it (the backbone's pretraining, the baselines) whole.
 DISTRIBUTED_STAGES = ("teacher", "student", "detector")
 
 
